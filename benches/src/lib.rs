@@ -1,0 +1,2 @@
+//! Shared pieces of the benchmarks.
+#![deny(unsafe_code)]

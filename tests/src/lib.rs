@@ -1,0 +1,2 @@
+//! Helpers shared by Herald's real-process tests.
+#![deny(unsafe_code)]

@@ -1,0 +1,236 @@
+//! Group commit: which LSNs are written, which are durable, and who runs the next `fdatasync`.
+//!
+//! Appenders reserve an LSN and an offset under the append lock, then `pwrite` their own record
+//! outside any lock, so writes of many committers run in parallel and overlap a running sync.
+//! Writes may finish out of order; the *written* LSN is the end of the contiguous prefix of
+//! finished writes. A committer that needs durability waits until the *durable* LSN covers its
+//! own. If no sync is running and its record is written, it becomes the sync leader: it snapshots
+//! the written LSN `W`, syncs every segment holding records up to `W`, publishes `durable = W`,
+//! and wakes exactly the waiters `W` covers. While waiters remain whose records are written, the
+//! leader runs another round; waiters whose records are not yet written are woken by the write
+//! that makes them written.
+//!
+//! Invariants: `durable <= written`; both only grow; `durable = D` is published only after an
+//! `fdatasync` that began after every record `<= D` was written returned success. A failed write
+//! or sync poisons the log: `durable` never moves again and every waiter and later caller fails.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, Thread};
+
+use parking_lot::Mutex;
+
+use crate::Lsn;
+use crate::error::{Error, Result};
+use crate::segment::Segment;
+
+pub(crate) struct GroupCommit {
+    written: Mutex<WrittenState>,
+    written_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+    sync: Mutex<SyncState>,
+    /// Number of parked waiters; lets writers skip the sync lock when nobody waits.
+    waiting: AtomicUsize,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+}
+
+struct WrittenState {
+    through: u64,
+    /// Finished writes past a gap: LSN → (segment, end offset of the record).
+    out_of_order: BTreeMap<u64, (Arc<Segment>, u64)>,
+    /// Segments that may hold written records not yet synced, oldest first. The newest is kept
+    /// after each sync because writes may still land in it.
+    unsynced: Vec<Arc<Segment>>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    syncing: bool,
+    waiters: Vec<(u64, Thread)>,
+}
+
+impl GroupCommit {
+    /// Starts with everything through `recovered` written and durable (recovery synced it).
+    pub fn new(recovered: Lsn, active: Arc<Segment>) -> GroupCommit {
+        GroupCommit {
+            written: Mutex::new(WrittenState {
+                through: recovered.0,
+                out_of_order: BTreeMap::new(),
+                unsynced: vec![active],
+            }),
+            written_lsn: AtomicU64::new(recovered.0),
+            durable_lsn: AtomicU64::new(recovered.0),
+            sync: Mutex::new(SyncState::default()),
+            waiting: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+        }
+    }
+
+    pub fn written(&self) -> Lsn {
+        Lsn(self.written_lsn.load(Ordering::SeqCst))
+    }
+
+    pub fn durable(&self) -> Lsn {
+        Lsn(self.durable_lsn.load(Ordering::Acquire))
+    }
+
+    /// Record `lsn`, ending at offset `end` of `segment`, is completely written.
+    pub fn mark_written(&self, lsn: Lsn, segment: &Arc<Segment>, end: u64) {
+        let through = {
+            let mut w = self.written.lock();
+            if lsn.0 != w.through + 1 {
+                w.out_of_order.insert(lsn.0, (segment.clone(), end));
+                return;
+            }
+            Self::advance(&mut w, segment, end);
+            loop {
+                let next = w.through + 1;
+                let Some((segment, end)) = w.out_of_order.remove(&next) else {
+                    break;
+                };
+                Self::advance(&mut w, &segment, end);
+            }
+            self.written_lsn.store(w.through, Ordering::SeqCst);
+            w.through
+        };
+        // Pairs with the SeqCst increment of `waiting` in `wait_durable`: either the waiter sees
+        // the new written LSN, or this load sees the waiter.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let mut s = self.sync.lock();
+            if !s.syncing {
+                // Wake waiters this write made syncable; one of them becomes the leader.
+                s.waiters.retain(|(waiter_lsn, thread)| {
+                    if *waiter_lsn <= through {
+                        thread.unpark();
+                        false
+                    } else {
+                        true
+                    }
+                });
+                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn advance(w: &mut WrittenState, segment: &Arc<Segment>, end: u64) {
+        w.through += 1;
+        segment.publish_readable_end(end);
+        if !w
+            .unsynced
+            .last()
+            .is_some_and(|last| Arc::ptr_eq(last, segment))
+        {
+            w.unsynced.push(segment.clone());
+        }
+    }
+
+    /// Blocks until `lsn` is durable, leading syncs when it is this thread's turn.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        loop {
+            if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 {
+                return Ok(());
+            }
+            self.check_poison()?;
+            let mut s = self.sync.lock();
+            s.waiters.push((lsn.0, thread::current()));
+            self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+            if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 || self.is_poisoned() {
+                s.waiters.pop();
+                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                continue;
+            }
+            if !s.syncing && self.written_lsn.load(Ordering::SeqCst) >= lsn.0 {
+                s.waiters.pop();
+                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                s.syncing = true;
+                drop(s);
+                self.lead_syncs()?;
+                continue;
+            }
+            drop(s);
+            // Woken by a leader that made `lsn` durable, by the write that made it syncable, or
+            // by poisoning; a spurious wake-up just loops.
+            thread::park();
+        }
+    }
+
+    /// Runs sync rounds while some waiter's record is written but not durable.
+    fn lead_syncs(&self) -> Result<()> {
+        loop {
+            let (target, segments) = {
+                let mut w = self.written.lock();
+                let newest = w.unsynced.last().cloned();
+                let segments = std::mem::take(&mut w.unsynced);
+                w.unsynced.extend(newest);
+                (w.through, segments)
+            };
+            if target > self.durable_lsn.load(Ordering::Acquire) {
+                for segment in &segments {
+                    if let Err(e) = segment.file.sync_data() {
+                        let cause = format!("fdatasync of segment {} failed: {e}", segment.name);
+                        self.poison(cause.clone());
+                        let mut s = self.sync.lock();
+                        s.syncing = false;
+                        return Err(Error::Poisoned { cause });
+                    }
+                }
+                self.durable_lsn.store(target, Ordering::Release);
+            }
+            let mut s = self.sync.lock();
+            let written = self.written_lsn.load(Ordering::SeqCst);
+            let mut more = false;
+            s.waiters.retain(|(waiter_lsn, thread)| {
+                if *waiter_lsn <= target {
+                    thread.unpark();
+                    false
+                } else {
+                    more |= *waiter_lsn <= written;
+                    true
+                }
+            });
+            self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+            if !more {
+                s.syncing = false;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes every present and future wait fail: after a failed write or sync nothing may claim
+    /// durability again (the kernel may have dropped the dirty pages it could not write).
+    pub fn poison(&self, cause: String) {
+        tracing::error!(%cause, "write-ahead log poisoned");
+        {
+            let mut slot = self.poison_cause.lock();
+            if slot.is_none() {
+                *slot = Some(cause);
+            }
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+        let mut s = self.sync.lock();
+        for (_, thread) in s.waiters.drain(..) {
+            thread.unpark();
+        }
+        self.waiting.store(0, Ordering::SeqCst);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    pub fn check_poison(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                cause: self
+                    .poison_cause
+                    .lock()
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,325 @@
+//! One segment file of the log: its name, its map, how far it is readable, and the borrowed
+//! bytes of its records.
+//!
+//! Invariant: a segment's readable end only moves forward, over records whose writes have
+//! completed; bytes below it never change while the segment is alive. A released segment's file
+//! is deleted when the last `Arc<Segment>` drops, so bytes handed out as [`RecordBytes`] stay
+//! mapped and valid for as long as anyone holds them.
+
+use std::fmt;
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::Lsn;
+use crate::error::{Error, Result};
+use crate::map::Map;
+use crate::storage::{Storage, StorageFile, read_exact_at};
+
+/// Suffix of live segment files: `{first_lsn:020}.seg`.
+pub const SEGMENT_SUFFIX: &str = ".seg";
+/// Suffix of released segments waiting for their last reader: deleted at drop or at next open.
+pub const RELEASED_SUFFIX: &str = ".released";
+
+/// File name of the segment whose first record has LSN `first_lsn`.
+pub fn segment_file_name(first_lsn: Lsn) -> String {
+    format!("{:020}{SEGMENT_SUFFIX}", first_lsn.0)
+}
+
+/// The first LSN encoded in a segment file name, if `name` is one.
+pub fn parse_segment_file_name(name: &str) -> Option<Lsn> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Lsn)
+}
+
+pub(crate) struct Segment {
+    pub first_lsn: Lsn,
+    pub name: String,
+    /// Size of the segment file, from its header.
+    pub segment_bytes: u64,
+    pub file: Arc<dyn StorageFile>,
+    map: Option<Map>,
+    /// Bytes below this offset are complete records (or header) and never change again.
+    readable_end: AtomicU64,
+    /// Set by release: the file's new name, deleted when this segment drops.
+    retired_as: Mutex<Option<(Arc<dyn Storage>, String)>>,
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment")
+            .field("name", &self.name)
+            .field("readable_end", &self.readable_end())
+            .finish()
+    }
+}
+
+impl Segment {
+    pub fn new(
+        first_lsn: Lsn,
+        name: String,
+        segment_bytes: u64,
+        file: Arc<dyn StorageFile>,
+        readable_end: u64,
+    ) -> Result<Segment> {
+        let map = file
+            .map(segment_bytes, readable_end)
+            .map_err(|e| Error::io(format!("mapping segment {name}"), e))?;
+        Ok(Segment {
+            first_lsn,
+            name,
+            segment_bytes,
+            file,
+            map,
+            readable_end: AtomicU64::new(readable_end),
+            retired_as: Mutex::new(None),
+        })
+    }
+
+    pub fn readable_end(&self) -> u64 {
+        self.readable_end.load(Ordering::Acquire)
+    }
+
+    /// Records below `end` are completely written. Only ever moves forward.
+    pub fn publish_readable_end(&self, end: u64) {
+        if let Some(map) = &self.map {
+            map.publish_readable_end(end);
+        }
+        self.readable_end.fetch_max(end, Ordering::Release);
+    }
+
+    /// Recovery only: the scan read up to the file's end; the log continues from `end`.
+    pub fn retract_readable_end(&self, end: u64) {
+        if let Some(map) = &self.map {
+            map.retract_readable_end(end);
+        }
+        self.readable_end.store(end, Ordering::Release);
+    }
+
+    /// The readable bytes of this segment from `start` on, for scanning: borrowed from the map,
+    /// or copied once (backends without maps).
+    pub fn scan_view(self: &Arc<Self>, start: u64) -> Result<ScanView> {
+        let end = self.readable_end().max(start);
+        if self.map.is_some() {
+            return Ok(ScanView {
+                source: Source::Mapped(self.clone()),
+                base: start,
+                len: end - start,
+            });
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        read_exact_at(self.file.as_ref(), &mut buf, start)
+            .map_err(|e| Error::io(format!("reading segment {}", self.name), e))?;
+        Ok(ScanView {
+            source: Source::Owned(buf.into()),
+            base: start,
+            len: end - start,
+        })
+    }
+
+    /// Marks the segment released under `retired_name`: its file is removed when the last
+    /// reference drops.
+    pub fn retire(&self, storage: Arc<dyn Storage>, retired_name: String) {
+        *self.retired_as.lock() = Some((storage, retired_name));
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Some((storage, name)) = self.retired_as.get_mut().take()
+            && let Err(e) = storage.remove(&name)
+        {
+            // The next open removes leftover released segments; nothing is lost.
+            tracing::warn!(segment = %name, error = %e, "could not remove released segment");
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Source {
+    Mapped(Arc<Segment>),
+    Owned(Arc<[u8]>),
+}
+
+/// Bytes `[base, base + len)` of one segment, all below its readable end.
+#[derive(Clone)]
+pub(crate) struct ScanView {
+    source: Source,
+    base: u64,
+    len: u64,
+}
+
+impl ScanView {
+    /// Bytes from segment offset `offset` to the end of the view (empty if past it).
+    pub fn from(&self, offset: u64) -> &[u8] {
+        let all = self.all();
+        let skip = offset.saturating_sub(self.base).min(all.len() as u64) as usize;
+        &all[skip..]
+    }
+
+    fn all(&self) -> &[u8] {
+        match &self.source {
+            Source::Mapped(segment) => segment
+                .map
+                .as_ref()
+                .and_then(|map| map.bytes(self.base, self.len))
+                .expect("a scan view lies below the readable end, which only retracts after scans"),
+            Source::Owned(buf) => buf,
+        }
+    }
+
+    /// The record payload at segment offsets `range`, as bytes that keep the segment alive.
+    pub fn record_bytes(&self, range: Range<u64>) -> RecordBytes {
+        debug_assert!(range.start >= self.base && range.end <= self.base + self.len);
+        let len = range.end - range.start;
+        match &self.source {
+            // Mapped bytes are addressed by segment offset, so they stay readable however the
+            // segment's readable end moves later (it never retracts below a handed-out record).
+            Source::Mapped(_) => RecordBytes {
+                source: self.source.clone(),
+                start: range.start,
+                len,
+            },
+            Source::Owned(_) => RecordBytes {
+                source: self.source.clone(),
+                start: range.start - self.base,
+                len,
+            },
+        }
+    }
+}
+
+/// A record's payload, borrowed from the segment's map where there is one. Holding it keeps the
+/// segment (and its map) alive, so releasing the segment never pulls the bytes away.
+#[derive(Clone)]
+pub struct RecordBytes {
+    source: Source,
+    /// Segment offset (mapped) or index into the owned buffer.
+    start: u64,
+    len: u64,
+}
+
+impl RecordBytes {
+    pub(crate) fn owned(bytes: Vec<u8>) -> RecordBytes {
+        RecordBytes {
+            len: bytes.len() as u64,
+            source: Source::Owned(bytes.into()),
+            start: 0,
+        }
+    }
+
+    /// A sub-range of these bytes, sharing the same segment reference (no copy). Panics if
+    /// `range` is out of bounds, as slice indexing does.
+    pub fn slice(&self, range: Range<usize>) -> RecordBytes {
+        assert!(
+            range.start <= range.end && range.end as u64 <= self.len,
+            "range {range:?} out of bounds of {} record bytes",
+            self.len
+        );
+        RecordBytes {
+            source: self.source.clone(),
+            start: self.start + range.start as u64,
+            len: (range.end - range.start) as u64,
+        }
+    }
+
+    /// Whether the bytes are borrowed from a memory map (as opposed to copied).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.source, Source::Mapped(_))
+    }
+}
+
+impl Deref for RecordBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.source {
+            Source::Mapped(segment) => segment
+                .map
+                .as_ref()
+                .and_then(|map| map.bytes(self.start, self.len))
+                .expect("record bytes lie below the readable end, which never retracts below them"),
+            Source::Owned(buf) => &buf[self.start as usize..(self.start + self.len) as usize],
+        }
+    }
+}
+
+impl AsRef<[u8]> for RecordBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl fmt::Debug for RecordBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordBytes")
+            .field("len", &self.len)
+            .field("mapped", &self.is_mapped())
+            .finish()
+    }
+}
+
+impl PartialEq<[u8]> for RecordBytes {
+    fn eq(&self, other: &[u8]) -> bool {
+        **self == *other
+    }
+}
+
+impl Segment {
+    /// Reads and checks the record at `offset`, which must lie entirely below the readable end.
+    pub fn record_at(
+        self: &Arc<Self>,
+        offset: u64,
+        payload_max: u64,
+    ) -> Result<std::result::Result<(crate::format::RecordHeader, RecordBytes), String>> {
+        use crate::format::{RECORD_HEADER_BYTES, decode_record};
+        let readable = self.readable_end();
+        if !offset.is_multiple_of(crate::format::RECORD_ALIGN_BYTES)
+            || offset < crate::format::SEGMENT_HEADER_BYTES
+            || offset + RECORD_HEADER_BYTES > readable
+        {
+            return Ok(Err(format!(
+                "offset is not a written record offset (segment readable to {readable})"
+            )));
+        }
+        if let Some(map) = &self.map {
+            let bytes = map
+                .bytes(offset, readable - offset)
+                .expect("range checked against the readable end above");
+            return Ok(match decode_record(bytes, payload_max, None) {
+                Ok(header) => {
+                    let start = offset + RECORD_HEADER_BYTES;
+                    let bytes = RecordBytes {
+                        source: Source::Mapped(self.clone()),
+                        start,
+                        len: header.payload_len as u64,
+                    };
+                    Ok((header, bytes))
+                }
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        let io_context = || format!("reading segment {}", self.name);
+        let mut header = [0u8; RECORD_HEADER_BYTES as usize];
+        read_exact_at(self.file.as_ref(), &mut header, offset)
+            .map_err(|e| Error::io(io_context(), e))?;
+        let payload_len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
+        if payload_len > payload_max || offset + RECORD_HEADER_BYTES + payload_len > readable {
+            return Ok(Err(format!("record length {payload_len} does not fit")));
+        }
+        let mut record = vec![0u8; (RECORD_HEADER_BYTES + payload_len) as usize];
+        read_exact_at(self.file.as_ref(), &mut record, offset)
+            .map_err(|e| Error::io(io_context(), e))?;
+        Ok(match decode_record(&record, payload_max, None) {
+            Ok(header) => {
+                record.drain(..RECORD_HEADER_BYTES as usize);
+                Ok((header, RecordBytes::owned(record)))
+            }
+            Err(e) => Err(e.to_string()),
+        })
+    }
+}

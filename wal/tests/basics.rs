@@ -1,0 +1,155 @@
+//! The log's basic contract, on real files and on the memory storage.
+
+use std::sync::Arc;
+
+use herald_wal::{Durability, Error, Lsn, MemStorage, Options, Storage, Wal};
+
+fn small_options() -> Options {
+    Options {
+        segment_bytes: 8192,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn commit_read_reopen_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut positions = Vec::new();
+    {
+        let wal = Wal::open(dir.path(), small_options()).unwrap();
+        assert_eq!(wal.next_lsn(), Lsn(1));
+        for i in 0..200u32 {
+            let payload = format!("record number {i}").repeat(i as usize % 7 + 1);
+            let appended = wal.commit(1 + (i % 3) as u8, payload.as_bytes()).unwrap();
+            assert_eq!(appended.lsn, Lsn(i as u64 + 1));
+            assert!(wal.durable_lsn() >= appended.lsn);
+            positions.push((appended, payload));
+        }
+        for (appended, payload) in &positions {
+            let record = wal.read(appended.position).unwrap();
+            assert_eq!(record.lsn, appended.lsn);
+            assert_eq!(&*record.payload, payload.as_bytes());
+            assert!(
+                record.payload.is_mapped(),
+                "file storage reads through the map"
+            );
+        }
+        assert!(
+            wal.segments().len() >= 3,
+            "200 records span several 8 KiB segments"
+        );
+    }
+    let wal = Wal::open(dir.path(), small_options()).unwrap();
+    assert_eq!(wal.next_lsn(), Lsn(201));
+    assert_eq!(wal.recovery_report().truncated, None);
+    let all: Vec<_> = wal
+        .records_from(Lsn(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(all.len(), 200);
+    for (record, (appended, payload)) in all.iter().zip(&positions) {
+        assert_eq!(record.lsn, appended.lsn);
+        assert_eq!(record.position, appended.position);
+        assert_eq!(&*record.payload, payload.as_bytes());
+    }
+}
+
+#[test]
+fn second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _wal = Wal::open(dir.path(), small_options()).unwrap();
+    match Wal::open(dir.path(), small_options()) {
+        Err(Error::Locked { .. }) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+}
+
+#[test]
+fn oversized_record_and_reserved_kind_are_refused() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let wal = Wal::open_storage(storage, small_options()).unwrap();
+    let max = wal.record_payload_bytes_max() as usize;
+    wal.commit(1, &vec![7u8; max]).expect("the maximum fits");
+    match wal.commit(1, &vec![7u8; max + 1]) {
+        Err(Error::RecordTooLarge { len, max: m }) => assert_eq!((len, m), (max + 1, max)),
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    assert!(matches!(wal.commit(0, b"x"), Err(Error::ReservedKind)));
+    // The refused appends consumed nothing.
+    assert_eq!(wal.next_lsn(), Lsn(2));
+}
+
+#[test]
+fn release_removes_old_segments_but_keeps_borrowed_bytes_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small_options()).unwrap();
+    let first = wal
+        .commit(1, b"first record, borrowed across release")
+        .unwrap();
+    let held = wal.read(first.position).unwrap();
+    let mut last = first;
+    while wal.segments().len() < 4 {
+        last = wal.commit(1, &[9u8; 1000]).unwrap();
+    }
+    let released = wal.release_before(last.lsn).unwrap();
+    assert_eq!(released, 3);
+    assert_eq!(wal.segments().len(), 1);
+    assert!(wal.first_lsn() > first.lsn);
+    assert_eq!(&*held.payload, b"first record, borrowed across release");
+    assert!(wal.read(first.position).is_err());
+    drop(held);
+    let seg_files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".seg") || name.ends_with(".released")
+        })
+        .count();
+    assert_eq!(seg_files, 1, "released files are gone once unused");
+    drop(wal);
+    let wal = Wal::open(dir.path(), small_options()).unwrap();
+    assert_eq!(wal.next_lsn(), last.lsn.next());
+}
+
+#[test]
+fn concurrent_committers_all_become_durable() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let wal = Wal::open_storage(storage, small_options()).unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..8u8 {
+            let wal = &wal;
+            scope.spawn(move || {
+                for i in 0..100u32 {
+                    let a = wal.commit(t + 1, &i.to_le_bytes()).unwrap();
+                    assert!(wal.durable_lsn() >= a.lsn);
+                }
+            });
+        }
+    });
+    assert_eq!(wal.next_lsn(), Lsn(801));
+    let records: Vec<_> = wal
+        .records_from(Lsn(1))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(records.len(), 800);
+}
+
+#[test]
+fn durability_none_survives_process_but_syncs_on_request() {
+    let storage = MemStorage::new();
+    let options = Options {
+        durability: Durability::None,
+        ..small_options()
+    };
+    let wal = Wal::open_storage(Arc::new(storage.clone()), options.clone()).unwrap();
+    let a = wal.commit(1, b"not yet durable").unwrap();
+    assert!(wal.durable_lsn() < a.lsn);
+    assert_eq!(wal.sync().unwrap(), a.lsn);
+    let image = storage.crash_image(None);
+    std::mem::forget(wal);
+    let recovered = Wal::open_storage(Arc::new(image), options).unwrap();
+    assert_eq!(recovered.next_lsn(), Lsn(2));
+}
