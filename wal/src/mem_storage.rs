@@ -35,6 +35,8 @@ struct MemState {
     next_file_id: u64,
     locked: bool,
     faults: Faults,
+    /// The disk at the moment of the frozen sync: files and durable names.
+    frozen: Option<(HashMap<u64, FileData>, BTreeMap<String, u64>)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -53,6 +55,15 @@ struct Faults {
     short_write_at: Option<u64>,
     fail_sync_at: Option<u64>,
     freeze_after_sync: Option<u64>,
+    disk_full: bool,
+}
+
+impl Faults {
+    /// Power was "lost" after the frozen sync: nothing more becomes durable.
+    fn is_frozen(&self) -> bool {
+        self.freeze_after_sync
+            .is_some_and(|frozen| self.syncs > frozen)
+    }
 }
 
 impl MemStorage {
@@ -78,11 +89,17 @@ impl MemStorage {
         s.faults.fail_sync_at = Some(s.faults.syncs + n);
     }
 
-    /// Syncs after the `n`-th from now still succeed but make nothing durable, as if power was
-    /// lost right after that sync: a later `crash_image` shows the disk as of that moment.
+    /// Syncs (of files and of the directory) after the `n`-th file sync from now still succeed
+    /// but make nothing durable, as if power was lost right after that sync: a later
+    /// `crash_image` shows the disk as of that moment.
     pub fn freeze_durability_after_nth_sync(&self, n: u64) {
         let mut s = self.state.lock();
         s.faults.freeze_after_sync = Some(s.faults.syncs + n);
+    }
+
+    /// While set, creating a file fails as on a full disk (`ErrorKind::StorageFull`).
+    pub fn set_disk_full(&self, full: bool) {
+        self.state.lock().faults.disk_full = full;
     }
 
     /// Number of `sync_data` calls so far.
@@ -130,11 +147,15 @@ impl MemStorage {
     /// random (decided by the seed), as a disk may persist part of an unsynced write.
     pub fn crash_image(&self, torn_seed: Option<u64>) -> MemStorage {
         let s = self.state.lock();
+        let (disk_files, disk_names) = match &s.frozen {
+            Some((files, names)) => (files, names),
+            None => (&s.files, &s.durable_names),
+        };
         let mut rng = torn_seed.map(SplitMix64);
         let mut files = HashMap::new();
         let mut names = BTreeMap::new();
-        for (name, id) in &s.durable_names {
-            let data = &s.files[id];
+        for (name, id) in disk_names {
+            let data = &disk_files[id];
             let mut bytes = data.durable.clone();
             if let Some(rng) = rng.as_mut() {
                 for &sector in &data.dirty_sectors {
@@ -170,6 +191,7 @@ impl MemStorage {
                 next_file_id: s.next_file_id,
                 locked: false,
                 faults: Faults::default(),
+                frozen: None,
             })),
         }
     }
@@ -224,6 +246,12 @@ impl Storage for MemStorage {
 
     fn create(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
         let mut s = self.state.lock();
+        if s.faults.disk_full {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (injected)",
+            ));
+        }
         if s.names.contains_key(name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -264,6 +292,9 @@ impl Storage for MemStorage {
 
     fn sync_dir(&self) -> io::Result<()> {
         let mut s = self.state.lock();
+        if s.faults.is_frozen() {
+            return Ok(());
+        }
         s.durable_names = s.names.clone();
         Ok(())
     }
@@ -320,12 +351,17 @@ impl StorageFile for MemFile {
         if s.faults.fail_sync_at == Some(n) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
-        if s.faults.freeze_after_sync.is_some_and(|frozen| n > frozen) {
+        if s.faults.is_frozen() {
             return Ok(());
         }
         let data = s.files.get_mut(&self.id).expect("open file has data");
         data.durable = data.current.clone();
         data.dirty_sectors.clear();
+        if s.faults.freeze_after_sync == Some(n) {
+            // Power is lost right after this sync: keep the disk exactly as it is now, torn
+            // sectors included, so nothing written later can leak into a crash image.
+            s.frozen = Some((s.files.clone(), s.durable_names.clone()));
+        }
         Ok(())
     }
 
