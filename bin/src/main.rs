@@ -54,13 +54,17 @@ fn run_node(data_dir: PathBuf) -> Result<(), String> {
         .map_err(|e| format!("opening the log in {}: {e}", wal_dir.display()))?;
     let report = wal.recovery_report();
     println!("herald node: log at {}", wal_dir.display());
-    println!(
-        "  {} segment(s), records {}..{} ({} checked at recovery)",
-        report.segments,
-        wal.first_lsn(),
-        report.next_lsn,
-        report.records_scanned
-    );
+    let (first, next) = (wal.first_lsn(), wal.next_lsn());
+    if next > first {
+        println!(
+            "  {} segment(s), records {first}..={} ({} checked at recovery)",
+            report.segments,
+            next.0 - 1,
+            report.records_scanned
+        );
+    } else {
+        println!("  {} segment(s), no records yet", report.segments);
+    }
     if let Some(tail) = &report.truncated {
         println!(
             "  cut a torn tail at {} offset {} ({})",

@@ -239,6 +239,18 @@ pub fn decode_record(
     })
 }
 
+/// Cheap pre-check (no checksum) for recovery's proof search: could the bytes at the start of
+/// `bytes` be a record with an LSN in `(missing, lsn_bound]` that was appended when `missing` was
+/// already durable? Only candidates that pass are checksummed by `decode_record`.
+pub fn could_prove_durable(bytes: &[u8], missing: Lsn, lsn_bound: Lsn) -> bool {
+    if bytes.len() < RECORD_HEADER_BYTES as usize {
+        return false;
+    }
+    let lsn = read_u64(bytes, 8);
+    let gap = read_u32(bytes, 16) as u64;
+    bytes[20] != 0 && lsn > missing.0 && lsn <= lsn_bound.0 && lsn.saturating_sub(gap) >= missing.0
+}
+
 /// CRC-32 over the length field, the rest of the header after the CRC field, and the payload.
 /// Covering the length means a torn length cannot send the reader to a wrong payload unnoticed.
 fn record_crc(header: &[u8], payload: &[u8]) -> u32 {

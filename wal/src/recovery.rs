@@ -328,13 +328,18 @@ impl Recovery {
     }
 
     /// Looks after the break for a valid record appended when the missing one was already
-    /// durable. Candidates are aligned offsets; zeroed headers are rejected at once.
+    /// durable. Candidates are aligned offsets; the header's LSN and durable gap are checked
+    /// before the (costly) checksum, so garbage after a torn tail is rejected cheaply.
     fn find_durability_proof(&self) -> Result<Option<String>> {
         let Cursor {
             index,
             offset,
             expected,
         } = self.cursor;
+        // No record after the break can have an LSN beyond the number of record headers that
+        // fit in the segments from the break on.
+        let bytes_after: u64 = self.segments[index..].iter().map(|s| s.segment_bytes).sum();
+        let lsn_bound = expected.0.saturating_add(bytes_after / RECORD_HEADER_BYTES);
         for (i, segment) in self.segments.iter().enumerate().skip(index) {
             let view = segment.scan_view(SEGMENT_HEADER_BYTES)?;
             let payload_max = payload_max_for(segment.segment_bytes);
@@ -344,13 +349,13 @@ impl Recovery {
                 SEGMENT_HEADER_BYTES
             };
             while candidate + RECORD_HEADER_BYTES <= segment.segment_bytes {
-                if let Ok(header) = format::decode_record(view.from(candidate), payload_max, None)
-                    && header.lsn > expected
-                    && header.durable_lsn >= expected
+                let bytes = view.from(candidate);
+                if format::could_prove_durable(bytes, expected, Lsn(lsn_bound))
+                    && let Ok(header) = format::decode_record(bytes, payload_max, None)
                 {
                     return Ok(Some(format!(
-                        "record {} at offset {candidate} of segment {} was appended when the \
-                             log was durable through {}, so the bad record had been synced",
+                        "record {} at offset {candidate} of segment {} was appended when \
+                             the log was durable through {}, so the bad record had been synced",
                         header.lsn, segment.name, header.durable_lsn
                     )));
                 }

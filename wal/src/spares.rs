@@ -40,6 +40,9 @@ pub(crate) struct Spares {
     target: usize,
     state: Mutex<SpareState>,
     changed: Condvar,
+    /// Set once the background thread runs; before that (a new log's first segment) making a
+    /// spare synchronously is expected.
+    started: std::sync::atomic::AtomicBool,
 }
 
 struct SpareState {
@@ -80,6 +83,7 @@ impl Spares {
                 stopping: false,
             }),
             changed: Condvar::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -89,6 +93,8 @@ impl Spares {
 
     /// Starts the thread that keeps `target` spares ready.
     pub fn start(self: &Arc<Self>) -> Result<JoinHandle<()>> {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let spares = self.clone();
         std::thread::Builder::new()
             .name("herald-wal-spares".into())
@@ -114,7 +120,10 @@ impl Spares {
             s.next_id += 1;
             s.next_id
         };
-        tracing::warn!("no spare segment ready; zero-filling one on the commit path");
+        if self.started.load(std::sync::atomic::Ordering::Relaxed) {
+            // Past start-up this is a latency spike on the commit path worth knowing about.
+            tracing::warn!("no spare segment ready; zero-filling one on the commit path");
+        }
         self.make(id)
     }
 
