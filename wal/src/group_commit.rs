@@ -32,6 +32,9 @@ pub(crate) struct GroupCommit {
     sync: Mutex<SyncState>,
     /// Number of parked waiters; lets writers skip the sync lock when nobody waits.
     waiting: AtomicUsize,
+    /// Appenders whose own write finished before an earlier LSN's did: (lsn, thread).
+    written_waiters: Mutex<Vec<(u64, Thread)>>,
+    written_waiting: AtomicUsize,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
 }
@@ -64,6 +67,8 @@ impl GroupCommit {
             durable_lsn: AtomicU64::new(recovered.0),
             sync: Mutex::new(SyncState::default()),
             waiting: AtomicUsize::new(0),
+            written_waiters: Mutex::new(Vec::new()),
+            written_waiting: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
         }
@@ -96,8 +101,20 @@ impl GroupCommit {
             self.written_lsn.store(w.through, Ordering::SeqCst);
             w.through
         };
-        // Pairs with the SeqCst increment of `waiting` in `wait_durable`: either the waiter sees
-        // the new written LSN, or this load sees the waiter.
+        // Both checks pair with the SeqCst registration in the wait functions: either the waiter
+        // sees the new written LSN, or this load sees the waiter.
+        if self.written_waiting.load(Ordering::SeqCst) > 0 {
+            let mut waiters = self.written_waiters.lock();
+            waiters.retain(|(waiter_lsn, thread)| {
+                if *waiter_lsn <= through {
+                    thread.unpark();
+                    false
+                } else {
+                    true
+                }
+            });
+            self.written_waiting.store(waiters.len(), Ordering::SeqCst);
+        }
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let mut s = self.sync.lock();
             if !s.syncing {
@@ -124,6 +141,30 @@ impl GroupCommit {
             .is_some_and(|last| Arc::ptr_eq(last, segment))
         {
             w.unsynced.push(segment.clone());
+        }
+    }
+
+    /// Blocks until `lsn` and every record before it are written (readable, and safe from a
+    /// process crash). Writes finish out of order, so an appender whose own write is done may
+    /// wait here for an earlier one, which is in flight and takes microseconds.
+    pub fn wait_written(&self, lsn: Lsn) -> Result<()> {
+        loop {
+            if self.written_lsn.load(Ordering::SeqCst) >= lsn.0 {
+                return Ok(());
+            }
+            self.check_poison()?;
+            {
+                let mut waiters = self.written_waiters.lock();
+                waiters.push((lsn.0, thread::current()));
+                self.written_waiting.store(waiters.len(), Ordering::SeqCst);
+                if self.written_lsn.load(Ordering::SeqCst) >= lsn.0 || self.is_poisoned() {
+                    let me = thread::current().id();
+                    waiters.retain(|(_, thread)| thread.id() != me);
+                    self.written_waiting.store(waiters.len(), Ordering::SeqCst);
+                    continue;
+                }
+            }
+            thread::park();
         }
     }
 
@@ -210,6 +251,10 @@ impl GroupCommit {
             }
         }
         self.poisoned.store(true, Ordering::SeqCst);
+        for (_, thread) in self.written_waiters.lock().drain(..) {
+            thread.unpark();
+        }
+        self.written_waiting.store(0, Ordering::SeqCst);
         let mut s = self.sync.lock();
         for (_, thread) in s.waiters.drain(..) {
             thread.unpark();

@@ -278,9 +278,9 @@ impl Wal {
         Ok(Wal { inner, threads })
     }
 
-    /// Appends a record without waiting for durability: when this returns the record is written
-    /// to the OS (it survives the death of this process, not a power loss). Any number of threads
-    /// may append at once.
+    /// Appends a record without waiting for durability: when this returns the record and every
+    /// record before it are written to the OS (readable, and surviving the death of this process,
+    /// not a power loss). Any number of threads may append at once.
     pub fn append(&self, kind: u8, payload: &[u8]) -> Result<Appended> {
         self.inner.append(kind, payload)
     }
@@ -523,6 +523,9 @@ impl Inner {
             return Err(Error::Poisoned { cause });
         }
         self.group.mark_written(lsn, &segment, offset + stored);
+        // Returning means "written": readable, and safe from a crash of this process, which
+        // needs every earlier record written too (recovery stops at the first missing one).
+        self.group.wait_written(lsn)?;
         Ok(Appended {
             lsn,
             position: Position {
