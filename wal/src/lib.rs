@@ -26,6 +26,8 @@ mod recovery;
 mod segment;
 mod spares;
 mod storage;
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+mod uring;
 
 pub use error::{Error, Result};
 pub use log::{Appended, Durability, Options, Record, Records, SegmentInfo, Wal, WriteBackend};
@@ -34,6 +36,8 @@ pub use recovery::{Recovery, RecoveryReport};
 pub use segment::{RecordBytes, segment_file_name};
 pub use spares::SPARE_SEGMENTS_MAX;
 pub use storage::{FileStorage, LOCK_FILE_NAME, Storage, StorageFile};
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+pub use uring::UringStorage;
 
 /// Log sequence number: the number of a record, starting at 1 and growing by one per record.
 /// `Lsn(0)` means "no record" (an empty log's durable LSN, or "from the start" for replay).

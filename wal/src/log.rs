@@ -68,6 +68,8 @@ pub struct Options {
     /// Recovery scans (and checks) records from here; earlier segments are only header-checked.
     /// `Lsn(0)` scans the whole log.
     pub replay_from: Lsn,
+    /// How `Wal::open`/`Wal::recover` write and sync (a caller's `Storage` decides for itself).
+    /// `Pwrite` by default: io_uring becomes the default only once the bench shows it winning.
     pub write_backend: WriteBackend,
 }
 
@@ -213,11 +215,23 @@ impl Wal {
 
     /// Starts recovering the log in `dir`: iterate the returned [`Recovery`] to replay records
     /// from `options.replay_from`, then call `finish` to get the log.
-    pub fn recover(dir: impl AsRef<Path>, options: Options) -> Result<Recovery> {
+    /// `options.write_backend` picks the storage: see [`WriteBackend`].
+    pub fn recover(dir: impl AsRef<Path>, mut options: Options) -> Result<Recovery> {
         let dir = dir.as_ref();
-        let storage = FileStorage::new(dir)
-            .map_err(|e| Error::io(format!("creating log directory {}", dir.display()), e))?;
-        Recovery::start(Arc::new(storage), options)
+        let (storage, backend) = match options.write_backend {
+            WriteBackend::Pwrite => (file_storage(dir)?, WriteBackend::Pwrite),
+            WriteBackend::IoUring => (uring_storage(dir)?, WriteBackend::IoUring),
+            WriteBackend::Auto => match uring_storage(dir) {
+                Ok(storage) => (storage, WriteBackend::IoUring),
+                Err(e) => {
+                    tracing::info!(reason = %e, "io_uring not usable; falling back to pwrite");
+                    (file_storage(dir)?, WriteBackend::Pwrite)
+                }
+            },
+        };
+        tracing::info!(?backend, dir = %dir.display(), "write backend chosen");
+        options.write_backend = backend;
+        Recovery::start(storage, options)
     }
 
     /// Like [`Wal::recover`], on any [`Storage`] (e.g. [`MemStorage`](crate::MemStorage)).
@@ -333,6 +347,13 @@ impl Wal {
             .next()
             .copied()
             .expect("a live log always has an active segment")
+    }
+
+    /// The write backend in use. For a log opened by [`Wal::open`] or [`Wal::recover`] this is
+    /// `Pwrite` or `IoUring`, never `Auto`; a log on a caller's [`Storage`] reports its options'
+    /// value (the storage decides how it writes).
+    pub fn write_backend(&self) -> WriteBackend {
+        self.inner.options.write_backend
     }
 
     /// What the recovery that opened this log found and did.
@@ -472,6 +493,33 @@ impl Drop for Wal {
             tracing::error!(error = %e, "final sync of the write-ahead log failed at drop");
         }
     }
+}
+
+fn file_storage(dir: &Path) -> Result<Arc<dyn Storage>> {
+    let storage = FileStorage::new(dir)
+        .map_err(|e| Error::io(format!("creating log directory {}", dir.display()), e))?;
+    Ok(Arc::new(storage))
+}
+
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+fn uring_storage(dir: &Path) -> Result<Arc<dyn Storage>> {
+    crate::uring::UringStorage::probe().map_err(|e| {
+        Error::io(
+            "write_backend IoUring: io_uring is not usable here (kernel before 5.6, \
+             kernel.io_uring_disabled, or a seccomp filter)",
+            e,
+        )
+    })?;
+    let storage = crate::uring::UringStorage::new(dir)
+        .map_err(|e| Error::io(format!("creating log directory {}", dir.display()), e))?;
+    Ok(Arc::new(storage))
+}
+
+#[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+fn uring_storage(_dir: &Path) -> Result<Arc<dyn Storage>> {
+    Err(Error::InvalidOptions(
+        "write_backend IoUring needs herald-wal built with its `io-uring` feature, on Linux".into(),
+    ))
 }
 
 impl Inner {
