@@ -23,6 +23,7 @@ mod log;
 mod map;
 mod mem_storage;
 mod recovery;
+mod scan;
 mod segment;
 mod spares;
 mod storage;

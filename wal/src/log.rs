@@ -23,7 +23,8 @@ use crate::format::{
 };
 use crate::group_commit::GroupCommit;
 use crate::recovery::{Recovery, RecoveryReport};
-use crate::segment::{RELEASED_SUFFIX, RecordBytes, ScanView, Segment, segment_file_name};
+use crate::scan::{Scanner, Step};
+use crate::segment::{RELEASED_SUFFIX, RecordBytes, Segment, segment_file_name};
 use crate::spares::{SPARE_SEGMENTS_MAX, Spares};
 use crate::storage::{FileStorage, Storage, write_all_at};
 use crate::{Lsn, Position};
@@ -409,11 +410,7 @@ impl Wal {
             .rposition(|s| s.first_lsn <= from)
             .unwrap_or(0);
         Ok(Records {
-            segments: segments[start..].to_vec(),
-            index: 0,
-            view: None,
-            offset: SEGMENT_HEADER_BYTES,
-            expected: segments[start].first_lsn,
+            scanner: Scanner::new(segments[start..].to_vec(), 0),
             from,
             through: written,
         })
@@ -636,19 +633,16 @@ pub(crate) fn activate_spare(
 
 /// Iterator over written records from some LSN on (see [`Wal::records_from`]).
 pub struct Records {
-    segments: Vec<Arc<Segment>>,
-    index: usize,
-    view: Option<ScanView>,
-    offset: u64,
-    expected: Lsn,
+    scanner: Scanner,
     from: Lsn,
+    /// The written LSN when the iterator was made: the log is contiguous up to here.
     through: Lsn,
 }
 
 impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Records")
-            .field("expected", &self.expected)
+            .field("expected", &self.scanner.expected)
             .field("through", &self.through)
             .finish()
     }
@@ -658,58 +652,26 @@ impl Iterator for Records {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
-        loop {
-            if self.expected > self.through {
-                return None;
-            }
-            let segment = self.segments.get(self.index)?.clone();
-            if self.view.is_none() {
-                match segment.scan_view(SEGMENT_HEADER_BYTES) {
-                    Ok(view) => self.view = Some(view),
-                    Err(e) => return Some(Err(e)),
+        while self.scanner.expected <= self.through {
+            match self.scanner.step() {
+                Ok(Step::Record(record)) if record.lsn >= self.from => return Some(Ok(record)),
+                Ok(Step::Record(_)) => {}
+                Ok(Step::Break(reason)) => {
+                    // A live log is contiguous up to its written LSN; anything else is damage
+                    // that appeared after recovery checked it. Stop after reporting it.
+                    self.through = Lsn(0);
+                    return Some(Err(Error::Corruption {
+                        segment: self.scanner.segment().name.clone(),
+                        offset: self.scanner.offset,
+                        reason: reason.to_string(),
+                    }));
                 }
-            }
-            let view = self.view.as_ref().expect("set above");
-            let payload_max = payload_max_for(segment.segment_bytes);
-            match format::decode_record(view.from(self.offset), payload_max, Some(self.expected)) {
-                Ok(header) => {
-                    let start = self.offset + RECORD_HEADER_BYTES;
-                    let payload = view.record_bytes(start..start + header.payload_len as u64);
-                    let position = Position {
-                        segment: segment.first_lsn,
-                        offset: self.offset as u32,
-                    };
-                    self.offset += header.stored_bytes();
-                    self.expected = self.expected.next();
-                    if header.lsn >= self.from {
-                        return Some(Ok(Record {
-                            lsn: header.lsn,
-                            kind: header.kind,
-                            position,
-                            payload,
-                        }));
-                    }
-                }
-                Err(reason) => {
-                    let next_starts_here = self
-                        .segments
-                        .get(self.index + 1)
-                        .is_some_and(|next| next.first_lsn == self.expected);
-                    if !next_starts_here {
-                        // A live log is contiguous up to its written LSN; anything else is damage
-                        // that appeared after recovery checked it. Stop after reporting it.
-                        self.through = Lsn(0);
-                        return Some(Err(Error::Corruption {
-                            segment: segment.name.clone(),
-                            offset: self.offset,
-                            reason: reason.to_string(),
-                        }));
-                    }
-                    self.index += 1;
-                    self.view = None;
-                    self.offset = SEGMENT_HEADER_BYTES;
+                Err(e) => {
+                    self.through = Lsn(0);
+                    return Some(Err(e));
                 }
             }
         }
+        None
     }
 }

@@ -14,17 +14,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::Lsn;
 use crate::error::{Error, Result};
 use crate::format::{
     self, HeaderError, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, SegmentHeader,
 };
 use crate::log::{Options, Record, Recovered, Wal, payload_max_for};
-use crate::segment::{
-    RELEASED_SUFFIX, ScanView, Segment, parse_segment_file_name, segment_file_name,
-};
+use crate::scan::{Scanner, Step};
+use crate::segment::{RELEASED_SUFFIX, Segment, parse_segment_file_name, segment_file_name};
 use crate::spares::{Spare, Spares, parse_spare_id};
 use crate::storage::{Storage, read_exact_at, write_all_at};
-use crate::{Lsn, Position};
 
 /// What recovery found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,21 +60,14 @@ pub struct Recovery {
     storage: Arc<dyn Storage>,
     options: Options,
     lock: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
-    segments: Vec<Arc<Segment>>,
     spares: Vec<Spare>,
     last_spare_id: u64,
+    /// Index of the segment the scan started in (the one holding `replay_from`).
     scan_start: usize,
-    cursor: Cursor,
-    view: Option<ScanView>,
+    /// Walks all live segments; the segments before `scan_start` are only header-checked.
+    scanner: Scanner,
     state: ScanState,
     report: RecoveryReport,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Cursor {
-    index: usize,
-    offset: u64,
-    expected: Lsn,
 }
 
 enum ScanState {
@@ -89,7 +81,7 @@ impl std::fmt::Debug for Recovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recovery")
             .field("location", &self.storage.location())
-            .field("cursor", &self.cursor)
+            .field("expected", &self.scanner.expected)
             .finish()
     }
 }
@@ -163,10 +155,6 @@ impl Recovery {
                 next: Lsn(0),
             });
         }
-        let expected = segments
-            .get(scan_start)
-            .map(|s| s.first_lsn)
-            .unwrap_or(Lsn(1));
         let state = if segments.is_empty() {
             ScanState::Tail("new log".into())
         } else {
@@ -176,16 +164,10 @@ impl Recovery {
             storage,
             options,
             lock: Some(lock),
-            segments,
             spares,
             last_spare_id,
             scan_start,
-            cursor: Cursor {
-                index: scan_start,
-                offset: SEGMENT_HEADER_BYTES,
-                expected,
-            },
-            view: None,
+            scanner: Scanner::new(segments, scan_start),
             state,
             report: RecoveryReport::default(),
         })
@@ -211,24 +193,24 @@ impl Recovery {
             }
             ScanState::Scanning => unreachable!("the scan loop runs until it leaves Scanning"),
         };
-        self.view = None;
-        let Cursor {
-            index,
-            offset,
-            expected,
-        } = self.cursor;
-        if !self.segments.is_empty() {
+        self.scanner.release_view();
+        let (index, offset, expected) = (
+            self.scanner.index,
+            self.scanner.offset,
+            self.scanner.expected,
+        );
+        if !self.scanner.segments.is_empty() {
             self.cut_tail(index, offset, reason)?;
             // Make what was recovered durable: the crashed process may never have synced it, and
             // the caller is about to act on it.
-            for segment in &self.segments[self.scan_start..] {
+            for segment in &self.scanner.segments[self.scan_start..] {
                 segment
                     .file
                     .sync_data()
                     .map_err(|e| Error::io(format!("syncing segment {}", segment.name), e))?;
             }
         }
-        self.report.segments = self.segments.len().max(1);
+        self.report.segments = self.scanner.segments.len().max(1);
         self.report.next_lsn = expected;
         let spares = Arc::new(Spares::new(
             self.storage.clone(),
@@ -242,7 +224,7 @@ impl Recovery {
             storage: self.storage.clone(),
             options: self.options.clone(),
             lock,
-            segments: std::mem::take(&mut self.segments),
+            segments: std::mem::take(&mut self.scanner.segments),
             next_lsn: expected,
             tail_offset: offset,
             spares,
@@ -252,95 +234,60 @@ impl Recovery {
 
     /// The next record from `replay_from` on; `None` at the end of the valid log.
     fn next_record(&mut self) -> Option<Result<Record>> {
-        loop {
-            if !matches!(self.state, ScanState::Scanning) {
-                return None;
-            }
-            let segment = self.segments[self.cursor.index].clone();
-            if self.view.is_none() {
-                match segment.scan_view(SEGMENT_HEADER_BYTES) {
-                    Ok(view) => self.view = Some(view),
-                    Err(e) => {
-                        self.state = ScanState::Failed;
-                        return Some(Err(e));
-                    }
-                }
-            }
-            let view = self.view.as_ref().expect("set above");
-            let payload_max = payload_max_for(segment.segment_bytes);
-            let Cursor {
-                offset, expected, ..
-            } = self.cursor;
-            match format::decode_record(view.from(offset), payload_max, Some(expected)) {
-                Ok(header) => {
-                    let start = offset + RECORD_HEADER_BYTES;
-                    let payload = view.record_bytes(start..start + header.payload_len as u64);
-                    self.cursor.offset += header.stored_bytes();
-                    self.cursor.expected = expected.next();
+        while matches!(self.state, ScanState::Scanning) {
+            let reason = match self.scanner.step() {
+                Ok(Step::Record(record)) => {
                     self.report.records_scanned += 1;
-                    if header.lsn >= self.options.replay_from {
+                    if record.lsn >= self.options.replay_from {
                         self.report.records_replayed += 1;
-                        return Some(Ok(Record {
-                            lsn: header.lsn,
-                            kind: header.kind,
-                            position: Position {
-                                segment: segment.first_lsn,
-                                offset: offset as u32,
-                            },
-                            payload,
-                        }));
+                        return Some(Ok(record));
                     }
+                    continue;
                 }
-                Err(reason) => {
-                    let next_starts_here = self
-                        .segments
-                        .get(self.cursor.index + 1)
-                        .is_some_and(|next| next.first_lsn == expected);
-                    if next_starts_here {
-                        self.cursor.index += 1;
-                        self.cursor.offset = SEGMENT_HEADER_BYTES;
-                        self.view = None;
-                        continue;
-                    }
-                    match self.find_durability_proof() {
-                        Ok(None) => {
-                            self.state = ScanState::Tail(reason.to_string());
-                            return None;
-                        }
-                        Ok(Some(proof)) => {
-                            self.state = ScanState::Failed;
-                            return Some(Err(Error::Corruption {
-                                segment: segment.name.clone(),
-                                offset,
-                                reason: format!(
-                                    "{reason} where record {expected} was expected; {proof}"
-                                ),
-                            }));
-                        }
-                        Err(e) => {
-                            self.state = ScanState::Failed;
-                            return Some(Err(e));
-                        }
-                    }
+                Ok(Step::Break(reason)) => reason,
+                Err(e) => {
+                    self.state = ScanState::Failed;
+                    return Some(Err(e));
+                }
+            };
+            match self.find_durability_proof() {
+                Ok(None) => self.state = ScanState::Tail(reason.to_string()),
+                Ok(Some(proof)) => {
+                    self.state = ScanState::Failed;
+                    return Some(Err(Error::Corruption {
+                        segment: self.scanner.segment().name.clone(),
+                        offset: self.scanner.offset,
+                        reason: format!(
+                            "{reason} where record {} was expected; {proof}",
+                            self.scanner.expected
+                        ),
+                    }));
+                }
+                Err(e) => {
+                    self.state = ScanState::Failed;
+                    return Some(Err(e));
                 }
             }
         }
+        None
     }
 
     /// Looks after the break for a valid record appended when the missing one was already
     /// durable. Candidates are aligned offsets; the header's LSN and durable gap are checked
     /// before the (costly) checksum, so garbage after a torn tail is rejected cheaply.
     fn find_durability_proof(&self) -> Result<Option<String>> {
-        let Cursor {
+        let Scanner {
             index,
             offset,
             expected,
-        } = self.cursor;
+            ref segments,
+            ..
+        } = self.scanner;
         // No record after the break can have an LSN beyond the number of record headers that
         // fit in the segments from the break on.
-        let bytes_after: u64 = self.segments[index..].iter().map(|s| s.segment_bytes).sum();
+        let bytes_after: u64 = segments[index..].iter().map(|s| s.segment_bytes).sum();
         let lsn_bound = expected.0.saturating_add(bytes_after / RECORD_HEADER_BYTES);
-        for (i, segment) in self.segments.iter().enumerate().skip(index) {
+        for (i, segment) in segments.iter().enumerate().skip(index) {
             let view = segment.scan_view(SEGMENT_HEADER_BYTES)?;
             let payload_max = payload_max_for(segment.segment_bytes);
             let mut candidate = if i == index {
@@ -369,7 +316,7 @@ impl Recovery {
     /// later segments. Zeroing first keeps this idempotent: a crash in between leaves a log whose
     /// next recovery finds the same break.
     fn cut_tail(&mut self, index: usize, offset: u64, reason: String) -> Result<()> {
-        let segment = self.segments[index].clone();
+        let segment = self.scanner.segments[index].clone();
         let last_nonzero_end = {
             let view = segment.scan_view(offset)?;
             let bytes = view.from(offset);
@@ -380,7 +327,7 @@ impl Recovery {
         };
         // Nothing was handed out past `offset`; from here on the log writes there.
         segment.retract_readable_end(offset);
-        let later: Vec<Arc<Segment>> = self.segments.drain(index + 1..).collect();
+        let later: Vec<Arc<Segment>> = self.scanner.segments.drain(index + 1..).collect();
         if last_nonzero_end.is_none() && later.is_empty() {
             return Ok(());
         }
