@@ -30,6 +30,9 @@ pub(crate) struct GroupCommit {
     written_lsn: AtomicU64,
     durable_lsn: AtomicU64,
     sync: Mutex<SyncState>,
+    /// A leader is running sync rounds. Changed only under the `sync` lock; read without it by
+    /// writers deciding whether to wake waiters.
+    syncing: AtomicBool,
     /// Number of parked waiters; lets writers skip the sync lock when nobody waits.
     waiting: AtomicUsize,
     /// Appenders whose own write finished before an earlier LSN's did: (lsn, thread).
@@ -50,8 +53,24 @@ struct WrittenState {
 
 #[derive(Default)]
 struct SyncState {
-    syncing: bool,
+    /// Committers waiting for durability: (LSN, thread), unordered.
     waiters: Vec<(u64, Thread)>,
+}
+
+/// Removes the waiters whose LSN is at most `through` and returns their threads, to be unparked
+/// after the lock is released (an unpark is a system call; holding the lock across it stalls
+/// every writer that needs the lock).
+fn take_covered(waiters: &mut Vec<(u64, Thread)>, through: u64) -> Vec<Thread> {
+    let mut woken = Vec::new();
+    waiters.retain(|(lsn, thread)| {
+        if *lsn <= through {
+            woken.push(thread.clone());
+            false
+        } else {
+            true
+        }
+    });
+    woken
 }
 
 impl GroupCommit {
@@ -66,6 +85,7 @@ impl GroupCommit {
             written_lsn: AtomicU64::new(recovered.0),
             durable_lsn: AtomicU64::new(recovered.0),
             sync: Mutex::new(SyncState::default()),
+            syncing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             written_waiters: Mutex::new(Vec::new()),
             written_waiting: AtomicUsize::new(0),
@@ -104,31 +124,29 @@ impl GroupCommit {
         // Both checks pair with the SeqCst registration in the wait functions: either the waiter
         // sees the new written LSN, or this load sees the waiter.
         if self.written_waiting.load(Ordering::SeqCst) > 0 {
-            let mut waiters = self.written_waiters.lock();
-            waiters.retain(|(waiter_lsn, thread)| {
-                if *waiter_lsn <= through {
-                    thread.unpark();
-                    false
-                } else {
-                    true
-                }
-            });
-            self.written_waiting.store(waiters.len(), Ordering::SeqCst);
+            let woken = {
+                let mut waiters = self.written_waiters.lock();
+                let woken = take_covered(&mut waiters, through);
+                self.written_waiting.store(waiters.len(), Ordering::SeqCst);
+                woken
+            };
+            woken.iter().for_each(Thread::unpark);
         }
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut s = self.sync.lock();
-            if !s.syncing {
-                // Wake waiters this write made syncable; one of them becomes the leader.
-                s.waiters.retain(|(waiter_lsn, thread)| {
-                    if *waiter_lsn <= through {
-                        thread.unpark();
-                        false
-                    } else {
-                        true
-                    }
-                });
+        // While a leader syncs, it wakes the waiters this write made syncable when its round
+        // ends (it re-reads the written LSN after clearing `syncing`: with the SeqCst store of
+        // `written_lsn` above and this load, one of the two sides sees the other).
+        if self.waiting.load(Ordering::SeqCst) > 0 && !self.syncing.load(Ordering::SeqCst) {
+            let woken = {
+                let mut s = self.sync.lock();
+                if self.syncing.load(Ordering::SeqCst) {
+                    return;
+                }
+                // One of the woken becomes the leader.
+                let woken = take_covered(&mut s.waiters, through);
                 self.waiting.store(s.waiters.len(), Ordering::SeqCst);
-            }
+                woken
+            };
+            woken.iter().for_each(Thread::unpark);
         }
     }
 
@@ -183,10 +201,12 @@ impl GroupCommit {
                 self.waiting.store(s.waiters.len(), Ordering::SeqCst);
                 continue;
             }
-            if !s.syncing && self.written_lsn.load(Ordering::SeqCst) >= lsn.0 {
+            if !self.syncing.load(Ordering::SeqCst)
+                && self.written_lsn.load(Ordering::SeqCst) >= lsn.0
+            {
                 s.waiters.pop();
                 self.waiting.store(s.waiters.len(), Ordering::SeqCst);
-                s.syncing = true;
+                self.syncing.store(true, Ordering::SeqCst);
                 drop(s);
                 self.lead_syncs()?;
                 continue;
@@ -213,28 +233,29 @@ impl GroupCommit {
                     if let Err(e) = segment.file.sync_data() {
                         let cause = format!("fdatasync of segment {} failed: {e}", segment.name);
                         self.poison(cause.clone());
-                        let mut s = self.sync.lock();
-                        s.syncing = false;
+                        self.syncing.store(false, Ordering::SeqCst);
                         return Err(Error::Poisoned { cause });
                     }
                 }
                 self.durable_lsn.store(target, Ordering::Release);
             }
-            let mut s = self.sync.lock();
-            let written = self.written_lsn.load(Ordering::SeqCst);
-            let mut more = false;
-            s.waiters.retain(|(waiter_lsn, thread)| {
-                if *waiter_lsn <= target {
-                    thread.unpark();
-                    false
-                } else {
-                    more |= *waiter_lsn <= written;
-                    true
+            let (woken, more) = {
+                let mut s = self.sync.lock();
+                let mut woken = take_covered(&mut s.waiters, target);
+                let written = self.written_lsn.load(Ordering::SeqCst);
+                let more = s.waiters.iter().any(|(lsn, _)| *lsn <= written);
+                if !more {
+                    self.syncing.store(false, Ordering::SeqCst);
+                    // A write that finished while `syncing` was set skipped waking its waiters:
+                    // wake them now, and one of them leads the next round.
+                    let written = self.written_lsn.load(Ordering::SeqCst);
+                    woken.extend(take_covered(&mut s.waiters, written));
                 }
-            });
-            self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                (woken, more)
+            };
+            woken.iter().for_each(Thread::unpark);
             if !more {
-                s.syncing = false;
                 return Ok(());
             }
         }

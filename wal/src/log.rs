@@ -259,7 +259,7 @@ impl Wal {
         let (active, reserved_end) = match segments.last() {
             Some(active) => (active.clone(), tail_offset),
             None => {
-                let active = activate_spare(storage.as_ref(), &spares, next_lsn)?;
+                let active = activate_spare(storage.as_ref(), &spares, next_lsn, false)?;
                 segments.push(active.clone());
                 (active, SEGMENT_HEADER_BYTES)
             }
@@ -544,7 +544,8 @@ impl Inner {
         let (lsn, segment, offset) = {
             let mut state = self.append.lock();
             if state.reserved_end + stored > state.active.segment_bytes {
-                let next = activate_spare(self.storage.as_ref(), &self.spares, state.next_lsn)?;
+                let next =
+                    activate_spare(self.storage.as_ref(), &self.spares, state.next_lsn, true)?;
                 self.segments.write().insert(next.first_lsn, next.clone());
                 state.active = next;
                 state.reserved_end = SEGMENT_HEADER_BYTES;
@@ -553,6 +554,7 @@ impl Inner {
             let offset = state.reserved_end;
             state.next_lsn = lsn.next();
             state.reserved_end += stored;
+            self.spares.note_log_bytes(stored);
             (lsn, state.active.clone(), offset)
         };
         let mut record = Vec::with_capacity(stored as usize);
@@ -600,8 +602,9 @@ pub(crate) fn activate_spare(
     storage: &dyn Storage,
     spares: &Spares,
     first_lsn: Lsn,
+    for_roll_over: bool,
 ) -> Result<Arc<Segment>> {
-    let spare = spares.take()?;
+    let spare = spares.take(for_roll_over)?;
     let name = segment_file_name(first_lsn);
     let segment_bytes = spares.segment_bytes();
     let header = SegmentHeader {

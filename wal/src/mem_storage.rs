@@ -369,6 +369,13 @@ impl StorageFile for MemFile {
         Ok(self.state.lock().files[&self.id].current.len() as u64)
     }
 
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let data = s.files.get_mut(&self.id).expect("open file has data");
+        data.current.resize(len as usize, 0);
+        Ok(())
+    }
+
     fn map(&self, _len: u64, _readable_end: u64) -> io::Result<Option<Map>> {
         Ok(None)
     }

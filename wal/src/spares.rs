@@ -5,11 +5,21 @@
 //! unwritten-extent conversion to journal). So the log never appends to a file: it writes records
 //! over zeros that were written and synced ahead of time by a background thread.
 //!
-//! Protocol: a spare is written as `spare-N.zeroing`, filled with zeros, synced, renamed to
-//! `spare-N.spare` and the directory synced. Only complete spares carry the `.spare` suffix, so
-//! an open may reuse them; `.zeroing` leftovers of a crash are deleted.
+//! But zero-filling writes every byte of the log twice, which only pays while syncs are small.
+//! When the log itself writes at a good share of the disk's bandwidth (bulk appends), each sync
+//! moves so many bytes that the allocation it journals is noise, and the zero-filler only halves
+//! the bandwidth left for the log. So the preparer measures, without a clock: if the log wrote
+//! at least half a segment while one spare was being zero-filled, or if the log had to take a
+//! spare that was not ready, the next spares are only *extended* (`set_len`: holes, which read as
+//! zeros, so invariant 3 of `FORMAT.md` still holds) and a zero-filled spare is tried again every
+//! few segments to re-measure.
+//!
+//! Protocol: a spare is written as `spare-N.zeroing`, filled with zeros (or extended), synced,
+//! renamed to `spare-N.spare` and the directory synced. Only complete spares carry the `.spare`
+//! suffix, so an open may reuse them; `.zeroing` leftovers of a crash are deleted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +36,18 @@ pub const SPARE_SEGMENTS_MAX: usize = 8;
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 /// After a failed attempt (e.g. a full disk), the background thread waits this long to retry.
 const SPARE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// In bandwidth-bound mode, this many spares are only extended before one is zero-filled again
+/// to re-measure.
+const EXTENDED_SPARES_BEFORE_REMEASURE: u32 = 4;
+
+/// How a spare's bytes are prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preparation {
+    /// Written with zeros and synced: later syncs overwrite written blocks (cheap small syncs).
+    ZeroFilled,
+    /// Extended to size (holes): no bandwidth spent ahead, allocation journaled at sync time.
+    Extended,
+}
 
 /// A zero-filled, synced file of the segment size, ready to become a segment.
 #[derive(Debug)]
@@ -40,15 +62,17 @@ pub(crate) struct Spares {
     target: usize,
     state: Mutex<SpareState>,
     changed: Condvar,
-    /// Set once the background thread runs; before that (a new log's first segment) making a
-    /// spare synchronously is expected.
-    started: std::sync::atomic::AtomicBool,
+    /// Bytes the log has reserved for records, ever: the preparer's yardstick for how hard the
+    /// log is writing, counted in bytes rather than time.
+    log_bytes: AtomicU64,
 }
 
 struct SpareState {
     ready: Vec<Spare>,
     next_id: u64,
     stopping: bool,
+    /// Spares still to be only extended before zero-filling is measured again.
+    extend_next: u32,
 }
 
 /// The spare number in a file name `spare-N.spare` or `spare-N.zeroing`.
@@ -81,10 +105,16 @@ impl Spares {
                 ready,
                 next_id,
                 stopping: false,
+                extend_next: 0,
             }),
             changed: Condvar::new(),
-            started: std::sync::atomic::AtomicBool::new(false),
+            log_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The log reserved `bytes` more for records.
+    pub fn note_log_bytes(&self, bytes: u64) {
+        self.log_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn segment_bytes(&self) -> u64 {
@@ -93,8 +123,6 @@ impl Spares {
 
     /// Starts the thread that keeps `target` spares ready.
     pub fn start(self: &Arc<Self>) -> Result<JoinHandle<()>> {
-        self.started
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         let spares = self.clone();
         std::thread::Builder::new()
             .name("herald-wal-spares".into())
@@ -107,29 +135,35 @@ impl Spares {
         self.changed.notify_all();
     }
 
-    /// A ready spare, or a new one made now if none is ready (slow: the caller writes a whole
-    /// segment of zeros). An error (a full disk, say) leaves the log as it was; a later call
-    /// tries again.
-    pub fn take(&self) -> Result<Spare> {
+    /// A ready spare, or one made now if none is ready. On the commit path (`for_roll_over`) a
+    /// missing spare is made by extending a file, which takes a moment, and the preparer switches
+    /// to extending: the log writes faster than zeros can be laid ahead of it. A new log's first
+    /// segment is zero-filled here (it has no preparer running yet). An error (a full disk, say)
+    /// leaves the log as it was; a later call tries again.
+    pub fn take(&self, for_roll_over: bool) -> Result<Spare> {
         let id = {
             let mut s = self.state.lock();
             if let Some(spare) = s.ready.pop() {
                 self.changed.notify_all();
                 return Ok(spare);
             }
+            if for_roll_over {
+                s.extend_next = EXTENDED_SPARES_BEFORE_REMEASURE;
+            }
             s.next_id += 1;
             s.next_id
         };
-        if self.started.load(std::sync::atomic::Ordering::Relaxed) {
-            // Past start-up this is a latency spike on the commit path worth knowing about.
-            tracing::warn!("no spare segment ready; zero-filling one on the commit path");
+        if for_roll_over {
+            tracing::info!("no spare segment ready at roll-over; extending one instead");
+            self.make(id, Preparation::Extended)
+        } else {
+            self.make(id, Preparation::ZeroFilled)
         }
-        self.make(id)
     }
 
     fn run(&self) {
         loop {
-            let id = {
+            let (id, preparation) = {
                 let mut s = self.state.lock();
                 while !s.stopping && s.ready.len() >= self.target {
                     self.changed.wait(&mut s);
@@ -138,10 +172,31 @@ impl Spares {
                     return;
                 }
                 s.next_id += 1;
-                s.next_id
+                let preparation = if s.extend_next > 0 {
+                    s.extend_next -= 1;
+                    Preparation::Extended
+                } else {
+                    Preparation::ZeroFilled
+                };
+                (s.next_id, preparation)
             };
-            match self.make(id) {
-                Ok(spare) => self.state.lock().ready.push(spare),
+            let log_bytes_before = self.log_bytes.load(Ordering::Relaxed);
+            match self.make(id, preparation) {
+                Ok(spare) => {
+                    let log_bytes_during =
+                        self.log_bytes.load(Ordering::Relaxed) - log_bytes_before;
+                    let mut s = self.state.lock();
+                    if preparation == Preparation::ZeroFilled
+                        && log_bytes_during >= self.segment_bytes / 2
+                    {
+                        tracing::info!(
+                            log_bytes_during,
+                            "the log is bandwidth-bound; extending spares instead of zero-filling"
+                        );
+                        s.extend_next = EXTENDED_SPARES_BEFORE_REMEASURE;
+                    }
+                    s.ready.push(spare);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not prepare a spare segment; retrying");
                     let mut s = self.state.lock();
@@ -153,7 +208,7 @@ impl Spares {
         }
     }
 
-    fn make(&self, id: u64) -> Result<Spare> {
+    fn make(&self, id: u64, preparation: Preparation) -> Result<Spare> {
         let zeroing = format!("spare-{id:06}{ZEROING_SUFFIX}");
         let name = format!("spare-{id:06}{SPARE_SUFFIX}");
         let context = |what: &str| format!("{what} spare segment {zeroing}");
@@ -162,13 +217,20 @@ impl Spares {
             .create(&zeroing)
             .map_err(|e| Error::io(context("creating"), e))?;
         let result = (|| {
-            let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-            let mut offset = 0;
-            while offset < self.segment_bytes {
-                let n = (self.segment_bytes - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
-                write_all_at(file.as_ref(), &zeros[..n], offset)
-                    .map_err(|e| Error::io(context("zero-filling"), e))?;
-                offset += n as u64;
+            match preparation {
+                Preparation::ZeroFilled => {
+                    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+                    let mut offset = 0;
+                    while offset < self.segment_bytes {
+                        let n = (self.segment_bytes - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
+                        write_all_at(file.as_ref(), &zeros[..n], offset)
+                            .map_err(|e| Error::io(context("zero-filling"), e))?;
+                        offset += n as u64;
+                    }
+                }
+                Preparation::Extended => file
+                    .set_len(self.segment_bytes)
+                    .map_err(|e| Error::io(context("extending"), e))?,
             }
             file.sync_data()
                 .map_err(|e| Error::io(context("syncing"), e))?;
@@ -186,5 +248,76 @@ impl Spares {
             return Err(e);
         }
         Ok(Spare { name, file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStorage;
+
+    fn spares(storage: &MemStorage) -> Spares {
+        Spares::new(Arc::new(storage.clone()), 8192, 1, Vec::new(), 0)
+    }
+
+    #[test]
+    fn a_first_segment_is_zero_filled_and_a_missing_roll_over_spare_is_extended() {
+        let storage = MemStorage::new();
+        let spares = spares(&storage);
+        let first = spares.take(false).unwrap();
+        assert_eq!(first.file.size_bytes().unwrap(), 8192);
+        assert_eq!(
+            spares.state.lock().extend_next,
+            0,
+            "zero-filling stays the rule"
+        );
+
+        let rolled = spares.take(true).unwrap();
+        assert_eq!(rolled.file.size_bytes().unwrap(), 8192);
+        let bytes = storage.file_bytes(&rolled.name).unwrap();
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "an extended spare reads as zeros"
+        );
+        assert_eq!(
+            spares.state.lock().extend_next,
+            EXTENDED_SPARES_BEFORE_REMEASURE,
+            "the log outran the preparer: the next spares are extended"
+        );
+        assert!(
+            storage
+                .file_names()
+                .iter()
+                .all(|n| n.ends_with(SPARE_SUFFIX))
+        );
+    }
+
+    #[test]
+    fn a_log_writing_during_a_zero_fill_switches_the_preparer_to_extending() {
+        let storage = MemStorage::new();
+        let spares = Arc::new(spares(&storage));
+        // The log "writes" a whole segment's worth before the preparer starts measuring, then
+        // keeps writing while it works: at least one zero-fill sees half a segment go by.
+        let thread = spares.start().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            spares.note_log_bytes(8192);
+            {
+                let mut s = spares.state.lock();
+                if s.extend_next > 0 {
+                    break;
+                }
+                // Keep the preparer busy: take what it made so it makes another.
+                s.ready.clear();
+            }
+            spares.changed.notify_all();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the preparer never noticed the log's writing"
+            );
+            std::thread::yield_now();
+        }
+        spares.stop();
+        thread.join().unwrap();
     }
 }

@@ -44,6 +44,9 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Makes the file's data (and its size) durable: `fdatasync`.
     fn sync_data(&self) -> io::Result<()>;
     fn size_bytes(&self) -> io::Result<u64>;
+    /// Extends (or shortens) the file to `len` bytes; new bytes read as zeros. The log only ever
+    /// extends unmapped spare files with it.
+    fn set_len(&self, len: u64) -> io::Result<()>;
     /// A read-only map of the first `len` bytes, where the backend supports one; `None` means the
     /// log reads through `read_at` instead.
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>>;
@@ -199,6 +202,10 @@ impl StorageFile for DiskFile {
 
     fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
     }
 
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>> {

@@ -202,6 +202,10 @@ impl StorageFile for UringFile {
         Ok(self.file.metadata()?.len())
     }
 
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>> {
         Map::new(&self.file, len, readable_end).map(Some)
     }
