@@ -1,2 +1,4 @@
 //! Helpers shared by Herald's real-process tests.
 #![deny(unsafe_code)]
+
+pub mod crash_record;
