@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use herald_wal::{Lsn, Options, Position};
+use herald_wal::{Lsn, Options, Position, WriteBackend};
 
 /// Segment size of the crash log: small, so that every round crosses segment boundaries.
 pub const CRASH_SEGMENT_BYTES: u64 = 64 * 1024;
@@ -26,6 +26,17 @@ pub fn crash_log_options() -> Options {
     Options {
         segment_bytes: CRASH_SEGMENT_BYTES,
         ..Options::default()
+    }
+}
+
+/// The write backend of the writer in `round`: odd rounds use io_uring (herald-tests builds
+/// herald-wal with its `io-uring` feature), even rounds `pwrite`, so that both backends are
+/// killed mid-write and recovered from.
+pub fn crash_write_backend(round: u32) -> WriteBackend {
+    if round % 2 == 1 {
+        WriteBackend::IoUring
+    } else {
+        WriteBackend::Pwrite
     }
 }
 

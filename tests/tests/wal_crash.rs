@@ -12,6 +12,8 @@
 //! - everything seen in earlier rounds (and not released by the test) is still there, unchanged;
 //! - the log continues cleanly: appends get the next LSNs and read back.
 //!
+//! Odd rounds write through io_uring, even rounds through `pwrite` (`crash_write_backend`).
+//!
 //! The kill schedule is a function of a seed, printed at the start (`HERALD_CRASH_SEED=<n>`
 //! replays it; the writer's own timing still varies from run to run).
 

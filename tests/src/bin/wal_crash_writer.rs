@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use herald_tests::crash_record::{Ack, ROUND_MAX, RecordId, crash_log_options};
-use herald_wal::Wal;
+use herald_tests::crash_record::{
+    Ack, ROUND_MAX, RecordId, crash_log_options, crash_write_backend,
+};
+use herald_wal::{Options, Wal};
 
 /// Threads committing at once (so group commit and interleaved appends are exercised).
 const THREADS_DEFAULT: u8 = 4;
@@ -50,7 +52,11 @@ fn run() -> Result<(), String> {
             .ok_or_else(|| format!("threads {t:?} is not a number in 1..=64"))?,
         None => THREADS_DEFAULT,
     };
-    let wal = Wal::open(&dir, crash_log_options())
+    let options = Options {
+        write_backend: crash_write_backend(round),
+        ..crash_log_options()
+    };
+    let wal = Wal::open(&dir, options)
         .map_err(|e| format!("opening the log in {}: {e}", dir.display()))?;
     let deadline = Instant::now() + Duration::from_secs(RUN_SECONDS_MAX);
     std::thread::scope(|scope| {
