@@ -1,6 +1,50 @@
-//! Herald's embedded engine: Service Broker's model (catalog, dialogs, conversation-group locks,
-//! transactional SEND and RECEIVE) persisted on `herald-wal`.
+//! Herald's embedded engine: Service Broker's model as a Rust library, persisted on
+//! `herald-wal`. Open a data directory, define message types, contracts, queues and services,
+//! begin dialogs, SEND and RECEIVE inside transactions. A commit is one log record and, by
+//! default, durable when it returns; RECEIVE locks the conversation group until the transaction
+//! ends, so one reader at a time processes a conversation's messages, in order, exactly once.
 //!
-//! Nothing is built here yet: the engine is the subject of its own issue. This crate exists so the
-//! workspace has its final shape; it exports nothing that could be mistaken for a working engine.
+//! ```no_run
+//! use herald_engine::{Broker, DialogOptions, Options, QueueOptions, Receive, SentBy, Validation};
+//! let broker = Broker::open("./herald-data", Options::default())?;
+//! let mut tx = broker.begin();
+//! tx.create_message_type("//shop/Order", Validation::None)?;
+//! tx.create_contract("//shop/OrderContract", &[("//shop/Order", SentBy::Initiator)])?;
+//! tx.create_queue("OrderQueue", QueueOptions::default())?;
+//! tx.create_queue("ClientQueue", QueueOptions::default())?;
+//! tx.create_service("//shop/OrderService", "OrderQueue", &["//shop/OrderContract"])?;
+//! tx.create_service("//shop/ClientService", "ClientQueue", &[])?;
+//! tx.commit()?;
+//!
+//! let mut tx = broker.begin();
+//! let h = tx.begin_dialog("//shop/ClientService", "//shop/OrderService",
+//!                         "//shop/OrderContract", DialogOptions::default())?;
+//! tx.send(h, "//shop/Order", b"order 1")?;
+//! tx.commit()?;
+//!
+//! let mut tx = broker.begin();
+//! let batch = tx.receive("OrderQueue", Receive::top(100))?;
+//! assert_eq!(batch[0].body(), b"order 1");
+//! tx.commit()?;
+//! # Ok::<(), herald_engine::Error>(())
+//! ```
+//!
+//! What is built so far and what is not: see `engine/DESIGN.md`.
 #![deny(unsafe_code)]
+
+mod broker;
+pub mod catalog;
+mod error;
+mod ids;
+mod lock_table;
+pub mod record;
+mod state;
+mod transaction;
+
+pub use broker::{Broker, Options};
+pub use catalog::{QueueOptions, SentBy, Validation};
+pub use error::{Error, Result};
+pub use herald_wal::Durability;
+pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};
+pub use state::EndpointState;
+pub use transaction::{DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, Transaction};

@@ -1,0 +1,107 @@
+//! The one error type of `herald-engine`. Each variant names the object concerned, so a caller
+//! can act on it (create the missing queue, end the conversation, retry after a lock timeout).
+
+use crate::ids::{ConversationGroupId, ConversationHandle};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("message type {0:?} does not exist")]
+    UnknownMessageType(String),
+    #[error("contract {0:?} does not exist")]
+    UnknownContract(String),
+    #[error("queue {0:?} does not exist")]
+    UnknownQueue(String),
+    #[error("service {0:?} does not exist")]
+    UnknownService(String),
+    #[error("conversation {0} does not exist")]
+    UnknownConversation(ConversationHandle),
+    #[error("conversation group {group} does not exist in queue {queue:?}")]
+    UnknownConversationGroup {
+        group: ConversationGroupId,
+        queue: String,
+    },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} {name:?} is in use: {reason}")]
+    InUse {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("contract {contract:?} is invalid: {reason}")]
+    InvalidContract { contract: String, reason: String },
+    #[error(
+        "message type {message_type:?} may not be sent by the {side} on contract {contract:?} \
+         (conversation {handle})"
+    )]
+    ContractViolation {
+        handle: ConversationHandle,
+        contract: String,
+        message_type: String,
+        side: &'static str,
+    },
+    #[error("body of a {message_type:?} message fails {validation} validation: {reason}")]
+    ValidationFailed {
+        message_type: String,
+        validation: &'static str,
+        reason: String,
+    },
+    #[error("message body of {len} bytes exceeds the maximum of {max} bytes")]
+    BodyTooLarge { len: usize, max: usize },
+    #[error("conversation {handle} is {state}: {operation} is not allowed")]
+    ConversationClosed {
+        handle: ConversationHandle,
+        state: &'static str,
+        operation: &'static str,
+    },
+    #[error("service {service:?} does not accept contract {contract:?} as a target")]
+    ContractNotAccepted { service: String, contract: String },
+    #[error("conversation {handle} is on queue {actual:?}, not {queue:?}")]
+    WrongQueue {
+        handle: ConversationHandle,
+        queue: String,
+        actual: String,
+    },
+    #[error(
+        "conversation group {group} belongs to queue {actual:?}; service {service:?} is on {queue:?}"
+    )]
+    GroupOnOtherQueue {
+        group: ConversationGroupId,
+        service: String,
+        queue: String,
+        actual: String,
+    },
+    #[error("queue {0:?} is disabled (STATUS = OFF)")]
+    QueueDisabled(String),
+    #[error("timed out after {waited_ms} ms waiting for the lock on conversation group {group}")]
+    LockTimeout {
+        group: ConversationGroupId,
+        waited_ms: u64,
+    },
+    #[error("timed out after {waited_ms} ms waiting for the catalog lock")]
+    CatalogLockTimeout { waited_ms: u64 },
+    #[error("the same conversation {0} is named twice in one SEND")]
+    DuplicateHandle(ConversationHandle),
+    #[error(
+        "service {service:?} is not on this broker; sending to remote services needs the network \
+         (not built yet)"
+    )]
+    RemoteServiceNotSupported { service: String },
+    #[error("transaction is too large: {len} bytes exceeds the commit record maximum of {max}")]
+    TransactionTooLarge { len: usize, max: usize },
+    #[error("storage is corrupt: {0}")]
+    Corruption(String),
+    #[error("storage: {0}")]
+    Storage(#[from] herald_wal::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

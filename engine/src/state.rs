@@ -1,0 +1,307 @@
+//! The committed state: catalog, conversation endpoints, conversation groups and the queue
+//! indexes. Messages are not copied here: each queued message holds its body as bytes borrowed
+//! from the log (`RecordBytes`), which keep their segment mapped until the message is gone.
+//!
+//! `apply` is the only way the state changes, for a commit as for a replayed record: the two
+//! cannot drift apart. It assumes the ops were validated when the transaction made them (or, on
+//! replay, when the original transaction did); an op that no longer fits (a dialog naming a
+//! service dropped since) is a corrupt log, reported, never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use herald_wal::RecordBytes;
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::record::Op;
+
+/// Where a conversation endpoint is in its life (Service Broker's `state` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// SO: initiator, nothing sent yet.
+    StartedOutbound,
+    /// SI: target created, first message not complete yet (only across nodes).
+    StartedInbound,
+    /// CO: both sides may send.
+    Conversing,
+    /// DI: the far side ended the conversation.
+    DisconnectedInbound,
+    /// DO: this side ended, waiting for the far side's acknowledgement.
+    DisconnectedOutbound,
+    /// ER: an error ended the conversation.
+    Error,
+    /// CD: closed.
+    Closed,
+}
+
+impl EndpointState {
+    pub fn code(self) -> &'static str {
+        match self {
+            EndpointState::StartedOutbound => "SO",
+            EndpointState::StartedInbound => "SI",
+            EndpointState::Conversing => "CO",
+            EndpointState::DisconnectedInbound => "DI",
+            EndpointState::DisconnectedOutbound => "DO",
+            EndpointState::Error => "ER",
+            EndpointState::Closed => "CD",
+        }
+    }
+
+    /// Whether this side may still send.
+    pub fn can_send(self) -> bool {
+        matches!(
+            self,
+            EndpointState::StartedOutbound
+                | EndpointState::StartedInbound
+                | EndpointState::Conversing
+        )
+    }
+}
+
+/// One side of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub handle: ConversationHandle,
+    pub conversation_id: ConversationId,
+    pub is_initiator: bool,
+    /// The local service this side belongs to (its queue receives this side's messages).
+    pub service: String,
+    pub far_service: String,
+    pub contract: String,
+    pub group: ConversationGroupId,
+    pub state: EndpointState,
+    /// Sequence number the next message sent from this side gets.
+    pub send_sequence: u64,
+    /// Sequence number of the next message this side will receive.
+    pub receive_sequence: u64,
+    /// The other side's handle when it lives on this broker.
+    pub far_handle: Option<ConversationHandle>,
+    pub lifetime_secs: u64,
+    /// 1..=10; 5 until broker priorities exist.
+    pub priority: u8,
+}
+
+/// The default conversation priority (Service Broker's).
+pub const PRIORITY_DEFAULT: u8 = 5;
+
+/// A message waiting in a queue.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub sequence: u64,
+    pub message_type: Arc<str>,
+    pub body: RecordBytes,
+    /// Order of arrival in its queue.
+    pub queuing_order: u64,
+}
+
+/// A local conversation group: which queue it belongs to and the messages of its conversations
+/// that wait there, by conversation and sequence.
+#[derive(Debug, Default)]
+pub struct Group {
+    pub queue: String,
+    pub conversations: BTreeMap<ConversationHandle, BTreeMap<u64, QueuedMessage>>,
+}
+
+impl Group {
+    pub fn has_messages(&self) -> bool {
+        self.conversations.values().any(|m| !m.is_empty())
+    }
+
+    /// Queuing order of the oldest waiting message, to pick groups first-come first-served.
+    pub fn oldest(&self) -> Option<u64> {
+        self.conversations
+            .values()
+            .filter_map(|m| m.values().map(|q| q.queuing_order).min())
+            .min()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub catalog: Catalog,
+    pub endpoints: HashMap<ConversationHandle, Endpoint>,
+    pub groups: HashMap<ConversationGroupId, Group>,
+    next_queuing_order: u64,
+}
+
+fn corrupt(what: String) -> Error {
+    Error::Corruption(what)
+}
+
+impl State {
+    pub fn endpoint(&self, handle: ConversationHandle) -> Result<&Endpoint> {
+        self.endpoints
+            .get(&handle)
+            .ok_or(Error::UnknownConversation(handle))
+    }
+
+    /// Applies one committed op. `payload` is the commit record the op came from (bodies are
+    /// borrowed from it).
+    pub fn apply(&mut self, op: &Op, payload: &RecordBytes) -> Result<()> {
+        match op {
+            Op::CreateMessageType { name, validation } => {
+                self.catalog.create_message_type(name, *validation)
+            }
+            Op::DropMessageType { name } => self.catalog.drop_message_type(name),
+            Op::CreateContract { name, messages } => {
+                let messages: Vec<(&str, _)> =
+                    messages.iter().map(|(t, s)| (t.as_str(), *s)).collect();
+                self.catalog.create_contract(name, &messages)
+            }
+            Op::DropContract { name } => self.catalog.drop_contract(name),
+            Op::CreateQueue { name, options } => self.catalog.create_queue(name, *options),
+            Op::AlterQueue { name, options } => self.catalog.alter_queue(name, *options),
+            Op::DropQueue { name } => self.catalog.drop_queue(name),
+            Op::CreateService {
+                name,
+                queue,
+                contracts,
+            } => {
+                let contracts: Vec<&str> = contracts.iter().map(String::as_str).collect();
+                self.catalog.create_service(name, queue, &contracts)
+            }
+            Op::DropService { name } => self.catalog.drop_service(name),
+            Op::BeginDialog(d) => {
+                let from_queue = self.catalog.service(&d.from_service)?.queue.clone();
+                self.add_endpoint(
+                    Endpoint {
+                        handle: d.handle,
+                        conversation_id: d.conversation_id,
+                        is_initiator: true,
+                        service: d.from_service.clone(),
+                        far_service: d.to_service.clone(),
+                        contract: d.contract.clone(),
+                        group: d.group,
+                        state: EndpointState::StartedOutbound,
+                        send_sequence: 0,
+                        receive_sequence: 0,
+                        far_handle: d.target.map(|(h, _)| h),
+                        lifetime_secs: d.lifetime_secs,
+                        priority: PRIORITY_DEFAULT,
+                    },
+                    from_queue,
+                )?;
+                if let Some((target_handle, target_group)) = d.target {
+                    let to_queue = self.catalog.service(&d.to_service)?.queue.clone();
+                    self.add_endpoint(
+                        Endpoint {
+                            handle: target_handle,
+                            conversation_id: d.conversation_id,
+                            is_initiator: false,
+                            service: d.to_service.clone(),
+                            far_service: d.from_service.clone(),
+                            contract: d.contract.clone(),
+                            group: target_group,
+                            state: EndpointState::Conversing,
+                            send_sequence: 0,
+                            receive_sequence: 0,
+                            far_handle: Some(d.handle),
+                            lifetime_secs: d.lifetime_secs,
+                            priority: PRIORITY_DEFAULT,
+                        },
+                        to_queue,
+                    )?;
+                }
+                Ok(())
+            }
+            Op::Send {
+                handle,
+                message_type,
+                sequence,
+                body_range,
+                ..
+            } => {
+                let sender = self
+                    .endpoints
+                    .get_mut(handle)
+                    .ok_or_else(|| corrupt(format!("send on unknown conversation {handle}")))?;
+                if *sequence != sender.send_sequence {
+                    return Err(corrupt(format!(
+                        "send of sequence {sequence} on {handle}, which expects {}",
+                        sender.send_sequence
+                    )));
+                }
+                sender.send_sequence += 1;
+                if sender.state == EndpointState::StartedOutbound {
+                    sender.state = EndpointState::Conversing;
+                }
+                let target = sender.far_handle.ok_or_else(|| {
+                    corrupt(format!("send on {handle}, whose far side is not local"))
+                })?;
+                if body_range.end > payload.len() {
+                    return Err(corrupt(format!(
+                        "send body {body_range:?} outside its record"
+                    )));
+                }
+                let target_group = self
+                    .endpoints
+                    .get(&target)
+                    .ok_or_else(|| corrupt(format!("send to unknown endpoint {target}")))?
+                    .group;
+                let queuing_order = self.next_queuing_order;
+                self.next_queuing_order += 1;
+                let group = self
+                    .groups
+                    .get_mut(&target_group)
+                    .ok_or_else(|| corrupt(format!("endpoint {target} in unknown group")))?;
+                group.conversations.entry(target).or_default().insert(
+                    *sequence,
+                    QueuedMessage {
+                        sequence: *sequence,
+                        message_type: Arc::from(message_type.as_str()),
+                        body: payload.slice(body_range.clone()),
+                        queuing_order,
+                    },
+                );
+                Ok(())
+            }
+            Op::Receive {
+                handle,
+                through_sequence,
+            } => {
+                let endpoint = self
+                    .endpoints
+                    .get_mut(handle)
+                    .ok_or_else(|| corrupt(format!("receive on unknown conversation {handle}")))?;
+                endpoint.receive_sequence = endpoint.receive_sequence.max(through_sequence + 1);
+                let group = endpoint.group;
+                if let Some(messages) = self
+                    .groups
+                    .get_mut(&group)
+                    .and_then(|g| g.conversations.get_mut(handle))
+                {
+                    // Already gone when the receiving transaction commits; removed here on replay.
+                    messages.retain(|seq, _| *seq > *through_sequence);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn add_endpoint(&mut self, endpoint: Endpoint, queue: String) -> Result<()> {
+        let group = self.groups.entry(endpoint.group).or_insert_with(|| Group {
+            queue: queue.clone(),
+            conversations: BTreeMap::new(),
+        });
+        if group.queue != queue {
+            return Err(corrupt(format!(
+                "group {} is on queue {:?}, endpoint {} on {:?}",
+                endpoint.group, group.queue, endpoint.handle, queue
+            )));
+        }
+        group.conversations.entry(endpoint.handle).or_default();
+        if self
+            .endpoints
+            .insert(endpoint.handle, endpoint.clone())
+            .is_some()
+        {
+            return Err(corrupt(format!(
+                "endpoint {} created twice",
+                endpoint.handle
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,712 @@
+//! Transactions: every change to a broker happens inside one, and becomes visible and durable
+//! at once, as one commit record.
+//!
+//! A transaction validates each operation when it is made, against the committed state plus its
+//! own earlier operations, and records it as an `Op`. A failed operation changes nothing (its
+//! checks all run before anything is recorded). Catalog changes are made on a private copy of
+//! the catalog, under the exclusive catalog lock. RECEIVE takes messages out of the queue at once
+//! (their group is locked by this transaction, so no one else could see them anyway) and keeps
+//! them to put back, in order, if the transaction rolls back. At commit the ops are encoded, logged
+//! as one record, and applied to the state by the same code that replays the log at recovery; the
+//! locks are released last, so the next owner of a group sees the committed state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_wal::RecordBytes;
+
+use crate::broker::Broker;
+use crate::catalog::{Catalog, QueueOptions, SentBy, Validation};
+use crate::error::{Error, Result};
+use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::lock_table::{CatalogMode, TxId};
+use crate::record::{self, DialogRecord, KIND_COMMIT, Op};
+use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT, QueuedMessage, State};
+
+/// Largest message body, in bytes.
+pub const MESSAGE_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Options of `begin_dialog`.
+#[derive(Debug, Clone, Default)]
+pub struct DialogOptions {
+    /// Join the conversation group of this conversation (which must exist).
+    pub related_conversation: Option<ConversationHandle>,
+    /// Join this conversation group, creating it with this id if it does not exist.
+    pub related_conversation_group: Option<ConversationGroupId>,
+    /// How long the dialog may live (enforced by the life-cycle issue; recorded now).
+    pub lifetime: Option<Duration>,
+}
+
+/// What a RECEIVE takes: at most `top` messages of one conversation group, optionally only of
+/// one conversation or one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receive {
+    pub top: usize,
+    pub conversation: Option<ConversationHandle>,
+    pub group: Option<ConversationGroupId>,
+}
+
+impl Receive {
+    /// At most `n` messages, from the best unlocked group.
+    pub fn top(n: usize) -> Receive {
+        Receive {
+            top: n,
+            conversation: None,
+            group: None,
+        }
+    }
+
+    /// Only messages of conversation `handle` (waits for its group's lock).
+    pub fn conversation(self, handle: ConversationHandle) -> Receive {
+        Receive {
+            conversation: Some(handle),
+            ..self
+        }
+    }
+
+    /// Only messages of group `group` (waits for its lock).
+    pub fn group(self, group: ConversationGroupId) -> Receive {
+        Receive {
+            group: Some(group),
+            ..self
+        }
+    }
+}
+
+/// A received message. Its body is borrowed from the log.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub conversation_handle: ConversationHandle,
+    pub conversation_group: ConversationGroupId,
+    pub message_type: Arc<str>,
+    /// Per conversation and direction: 0, 1, 2, …
+    pub sequence: u64,
+    /// Order of arrival in the queue.
+    pub queuing_order: u64,
+    body: RecordBytes,
+}
+
+impl Message {
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The body as bytes that keep the log segment alive (no copy).
+    pub fn body_bytes(&self) -> &RecordBytes {
+        &self.body
+    }
+}
+
+/// A message taken by RECEIVE in this transaction, kept to put back on rollback.
+struct Taken {
+    group: ConversationGroupId,
+    handle: ConversationHandle,
+    message: QueuedMessage,
+}
+
+/// A unit of work on a broker. Dropping it without `commit` rolls it back.
+pub struct Transaction<'b> {
+    broker: &'b Broker,
+    id: TxId,
+    ops: Vec<Op>,
+    /// Private copy of the catalog once this transaction changed it.
+    catalog: Option<Catalog>,
+    catalog_mode: Option<CatalogMode>,
+    /// Endpoints created by this transaction, and this transaction's view of endpoints it sent
+    /// on (their next send sequence).
+    endpoints: HashMap<ConversationHandle, Endpoint>,
+    /// Groups created by this transaction: id → queue.
+    new_groups: HashMap<ConversationGroupId, String>,
+    locked_groups: HashSet<ConversationGroupId>,
+    taken: Vec<Taken>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("id", &self.id)
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+impl<'b> Transaction<'b> {
+    pub(crate) fn new(broker: &'b Broker, id: TxId) -> Transaction<'b> {
+        Transaction {
+            broker,
+            id,
+            ops: Vec::new(),
+            catalog: None,
+            catalog_mode: None,
+            endpoints: HashMap::new(),
+            new_groups: HashMap::new(),
+            locked_groups: HashSet::new(),
+            taken: Vec::new(),
+            finished: false,
+        }
+    }
+
+    fn lock_timeout(&self) -> Duration {
+        self.broker.options.lock_timeout
+    }
+
+    fn lock_catalog(&mut self, mode: CatalogMode) -> Result<()> {
+        if self.catalog_mode == Some(CatalogMode::Exclusive) || self.catalog_mode == Some(mode) {
+            return Ok(());
+        }
+        self.broker
+            .catalog_lock
+            .acquire(self.id, mode, self.lock_timeout())?;
+        self.catalog_mode = Some(mode);
+        Ok(())
+    }
+
+    /// Runs `f` on this transaction's view of the catalog.
+    fn read_catalog<R>(&mut self, f: impl FnOnce(&Catalog) -> Result<R>) -> Result<R> {
+        self.lock_catalog(CatalogMode::Shared)?;
+        match &self.catalog {
+            Some(catalog) => f(catalog),
+            None => f(&self.broker.state.lock().catalog),
+        }
+    }
+
+    /// Runs a catalog change on the private copy and records `op` if it succeeds.
+    fn change_catalog(
+        &mut self,
+        op: Op,
+        change: impl FnOnce(&mut Catalog) -> Result<()>,
+    ) -> Result<()> {
+        self.lock_catalog(CatalogMode::Exclusive)?;
+        let mut catalog = match self.catalog.take() {
+            Some(catalog) => catalog,
+            None => self.broker.state.lock().catalog.clone(),
+        };
+        let result = change(&mut catalog);
+        self.catalog = Some(catalog);
+        result?;
+        self.ops.push(op);
+        Ok(())
+    }
+
+    pub fn create_message_type(&mut self, name: &str, validation: Validation) -> Result<()> {
+        let op = Op::CreateMessageType {
+            name: name.into(),
+            validation,
+        };
+        self.change_catalog(op, |c| c.create_message_type(name, validation))
+    }
+
+    pub fn drop_message_type(&mut self, name: &str) -> Result<()> {
+        let op = Op::DropMessageType { name: name.into() };
+        self.change_catalog(op, |c| c.drop_message_type(name))
+    }
+
+    pub fn create_contract(&mut self, name: &str, messages: &[(&str, SentBy)]) -> Result<()> {
+        let op = Op::CreateContract {
+            name: name.into(),
+            messages: messages
+                .iter()
+                .map(|(t, s)| ((*t).to_owned(), *s))
+                .collect(),
+        };
+        self.change_catalog(op, |c| c.create_contract(name, messages))
+    }
+
+    pub fn drop_contract(&mut self, name: &str) -> Result<()> {
+        let op = Op::DropContract { name: name.into() };
+        self.change_catalog(op, |c| c.drop_contract(name))
+    }
+
+    pub fn create_queue(&mut self, name: &str, options: QueueOptions) -> Result<()> {
+        let op = Op::CreateQueue {
+            name: name.into(),
+            options,
+        };
+        self.change_catalog(op, |c| c.create_queue(name, options))
+    }
+
+    pub fn alter_queue(&mut self, name: &str, options: QueueOptions) -> Result<()> {
+        let op = Op::AlterQueue {
+            name: name.into(),
+            options,
+        };
+        self.change_catalog(op, |c| c.alter_queue(name, options))
+    }
+
+    /// Drops a queue; refused while a service is on it or conversations still use it.
+    pub fn drop_queue(&mut self, name: &str) -> Result<()> {
+        let in_use = self
+            .broker
+            .state
+            .lock()
+            .groups
+            .values()
+            .any(|g| g.queue == name)
+            || self.new_groups.values().any(|q| q == name);
+        if in_use {
+            return Err(Error::InUse {
+                kind: "queue",
+                name: name.into(),
+                reason: "conversations still use it".into(),
+            });
+        }
+        let op = Op::DropQueue { name: name.into() };
+        self.change_catalog(op, |c| c.drop_queue(name))
+    }
+
+    pub fn create_service(&mut self, name: &str, queue: &str, contracts: &[&str]) -> Result<()> {
+        let op = Op::CreateService {
+            name: name.into(),
+            queue: queue.into(),
+            contracts: contracts.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        self.change_catalog(op, |c| c.create_service(name, queue, contracts))
+    }
+
+    /// Drops a service; refused while conversations still use it (ending them is the life-cycle
+    /// issue's END CONVERSATION).
+    pub fn drop_service(&mut self, name: &str) -> Result<()> {
+        let in_use = self
+            .broker
+            .state
+            .lock()
+            .endpoints
+            .values()
+            .any(|e| e.service == name)
+            || self.endpoints.values().any(|e| e.service == name);
+        if in_use {
+            return Err(Error::InUse {
+                kind: "service",
+                name: name.into(),
+                reason: "conversations still use it".into(),
+            });
+        }
+        let op = Op::DropService { name: name.into() };
+        self.change_catalog(op, |c| c.drop_service(name))
+    }
+
+    /// Begins a dialog from local service `from` to service `to` on `contract`, returning the
+    /// initiator's conversation handle. The target endpoint is created too (the target service
+    /// must be on this broker until the network exists). Locks the new conversation's group.
+    pub fn begin_dialog(
+        &mut self,
+        from: &str,
+        to: &str,
+        contract: &str,
+        options: DialogOptions,
+    ) -> Result<ConversationHandle> {
+        let (from_queue, to_queue) = self.read_catalog(|catalog| {
+            let from_service = catalog.service(from)?;
+            catalog.contract(contract)?;
+            let to_service =
+                catalog
+                    .services
+                    .get(to)
+                    .ok_or_else(|| Error::RemoteServiceNotSupported {
+                        service: to.to_owned(),
+                    })?;
+            if !to_service.contracts.contains(contract) {
+                return Err(Error::ContractNotAccepted {
+                    service: to.to_owned(),
+                    contract: contract.to_owned(),
+                });
+            }
+            Ok((from_service.queue.clone(), to_service.queue.clone()))
+        })?;
+        let group = match (
+            options.related_conversation,
+            options.related_conversation_group,
+        ) {
+            (Some(related), _) => self.endpoint(related)?.group,
+            (None, Some(group)) => group,
+            (None, None) => ConversationGroupId::random(),
+        };
+        if let Some(queue) = self.group_queue(group)
+            && queue != from_queue
+        {
+            return Err(Error::GroupOnOtherQueue {
+                group,
+                service: from.into(),
+                queue: from_queue,
+                actual: queue,
+            });
+        }
+        self.lock_group(group)?;
+        self.new_groups.entry(group).or_insert(from_queue.clone());
+        let handle = ConversationHandle::random();
+        let conversation_id = ConversationId::random();
+        let target_handle = ConversationHandle::random();
+        let target_group = ConversationGroupId::random();
+        self.new_groups.insert(target_group, to_queue);
+        let lifetime_secs = options.lifetime.map_or(0, |l| l.as_secs().max(1));
+        let endpoint =
+            |handle, is_initiator, service: &str, far: &str, group, far_handle| Endpoint {
+                handle,
+                conversation_id,
+                is_initiator,
+                service: service.into(),
+                far_service: far.into(),
+                contract: contract.into(),
+                group,
+                state: if is_initiator {
+                    EndpointState::StartedOutbound
+                } else {
+                    EndpointState::Conversing
+                },
+                send_sequence: 0,
+                receive_sequence: 0,
+                far_handle: Some(far_handle),
+                lifetime_secs,
+                priority: PRIORITY_DEFAULT,
+            };
+        self.endpoints.insert(
+            handle,
+            endpoint(handle, true, from, to, group, target_handle),
+        );
+        self.endpoints.insert(
+            target_handle,
+            endpoint(target_handle, false, to, from, target_group, handle),
+        );
+        self.ops.push(Op::BeginDialog(DialogRecord {
+            handle,
+            conversation_id,
+            group,
+            from_service: from.into(),
+            to_service: to.into(),
+            contract: contract.into(),
+            lifetime_secs,
+            target: Some((target_handle, target_group)),
+        }));
+        Ok(handle)
+    }
+
+    /// Sends one message on conversation `handle`.
+    pub fn send(
+        &mut self,
+        handle: ConversationHandle,
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        self.send_many(&[handle], message_type, body)
+    }
+
+    /// Sends one message on each of `handles`, atomically: if any conversation refuses it,
+    /// nothing is sent on any.
+    pub fn send_many(
+        &mut self,
+        handles: &[ConversationHandle],
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        if body.len() > MESSAGE_BODY_BYTES_MAX {
+            return Err(Error::BodyTooLarge {
+                len: body.len(),
+                max: MESSAGE_BODY_BYTES_MAX,
+            });
+        }
+        let mut seen = HashSet::new();
+        let mut endpoints = Vec::with_capacity(handles.len());
+        for handle in handles {
+            if !seen.insert(*handle) {
+                return Err(Error::DuplicateHandle(*handle));
+            }
+            endpoints.push(self.endpoint(*handle)?);
+        }
+        let validation = self.read_catalog(|catalog| {
+            let validation = catalog.message_type(message_type)?.validation;
+            for endpoint in &endpoints {
+                if !endpoint.state.can_send() {
+                    return Err(Error::ConversationClosed {
+                        handle: endpoint.handle,
+                        state: endpoint.state.code(),
+                        operation: "SEND",
+                    });
+                }
+                let allowed = catalog
+                    .contract(&endpoint.contract)?
+                    .messages
+                    .get(message_type)
+                    .is_some_and(|sent_by| sent_by.allows(endpoint.is_initiator));
+                if !allowed {
+                    return Err(Error::ContractViolation {
+                        handle: endpoint.handle,
+                        contract: endpoint.contract.clone(),
+                        message_type: message_type.into(),
+                        side: if endpoint.is_initiator {
+                            "initiator"
+                        } else {
+                            "target"
+                        },
+                    });
+                }
+                if endpoint.far_handle.is_none() {
+                    return Err(Error::RemoteServiceNotSupported {
+                        service: endpoint.far_service.clone(),
+                    });
+                }
+            }
+            Ok(validation)
+        })?;
+        validation.check(message_type, body)?;
+        for endpoint in &endpoints {
+            self.lock_group(endpoint.group)?;
+        }
+        for mut endpoint in endpoints {
+            self.ops.push(Op::Send {
+                handle: endpoint.handle,
+                message_type: message_type.into(),
+                sequence: endpoint.send_sequence,
+                body: body.to_vec(),
+                body_range: 0..0,
+            });
+            endpoint.send_sequence += 1;
+            if endpoint.state == EndpointState::StartedOutbound {
+                endpoint.state = EndpointState::Conversing;
+            }
+            self.endpoints.insert(endpoint.handle, endpoint);
+        }
+        Ok(())
+    }
+
+    /// Receives up to `what.top` messages of one conversation group from `queue`, locking the
+    /// group until this transaction ends. An empty batch means nothing was ready.
+    pub fn receive(&mut self, queue: &str, what: Receive) -> Result<Vec<Message>> {
+        let enabled = self.read_catalog(|c| Ok(c.queue(queue)?.options.enabled))?;
+        if !enabled {
+            return Err(Error::QueueDisabled(queue.into()));
+        }
+        let group = match (what.conversation, what.group) {
+            (Some(handle), _) => {
+                let endpoint = self.endpoint(handle)?;
+                let actual = self.group_queue(endpoint.group).unwrap_or_default();
+                if actual != queue {
+                    return Err(Error::WrongQueue {
+                        handle,
+                        queue: queue.into(),
+                        actual,
+                    });
+                }
+                self.lock_group(endpoint.group)?;
+                endpoint.group
+            }
+            (None, Some(group)) => {
+                if self.group_queue(group).as_deref() != Some(queue) {
+                    return Err(Error::UnknownConversationGroup {
+                        group,
+                        queue: queue.into(),
+                    });
+                }
+                self.lock_group(group)?;
+                group
+            }
+            (None, None) => match self.lock_best_group(queue) {
+                Some(group) => group,
+                None => return Ok(Vec::new()),
+            },
+        };
+        Ok(self.take_messages(group, what))
+    }
+
+    /// Picks and locks the unlocked group of `queue` whose oldest ready message is oldest.
+    fn lock_best_group(&mut self, queue: &str) -> Option<ConversationGroupId> {
+        let mut candidates: Vec<(u64, ConversationGroupId)> = {
+            let state = self.broker.state.lock();
+            state
+                .groups
+                .iter()
+                .filter(|(_, g)| g.queue == queue)
+                .filter_map(|(id, g)| g.oldest().map(|oldest| (oldest, *id)))
+                .collect()
+        };
+        candidates.sort_unstable();
+        for (_, group) in candidates {
+            if self.broker.locks.try_lock(group, self.id) {
+                self.locked_groups.insert(group);
+                // It may have been emptied between the scan and the lock.
+                if self
+                    .broker
+                    .state
+                    .lock()
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.has_messages())
+                {
+                    return Some(group);
+                }
+            }
+        }
+        None
+    }
+
+    /// Takes the messages of locked `group`: conversations by priority, then oldest first;
+    /// within a conversation by sequence; at most `what.top`.
+    fn take_messages(&mut self, group_id: ConversationGroupId, what: Receive) -> Vec<Message> {
+        let mut state = self.broker.state.lock();
+        let State {
+            endpoints, groups, ..
+        } = &mut *state;
+        let Some(group) = groups.get_mut(&group_id) else {
+            return Vec::new();
+        };
+        let mut order: Vec<(std::cmp::Reverse<u8>, u64, ConversationHandle)> = group
+            .conversations
+            .iter()
+            .filter(|(handle, _)| what.conversation.is_none_or(|h| h == **handle))
+            .filter_map(|(handle, messages)| {
+                let oldest = messages.values().map(|m| m.queuing_order).min()?;
+                let priority = endpoints
+                    .get(handle)
+                    .map_or(PRIORITY_DEFAULT, |e| e.priority);
+                Some((std::cmp::Reverse(priority), oldest, *handle))
+            })
+            .collect();
+        order.sort_unstable();
+        let mut batch = Vec::new();
+        for (_, _, handle) in order {
+            if batch.len() >= what.top {
+                break;
+            }
+            let messages = group.conversations.get_mut(&handle).expect("listed above");
+            let mut through = None;
+            while batch.len() < what.top {
+                let Some((_, message)) = messages.pop_first() else {
+                    break;
+                };
+                through = Some(message.sequence);
+                batch.push(Message {
+                    conversation_handle: handle,
+                    conversation_group: group_id,
+                    message_type: message.message_type.clone(),
+                    sequence: message.sequence,
+                    queuing_order: message.queuing_order,
+                    body: message.body.clone(),
+                });
+                self.taken.push(Taken {
+                    group: group_id,
+                    handle,
+                    message,
+                });
+            }
+            if let Some(through_sequence) = through {
+                self.ops.push(Op::Receive {
+                    handle,
+                    through_sequence,
+                });
+            }
+        }
+        batch
+    }
+
+    /// This transaction's view of an endpoint: its own changes, else the committed one.
+    fn endpoint(&self, handle: ConversationHandle) -> Result<Endpoint> {
+        if let Some(endpoint) = self.endpoints.get(&handle) {
+            return Ok(endpoint.clone());
+        }
+        self.broker.state.lock().endpoint(handle).cloned()
+    }
+
+    /// The queue a group belongs to, if the group exists (committed or created here).
+    fn group_queue(&self, group: ConversationGroupId) -> Option<String> {
+        if let Some(queue) = self.new_groups.get(&group) {
+            return Some(queue.clone());
+        }
+        self.broker
+            .state
+            .lock()
+            .groups
+            .get(&group)
+            .map(|g| g.queue.clone())
+    }
+
+    fn lock_group(&mut self, group: ConversationGroupId) -> Result<()> {
+        self.broker
+            .locks
+            .lock(group, self.id, self.lock_timeout())?;
+        self.locked_groups.insert(group);
+        Ok(())
+    }
+
+    /// Makes everything this transaction did durable (under the default durability) and visible,
+    /// as one log record, then releases its locks. On error nothing was applied and the
+    /// transaction is rolled back.
+    pub fn commit(mut self) -> Result<()> {
+        let result = self.write_and_apply();
+        if result.is_err() {
+            self.put_back_taken();
+        }
+        self.release_locks();
+        self.finished = true;
+        result
+    }
+
+    fn write_and_apply(&mut self) -> Result<()> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        let payload = record::encode(&self.ops);
+        let max = self.broker.wal.record_payload_bytes_max() as usize;
+        if payload.len() > max {
+            return Err(Error::TransactionTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let appended = self.broker.wal.commit(KIND_COMMIT, &payload)?;
+        let logged = self.broker.wal.read(appended.position)?;
+        let ops = record::decode(&logged.payload)
+            .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
+        let mut state = self.broker.state.lock();
+        for op in &ops {
+            state.apply(op, &logged.payload)?;
+        }
+        self.taken.clear();
+        Ok(())
+    }
+
+    /// Undoes everything: received messages go back to their queues in their original order,
+    /// locks are released. Dropping a transaction does the same.
+    pub fn rollback(mut self) {
+        self.abort();
+    }
+
+    fn abort(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.put_back_taken();
+        self.release_locks();
+        self.finished = true;
+    }
+
+    fn put_back_taken(&mut self) {
+        if self.taken.is_empty() {
+            return;
+        }
+        let mut state = self.broker.state.lock();
+        for taken in self.taken.drain(..) {
+            if let Some(group) = state.groups.get_mut(&taken.group) {
+                group
+                    .conversations
+                    .entry(taken.handle)
+                    .or_default()
+                    .insert(taken.message.sequence, taken.message);
+            }
+        }
+    }
+
+    fn release_locks(&mut self) {
+        self.broker.locks.release(self.id, &self.locked_groups);
+        self.locked_groups.clear();
+        if self.catalog_mode.take().is_some() {
+            self.broker.catalog_lock.release(self.id);
+        }
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
