@@ -1,18 +1,24 @@
-//! The broker: opens (or creates) a data directory, recovers its state from the log, and hands
-//! out transactions.
+//! The broker: opens (or creates) a data directory, recovers its state from the newest
+//! checkpoint and the log after it, hands out transactions, and checkpoints as the log grows,
+//! releasing the log segments nothing needs any more.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use herald_wal::{Durability, Wal};
-use parking_lot::Mutex;
+use herald_wal::{Durability, Lsn, Wal};
+use parking_lot::{Condvar, Mutex};
 
+use crate::checkpoint::{self, CheckpointInfo};
 use crate::error::{Error, Result};
 use crate::lock_table::{CatalogLock, LockTable};
 use crate::record::{self, KIND_COMMIT};
 use crate::state::State;
 use crate::transaction::Transaction;
+
+/// Name of the engine's lock file in the data directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// How to open a broker.
 #[derive(Debug, Clone)]
@@ -24,6 +30,10 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Size of the log's segment files.
     pub segment_bytes: u64,
+    /// A checkpoint is taken once the log has grown by this many bytes since the last one (or
+    /// by twice the last checkpoint's size, if larger, so checkpoints of a large backlog do not
+    /// dominate the writes).
+    pub checkpoint_interval_bytes: u64,
 }
 
 impl Default for Options {
@@ -32,6 +42,7 @@ impl Default for Options {
             durability: Durability::Sync,
             lock_timeout: Duration::from_secs(5),
             segment_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT,
+            checkpoint_interval_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT / 2,
         }
     }
 }
@@ -41,11 +52,18 @@ impl Default for Options {
 pub struct Broker {
     pub(crate) wal: Wal,
     pub(crate) state: Mutex<State>,
+    /// Signalled whenever records are applied (see `State::apply_in_order`).
+    pub(crate) applied: Condvar,
     pub(crate) locks: LockTable,
     pub(crate) catalog_lock: CatalogLock,
     pub(crate) options: Options,
     next_tx: AtomicU64,
     dir: PathBuf,
+    /// Log bytes committed since the last checkpoint.
+    log_bytes_since_checkpoint: AtomicU64,
+    /// Held while a checkpoint is taken; the size of the last one.
+    checkpointing: Mutex<u64>,
+    _lock: File,
 }
 
 impl std::fmt::Debug for Broker {
@@ -59,15 +77,28 @@ impl Broker {
     /// committed state. Only one broker may have a directory open at a time.
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Broker> {
         let dir = dir.as_ref().to_path_buf();
+        let io = |what: String, source| Error::Io {
+            context: what,
+            source,
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io(format!("creating data directory {}", dir.display()), e))?;
+        let lock = lock_directory(&dir)?;
+        let image = checkpoint::read(&dir)?;
         let wal_options = herald_wal::Options {
             durability: options.durability,
             segment_bytes: options.segment_bytes,
+            replay_from: image.as_ref().map_or(Lsn(0), |i| i.lsn.next()),
             ..herald_wal::Options::default()
         };
         let mut recovery = Wal::recover(dir.join("wal"), wal_options)?;
-        let mut state = State::default();
-        for record in recovery.by_ref() {
-            let record = record?;
+        let records = recovery.by_ref().collect::<herald_wal::Result<Vec<_>>>()?;
+        let wal = recovery.finish()?;
+        let mut state = match image {
+            Some(image) => image.into_state(&wal)?,
+            None => State::default(),
+        };
+        for record in records {
             if record.kind != KIND_COMMIT {
                 return Err(Error::Corruption(format!(
                     "record {} has unknown kind {}",
@@ -76,21 +107,29 @@ impl Broker {
             }
             let ops = record::decode(&record.payload)
                 .map_err(|e| Error::Corruption(format!("record {}: {e}", record.lsn)))?;
-            for op in &ops {
-                state.apply(op, &record.payload).map_err(|e| {
-                    Error::Corruption(format!("replaying record {}: {e}", record.lsn))
-                })?;
-            }
+            state
+                .apply_in_order(record.lsn, ops, record.payload, record.position)
+                .map_err(|e| Error::Corruption(format!("replaying record {}: {e}", record.lsn)))?;
         }
-        let wal = recovery.finish()?;
+        let last = Lsn(wal.next_lsn().0 - 1);
+        if state.applied_through != last {
+            return Err(Error::Corruption(format!(
+                "state recovered through LSN {} but the log ends at {last}",
+                state.applied_through
+            )));
+        }
         Ok(Broker {
             wal,
             state: Mutex::new(state),
+            applied: Condvar::new(),
             locks: LockTable::default(),
             catalog_lock: CatalogLock::default(),
             options,
             next_tx: AtomicU64::new(1),
             dir,
+            log_bytes_since_checkpoint: AtomicU64::new(0),
+            checkpointing: Mutex::new(0),
+            _lock: lock,
         })
     }
 
@@ -103,5 +142,83 @@ impl Broker {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Writes a checkpoint of the committed state and releases the log segments that hold
+    /// nothing the checkpoint or a queued message still needs.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo> {
+        let mut last_size = self.checkpointing.lock();
+        self.take_checkpoint(&mut last_size)
+    }
+
+    fn take_checkpoint(&self, last_size: &mut u64) -> Result<CheckpointInfo> {
+        self.log_bytes_since_checkpoint.store(0, Ordering::Relaxed);
+        let (bytes, oldest_body_segment, lsn) = {
+            let state = self.state.lock();
+            let (bytes, oldest) = checkpoint::encode(&state);
+            (bytes, oldest, state.applied_through)
+        };
+        // The checkpoint must never be ahead of what the log holds durably.
+        self.wal.wait_durable(lsn)?;
+        checkpoint::write(&self.dir, &bytes)?;
+        *last_size = bytes.len() as u64;
+        let keep_from = oldest_body_segment.map_or(lsn.next(), |oldest| oldest.min(lsn.next()));
+        let released = self.wal.release_before(keep_from)?;
+        tracing::debug!(%lsn, bytes = bytes.len(), released, "checkpoint taken");
+        Ok(CheckpointInfo {
+            lsn,
+            bytes: bytes.len() as u64,
+            oldest_body_segment,
+        })
+    }
+
+    /// Called after every commit with the size of its record: checkpoints when the log has
+    /// grown enough (one committer at a time; the others go on).
+    pub(crate) fn after_commit(&self, logged_bytes: u64) -> Result<()> {
+        let grown = self
+            .log_bytes_since_checkpoint
+            .fetch_add(logged_bytes, Ordering::Relaxed)
+            + logged_bytes;
+        if grown < self.options.checkpoint_interval_bytes {
+            return Ok(());
+        }
+        let Some(mut last_size) = self.checkpointing.try_lock() else {
+            return Ok(());
+        };
+        if grown < self.options.checkpoint_interval_bytes.max(2 * *last_size) {
+            return Ok(());
+        }
+        self.take_checkpoint(&mut last_size).map(|_| ())
+    }
+
+    /// Bytes of log segment files on disk now.
+    pub fn log_bytes_on_disk(&self) -> u64 {
+        self.wal.segments().iter().map(|s| s.segment_bytes).sum()
+    }
+}
+
+/// Takes the engine's exclusive lock on `dir` (the log has its own, inside `wal/`; this one also
+/// covers the checkpoint, which is read before the log is opened).
+fn lock_directory(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::Io {
+            context: format!("opening {}", path.display()),
+            source: e,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Io {
+            context: format!("locking {}", path.display()),
+            source: e,
+        }),
     }
 }

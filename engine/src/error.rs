@@ -94,6 +94,8 @@ pub enum Error {
     RemoteServiceNotSupported { service: String },
     #[error("transaction is too large: {len} bytes exceeds the commit record maximum of {max}")]
     TransactionTooLarge { len: usize, max: usize },
+    #[error("data directory {} is in use by another broker", dir.display())]
+    Locked { dir: std::path::PathBuf },
     #[error("storage is corrupt: {0}")]
     Corruption(String),
     #[error("storage: {0}")]

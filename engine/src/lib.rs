@@ -34,6 +34,7 @@
 
 mod broker;
 pub mod catalog;
+pub mod checkpoint;
 mod error;
 mod ids;
 mod lock_table;
@@ -41,8 +42,9 @@ pub mod record;
 mod state;
 mod transaction;
 
-pub use broker::{Broker, Options};
+pub use broker::{Broker, LOCK_FILE_NAME, Options};
 pub use catalog::{QueueOptions, SentBy, Validation};
+pub use checkpoint::CheckpointInfo;
 pub use error::{Error, Result};
 pub use herald_wal::Durability;
 pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use herald_wal::RecordBytes;
+use herald_wal::{Lsn, Position, RecordBytes};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
@@ -92,8 +92,27 @@ pub struct QueuedMessage {
     pub sequence: u64,
     pub message_type: Arc<str>,
     pub body: RecordBytes,
+    /// Where `body` lies in the log, for checkpoints and reclamation.
+    pub location: BodyLocation,
     /// Order of arrival in its queue.
     pub queuing_order: u64,
+}
+
+/// Where a message body lies in the log: its commit record, and the byte range within that
+/// record's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLocation {
+    pub record: Position,
+    pub start: u32,
+    pub len: u32,
+}
+
+/// A committed record waiting for the records before it to be applied.
+#[derive(Debug)]
+struct PendingRecord {
+    ops: Vec<Op>,
+    payload: RecordBytes,
+    position: Position,
 }
 
 /// A local conversation group: which queue it belongs to and the messages of its conversations
@@ -123,7 +142,20 @@ pub struct State {
     pub catalog: Catalog,
     pub endpoints: HashMap<ConversationHandle, Endpoint>,
     pub groups: HashMap<ConversationGroupId, Group>,
-    next_queuing_order: u64,
+    pub(crate) next_queuing_order: u64,
+    /// Every record up to here is applied, and none after it: the state is exactly the log's
+    /// prefix through this LSN (what a checkpoint captures).
+    pub(crate) applied_through: Lsn,
+    /// Records committed out of LSN order, waiting for their predecessors.
+    pending: BTreeMap<Lsn, PendingRecord>,
+    /// Messages taken out of their group by a RECEIVE whose transaction has not ended, by
+    /// conversation and sequence. Committing the RECEIVE (applying its op) drops them; a
+    /// rollback puts them back. A checkpoint counts them as queued.
+    pub(crate) taken:
+        HashMap<ConversationHandle, BTreeMap<u64, (ConversationGroupId, QueuedMessage)>>,
+    /// Set when a logged record could not be applied: the state no longer matches the log, so
+    /// no later commit may proceed (they would wait forever for this one).
+    pub(crate) broken: Option<String>,
 }
 
 fn corrupt(what: String) -> Error {
@@ -137,32 +169,51 @@ impl State {
             .ok_or(Error::UnknownConversation(handle))
     }
 
-    /// Applies one committed op. `payload` is the commit record the op came from (bodies are
-    /// borrowed from it).
-    pub fn apply(&mut self, op: &Op, payload: &RecordBytes) -> Result<()> {
+    /// Applies committed record `lsn` once every record before it is applied, and any records
+    /// after it that were waiting for it. Commits finish in any order; applying in LSN order
+    /// keeps the state equal to a prefix of the log, which replay and checkpoints rely on.
+    /// Returns whether `lsn` is now applied.
+    pub fn apply_in_order(
+        &mut self,
+        lsn: Lsn,
+        ops: Vec<Op>,
+        payload: RecordBytes,
+        position: Position,
+    ) -> Result<bool> {
+        if lsn <= self.applied_through {
+            return Err(corrupt(format!("record {lsn} applied twice")));
+        }
+        self.pending.insert(
+            lsn,
+            PendingRecord {
+                ops,
+                payload,
+                position,
+            },
+        );
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() != self.applied_through.next() {
+                break;
+            }
+            let (next, record) = entry.remove_entry();
+            for op in &record.ops {
+                if let Err(e) = self.apply(op, &record.payload, record.position) {
+                    self.broken = Some(format!("record {next} could not be applied: {e}"));
+                    return Err(e);
+                }
+            }
+            self.applied_through = next;
+        }
+        Ok(self.applied_through >= lsn)
+    }
+
+    /// Applies one committed op. `payload` is the commit record the op came from, at
+    /// `position` in the log (bodies are borrowed from it).
+    pub fn apply(&mut self, op: &Op, payload: &RecordBytes, position: Position) -> Result<()> {
+        if let Some(result) = apply_catalog_op(&mut self.catalog, op) {
+            return result;
+        }
         match op {
-            Op::CreateMessageType { name, validation } => {
-                self.catalog.create_message_type(name, *validation)
-            }
-            Op::DropMessageType { name } => self.catalog.drop_message_type(name),
-            Op::CreateContract { name, messages } => {
-                let messages: Vec<(&str, _)> =
-                    messages.iter().map(|(t, s)| (t.as_str(), *s)).collect();
-                self.catalog.create_contract(name, &messages)
-            }
-            Op::DropContract { name } => self.catalog.drop_contract(name),
-            Op::CreateQueue { name, options } => self.catalog.create_queue(name, *options),
-            Op::AlterQueue { name, options } => self.catalog.alter_queue(name, *options),
-            Op::DropQueue { name } => self.catalog.drop_queue(name),
-            Op::CreateService {
-                name,
-                queue,
-                contracts,
-            } => {
-                let contracts: Vec<&str> = contracts.iter().map(String::as_str).collect();
-                self.catalog.create_service(name, queue, &contracts)
-            }
-            Op::DropService { name } => self.catalog.drop_service(name),
             Op::BeginDialog(d) => {
                 let from_queue = self.catalog.service(&d.from_service)?.queue.clone();
                 self.add_endpoint(
@@ -252,6 +303,11 @@ impl State {
                         sequence: *sequence,
                         message_type: Arc::from(message_type.as_str()),
                         body: payload.slice(body_range.clone()),
+                        location: BodyLocation {
+                            record: position,
+                            start: body_range.start as u32,
+                            len: body_range.len() as u32,
+                        },
                         queuing_order,
                     },
                 );
@@ -272,15 +328,67 @@ impl State {
                     .get_mut(&group)
                     .and_then(|g| g.conversations.get_mut(handle))
                 {
-                    // Already gone when the receiving transaction commits; removed here on replay.
+                    // Already taken when the receiving transaction commits; removed here on replay.
                     messages.retain(|seq, _| *seq > *through_sequence);
                 }
+                if let Some(taken) = self.taken.get_mut(handle) {
+                    taken.retain(|seq, _| *seq > *through_sequence);
+                    if taken.is_empty() {
+                        self.taken.remove(handle);
+                    }
+                }
                 Ok(())
+            }
+            catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
+        }
+    }
+
+    /// Moves the first message of `handle` in `group` to the taken set (a RECEIVE took it).
+    pub(crate) fn take_first(
+        &mut self,
+        group: ConversationGroupId,
+        handle: ConversationHandle,
+    ) -> Option<QueuedMessage> {
+        let (_, message) = self
+            .groups
+            .get_mut(&group)?
+            .conversations
+            .get_mut(&handle)?
+            .pop_first()?;
+        self.taken
+            .entry(handle)
+            .or_default()
+            .insert(message.sequence, (group, message.clone()));
+        Some(message)
+    }
+
+    /// Puts taken messages of `handle` with the given sequences back into their group (their
+    /// RECEIVE rolled back).
+    pub(crate) fn return_taken(&mut self, handle: ConversationHandle, sequences: &[u64]) {
+        let Some(taken) = self.taken.get_mut(&handle) else {
+            return;
+        };
+        let mut returned = Vec::new();
+        for sequence in sequences {
+            if let Some(entry) = taken.remove(sequence) {
+                returned.push(entry);
+            }
+        }
+        if taken.is_empty() {
+            self.taken.remove(&handle);
+        }
+        for (group, message) in returned {
+            if let Some(group) = self.groups.get_mut(&group) {
+                group
+                    .conversations
+                    .entry(handle)
+                    .or_default()
+                    .insert(message.sequence, message);
             }
         }
     }
 
-    fn add_endpoint(&mut self, endpoint: Endpoint, queue: String) -> Result<()> {
+    pub(crate) fn add_endpoint(&mut self, endpoint: Endpoint, queue: String) -> Result<()> {
         let group = self.groups.entry(endpoint.group).or_insert_with(|| Group {
             queue: queue.clone(),
             conversations: BTreeMap::new(),
@@ -304,4 +412,32 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Applies `op` to `catalog` if it is a catalog op (`None` otherwise).
+pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<()>> {
+    Some(match op {
+        Op::CreateMessageType { name, validation } => {
+            catalog.create_message_type(name, *validation)
+        }
+        Op::DropMessageType { name } => catalog.drop_message_type(name),
+        Op::CreateContract { name, messages } => {
+            let messages: Vec<(&str, _)> = messages.iter().map(|(t, s)| (t.as_str(), *s)).collect();
+            catalog.create_contract(name, &messages)
+        }
+        Op::DropContract { name } => catalog.drop_contract(name),
+        Op::CreateQueue { name, options } => catalog.create_queue(name, *options),
+        Op::AlterQueue { name, options } => catalog.alter_queue(name, *options),
+        Op::DropQueue { name } => catalog.drop_queue(name),
+        Op::CreateService {
+            name,
+            queue,
+            contracts,
+        } => {
+            let contracts: Vec<&str> = contracts.iter().map(String::as_str).collect();
+            catalog.create_service(name, queue, &contracts)
+        }
+        Op::DropService { name } => catalog.drop_service(name),
+        Op::BeginDialog(_) | Op::Send { .. } | Op::Receive { .. } => return None,
+    })
 }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 use crate::lock_table::{CatalogMode, TxId};
 use crate::record::{self, DialogRecord, KIND_COMMIT, Op};
-use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT, QueuedMessage, State};
+use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT};
 
 /// Largest message body, in bytes.
 pub const MESSAGE_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -98,13 +98,6 @@ impl Message {
     }
 }
 
-/// A message taken by RECEIVE in this transaction, kept to put back on rollback.
-struct Taken {
-    group: ConversationGroupId,
-    handle: ConversationHandle,
-    message: QueuedMessage,
-}
-
 /// A unit of work on a broker. Dropping it without `commit` rolls it back.
 pub struct Transaction<'b> {
     broker: &'b Broker,
@@ -119,7 +112,9 @@ pub struct Transaction<'b> {
     /// Groups created by this transaction: id → queue.
     new_groups: HashMap<ConversationGroupId, String>,
     locked_groups: HashSet<ConversationGroupId>,
-    taken: Vec<Taken>,
+    /// Messages this transaction's RECEIVEs took (they wait in `State::taken`), to put back on
+    /// rollback.
+    taken: Vec<(ConversationHandle, u64)>,
     finished: bool,
 }
 
@@ -544,10 +539,7 @@ impl<'b> Transaction<'b> {
     /// within a conversation by sequence; at most `what.top`.
     fn take_messages(&mut self, group_id: ConversationGroupId, what: Receive) -> Vec<Message> {
         let mut state = self.broker.state.lock();
-        let State {
-            endpoints, groups, ..
-        } = &mut *state;
-        let Some(group) = groups.get_mut(&group_id) else {
+        let Some(group) = state.groups.get(&group_id) else {
             return Vec::new();
         };
         let mut order: Vec<(std::cmp::Reverse<u8>, u64, ConversationHandle)> = group
@@ -556,7 +548,8 @@ impl<'b> Transaction<'b> {
             .filter(|(handle, _)| what.conversation.is_none_or(|h| h == **handle))
             .filter_map(|(handle, messages)| {
                 let oldest = messages.values().map(|m| m.queuing_order).min()?;
-                let priority = endpoints
+                let priority = state
+                    .endpoints
                     .get(handle)
                     .map_or(PRIORITY_DEFAULT, |e| e.priority);
                 Some((std::cmp::Reverse(priority), oldest, *handle))
@@ -565,28 +558,20 @@ impl<'b> Transaction<'b> {
         order.sort_unstable();
         let mut batch = Vec::new();
         for (_, _, handle) in order {
-            if batch.len() >= what.top {
-                break;
-            }
-            let messages = group.conversations.get_mut(&handle).expect("listed above");
             let mut through = None;
             while batch.len() < what.top {
-                let Some((_, message)) = messages.pop_first() else {
+                let Some(message) = state.take_first(group_id, handle) else {
                     break;
                 };
                 through = Some(message.sequence);
+                self.taken.push((handle, message.sequence));
                 batch.push(Message {
                     conversation_handle: handle,
                     conversation_group: group_id,
-                    message_type: message.message_type.clone(),
+                    message_type: message.message_type,
                     sequence: message.sequence,
                     queuing_order: message.queuing_order,
-                    body: message.body.clone(),
-                });
-                self.taken.push(Taken {
-                    group: group_id,
-                    handle,
-                    message,
+                    body: message.body,
                 });
             }
             if let Some(through_sequence) = through {
@@ -594,6 +579,9 @@ impl<'b> Transaction<'b> {
                     handle,
                     through_sequence,
                 });
+            }
+            if batch.len() >= what.top {
+                break;
             }
         }
         batch
@@ -638,12 +626,17 @@ impl<'b> Transaction<'b> {
         }
         self.release_locks();
         self.finished = true;
-        result
+        let logged_bytes = result?;
+        self.broker.after_commit(logged_bytes)
     }
 
-    fn write_and_apply(&mut self) -> Result<()> {
+    /// Logs the ops as one record and applies it; returns the record's size.
+    fn write_and_apply(&mut self) -> Result<u64> {
         if self.ops.is_empty() {
-            return Ok(());
+            return Ok(0);
+        }
+        if let Some(reason) = &self.broker.state.lock().broken {
+            return Err(Error::Corruption(reason.clone()));
         }
         let payload = record::encode(&self.ops);
         let max = self.broker.wal.record_payload_bytes_max() as usize;
@@ -658,11 +651,19 @@ impl<'b> Transaction<'b> {
         let ops = record::decode(&logged.payload)
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
         let mut state = self.broker.state.lock();
-        for op in &ops {
-            state.apply(op, &logged.payload)?;
+        let applied = state.apply_in_order(appended.lsn, ops, logged.payload, appended.position);
+        self.broker.applied.notify_all();
+        applied?;
+        // Locks are released only once this record is applied, so the next owner of a group
+        // sees it: wait for the records before it, which their own committers are applying.
+        while state.applied_through < appended.lsn {
+            if let Some(reason) = &state.broken {
+                return Err(Error::Corruption(reason.clone()));
+            }
+            self.broker.applied.wait(&mut state);
         }
         self.taken.clear();
-        Ok(())
+        Ok(payload.len() as u64)
     }
 
     /// Undoes everything: received messages go back to their queues in their original order,
@@ -684,15 +685,13 @@ impl<'b> Transaction<'b> {
         if self.taken.is_empty() {
             return;
         }
+        let mut by_conversation: HashMap<ConversationHandle, Vec<u64>> = HashMap::new();
+        for (handle, sequence) in self.taken.drain(..) {
+            by_conversation.entry(handle).or_default().push(sequence);
+        }
         let mut state = self.broker.state.lock();
-        for taken in self.taken.drain(..) {
-            if let Some(group) = state.groups.get_mut(&taken.group) {
-                group
-                    .conversations
-                    .entry(taken.handle)
-                    .or_default()
-                    .insert(taken.message.sequence, taken.message);
-            }
+        for (handle, sequences) in by_conversation {
+            state.return_taken(handle, &sequences);
         }
     }
 

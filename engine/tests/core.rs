@@ -382,7 +382,7 @@ fn second_broker_on_the_same_directory_is_refused() {
     let _broker = Broker::open(dir.path(), options()).unwrap();
     assert!(matches!(
         Broker::open(dir.path(), options()),
-        Err(Error::Storage(herald_wal::Error::Locked { .. }))
+        Err(Error::Locked { .. })
     ));
 }
 

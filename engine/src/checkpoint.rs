@@ -1,0 +1,468 @@
+//! Checkpoints: the state as of one LSN (catalog, endpoints, groups, queued messages with the
+//! log locations of their bodies — never the bodies), so that recovery replays only the log
+//! after it, and so that log segments older than it, holding no live body, can be released.
+//!
+//! File `<dir>/CHECKPOINT`, replaced atomically: written to `CHECKPOINT.tmp`, synced, renamed,
+//! directory synced. Layout (little-endian):
+//! `magic "HRLDCKPT" | version u32 = 1 | lsn u64 | body_len u64 | body | crc32 u32` where the
+//! CRC covers everything before it. The body: the catalog as a commit-record payload of create
+//! ops (`record` codec), then `next_queuing_order u64`, the endpoints, and the groups with their
+//! queued messages. Decoding checks every length and tag and never panics.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use herald_wal::{Lsn, Position, RecordBytes, Wal};
+
+use crate::catalog::DEFAULT;
+use crate::error::{Error, Result};
+use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::record::{self, Op};
+use crate::state::{
+    BodyLocation, Endpoint, EndpointState, Group, QueuedMessage, State, apply_catalog_op,
+};
+
+pub const CHECKPOINT_FILE: &str = "CHECKPOINT";
+const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
+const MAGIC: &[u8; 8] = b"HRLDCKPT";
+const VERSION: u32 = 1;
+
+/// What a checkpoint captured, as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub lsn: Lsn,
+    pub bytes: u64,
+    /// First LSN of the oldest log segment still holding a queued message's body.
+    pub oldest_body_segment: Option<Lsn>,
+}
+
+/// Serializes `state` (which must be exactly the log through `state.applied_through`).
+pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
+    let mut body = Vec::new();
+    let catalog_ops = catalog_ops(state);
+    let catalog = record::encode(&catalog_ops);
+    put_u64(&mut body, catalog.len() as u64);
+    body.extend_from_slice(&catalog);
+    put_u64(&mut body, state.next_queuing_order);
+    put_u64(&mut body, state.endpoints.len() as u64);
+    for e in state.endpoints.values() {
+        put_u128(&mut body, e.handle.0);
+        put_u128(&mut body, e.conversation_id.0);
+        body.push(e.is_initiator as u8);
+        put_str(&mut body, &e.service);
+        put_str(&mut body, &e.far_service);
+        put_str(&mut body, &e.contract);
+        put_u128(&mut body, e.group.0);
+        body.push(state_code(e.state));
+        put_u64(&mut body, e.send_sequence);
+        put_u64(&mut body, e.receive_sequence);
+        match e.far_handle {
+            None => body.push(0),
+            Some(h) => {
+                body.push(1);
+                put_u128(&mut body, h.0);
+            }
+        }
+        put_u64(&mut body, e.lifetime_secs);
+        body.push(e.priority);
+    }
+    let mut oldest: Option<Lsn> = None;
+    put_u64(&mut body, state.groups.len() as u64);
+    for (id, group) in &state.groups {
+        put_u128(&mut body, id.0);
+        put_str(&mut body, &group.queue);
+        put_u64(&mut body, group.conversations.len() as u64);
+        for (handle, queued) in &group.conversations {
+            // Messages taken by a RECEIVE that has not committed are still queued as far as the
+            // log is concerned: they come back if that transaction rolls back or dies.
+            let taken = state
+                .taken
+                .get(handle)
+                .into_iter()
+                .flat_map(|t| t.values())
+                .filter(|(g, _)| g == id)
+                .map(|(_, m)| m);
+            let mut messages: Vec<&QueuedMessage> = queued.values().chain(taken).collect();
+            messages.sort_unstable_by_key(|m| m.sequence);
+            put_u128(&mut body, handle.0);
+            put_u64(&mut body, messages.len() as u64);
+            for m in messages {
+                put_u64(&mut body, m.sequence);
+                put_str(&mut body, &m.message_type);
+                put_u64(&mut body, m.queuing_order);
+                put_u64(&mut body, m.location.record.segment.0);
+                body.extend_from_slice(&m.location.record.offset.to_le_bytes());
+                body.extend_from_slice(&m.location.start.to_le_bytes());
+                body.extend_from_slice(&m.location.len.to_le_bytes());
+                let segment = m.location.record.segment;
+                oldest = Some(oldest.map_or(segment, |o| o.min(segment)));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    put_u64(&mut out, state.applied_through.0);
+    put_u64(&mut out, body.len() as u64);
+    out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    (out, oldest)
+}
+
+/// The catalog as create ops, in an order that replays (types, contracts, queues, services).
+fn catalog_ops(state: &State) -> Vec<Op> {
+    let c = &state.catalog;
+    let mut ops = Vec::new();
+    for t in c.message_types.values().filter(|t| t.name != DEFAULT) {
+        ops.push(Op::CreateMessageType {
+            name: t.name.clone(),
+            validation: t.validation,
+        });
+    }
+    for k in c.contracts.values().filter(|k| k.name != DEFAULT) {
+        ops.push(Op::CreateContract {
+            name: k.name.clone(),
+            messages: k.messages.iter().map(|(t, s)| (t.clone(), *s)).collect(),
+        });
+    }
+    for q in c.queues.values() {
+        ops.push(Op::CreateQueue {
+            name: q.name.clone(),
+            options: q.options,
+        });
+    }
+    for s in c.services.values() {
+        ops.push(Op::CreateService {
+            name: s.name.clone(),
+            queue: s.queue.clone(),
+            contracts: s.contracts.iter().cloned().collect(),
+        });
+    }
+    ops
+}
+
+/// Writes `bytes` as the checkpoint of `dir`, atomically and durably.
+pub fn write(dir: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |what: &str, e| Error::Io {
+        context: format!("{what} checkpoint in {}", dir.display()),
+        source: e,
+    };
+    let tmp = dir.join(CHECKPOINT_TMP_FILE);
+    let mut file = File::create(&tmp).map_err(|e| io("creating", e))?;
+    file.write_all(bytes).map_err(|e| io("writing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE)).map_err(|e| io("renaming", e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the directory after", e))
+}
+
+/// A decoded checkpoint, bodies not yet attached.
+#[derive(Debug)]
+pub struct Image {
+    pub lsn: Lsn,
+    catalog_ops: Vec<Op>,
+    next_queuing_order: u64,
+    endpoints: Vec<Endpoint>,
+    groups: Vec<(ConversationGroupId, String, Vec<ConversationMessages>)>,
+}
+
+type ConversationMessages = (ConversationHandle, Vec<StoredMessage>);
+
+#[derive(Debug)]
+struct StoredMessage {
+    sequence: u64,
+    message_type: String,
+    queuing_order: u64,
+    location: BodyLocation,
+}
+
+/// Reads the checkpoint of `dir`, if there is one.
+pub fn read(dir: &Path) -> Result<Option<Image>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("reading {}", path.display()),
+                source: e,
+            });
+        }
+    };
+    decode(&bytes)
+        .map(Some)
+        .map_err(|reason| Error::Corruption(format!("{}: {reason}", path.display())))
+}
+
+/// Decodes a checkpoint file's bytes.
+pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
+    if bytes.len() < 8 + 4 + 8 + 8 + 4 {
+        return Err(format!("{} bytes, too short for a checkpoint", bytes.len()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err("wrong magic (not a Herald checkpoint)".into());
+    }
+    let (content, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(content) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err("checksum mismatch".into());
+    }
+    let mut r = Reader {
+        bytes: content,
+        at: 8,
+    };
+    let version = r.u32()?;
+    if version != VERSION {
+        return Err(format!("version {version}; this build reads {VERSION}"));
+    }
+    let lsn = Lsn(r.u64()?);
+    let body_len = r.u64()?;
+    if body_len != (content.len() - r.at) as u64 {
+        return Err("body length disagrees with the file size".into());
+    }
+    let catalog_len = r.len()?;
+    let catalog_ops = record::decode(r.take(catalog_len)?).map_err(|e| format!("catalog: {e}"))?;
+    let next_queuing_order = r.u64()?;
+    let endpoint_count = r.count(16)?;
+    let mut endpoints = Vec::with_capacity(endpoint_count);
+    for _ in 0..endpoint_count {
+        endpoints.push(Endpoint {
+            handle: ConversationHandle(r.u128()?),
+            conversation_id: ConversationId(r.u128()?),
+            is_initiator: r.flag()?,
+            service: r.string()?,
+            far_service: r.string()?,
+            contract: r.string()?,
+            group: ConversationGroupId(r.u128()?),
+            state: endpoint_state(r.u8()?)?,
+            send_sequence: r.u64()?,
+            receive_sequence: r.u64()?,
+            far_handle: if r.flag()? {
+                Some(ConversationHandle(r.u128()?))
+            } else {
+                None
+            },
+            lifetime_secs: r.u64()?,
+            priority: r.u8()?,
+        });
+    }
+    let group_count = r.count(16)?;
+    let mut groups = Vec::with_capacity(group_count);
+    for _ in 0..group_count {
+        let id = ConversationGroupId(r.u128()?);
+        let queue = r.string()?;
+        let conversation_count = r.count(16)?;
+        let mut conversations = Vec::with_capacity(conversation_count);
+        for _ in 0..conversation_count {
+            let handle = ConversationHandle(r.u128()?);
+            let message_count = r.count(32)?;
+            let mut messages = Vec::with_capacity(message_count);
+            for _ in 0..message_count {
+                messages.push(StoredMessage {
+                    sequence: r.u64()?,
+                    message_type: r.string()?,
+                    queuing_order: r.u64()?,
+                    location: BodyLocation {
+                        record: Position {
+                            segment: Lsn(r.u64()?),
+                            offset: r.u32()?,
+                        },
+                        start: r.u32()?,
+                        len: r.u32()?,
+                    },
+                });
+            }
+            conversations.push((handle, messages));
+        }
+        groups.push((id, queue, conversations));
+    }
+    if r.at != content.len() {
+        return Err(format!("{} trailing bytes", content.len() - r.at));
+    }
+    Ok(Image {
+        lsn,
+        catalog_ops,
+        next_queuing_order,
+        endpoints,
+        groups,
+    })
+}
+
+impl Image {
+    /// Builds the state, reading each queued message's body from the log (each commit record
+    /// once, its checksum checked).
+    pub fn into_state(self, wal: &Wal) -> Result<State> {
+        let mut state = State::default();
+        for op in &self.catalog_ops {
+            match apply_catalog_op(&mut state.catalog, op) {
+                Some(result) => result?,
+                None => {
+                    return Err(Error::Corruption(
+                        "checkpoint catalog holds a non-catalog op".into(),
+                    ));
+                }
+            }
+        }
+        state.next_queuing_order = self.next_queuing_order;
+        state.applied_through = self.lsn;
+        for endpoint in self.endpoints {
+            state.endpoints.insert(endpoint.handle, endpoint);
+        }
+        let mut records: HashMap<Position, RecordBytes> = HashMap::new();
+        let mut types: HashMap<String, Arc<str>> = HashMap::new();
+        for (id, queue, conversations) in self.groups {
+            let mut group = Group {
+                queue,
+                conversations: Default::default(),
+            };
+            for (handle, messages) in conversations {
+                let queued = group.conversations.entry(handle).or_default();
+                for m in messages {
+                    let payload = match records.get(&m.location.record) {
+                        Some(payload) => payload.clone(),
+                        None => {
+                            let payload = wal.read(m.location.record)?.payload;
+                            records.insert(m.location.record, payload.clone());
+                            payload
+                        }
+                    };
+                    let start = m.location.start as usize;
+                    let end = start + m.location.len as usize;
+                    if end > payload.len() {
+                        return Err(Error::Corruption(format!(
+                            "checkpoint body {start}..{end} outside record {}",
+                            m.location.record
+                        )));
+                    }
+                    let message_type = types
+                        .entry(m.message_type.clone())
+                        .or_insert_with(|| Arc::from(m.message_type.as_str()))
+                        .clone();
+                    queued.insert(
+                        m.sequence,
+                        QueuedMessage {
+                            sequence: m.sequence,
+                            message_type,
+                            body: payload.slice(start..end),
+                            location: m.location,
+                            queuing_order: m.queuing_order,
+                        },
+                    );
+                }
+            }
+            state.groups.insert(id, group);
+        }
+        Ok(state)
+    }
+}
+
+fn state_code(s: EndpointState) -> u8 {
+    match s {
+        EndpointState::StartedOutbound => 0,
+        EndpointState::StartedInbound => 1,
+        EndpointState::Conversing => 2,
+        EndpointState::DisconnectedInbound => 3,
+        EndpointState::DisconnectedOutbound => 4,
+        EndpointState::Error => 5,
+        EndpointState::Closed => 6,
+    }
+}
+
+fn endpoint_state(code: u8) -> std::result::Result<EndpointState, String> {
+    Ok(match code {
+        0 => EndpointState::StartedOutbound,
+        1 => EndpointState::StartedInbound,
+        2 => EndpointState::Conversing,
+        3 => EndpointState::DisconnectedInbound,
+        4 => EndpointState::DisconnectedOutbound,
+        5 => EndpointState::Error,
+        6 => EndpointState::Closed,
+        other => return Err(format!("unknown endpoint state {other}")),
+    })
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u128(out: &mut Vec<u8>, v: u128) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| format!("truncated at offset {}", self.at))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> std::result::Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(format!("bad flag {other}")),
+        }
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn u128(&mut self) -> std::result::Result<u128, String> {
+        Ok(u128::from_le_bytes(
+            self.take(16)?.try_into().expect("16 bytes"),
+        ))
+    }
+    fn len(&mut self) -> std::result::Result<usize, String> {
+        let len = self.u64()?;
+        usize::try_from(len)
+            .ok()
+            .filter(|len| *len <= self.bytes.len() - self.at)
+            .ok_or_else(|| format!("length {len} beyond the file"))
+    }
+    /// A count of items of at least `item_bytes` each: bounded by what is left, so a corrupt
+    /// count cannot ask for a huge allocation.
+    fn count(&mut self, item_bytes: usize) -> std::result::Result<usize, String> {
+        let count = self.u64()?;
+        usize::try_from(count)
+            .ok()
+            .filter(|c| c.saturating_mul(item_bytes) <= self.bytes.len() - self.at)
+            .ok_or_else(|| format!("count {count} beyond the file"))
+    }
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "name is not UTF-8".into())
+    }
+}
+
+/// Fuzzing entry point: decoding arbitrary bytes never panics.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = decode(data);
+}
