@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use herald_wal::{Lsn, Position, RecordBytes, Wal};
 
@@ -313,12 +312,8 @@ impl Image {
             state.endpoints.insert(endpoint.handle, endpoint);
         }
         let mut records: HashMap<Position, RecordBytes> = HashMap::new();
-        let mut types: HashMap<String, Arc<str>> = HashMap::new();
         for (id, queue, conversations) in self.groups {
-            let mut group = Group {
-                queue,
-                conversations: Default::default(),
-            };
+            let mut group = Group::new(queue);
             for (handle, messages) in conversations {
                 let queued = group.conversations.entry(handle).or_default();
                 for m in messages {
@@ -338,10 +333,7 @@ impl Image {
                             m.location.record
                         )));
                     }
-                    let message_type = types
-                        .entry(m.message_type.clone())
-                        .or_insert_with(|| Arc::from(m.message_type.as_str()))
-                        .clone();
+                    let message_type = state.message_type_name(&m.message_type);
                     queued.insert(
                         m.sequence,
                         QueuedMessage {
@@ -355,6 +347,7 @@ impl Image {
                 }
             }
             state.groups.insert(id, group);
+            state.refresh_ready(id);
         }
         Ok(state)
     }

@@ -7,7 +7,7 @@
 //! replay, when the original transaction did); an op that no longer fits (a dialog naming a
 //! service dropped since) is a corrupt log, reported, never a panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use herald_wal::{Lsn, Position, RecordBytes};
@@ -121,18 +121,30 @@ struct PendingRecord {
 pub struct Group {
     pub queue: String,
     pub conversations: BTreeMap<ConversationHandle, BTreeMap<u64, QueuedMessage>>,
+    /// This group's key in its queue's ready index (`State::ready`), if it has messages.
+    ready_key: Option<u64>,
 }
 
 impl Group {
+    pub fn new(queue: String) -> Group {
+        Group {
+            queue,
+            conversations: BTreeMap::new(),
+            ready_key: None,
+        }
+    }
+
     pub fn has_messages(&self) -> bool {
         self.conversations.values().any(|m| !m.is_empty())
     }
 
     /// Queuing order of the oldest waiting message, to pick groups first-come first-served.
+    /// Within a conversation messages arrive in sequence order, so each conversation's first
+    /// message is its oldest.
     pub fn oldest(&self) -> Option<u64> {
         self.conversations
             .values()
-            .filter_map(|m| m.values().map(|q| q.queuing_order).min())
+            .filter_map(|m| m.first_key_value().map(|(_, q)| q.queuing_order))
             .min()
     }
 }
@@ -153,6 +165,11 @@ pub struct State {
     /// rollback puts them back. A checkpoint counts them as queued.
     pub(crate) taken:
         HashMap<ConversationHandle, BTreeMap<u64, (ConversationGroupId, QueuedMessage)>>,
+    /// Per queue, the groups with waiting messages, by the queuing order of their oldest one:
+    /// RECEIVE walks this instead of every group.
+    ready: HashMap<String, BTreeSet<(u64, ConversationGroupId)>>,
+    /// One shared name per message type, instead of one allocation per queued message.
+    message_type_names: HashMap<String, Arc<str>>,
     /// Set when a logged record could not be applied: the state no longer matches the log, so
     /// no later commit may proceed (they would wait forever for this one).
     pub(crate) broken: Option<String>,
@@ -293,6 +310,7 @@ impl State {
                     .group;
                 let queuing_order = self.next_queuing_order;
                 self.next_queuing_order += 1;
+                let message_type = self.message_type_name(message_type);
                 let group = self
                     .groups
                     .get_mut(&target_group)
@@ -301,7 +319,7 @@ impl State {
                     *sequence,
                     QueuedMessage {
                         sequence: *sequence,
-                        message_type: Arc::from(message_type.as_str()),
+                        message_type,
                         body: payload.slice(body_range.clone()),
                         location: BodyLocation {
                             record: position,
@@ -311,6 +329,7 @@ impl State {
                         queuing_order,
                     },
                 );
+                self.refresh_ready(target_group);
                 Ok(())
             }
             Op::Receive {
@@ -337,6 +356,7 @@ impl State {
                         self.taken.remove(handle);
                     }
                 }
+                self.refresh_ready(group);
                 Ok(())
             }
             catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
@@ -359,7 +379,49 @@ impl State {
             .entry(handle)
             .or_default()
             .insert(message.sequence, (group, message.clone()));
+        self.refresh_ready(group);
         Some(message)
+    }
+
+    /// The groups of `queue` with waiting messages, oldest first.
+    pub(crate) fn ready_groups(
+        &self,
+        queue: &str,
+    ) -> impl Iterator<Item = ConversationGroupId> + '_ {
+        self.ready
+            .get(queue)
+            .into_iter()
+            .flat_map(|ready| ready.iter().map(|(_, group)| *group))
+    }
+
+    /// Puts `group` at its right place in its queue's ready index (or takes it out).
+    pub(crate) fn refresh_ready(&mut self, group_id: ConversationGroupId) {
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
+        let key = group.oldest();
+        if key == group.ready_key {
+            return;
+        }
+        let ready = self.ready.entry(group.queue.clone()).or_default();
+        if let Some(old) = group.ready_key {
+            ready.remove(&(old, group_id));
+        }
+        if let Some(new) = key {
+            ready.insert((new, group_id));
+        }
+        group.ready_key = key;
+    }
+
+    /// The shared name of a message type.
+    pub(crate) fn message_type_name(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.message_type_names.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.message_type_names
+            .insert(name.to_owned(), shared.clone());
+        shared
     }
 
     /// Puts taken messages of `handle` with the given sequences back into their group (their
@@ -377,22 +439,23 @@ impl State {
         if taken.is_empty() {
             self.taken.remove(&handle);
         }
-        for (group, message) in returned {
-            if let Some(group) = self.groups.get_mut(&group) {
+        for (group_id, message) in returned {
+            if let Some(group) = self.groups.get_mut(&group_id) {
                 group
                     .conversations
                     .entry(handle)
                     .or_default()
                     .insert(message.sequence, message);
+                self.refresh_ready(group_id);
             }
         }
     }
 
     pub(crate) fn add_endpoint(&mut self, endpoint: Endpoint, queue: String) -> Result<()> {
-        let group = self.groups.entry(endpoint.group).or_insert_with(|| Group {
-            queue: queue.clone(),
-            conversations: BTreeMap::new(),
-        });
+        let group = self
+            .groups
+            .entry(endpoint.group)
+            .or_insert_with(|| Group::new(queue.clone()));
         if group.queue != queue {
             return Err(corrupt(format!(
                 "group {} is on queue {:?}, endpoint {} on {:?}",

@@ -504,35 +504,18 @@ impl<'b> Transaction<'b> {
         Ok(self.take_messages(group, what))
     }
 
-    /// Picks and locks the unlocked group of `queue` whose oldest ready message is oldest.
+    /// Picks and locks the unlocked group of `queue` (or one this transaction holds) whose
+    /// oldest ready message is oldest.
     fn lock_best_group(&mut self, queue: &str) -> Option<ConversationGroupId> {
-        let mut candidates: Vec<(u64, ConversationGroupId)> = {
-            let state = self.broker.state.lock();
-            state
-                .groups
-                .iter()
-                .filter(|(_, g)| g.queue == queue)
-                .filter_map(|(id, g)| g.oldest().map(|oldest| (oldest, *id)))
-                .collect()
-        };
-        candidates.sort_unstable();
-        for (_, group) in candidates {
-            if self.broker.locks.try_lock(group, self.id) {
-                self.locked_groups.insert(group);
-                // It may have been emptied between the scan and the lock.
-                if self
-                    .broker
-                    .state
-                    .lock()
-                    .groups
-                    .get(&group)
-                    .is_some_and(|g| g.has_messages())
-                {
-                    return Some(group);
-                }
-            }
-        }
-        None
+        let state = self.broker.state.lock();
+        // Under the state lock, so the index cannot change while it is walked; try_lock never
+        // waits, so holding the state lock here cannot deadlock.
+        let group = state
+            .ready_groups(queue)
+            .find(|group| self.broker.locks.try_lock(*group, self.id))?;
+        drop(state);
+        self.locked_groups.insert(group);
+        Some(group)
     }
 
     /// Takes the messages of locked `group`: conversations by priority, then oldest first;
