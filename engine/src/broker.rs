@@ -17,6 +17,10 @@ use crate::record::{self, KIND_COMMIT};
 use crate::state::State;
 use crate::transaction::Transaction;
 
+/// Compaction re-logs the live bodies of the oldest segment when they fill at most this
+/// fraction of it.
+const COMPACT_LIVE_FRACTION: u64 = 8;
+
 /// Name of the engine's lock file in the data directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
 
@@ -139,6 +143,19 @@ impl Broker {
         Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// One conversation endpoint, as committed (the `sys.conversation_endpoints` row).
+    pub fn conversation_endpoint(
+        &self,
+        handle: crate::ConversationHandle,
+    ) -> Option<crate::ConversationEndpoint> {
+        self.state.lock().endpoints.get(&handle).cloned()
+    }
+
+    /// All conversation endpoints, as committed.
+    pub fn conversation_endpoints(&self) -> Vec<crate::ConversationEndpoint> {
+        self.state.lock().endpoints.values().cloned().collect()
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -153,6 +170,8 @@ impl Broker {
 
     fn take_checkpoint(&self, last_size: &mut u64) -> Result<CheckpointInfo> {
         self.log_bytes_since_checkpoint.store(0, Ordering::Relaxed);
+        let applied = self.state.lock().applied_through;
+        self.compact_oldest_segment(applied)?;
         let (bytes, oldest_body_segment, lsn) = {
             let state = self.state.lock();
             let (bytes, oldest) = checkpoint::encode(&state);
@@ -189,6 +208,70 @@ impl Broker {
             return Ok(());
         }
         self.take_checkpoint(&mut last_size).map(|_| ())
+    }
+
+    /// Logs `ops` as one commit record and applies it (in LSN order with every other commit);
+    /// returns the record's size. Used by every transaction's commit and by compaction.
+    pub(crate) fn log_and_apply(&self, ops: &[record::Op]) -> Result<u64> {
+        if let Some(reason) = &self.state.lock().broken {
+            return Err(Error::Corruption(reason.clone()));
+        }
+        let payload = record::encode(ops);
+        let max = self.wal.record_payload_bytes_max() as usize;
+        if payload.len() > max {
+            return Err(Error::TransactionTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let appended = self.wal.commit(KIND_COMMIT, &payload)?;
+        let logged = self.wal.read(appended.position)?;
+        let ops = record::decode(&logged.payload)
+            .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
+        let mut state = self.state.lock();
+        let applied = state.apply_in_order(appended.lsn, ops, logged.payload, appended.position);
+        self.applied.notify_all();
+        applied?;
+        // The caller releases its locks only once its record is applied, so the next owner of a
+        // group sees it: wait for the records before it, which their committers are applying.
+        while state.applied_through < appended.lsn {
+            if let Some(reason) = &state.broken {
+                return Err(Error::Corruption(reason.clone()));
+            }
+            self.applied.wait(&mut state);
+        }
+        Ok(payload.len() as u64)
+    }
+
+    /// Compaction: when the oldest log segment still holding queued bodies holds only a few
+    /// (at most `1 / COMPACT_LIVE_FRACTION` of a segment) and pins later segments, re-logs those
+    /// bodies at the head of the log so that the next checkpoint can release it.
+    fn compact_oldest_segment(&self, checkpoint_lsn: Lsn) -> Result<usize> {
+        let ops = {
+            let state = self.state.lock();
+            let live = checkpoint::live_bodies_by_segment(&state);
+            let Some((&oldest, &(_, live_bytes))) = live.iter().next() else {
+                return Ok(0);
+            };
+            let segments = self.wal.segments();
+            let pins_others = segments
+                .iter()
+                .any(|s| s.first_lsn > oldest && s.first_lsn <= checkpoint_lsn);
+            let segment_bytes = segments
+                .iter()
+                .find(|s| s.first_lsn == oldest)
+                .map_or(self.options.segment_bytes, |s| s.segment_bytes);
+            if !pins_others || live_bytes > segment_bytes / COMPACT_LIVE_FRACTION {
+                return Ok(0);
+            }
+            checkpoint::relocations_from_segment(&state, oldest)
+        };
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        self.log_and_apply(&ops)?;
+        tracing::debug!(relocated = ops.len(), "compacted the oldest log segment");
+        Ok(ops.len())
     }
 
     /// Bytes of log segment files on disk now.

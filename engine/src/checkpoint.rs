@@ -112,6 +112,54 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
     (out, oldest)
 }
 
+/// Queued bodies (taken ones included) per log segment: segment first LSN → (count, bytes).
+pub fn live_bodies_by_segment(state: &State) -> std::collections::BTreeMap<Lsn, (u64, u64)> {
+    let mut live = std::collections::BTreeMap::new();
+    for message in all_messages(state) {
+        let entry = live
+            .entry(message.location.record.segment)
+            .or_insert((0u64, 0u64));
+        entry.0 += 1;
+        entry.1 += message.location.len as u64;
+    }
+    live
+}
+
+/// Relocate ops copying every queued body (taken ones included) that lives in `segment`.
+pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
+    let queued = state.groups.values().flat_map(|g| {
+        g.conversations
+            .iter()
+            .flat_map(|(handle, messages)| messages.values().map(move |m| (*handle, m)))
+    });
+    let taken = state
+        .taken
+        .iter()
+        .flat_map(|(handle, t)| t.values().map(move |(_, m)| (*handle, m)));
+    queued
+        .chain(taken)
+        .filter(|(_, m)| m.location.record.segment == segment)
+        .map(|(handle, m)| Op::Relocate {
+            handle,
+            sequence: m.sequence,
+            body: m.body.to_vec(),
+            body_range: 0..0,
+        })
+        .collect()
+}
+
+fn all_messages(state: &State) -> impl Iterator<Item = &QueuedMessage> {
+    let queued = state
+        .groups
+        .values()
+        .flat_map(|g| g.conversations.values().flat_map(|m| m.values()));
+    let taken = state
+        .taken
+        .values()
+        .flat_map(|t| t.values().map(|(_, m)| m));
+    queued.chain(taken)
+}
+
 /// The catalog as create ops, in an order that replays (types, contracts, queues, services).
 fn catalog_ops(state: &State) -> Vec<Op> {
     let c = &state.catalog;

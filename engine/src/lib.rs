@@ -48,5 +48,5 @@ pub use checkpoint::CheckpointInfo;
 pub use error::{Error, Result};
 pub use herald_wal::Durability;
 pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};
-pub use state::EndpointState;
+pub use state::{Endpoint as ConversationEndpoint, EndpointState};
 pub use transaction::{DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, Transaction};

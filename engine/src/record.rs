@@ -68,6 +68,15 @@ pub enum Op {
         handle: ConversationHandle,
         through_sequence: u64,
     },
+    /// Compaction: the body of the message `sequence` queued for endpoint `handle` now lives
+    /// here (a copy of the old one), so the old log segment can be released. No logical change.
+    Relocate {
+        handle: ConversationHandle,
+        sequence: u64,
+        /// As in `Send`: the body when encoding, empty when decoded (see `body_range`).
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    },
 }
 
 /// A new dialog: the initiator endpoint and, when the target service is local, the target
@@ -118,6 +127,7 @@ mod tag {
     pub const BEGIN_DIALOG: u8 = 10;
     pub const SEND: u8 = 11;
     pub const RECEIVE: u8 = 12;
+    pub const RELOCATE: u8 = 13;
 }
 
 fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -213,6 +223,18 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             out.push(tag::RECEIVE);
             out.extend_from_slice(&handle.0.to_le_bytes());
             out.extend_from_slice(&through_sequence.to_le_bytes());
+        }
+        Op::Relocate {
+            handle,
+            sequence,
+            body,
+            ..
+        } => {
+            out.push(tag::RELOCATE);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&sequence.to_le_bytes());
+            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            out.extend_from_slice(body);
         }
     }
 }
@@ -452,6 +474,19 @@ impl<'a> Reader<'a> {
                 handle: ConversationHandle(self.u128()?),
                 through_sequence: self.u64()?,
             },
+            tag::RELOCATE => {
+                let handle = ConversationHandle(self.u128()?);
+                let sequence = self.u64()?;
+                let len = self.u32()? as usize;
+                let start = self.at;
+                self.take(len)?;
+                Op::Relocate {
+                    handle,
+                    sequence,
+                    body: Vec::new(),
+                    body_range: start..start + len,
+                }
+            }
             other => return Err(DecodeError(format!("unknown op tag {other}"))),
         })
     }
@@ -474,6 +509,17 @@ pub fn fuzz_decode(data: &[u8]) {
                 } => Op::Send {
                     handle,
                     message_type,
+                    sequence,
+                    body: data[body_range.clone()].to_vec(),
+                    body_range,
+                },
+                Op::Relocate {
+                    handle,
+                    sequence,
+                    body_range,
+                    ..
+                } => Op::Relocate {
+                    handle,
                     sequence,
                     body: data[body_range.clone()].to_vec(),
                     body_range,

@@ -359,6 +359,46 @@ impl State {
                 self.refresh_ready(group);
                 Ok(())
             }
+            Op::Relocate {
+                handle,
+                sequence,
+                body_range,
+                ..
+            } => {
+                if body_range.end > payload.len() {
+                    return Err(corrupt(format!(
+                        "relocated body {body_range:?} outside its record"
+                    )));
+                }
+                let location = BodyLocation {
+                    record: position,
+                    start: body_range.start as u32,
+                    len: body_range.len() as u32,
+                };
+                let body = payload.slice(body_range.clone());
+                // The message may have been received since the compaction copied it: nothing
+                // to do then.
+                let group = self.endpoints.get(handle).map(|e| e.group);
+                let queued = group
+                    .and_then(|g| self.groups.get_mut(&g))
+                    .and_then(|g| g.conversations.get_mut(handle))
+                    .and_then(|m| m.get_mut(sequence));
+                let taken = self
+                    .taken
+                    .get_mut(handle)
+                    .and_then(|t| t.get_mut(sequence))
+                    .map(|(_, m)| m);
+                for message in queued.into_iter().chain(taken) {
+                    if message.body.len() != body.len() {
+                        return Err(corrupt(format!(
+                            "relocated body of {handle} #{sequence} changed length"
+                        )));
+                    }
+                    message.body = body.clone();
+                    message.location = location;
+                }
+                Ok(())
+            }
             catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
         }
     }
@@ -501,6 +541,8 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
             catalog.create_service(name, queue, &contracts)
         }
         Op::DropService { name } => catalog.drop_service(name),
-        Op::BeginDialog(_) | Op::Send { .. } | Op::Receive { .. } => return None,
+        Op::BeginDialog(_) | Op::Send { .. } | Op::Receive { .. } | Op::Relocate { .. } => {
+            return None;
+        }
     })
 }

@@ -21,7 +21,7 @@ use crate::catalog::{Catalog, QueueOptions, SentBy, Validation};
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 use crate::lock_table::{CatalogMode, TxId};
-use crate::record::{self, DialogRecord, KIND_COMMIT, Op};
+use crate::record::{DialogRecord, Op};
 use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT};
 
 /// Largest message body, in bytes.
@@ -618,35 +618,9 @@ impl<'b> Transaction<'b> {
         if self.ops.is_empty() {
             return Ok(0);
         }
-        if let Some(reason) = &self.broker.state.lock().broken {
-            return Err(Error::Corruption(reason.clone()));
-        }
-        let payload = record::encode(&self.ops);
-        let max = self.broker.wal.record_payload_bytes_max() as usize;
-        if payload.len() > max {
-            return Err(Error::TransactionTooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
-        let appended = self.broker.wal.commit(KIND_COMMIT, &payload)?;
-        let logged = self.broker.wal.read(appended.position)?;
-        let ops = record::decode(&logged.payload)
-            .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
-        let mut state = self.broker.state.lock();
-        let applied = state.apply_in_order(appended.lsn, ops, logged.payload, appended.position);
-        self.broker.applied.notify_all();
-        applied?;
-        // Locks are released only once this record is applied, so the next owner of a group
-        // sees it: wait for the records before it, which their own committers are applying.
-        while state.applied_through < appended.lsn {
-            if let Some(reason) = &state.broken {
-                return Err(Error::Corruption(reason.clone()));
-            }
-            self.broker.applied.wait(&mut state);
-        }
+        let logged_bytes = self.broker.log_and_apply(&self.ops)?;
         self.taken.clear();
-        Ok(payload.len() as u64)
+        Ok(logged_bytes)
     }
 
     /// Undoes everything: received messages go back to their queues in their original order,

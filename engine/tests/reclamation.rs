@@ -137,3 +137,58 @@ fn a_damaged_checkpoint_is_reported_not_ignored() {
         other => panic!("expected Corruption, got {other:?}"),
     }
 }
+
+#[test]
+fn a_stuck_old_message_is_compacted_instead_of_pinning_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    let busy = setup(&broker);
+    let mut tx = broker.begin();
+    let stuck = tx
+        .begin_dialog("//out", "//in", "//c", DialogOptions::default())
+        .unwrap();
+    tx.send(stuck, "//m", b"waiting a long time").unwrap();
+    tx.commit().unwrap();
+    let mut largest = 0;
+    let mut sent = 0u64;
+    for _ in 0..400 {
+        let mut tx = broker.begin();
+        for _ in 0..50 {
+            tx.send(busy, "//m", &body(sent)).unwrap();
+            sent += 1;
+        }
+        tx.commit().unwrap();
+        // Receive only the busy conversation: the stuck message stays queued.
+        let mut tx = broker.begin();
+        let got = tx
+            .receive(
+                "In",
+                Receive::top(50).conversation(busy_target(&broker, busy)),
+            )
+            .unwrap();
+        assert_eq!(got.len(), 50);
+        tx.commit().unwrap();
+        largest = largest.max(broker.log_bytes_on_disk());
+    }
+    assert!(
+        largest <= 8 * 256 * 1024,
+        "one old message pinned {largest} bytes of log"
+    );
+    drop(broker);
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    let mut tx = broker.begin();
+    let got = tx.receive("In", Receive::top(10)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body(), b"waiting a long time");
+}
+
+/// The target side's handle of the busy conversation (its receiving endpoint).
+fn busy_target(
+    broker: &Broker,
+    initiator: herald_engine::ConversationHandle,
+) -> herald_engine::ConversationHandle {
+    broker
+        .conversation_endpoint(initiator)
+        .and_then(|e| e.far_handle)
+        .expect("both endpoints are local")
+}
