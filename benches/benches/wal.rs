@@ -37,9 +37,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use herald_benches::floors;
-use herald_benches::measure::{Measured, bytes, process_cpu_time, run_for};
+use herald_benches::measure::{
+    Measured, bytes, cpu_summary, process_cpu_time, repeat_for, run_for,
+};
 use herald_benches::report::{Figure, Report, Target};
 use herald_benches::scratch::{self, bench_root, filesystem_type, wait_for_spare};
+use herald_benches::settings::{Invocation, env_f64, env_u64};
 use herald_wal::{Durability, Options, Wal, WriteBackend};
 use tempfile::TempDir;
 
@@ -157,11 +160,11 @@ impl Settings {
     /// Without `--bench` (test mode) the defaults shrink to a smoke test of well under a second
     /// per benchmark; the variables still apply.
     fn from_env() -> BenchResult<Settings> {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let flag = |name: &str| args.iter().any(|a| a == name);
-        let bench = flag("--bench") && !flag("--test");
-        let list = flag("--list");
-        let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
+        let Invocation {
+            bench,
+            list,
+            filter,
+        } = Invocation::from_args();
         let (secs, micro_secs, segment_bytes, recovery_bytes) = if bench {
             (3.0, 3.0, 64 << 20, 1 << 30)
         } else {
@@ -210,24 +213,6 @@ impl Settings {
             write_backend,
             ..Options::default()
         }
-    }
-}
-
-fn env_f64(name: &str, default: f64) -> BenchResult<f64> {
-    match std::env::var(name) {
-        Ok(value) => Ok(value
-            .parse()
-            .map_err(|e| format!("{name}={value:?}: {e}"))?),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_u64(name: &str, default: u64) -> BenchResult<u64> {
-    match std::env::var(name) {
-        Ok(value) => Ok(value
-            .parse()
-            .map_err(|e| format!("{name}={value:?}: {e}"))?),
-        Err(_) => Ok(default),
     }
 }
 
@@ -494,16 +479,7 @@ impl CommitRun {
 
     /// `cpu 31 µs per commit, 97% of 2 CPUs`: whether the loop waited on the disk or on the CPU.
     fn cpu_summary(&self) -> String {
-        let Some(cpu) = self.cpu else {
-            return "cpu time unknown".into();
-        };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let busy = cpu.as_secs_f64() / (self.measured.elapsed.as_secs_f64() * cpus as f64);
-        format!(
-            "cpu {:.1} µs per commit, {:.0}% of {cpus} CPUs",
-            cpu.as_secs_f64() * 1e6 / self.measured.ops.max(1) as f64,
-            busy * 100.0
-        )
+        cpu_summary(self.cpu, self.measured.ops, self.measured.elapsed, "commit")
     }
 }
 
@@ -702,21 +678,6 @@ fn recovery(settings: &Settings, root: &Path, report: &mut Report) -> BenchResul
     );
     println!("{bench}: {} scans, {:.1?} each", scan.ops, scan.per_op());
     Ok(())
-}
-
-/// Runs `once` (a whole pass) until `run` has passed, at least once, and sums the passes.
-fn repeat_for<E>(
-    run: Duration,
-    mut once: impl FnMut() -> Result<Measured, E>,
-) -> Result<Measured, E> {
-    let start = Instant::now();
-    let mut total = Measured::default();
-    loop {
-        total.add(once()?);
-        if start.elapsed() >= run {
-            return Ok(total);
-        }
-    }
 }
 
 /// A payload of `len` non-zero bytes.

@@ -175,8 +175,9 @@ fn unused_path(dir: &Path, stem: &str) -> io::Result<PathBuf> {
     )))
 }
 
-/// `len` bytes of a fixed pseudo-random pattern (xorshift), never all zeros.
-fn pattern(len: usize) -> Vec<u8> {
+/// `len` bytes of a fixed pseudo-random pattern (xorshift), never all zeros: what floors write,
+/// and a payload for benchmarks that need one.
+pub fn pattern(len: usize) -> Vec<u8> {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..len)
         .map(|_| {

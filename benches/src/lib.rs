@@ -1,6 +1,6 @@
-//! Shared pieces of Herald's benchmarks: where they write ([`scratch`]), how they time a loop
-//! ([`measure`]), the raw I/O each one is compared with ([`floors`]), and the summary they print
-//! ([`report`]).
+//! Shared pieces of Herald's benchmarks: what a run was asked for ([`settings`]), where they
+//! write ([`scratch`]), how they time a loop ([`measure`]), the raw I/O each one is compared with
+//! ([`floors`]), and the summary they print ([`report`]).
 //!
 //! Every throughput figure is printed next to its floor, measured in the same run on the same
 //! disk: `commit/s = 41.0k (0.92 × fdatasync floor 44.6k/s)`. A figure without its floor says
@@ -11,3 +11,4 @@ pub mod floors;
 pub mod measure;
 pub mod report;
 pub mod scratch;
+pub mod settings;

@@ -59,6 +59,22 @@ pub fn run_for<E>(
     }
 }
 
+/// Runs `once` (a whole pass, timed by itself) until `run` has passed, at least once, and sums
+/// the passes.
+pub fn repeat_for<E>(
+    run: Duration,
+    mut once: impl FnMut() -> Result<Measured, E>,
+) -> Result<Measured, E> {
+    let start = Instant::now();
+    let mut total = Measured::default();
+    loop {
+        total.add(once()?);
+        if start.elapsed() >= run {
+            return Ok(total);
+        }
+    }
+}
+
 /// CPU time (user + system) this process has used so far, all threads included (those that
 /// exited too), from `/proc/self/stat`; `None` where that file does not exist. Its resolution
 /// is one clock tick (10 ms): use it over loops of seconds.
@@ -76,6 +92,111 @@ pub fn process_cpu_time() -> Option<Duration> {
     let stime: u64 = fields.next()?.parse().ok()?;
     let ticks = utime + stime;
     Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SEC))
+}
+
+/// CPU time used so far by this process and by the whole machine, to tell afterwards what a loop
+/// used and what everything else on the machine (other processes, other tenants of a shared
+/// machine) used meanwhile: a loop that waited on a CPU another process held is not slow code.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSnapshot {
+    process: Option<Duration>,
+    machine: Option<Duration>,
+}
+
+impl CpuSnapshot {
+    pub fn now() -> CpuSnapshot {
+        CpuSnapshot {
+            process: process_cpu_time(),
+            machine: machine_cpu_time(),
+        }
+    }
+
+    /// What was used between this snapshot and now.
+    pub fn elapsed(&self) -> CpuUse {
+        let now = CpuSnapshot::now();
+        let process = now
+            .process
+            .zip(self.process)
+            .map(|(after, before)| after.saturating_sub(before));
+        let machine = now
+            .machine
+            .zip(self.machine)
+            .map(|(after, before)| after.saturating_sub(before));
+        CpuUse {
+            process,
+            others: machine
+                .zip(process)
+                .map(|(machine, process)| machine.saturating_sub(process)),
+        }
+    }
+}
+
+/// CPU time used over some loop: by this process, and by everything else on the machine
+/// (`None`: unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuUse {
+    pub process: Option<Duration>,
+    pub others: Option<Duration>,
+}
+
+impl CpuUse {
+    /// Nothing used yet: the start of a sum.
+    pub const ZERO: CpuUse = CpuUse {
+        process: Some(Duration::ZERO),
+        others: Some(Duration::ZERO),
+    };
+
+    /// Adds another loop's use (a part that is unknown on either side stays unknown).
+    pub fn add(&mut self, other: CpuUse) {
+        let sum = |a: Option<Duration>, b: Option<Duration>| a.zip(b).map(|(a, b)| a + b);
+        self.process = sum(self.process, other.process);
+        self.others = sum(self.others, other.others);
+    }
+
+    /// `other processes used 45% of 2 CPUs` over `elapsed`.
+    pub fn others_summary(&self, elapsed: Duration) -> String {
+        let Some(others) = self.others else {
+            return "other processes' cpu time unknown".into();
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = others.as_secs_f64() / (elapsed.as_secs_f64().max(1e-9) * cpus as f64);
+        format!("other processes used {:.0}% of {cpus} CPUs", busy * 100.0)
+    }
+}
+
+/// CPU time (all states but idle and iowait) the whole machine has used so far, all CPUs, from
+/// the first line of `/proc/stat`; `None` where that file does not exist. Resolution: one clock
+/// tick (10 ms) per CPU.
+pub fn machine_cpu_time() -> Option<Duration> {
+    const TICKS_PER_SEC: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut fields = stat.lines().next()?.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| ticks.get(*i))
+        .sum();
+    Some(Duration::from_millis(busy * 1000 / TICKS_PER_SEC))
+}
+
+/// `cpu 31.0 µs per commit, 97% of 2 CPUs`: the CPU time (`None`: unknown) a loop of `ops`
+/// operations over `elapsed` used, all threads together; it tells a loop waiting on the disk from
+/// one waiting on the CPU.
+pub fn cpu_summary(cpu: Option<Duration>, ops: u64, elapsed: Duration, op_name: &str) -> String {
+    let Some(cpu) = cpu else {
+        return "cpu time unknown".into();
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = cpu.as_secs_f64() / (elapsed.as_secs_f64().max(1e-9) * cpus as f64);
+    format!(
+        "cpu {:.1} µs per {op_name}, {:.0}% of {cpus} CPUs",
+        cpu.as_secs_f64() * 1e6 / ops.max(1) as f64,
+        busy * 100.0
+    )
 }
 
 /// Formats a count per second with an SI prefix: `812`, `7.45k`, `41.0k`, `1.20M`.
@@ -153,6 +274,23 @@ mod tests {
         }
         let after = process_cpu_time().expect("read once already");
         assert!(after >= before);
+    }
+
+    #[test]
+    fn machine_cpu_time_covers_this_process() {
+        let snapshot = CpuSnapshot::now();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = snapshot.elapsed();
+        let mut total = CpuUse::ZERO;
+        total.add(used);
+        assert_eq!(total, used);
+        if machine_cpu_time().is_some() {
+            assert!(used.others.is_some());
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! them and the target set for it. Each line is printed as soon as it is measured and the whole
 //! set again as a table at the end of the run.
 
-use crate::measure::{bytes_rate, si};
+use crate::measure::{bytes, bytes_rate, si};
 
-/// A measured rate.
+/// A measured rate, time or size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figure {
     /// What is counted (`commit`), or what moves the bytes (`write`, `scan`).
@@ -19,6 +19,10 @@ pub enum Unit {
     PerSec,
     /// Bytes per second (printed in decimal MB/s or GB/s).
     BytesPerSec,
+    /// A duration in seconds (lower is better).
+    Seconds,
+    /// A size in bytes (lower is better), such as a mean per item.
+    Bytes,
 }
 
 impl Figure {
@@ -38,27 +42,48 @@ impl Figure {
         }
     }
 
-    /// The rate alone: `7.45k/s`, `296 MB/s`.
+    pub fn seconds(label: &str, value: f64) -> Figure {
+        Figure {
+            label: label.to_owned(),
+            value,
+            unit: Unit::Seconds,
+        }
+    }
+
+    pub fn bytes(label: &str, value: f64) -> Figure {
+        Figure {
+            label: label.to_owned(),
+            value,
+            unit: Unit::Bytes,
+        }
+    }
+
+    /// The value alone: `7.45k/s`, `296 MB/s`, `1.23 s`, `87.5 B`.
     pub fn rate(&self) -> String {
         match self.unit {
             Unit::PerSec => format!("{}/s", si(self.value)),
             Unit::BytesPerSec => bytes_rate(self.value),
+            Unit::Seconds => seconds(self.value),
+            Unit::Bytes if self.value < 1024.0 => format!("{:.1} B", self.value),
+            Unit::Bytes => bytes(self.value.round() as u64),
         }
     }
 
-    /// As the house prints it: `commit/s = 7.45k`, `write = 296 MB/s`.
+    /// As the house prints it: `commit/s = 7.45k`, `write = 296 MB/s`, `reopen = 1.23 s`.
     pub fn equation(&self) -> String {
         match self.unit {
             Unit::PerSec => format!("{}/s = {}", self.label, si(self.value)),
-            Unit::BytesPerSec => format!("{} = {}", self.label, bytes_rate(self.value)),
+            Unit::BytesPerSec | Unit::Seconds | Unit::Bytes => {
+                format!("{} = {}", self.label, self.rate())
+            }
         }
     }
 
-    /// For a table cell: `7.45k commit/s`, `296 MB/s`.
+    /// For a table cell: `7.45k commit/s`, `296 MB/s`, `1.23 s`.
     fn cell(&self) -> String {
         match self.unit {
             Unit::PerSec => format!("{} {}/s", si(self.value), self.label),
-            Unit::BytesPerSec => bytes_rate(self.value),
+            Unit::BytesPerSec | Unit::Seconds | Unit::Bytes => self.rate(),
         }
     }
 }
@@ -68,8 +93,10 @@ impl Figure {
 pub enum Target {
     /// At least this multiple of its reference.
     Ratio(f64),
-    /// At least this rate, in the figure's own unit.
+    /// At least this value, in the figure's own unit.
     AtLeast(f64),
+    /// At most this value, in the figure's own unit (times, sizes).
+    AtMost(f64),
 }
 
 #[derive(Debug, Clone)]
@@ -119,18 +146,13 @@ impl Report {
         let met = target.map(|target| match target {
             Target::Ratio(at_least) => ratio.is_some_and(|ratio| ratio >= at_least),
             Target::AtLeast(at_least) => figure.value >= at_least,
+            Target::AtMost(at_most) => figure.value <= at_most,
         });
         let target_text = match target {
             None => String::new(),
             Some(Target::Ratio(at_least)) => format!("≥ {at_least}×"),
-            Some(Target::AtLeast(at_least)) => format!(
-                "≥ {}",
-                Figure {
-                    value: at_least,
-                    ..figure.clone()
-                }
-                .rate()
-            ),
+            Some(Target::AtLeast(bound)) => format!("≥ {}", figure.with_value(bound).rate()),
+            Some(Target::AtMost(bound)) => format!("≤ {}", figure.with_value(bound).rate()),
         };
         let mut line = format!("{bench}: {}", figure.equation());
         if let (Some((name, reference)), Some(ratio)) = (reference, ratio) {
@@ -210,6 +232,27 @@ impl Report {
     }
 }
 
+impl Figure {
+    /// The same kind of figure with another value (to print a target in the figure's unit).
+    fn with_value(&self, value: f64) -> Figure {
+        Figure {
+            value,
+            ..self.clone()
+        }
+    }
+}
+
+/// `850 µs`, `12.3 ms`, `1.23 s`.
+fn seconds(value: f64) -> String {
+    if value < 1e-3 {
+        format!("{:.0} µs", value * 1e6)
+    } else if value < 1.0 {
+        format!("{:.1} ms", value * 1e3)
+    } else {
+        format!("{value:.2} s")
+    }
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
@@ -236,6 +279,20 @@ mod tests {
         assert_eq!(
             report.compare("scan", &slow, None, Some(Target::AtLeast(1e9))),
             Some(false)
+        );
+        let reopen = Figure::seconds("reopen", 2.5);
+        assert_eq!(reopen.equation(), "reopen = 2.50 s");
+        assert_eq!(Figure::seconds("scan", 0.0123).rate(), "12.3 ms");
+        assert_eq!(
+            report.compare("reopen", &reopen, None, Some(Target::AtMost(1.0))),
+            Some(false)
+        );
+        let heap = Figure::bytes("heap per message", 87.46);
+        assert_eq!(heap.equation(), "heap per message = 87.5 B");
+        assert_eq!(Figure::bytes("b", 2048.0).rate(), "2 KiB");
+        assert_eq!(
+            report.compare("heap", &heap, None, Some(Target::AtMost(100.0))),
+            Some(true)
         );
         report.print_table();
     }

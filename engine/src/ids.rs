@@ -44,3 +44,61 @@ uuid_id!(
     /// state.
     ConversationGroupId
 );
+
+/// Hash maps and sets keyed by ids. The ids are random 128-bit values (or application-chosen
+/// group ids), so SipHash's cost buys little: the hasher folds the id with a multiply by a
+/// per-process random odd key, which keeps a chosen-id collision attack from being precomputed.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, IdHasherBuilder>;
+pub type IdSet<K> = std::collections::HashSet<K, IdHasherBuilder>;
+
+/// Builds [`IdHasher`]s with this process's key.
+#[derive(Debug, Clone, Copy)]
+pub struct IdHasherBuilder {
+    key: u64,
+}
+
+impl Default for IdHasherBuilder {
+    fn default() -> IdHasherBuilder {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let key = *KEY.get_or_init(|| (uuid::Uuid::new_v4().as_u128() as u64) | 1);
+        IdHasherBuilder { key }
+    }
+}
+
+impl std::hash::BuildHasher for IdHasherBuilder {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher {
+            state: 0,
+            key: self.key,
+        }
+    }
+}
+
+/// See [`IdMap`].
+#[derive(Debug, Clone, Copy)]
+pub struct IdHasher {
+    state: u64,
+    key: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        let x = self.state.wrapping_mul(self.key);
+        x ^ (x >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.state = (self.state ^ *byte as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.state = (self.state ^ value).rotate_left(23);
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.write_u64(value as u64 ^ (value >> 64) as u64);
+    }
+}

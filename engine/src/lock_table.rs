@@ -8,20 +8,19 @@
 //! shared, a catalog change takes it exclusive (upgrading when its transaction is the only
 //! reader), so that no transaction acts on a catalog that another is changing.
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::ids::ConversationGroupId;
+use crate::ids::{ConversationGroupId, IdMap, IdSet};
 
 /// Identifies a transaction inside one broker.
 pub type TxId = u64;
 
 #[derive(Debug, Default)]
 pub struct LockTable {
-    owners: Mutex<HashMap<ConversationGroupId, TxId>>,
+    owners: Mutex<IdMap<ConversationGroupId, TxId>>,
     released: Condvar,
 }
 
@@ -40,7 +39,8 @@ impl LockTable {
 
     /// Takes `group` for `tx`, waiting at most `timeout` for another transaction to release it.
     pub fn lock(&self, group: ConversationGroupId, tx: TxId, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        // Read the clock only when there is something to wait for.
+        let mut deadline = None;
         let mut owners = self.owners.lock();
         loop {
             match owners.get(&group) {
@@ -50,6 +50,7 @@ impl LockTable {
                     return Ok(());
                 }
                 Some(_) => {
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
                     if self.released.wait_until(&mut owners, deadline).timed_out()
                         && owners.get(&group).is_some_and(|owner| *owner != tx)
                     {
@@ -64,7 +65,7 @@ impl LockTable {
     }
 
     /// Releases every lock in `groups` held by `tx`.
-    pub fn release(&self, tx: TxId, groups: &HashSet<ConversationGroupId>) {
+    pub fn release(&self, tx: TxId, groups: &IdSet<ConversationGroupId>) {
         if groups.is_empty() {
             return;
         }
@@ -94,7 +95,7 @@ pub struct CatalogLock {
 
 #[derive(Debug, Default)]
 struct CatalogLockState {
-    readers: HashSet<TxId>,
+    readers: IdSet<TxId>,
     writer: Option<TxId>,
 }
 
@@ -102,7 +103,7 @@ impl CatalogLock {
     /// Takes the catalog in `mode` for `tx` (which may already hold it shared), waiting at most
     /// `timeout`.
     pub fn acquire(&self, tx: TxId, mode: CatalogMode, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = None;
         let mut state = self.state.lock();
         loop {
             let granted = match mode {
@@ -121,6 +122,7 @@ impl CatalogLock {
                 }
                 return Ok(());
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             if self.released.wait_until(&mut state, deadline).timed_out() {
                 return Err(Error::CatalogLockTimeout {
                     waited_ms: timeout.as_millis() as u64,
@@ -157,7 +159,7 @@ mod tests {
             table.lock(group, 2, Duration::from_millis(1)),
             Err(Error::LockTimeout { .. })
         ));
-        table.release(1, &HashSet::from([group]));
+        table.release(1, &IdSet::from_iter([group]));
         table.lock(group, 2, Duration::from_millis(1)).unwrap();
     }
 

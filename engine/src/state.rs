@@ -14,7 +14,7 @@ use herald_wal::{Lsn, Position, RecordBytes};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap};
 use crate::record::Op;
 
 /// Where a conversation endpoint is in its life (Service Broker's `state` column).
@@ -152,8 +152,8 @@ impl Group {
 #[derive(Debug, Default)]
 pub struct State {
     pub catalog: Catalog,
-    pub endpoints: HashMap<ConversationHandle, Endpoint>,
-    pub groups: HashMap<ConversationGroupId, Group>,
+    pub endpoints: IdMap<ConversationHandle, Endpoint>,
+    pub groups: IdMap<ConversationGroupId, Group>,
     pub(crate) next_queuing_order: u64,
     /// Every record up to here is applied, and none after it: the state is exactly the log's
     /// prefix through this LSN (what a checkpoint captures).
@@ -164,7 +164,7 @@ pub struct State {
     /// conversation and sequence. Committing the RECEIVE (applying its op) drops them; a
     /// rollback puts them back. A checkpoint counts them as queued.
     pub(crate) taken:
-        HashMap<ConversationHandle, BTreeMap<u64, (ConversationGroupId, QueuedMessage)>>,
+        IdMap<ConversationHandle, BTreeMap<u64, (ConversationGroupId, QueuedMessage)>>,
     /// Per queue, the groups with waiting messages, by the queuing order of their oldest one:
     /// RECEIVE walks this instead of every group.
     ready: HashMap<String, BTreeSet<(u64, ConversationGroupId)>>,
@@ -348,10 +348,21 @@ impl State {
                     .and_then(|g| g.conversations.get_mut(handle))
                 {
                     // Already taken when the receiving transaction commits; removed here on replay.
-                    messages.retain(|seq, _| *seq > *through_sequence);
+                    // Received messages are always the conversation's first ones.
+                    while messages
+                        .first_key_value()
+                        .is_some_and(|(seq, _)| *seq <= *through_sequence)
+                    {
+                        messages.pop_first();
+                    }
                 }
                 if let Some(taken) = self.taken.get_mut(handle) {
-                    taken.retain(|seq, _| *seq > *through_sequence);
+                    while taken
+                        .first_key_value()
+                        .is_some_and(|(seq, _)| *seq <= *through_sequence)
+                    {
+                        taken.pop_first();
+                    }
                     if taken.is_empty() {
                         self.taken.remove(handle);
                     }

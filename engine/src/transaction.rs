@@ -10,7 +10,6 @@
 //! as one record, and applied to the state by the same code that replays the log at recovery; the
 //! locks are released last, so the next owner of a group sees the committed state.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use herald_wal::RecordBytes;
 use crate::broker::Broker;
 use crate::catalog::{Catalog, QueueOptions, SentBy, Validation};
 use crate::error::{Error, Result};
-use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap, IdSet};
 use crate::lock_table::{CatalogMode, TxId};
 use crate::record::{DialogRecord, Op};
 use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT};
@@ -108,10 +107,10 @@ pub struct Transaction<'b> {
     catalog_mode: Option<CatalogMode>,
     /// Endpoints created by this transaction, and this transaction's view of endpoints it sent
     /// on (their next send sequence).
-    endpoints: HashMap<ConversationHandle, Endpoint>,
+    endpoints: IdMap<ConversationHandle, Endpoint>,
     /// Groups created by this transaction: id → queue.
-    new_groups: HashMap<ConversationGroupId, String>,
-    locked_groups: HashSet<ConversationGroupId>,
+    new_groups: IdMap<ConversationGroupId, String>,
+    locked_groups: IdSet<ConversationGroupId>,
     /// Messages this transaction's RECEIVEs took (they wait in `State::taken`), to put back on
     /// rollback.
     taken: Vec<(ConversationHandle, u64)>,
@@ -135,9 +134,9 @@ impl<'b> Transaction<'b> {
             ops: Vec::new(),
             catalog: None,
             catalog_mode: None,
-            endpoints: HashMap::new(),
-            new_groups: HashMap::new(),
-            locked_groups: HashSet::new(),
+            endpoints: IdMap::default(),
+            new_groups: IdMap::default(),
+            locked_groups: IdSet::default(),
             taken: Vec::new(),
             finished: false,
         }
@@ -401,7 +400,7 @@ impl<'b> Transaction<'b> {
                 max: MESSAGE_BODY_BYTES_MAX,
             });
         }
-        let mut seen = HashSet::new();
+        let mut seen = IdSet::default();
         let mut endpoints = Vec::with_capacity(handles.len());
         for handle in handles {
             if !seen.insert(*handle) {
@@ -642,7 +641,7 @@ impl<'b> Transaction<'b> {
         if self.taken.is_empty() {
             return;
         }
-        let mut by_conversation: HashMap<ConversationHandle, Vec<u64>> = HashMap::new();
+        let mut by_conversation: IdMap<ConversationHandle, Vec<u64>> = IdMap::default();
         for (handle, sequence) in self.taken.drain(..) {
             by_conversation.entry(handle).or_default().push(sequence);
         }
