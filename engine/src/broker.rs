@@ -212,11 +212,10 @@ impl Broker {
 
     /// Logs `ops` as one commit record and applies it (in LSN order with every other commit);
     /// returns the record's size. Used by every transaction's commit and by compaction.
-    pub(crate) fn log_and_apply(&self, ops: &[record::Op]) -> Result<u64> {
+    pub(crate) fn log_and_apply(&self, payload: &[u8]) -> Result<u64> {
         if let Some(reason) = &self.state.lock().broken {
             return Err(Error::Corruption(reason.clone()));
         }
-        let payload = record::encode(ops);
         let max = self.wal.record_payload_bytes_max() as usize;
         if payload.len() > max {
             return Err(Error::TransactionTooLarge {
@@ -224,7 +223,7 @@ impl Broker {
                 max,
             });
         }
-        let appended = self.wal.commit(KIND_COMMIT, &payload)?;
+        let appended = self.wal.commit(KIND_COMMIT, payload)?;
         let logged = self.wal.read(appended.position)?;
         let ops = record::decode(&logged.payload)
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
@@ -269,7 +268,7 @@ impl Broker {
         if ops.is_empty() {
             return Ok(0);
         }
-        self.log_and_apply(&ops)?;
+        self.log_and_apply(&record::encode(&ops))?;
         tracing::debug!(relocated = ops.len(), "compacted the oldest log segment");
         Ok(ops.len())
     }

@@ -85,6 +85,8 @@ pub enum Error {
     },
     #[error("timed out after {waited_ms} ms waiting for the catalog lock")]
     CatalogLockTimeout { waited_ms: u64 },
+    #[error("SEND needs at least one conversation")]
+    NoConversation,
     #[error("the same conversation {0} is named twice in one SEND")]
     DuplicateHandle(ConversationHandle),
     #[error(

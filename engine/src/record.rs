@@ -105,13 +105,71 @@ impl std::fmt::Display for DecodeError {
 }
 
 pub fn encode(ops: &[Op]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    let mut builder = RecordBuilder::new();
     for op in ops {
-        encode_op(&mut out, op);
+        builder.push(op);
     }
-    out
+    builder.finish().to_vec()
+}
+
+/// A commit record encoded as a transaction goes: each op is written when it is made, message
+/// bodies straight from the caller's buffer, so commit has nothing left to copy or encode.
+#[derive(Debug)]
+pub struct RecordBuilder {
+    buf: Vec<u8>,
+    ops: u32,
+}
+
+impl Default for RecordBuilder {
+    fn default() -> RecordBuilder {
+        RecordBuilder::new()
+    }
+}
+
+impl RecordBuilder {
+    pub fn new() -> RecordBuilder {
+        let mut buf = Vec::with_capacity(256);
+        buf.push(FORMAT_VERSION);
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        RecordBuilder { buf, ops: 0 }
+    }
+
+    pub fn push(&mut self, op: &Op) {
+        encode_op(&mut self.buf, op);
+        self.ops += 1;
+    }
+
+    /// Appends a `Send` op without building one (no copy of the body but into the record).
+    pub fn push_send(
+        &mut self,
+        handle: ConversationHandle,
+        message_type: &str,
+        sequence: u64,
+        body: &[u8],
+    ) {
+        let out = &mut self.buf;
+        out.push(tag::SEND);
+        out.extend_from_slice(&handle.0.to_le_bytes());
+        put_str(out, message_type);
+        out.extend_from_slice(&sequence.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+        self.ops += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    pub fn op_count(&self) -> u32 {
+        self.ops
+    }
+
+    /// The encoded record (the op count filled in).
+    pub fn finish(&mut self) -> &[u8] {
+        self.buf[1..5].copy_from_slice(&self.ops.to_le_bytes());
+        &self.buf
+    }
 }
 
 mod tag {

@@ -20,7 +20,7 @@ use crate::catalog::{Catalog, QueueOptions, SentBy, Validation};
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap, IdSet};
 use crate::lock_table::{CatalogMode, TxId};
-use crate::record::{DialogRecord, Op};
+use crate::record::{DialogRecord, Op, RecordBuilder};
 use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT};
 
 /// Largest message body, in bytes.
@@ -97,11 +97,21 @@ impl Message {
     }
 }
 
+/// A SEND permission already checked: `message_type` may be sent by this side on `contract`.
+#[derive(Debug)]
+struct SendRule {
+    contract: String,
+    message_type: String,
+    is_initiator: bool,
+    validation: Validation,
+}
+
 /// A unit of work on a broker. Dropping it without `commit` rolls it back.
 pub struct Transaction<'b> {
     broker: &'b Broker,
     id: TxId,
-    ops: Vec<Op>,
+    /// The commit record, encoded as operations are made.
+    record: RecordBuilder,
     /// Private copy of the catalog once this transaction changed it.
     catalog: Option<Catalog>,
     catalog_mode: Option<CatalogMode>,
@@ -114,6 +124,8 @@ pub struct Transaction<'b> {
     /// Messages this transaction's RECEIVEs took (they wait in `State::taken`), to put back on
     /// rollback.
     taken: Vec<(ConversationHandle, u64)>,
+    /// Contract checks already made by this transaction's SENDs.
+    send_rules: Vec<SendRule>,
     finished: bool,
 }
 
@@ -121,7 +133,7 @@ impl std::fmt::Debug for Transaction<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transaction")
             .field("id", &self.id)
-            .field("ops", &self.ops.len())
+            .field("ops", &self.record.op_count())
             .finish()
     }
 }
@@ -131,13 +143,14 @@ impl<'b> Transaction<'b> {
         Transaction {
             broker,
             id,
-            ops: Vec::new(),
+            record: RecordBuilder::new(),
             catalog: None,
             catalog_mode: None,
             endpoints: IdMap::default(),
             new_groups: IdMap::default(),
             locked_groups: IdSet::default(),
             taken: Vec::new(),
+            send_rules: Vec::new(),
             finished: false,
         }
     }
@@ -180,7 +193,7 @@ impl<'b> Transaction<'b> {
         let result = change(&mut catalog);
         self.catalog = Some(catalog);
         result?;
-        self.ops.push(op);
+        self.record.push(&op);
         Ok(())
     }
 
@@ -363,7 +376,7 @@ impl<'b> Transaction<'b> {
             target_handle,
             endpoint(target_handle, false, to, from, target_group, handle),
         );
-        self.ops.push(Op::BeginDialog(DialogRecord {
+        self.record.push(&Op::BeginDialog(DialogRecord {
             handle,
             conversation_id,
             group,
@@ -400,66 +413,30 @@ impl<'b> Transaction<'b> {
                 max: MESSAGE_BODY_BYTES_MAX,
             });
         }
+        if handles.is_empty() {
+            return Err(Error::NoConversation);
+        }
         let mut seen = IdSet::default();
-        let mut endpoints = Vec::with_capacity(handles.len());
         for handle in handles {
             if !seen.insert(*handle) {
                 return Err(Error::DuplicateHandle(*handle));
             }
-            endpoints.push(self.endpoint(*handle)?);
+            self.load_endpoint(*handle)?;
         }
-        let validation = self.read_catalog(|catalog| {
-            let validation = catalog.message_type(message_type)?.validation;
-            for endpoint in &endpoints {
-                if !endpoint.state.can_send() {
-                    return Err(Error::ConversationClosed {
-                        handle: endpoint.handle,
-                        state: endpoint.state.code(),
-                        operation: "SEND",
-                    });
-                }
-                let allowed = catalog
-                    .contract(&endpoint.contract)?
-                    .messages
-                    .get(message_type)
-                    .is_some_and(|sent_by| sent_by.allows(endpoint.is_initiator));
-                if !allowed {
-                    return Err(Error::ContractViolation {
-                        handle: endpoint.handle,
-                        contract: endpoint.contract.clone(),
-                        message_type: message_type.into(),
-                        side: if endpoint.is_initiator {
-                            "initiator"
-                        } else {
-                            "target"
-                        },
-                    });
-                }
-                if endpoint.far_handle.is_none() {
-                    return Err(Error::RemoteServiceNotSupported {
-                        service: endpoint.far_service.clone(),
-                    });
-                }
-            }
-            Ok(validation)
-        })?;
+        let validation = self.send_rule(handles, message_type)?;
         validation.check(message_type, body)?;
-        for endpoint in &endpoints {
-            self.lock_group(endpoint.group)?;
+        for handle in handles {
+            let group = self.endpoints[handle].group;
+            self.lock_group(group)?;
         }
-        for mut endpoint in endpoints {
-            self.ops.push(Op::Send {
-                handle: endpoint.handle,
-                message_type: message_type.into(),
-                sequence: endpoint.send_sequence,
-                body: body.to_vec(),
-                body_range: 0..0,
-            });
+        for handle in handles {
+            let endpoint = self.endpoints.get_mut(handle).expect("loaded above");
+            self.record
+                .push_send(*handle, message_type, endpoint.send_sequence, body);
             endpoint.send_sequence += 1;
             if endpoint.state == EndpointState::StartedOutbound {
                 endpoint.state = EndpointState::Conversing;
             }
-            self.endpoints.insert(endpoint.handle, endpoint);
         }
         Ok(())
     }
@@ -557,7 +534,7 @@ impl<'b> Transaction<'b> {
                 });
             }
             if let Some(through_sequence) = through {
-                self.ops.push(Op::Receive {
+                self.record.push(&Op::Receive {
                     handle,
                     through_sequence,
                 });
@@ -567,6 +544,77 @@ impl<'b> Transaction<'b> {
             }
         }
         batch
+    }
+
+    /// Brings endpoint `handle` into this transaction's view (once), so later operations on it
+    /// need neither the state lock nor a copy.
+    fn load_endpoint(&mut self, handle: ConversationHandle) -> Result<()> {
+        if !self.endpoints.contains_key(&handle) {
+            let endpoint = self.broker.state.lock().endpoint(handle)?.clone();
+            self.endpoints.insert(handle, endpoint);
+        }
+        Ok(())
+    }
+
+    /// Checks that every endpoint in `handles` (loaded) may send `message_type`, and returns the
+    /// type's validation. The answer for a (contract, type, side) is cached: this transaction
+    /// holds the catalog shared, so the catalog cannot change under it.
+    fn send_rule(
+        &mut self,
+        handles: &[ConversationHandle],
+        message_type: &str,
+    ) -> Result<Validation> {
+        let mut validation = None;
+        for handle in handles {
+            let endpoint = &self.endpoints[handle];
+            if !endpoint.state.can_send() {
+                return Err(Error::ConversationClosed {
+                    handle: *handle,
+                    state: endpoint.state.code(),
+                    operation: "SEND",
+                });
+            }
+            if endpoint.far_handle.is_none() {
+                return Err(Error::RemoteServiceNotSupported {
+                    service: endpoint.far_service.clone(),
+                });
+            }
+            let cached = self.send_rules.iter().find(|rule| {
+                rule.is_initiator == endpoint.is_initiator
+                    && rule.contract == endpoint.contract
+                    && rule.message_type == message_type
+            });
+            if let Some(rule) = cached {
+                validation = Some(rule.validation);
+                continue;
+            }
+            let (contract, is_initiator) = (endpoint.contract.clone(), endpoint.is_initiator);
+            let found = self.read_catalog(|catalog| {
+                let validation = catalog.message_type(message_type)?.validation;
+                let allowed = catalog
+                    .contract(&contract)?
+                    .messages
+                    .get(message_type)
+                    .is_some_and(|sent_by| sent_by.allows(is_initiator));
+                if !allowed {
+                    return Err(Error::ContractViolation {
+                        handle: *handle,
+                        contract: contract.clone(),
+                        message_type: message_type.into(),
+                        side: if is_initiator { "initiator" } else { "target" },
+                    });
+                }
+                Ok(validation)
+            })?;
+            self.send_rules.push(SendRule {
+                contract,
+                message_type: message_type.into(),
+                is_initiator,
+                validation: found,
+            });
+            validation = Some(found);
+        }
+        validation.ok_or_else(|| Error::UnknownMessageType(message_type.into()))
     }
 
     /// This transaction's view of an endpoint: its own changes, else the committed one.
@@ -614,10 +662,10 @@ impl<'b> Transaction<'b> {
 
     /// Logs the ops as one record and applies it; returns the record's size.
     fn write_and_apply(&mut self) -> Result<u64> {
-        if self.ops.is_empty() {
+        if self.record.is_empty() {
             return Ok(0);
         }
-        let logged_bytes = self.broker.log_and_apply(&self.ops)?;
+        let logged_bytes = self.broker.log_and_apply(self.record.finish())?;
         self.taken.clear();
         Ok(logged_bytes)
     }

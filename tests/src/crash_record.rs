@@ -203,14 +203,14 @@ const LEN_SALT: u64 = 0x6c65_6e67_0000_0002;
 const PATTERN_SALT: u64 = 0x7061_7474_0000_0003;
 
 /// splitmix64's finaliser: a cheap, well-mixed function of one word.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
 
-fn pattern_word(seed: u64, word: u64) -> u64 {
+pub(crate) fn pattern_word(seed: u64, word: u64) -> u64 {
     mix(seed.wrapping_add(word.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
 }
 

@@ -2,3 +2,4 @@
 #![deny(unsafe_code)]
 
 pub mod crash_record;
+pub mod engine_crash;

@@ -1,0 +1,278 @@
+//! Replays the committed corpus of the `commit_record` fuzz target (`fuzz/corpus/commit_record`)
+//! on the stable toolchain, so that every seed, and every crash the fuzzer ever found
+//! (`seed-crash-*`), runs in `cargo test`; and writes the seeds (`write_seed_corpus`, ignored:
+//! run it by hand after a change to the record format).
+//!
+//! The seeds are real commit records, built with `record::encode` from the ops the engine logs
+//! (every catalog change, dialogs with and without a local target, sends with bodies of several
+//! sizes, receives, compaction's relocations), so that fuzzing starts from well-formed records and mutates them, instead of
+//! spending its time finding the version byte and the op tags.
+
+use std::path::{Path, PathBuf};
+
+use herald_engine::record::{self, DialogRecord, Op};
+use herald_engine::{
+    ConversationGroupId, ConversationHandle, ConversationId, QueueOptions, SentBy, Validation,
+};
+
+/// The committed seeds; fewer means the corpus went missing and the replay below would pass
+/// without testing anything.
+const SEEDS_MIN: usize = 5;
+const TARGET: &str = "commit_record";
+
+#[test]
+fn commit_record_corpus_replays_without_panics() {
+    let dir = corpus_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
+        .map(|entry| entry.expect("listing the corpus directory").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    let seeds = files.iter().filter(|path| is_seed(path)).count();
+    assert!(
+        seeds >= SEEDS_MIN,
+        "corpus {} holds {seeds} seed-* files, expected at least {SEEDS_MIN}",
+        dir.display()
+    );
+    let mut panicked = Vec::new();
+    for path in &files {
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        if std::panic::catch_unwind(|| record::fuzz_decode(&data)).is_err() {
+            panicked.push(path.display().to_string());
+        }
+    }
+    assert!(
+        panicked.is_empty(),
+        "{} of {} {TARGET} corpus files panicked:\n{}",
+        panicked.len(),
+        files.len(),
+        panicked.join("\n")
+    );
+    eprintln!(
+        "replayed {} {TARGET} corpus files ({seeds} seeds)",
+        files.len()
+    );
+}
+
+/// Writes `fuzz/corpus/commit_record/seed-*`, after checking that each seed decodes to as many
+/// ops as it was built from (so a seed never silently turns into a rejected input).
+#[test]
+#[ignore = "writes fuzz/corpus/commit_record/seed-*; run by hand after a record format change"]
+fn write_seed_corpus() {
+    let dir = corpus_dir();
+    std::fs::create_dir_all(&dir).expect("creating the corpus directory");
+    let mut total = 0;
+    for (name, ops) in seeds() {
+        let data = record::encode(&ops);
+        let decoded =
+            record::decode(&data).unwrap_or_else(|e| panic!("seed {name} does not decode: {e}"));
+        assert_eq!(decoded.len(), ops.len(), "seed {name}: ops decoded");
+        record::fuzz_decode(&data);
+        total += data.len();
+        std::fs::write(dir.join(format!("seed-{name}")), &data).expect("writing a seed");
+    }
+    assert!(total < 64 * 1024, "seed corpus of {total} bytes is too big");
+}
+
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(TARGET)
+}
+
+fn is_seed(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with("seed-"))
+}
+
+fn seeds() -> Vec<(&'static str, Vec<Op>)> {
+    let handle = ConversationHandle(0x1111_2222_3333_4444_5555_6666_7777_8888);
+    let target = ConversationHandle(0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0001);
+    let dialog = |target: Option<(ConversationHandle, ConversationGroupId)>, lifetime_secs| {
+        Op::BeginDialog(DialogRecord {
+            handle,
+            conversation_id: ConversationId(0x0c0c_0c0c_0c0c_0c0c_0c0c_0c0c_0c0c_0c0c),
+            group: ConversationGroupId(0x0909_0909_0909_0909_0909_0909_0909_0909),
+            from_service: "//shop/ClientService".into(),
+            to_service: "//shop/OrderService".into(),
+            contract: "//shop/OrderContract".into(),
+            lifetime_secs,
+            target,
+        })
+    };
+    let send = |handle, sequence, body: &[u8]| Op::Send {
+        handle,
+        message_type: "//shop/Order".into(),
+        sequence,
+        body: body.to_vec(),
+        body_range: 0..0,
+    };
+    let all_flags = |flags: u8| QueueOptions {
+        enabled: flags & 1 != 0,
+        retention: flags & 2 != 0,
+        poison_message_handling: flags & 4 != 0,
+    };
+    vec![
+        ("empty", Vec::new()),
+        (
+            "catalog",
+            vec![
+                Op::CreateMessageType {
+                    name: "//shop/Order".into(),
+                    validation: Validation::None,
+                },
+                Op::CreateMessageType {
+                    name: "//shop/Empty".into(),
+                    validation: Validation::Empty,
+                },
+                Op::CreateMessageType {
+                    name: "//shop/Text".into(),
+                    validation: Validation::Utf8,
+                },
+                Op::CreateMessageType {
+                    name: "//shop/Json".into(),
+                    validation: Validation::Json,
+                },
+                Op::CreateMessageType {
+                    name: "//shop/Xml".into(),
+                    validation: Validation::WellFormedXml,
+                },
+                Op::CreateContract {
+                    name: "//shop/OrderContract".into(),
+                    messages: vec![
+                        ("//shop/Order".into(), SentBy::Initiator),
+                        ("//shop/Text".into(), SentBy::Target),
+                        ("//shop/Json".into(), SentBy::Any),
+                    ],
+                },
+                Op::CreateQueue {
+                    name: "OrderQueue".into(),
+                    options: QueueOptions::default(),
+                },
+                Op::CreateQueue {
+                    name: "ClientQueue".into(),
+                    options: all_flags(0),
+                },
+                Op::AlterQueue {
+                    name: "ClientQueue".into(),
+                    options: all_flags(0b111),
+                },
+                Op::CreateService {
+                    name: "//shop/OrderService".into(),
+                    queue: "OrderQueue".into(),
+                    contracts: vec!["//shop/OrderContract".into(), "DEFAULT".into()],
+                },
+                Op::CreateService {
+                    name: "//shop/ClientService".into(),
+                    queue: "ClientQueue".into(),
+                    contracts: Vec::new(),
+                },
+            ],
+        ),
+        (
+            "catalog-drops",
+            vec![
+                Op::DropService {
+                    name: "//shop/ClientService".into(),
+                },
+                Op::DropQueue {
+                    name: "ClientQueue".into(),
+                },
+                Op::DropContract {
+                    name: "//shop/OrderContract".into(),
+                },
+                Op::DropMessageType {
+                    name: "//shop/Xml".into(),
+                },
+            ],
+        ),
+        (
+            "dialog-and-sends",
+            vec![
+                dialog(
+                    Some((
+                        target,
+                        ConversationGroupId(0x0d0d_0d0d_0d0d_0d0d_0d0d_0d0d_0d0d_0d0d),
+                    )),
+                    3600,
+                ),
+                send(handle, 0, b""),
+                send(handle, 1, b"{\"order\": 1}"),
+                send(handle, 2, &[0xa5; 300]),
+            ],
+        ),
+        (
+            "dialog-remote-target",
+            vec![dialog(None, 0), send(handle, 0, b"order 1")],
+        ),
+        (
+            "receive-and-reply",
+            vec![
+                Op::Receive {
+                    handle: target,
+                    through_sequence: 2,
+                },
+                Op::Send {
+                    handle: target,
+                    message_type: "//shop/Receipt".into(),
+                    sequence: 0,
+                    body: b"ok".to_vec(),
+                    body_range: 0..0,
+                },
+                Op::Receive {
+                    handle,
+                    through_sequence: u64::MAX,
+                },
+            ],
+        ),
+        (
+            "many-sends",
+            (0..40)
+                .map(|sequence| send(handle, sequence, &sequence.to_le_bytes()))
+                .collect(),
+        ),
+        (
+            "large-body",
+            vec![send(
+                target,
+                7,
+                &(0..4096u32)
+                    .map(|i| (i * 31 % 251) as u8)
+                    .collect::<Vec<u8>>(),
+            )],
+        ),
+        (
+            "relocate",
+            vec![
+                Op::Relocate {
+                    handle: target,
+                    sequence: 3,
+                    body: b"{\"order\": 3}".to_vec(),
+                    body_range: 0..0,
+                },
+                Op::Relocate {
+                    handle: target,
+                    sequence: 4,
+                    body: Vec::new(),
+                    body_range: 0..0,
+                },
+            ],
+        ),
+        (
+            "unicode-names",
+            vec![
+                Op::CreateMessageType {
+                    name: "//ünïcødé/メッセージ".into(),
+                    validation: Validation::Utf8,
+                },
+                Op::CreateQueue {
+                    name: "q".repeat(300),
+                    options: QueueOptions::default(),
+                },
+            ],
+        ),
+    ]
+}
