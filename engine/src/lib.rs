@@ -37,6 +37,7 @@ pub mod catalog;
 pub mod checkpoint;
 mod error;
 mod ids;
+pub mod invariants;
 mod lock_table;
 pub mod record;
 mod state;

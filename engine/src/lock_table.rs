@@ -64,6 +64,11 @@ impl LockTable {
         }
     }
 
+    /// Every group locked now, with its owner (for `invariants`).
+    pub(crate) fn owners(&self) -> Vec<(ConversationGroupId, TxId)> {
+        self.owners.lock().iter().map(|(g, tx)| (*g, *tx)).collect()
+    }
+
     /// Releases every lock in `groups` held by `tx`.
     pub fn release(&self, tx: TxId, groups: &IdSet<ConversationGroupId>) {
         if groups.is_empty() {
@@ -129,6 +134,12 @@ impl CatalogLock {
                 });
             }
         }
+    }
+
+    /// The shared holders and the exclusive holder now (for `invariants`).
+    pub(crate) fn holders(&self) -> (Vec<TxId>, Option<TxId>) {
+        let state = self.state.lock();
+        (state.readers.iter().copied().collect(), state.writer)
     }
 
     pub fn release(&self, tx: TxId) {

@@ -490,7 +490,9 @@ impl<'b> Transaction<'b> {
             .ready_groups(queue)
             .find(|group| self.broker.locks.try_lock(*group, self.id))?;
         drop(state);
-        self.locked_groups.insert(group);
+        if self.locked_groups.insert(group) {
+            self.refresh_endpoints(group);
+        }
         Some(group)
     }
 
@@ -642,8 +644,33 @@ impl<'b> Transaction<'b> {
         self.broker
             .locks
             .lock(group, self.id, self.lock_timeout())?;
-        self.locked_groups.insert(group);
+        if self.locked_groups.insert(group) {
+            self.refresh_endpoints(group);
+        }
         Ok(())
+    }
+
+    /// Re-reads the committed endpoints of `group` that this transaction loaded before it held
+    /// the group: until then other transactions could send and receive on them, so the copy may
+    /// be stale (a SEND from it would reuse a sequence number); from now on only this
+    /// transaction can change them.
+    fn refresh_endpoints(&mut self, group: ConversationGroupId) {
+        let loaded: Vec<ConversationHandle> = self
+            .endpoints
+            .values()
+            .filter(|e| e.group == group)
+            .map(|e| e.handle)
+            .collect();
+        if loaded.is_empty() {
+            return;
+        }
+        let state = self.broker.state.lock();
+        for handle in loaded {
+            // Endpoints this transaction created are not committed: nothing to re-read.
+            if let Some(committed) = state.endpoints.get(&handle) {
+                self.endpoints.insert(handle, committed.clone());
+            }
+        }
     }
 
     /// Makes everything this transaction did durable (under the default durability) and visible,
