@@ -81,22 +81,23 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
                 .taken
                 .get(handle)
                 .into_iter()
-                .flat_map(|t| t.values())
-                .filter(|(g, _)| g == id)
-                .map(|(_, m)| m);
-            let mut messages: Vec<&QueuedMessage> = queued.values().chain(taken).collect();
-            messages.sort_unstable_by_key(|m| m.sequence);
+                .flat_map(|t| t.iter())
+                .filter(|(_, (g, _))| g == id)
+                .map(|(sequence, (_, m))| (*sequence, m));
+            let mut messages: Vec<(u64, &QueuedMessage)> = queued.iter().chain(taken).collect();
+            messages.sort_unstable_by_key(|(sequence, _)| *sequence);
             put_u128(&mut body, handle.0);
             put_u64(&mut body, messages.len() as u64);
-            for m in messages {
-                put_u64(&mut body, m.sequence);
-                put_str(&mut body, &m.message_type);
+            for (sequence, m) in messages {
+                let location = m.location();
+                put_u64(&mut body, sequence);
+                put_str(&mut body, state.message_type_name(m.message_type));
                 put_u64(&mut body, m.queuing_order);
-                put_u64(&mut body, m.location.record.segment.0);
-                body.extend_from_slice(&m.location.record.offset.to_le_bytes());
-                body.extend_from_slice(&m.location.start.to_le_bytes());
-                body.extend_from_slice(&m.location.len.to_le_bytes());
-                let segment = m.location.record.segment;
+                put_u64(&mut body, location.record.segment.0);
+                body.extend_from_slice(&location.record.offset.to_le_bytes());
+                body.extend_from_slice(&location.start.to_le_bytes());
+                body.extend_from_slice(&location.len.to_le_bytes());
+                let segment = location.record.segment;
                 oldest = Some(oldest.map_or(segment, |o| o.min(segment)));
             }
         }
@@ -117,10 +118,10 @@ pub fn live_bodies_by_segment(state: &State) -> std::collections::BTreeMap<Lsn, 
     let mut live = std::collections::BTreeMap::new();
     for message in all_messages(state) {
         let entry = live
-            .entry(message.location.record.segment)
+            .entry(message.location().record.segment)
             .or_insert((0u64, 0u64));
         entry.0 += 1;
-        entry.1 += message.location.len as u64;
+        entry.1 += message.body.len() as u64;
     }
     live
 }
@@ -130,18 +131,18 @@ pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
     let queued = state.groups.values().flat_map(|g| {
         g.conversations
             .iter()
-            .flat_map(|(handle, messages)| messages.values().map(move |m| (*handle, m)))
+            .flat_map(|(handle, messages)| messages.iter().map(move |(seq, m)| (*handle, seq, m)))
     });
-    let taken = state
-        .taken
-        .iter()
-        .flat_map(|(handle, t)| t.values().map(move |(_, m)| (*handle, m)));
+    let taken = state.taken.iter().flat_map(|(handle, t)| {
+        t.iter()
+            .map(move |(sequence, (_, m))| (*handle, *sequence, m))
+    });
     queued
         .chain(taken)
-        .filter(|(_, m)| m.location.record.segment == segment)
-        .map(|(handle, m)| Op::Relocate {
+        .filter(|(_, _, m)| m.location().record.segment == segment)
+        .map(|(handle, sequence, m)| Op::Relocate {
             handle,
-            sequence: m.sequence,
+            sequence,
             body: m.body.to_vec(),
             body_range: 0..0,
         })
@@ -149,10 +150,11 @@ pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
 }
 
 fn all_messages(state: &State) -> impl Iterator<Item = &QueuedMessage> {
-    let queued = state
-        .groups
-        .values()
-        .flat_map(|g| g.conversations.values().flat_map(|m| m.values()));
+    let queued = state.groups.values().flat_map(|g| {
+        g.conversations
+            .values()
+            .flat_map(|m| m.iter().map(|(_, m)| m))
+    });
     let taken = state
         .taken
         .values()
@@ -381,17 +383,20 @@ impl Image {
                             m.location.record
                         )));
                     }
-                    let message_type = state.message_type_name(&m.message_type);
-                    queued.insert(
-                        m.sequence,
-                        QueuedMessage {
-                            sequence: m.sequence,
-                            message_type,
-                            body: payload.slice(start..end),
-                            location: m.location,
-                            queuing_order: m.queuing_order,
-                        },
-                    );
+                    let message_type = state.message_type_id(&m.message_type);
+                    queued
+                        .insert(
+                            m.sequence,
+                            QueuedMessage::new(
+                                payload.slice(start..end),
+                                m.location,
+                                message_type,
+                                m.queuing_order,
+                            ),
+                        )
+                        .map_err(|e| {
+                            Error::Corruption(format!("checkpoint queue {handle}: {e}"))
+                        })?;
                 }
             }
             state.groups.insert(id, group);

@@ -86,16 +86,136 @@ pub struct Endpoint {
 /// The default conversation priority (Service Broker's).
 pub const PRIORITY_DEFAULT: u8 = 5;
 
-/// A message waiting in a queue.
+/// A message waiting in a queue: 56 bytes, one per queued message, so kept compact (its
+/// sequence number is its place in its conversation's queue, its type an index).
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
-    pub sequence: u64,
-    pub message_type: Arc<str>,
     pub body: RecordBytes,
-    /// Where `body` lies in the log, for checkpoints and reclamation.
-    pub location: BodyLocation,
+    /// Offset of the body's commit record in its segment.
+    record_offset: u32,
+    /// Offset of the body in that record's payload.
+    body_start: u32,
+    /// The segment holding that record.
+    segment: Lsn,
+    pub message_type: MessageTypeId,
     /// Order of arrival in its queue.
     pub queuing_order: u64,
+}
+
+impl QueuedMessage {
+    pub fn new(
+        body: RecordBytes,
+        location: BodyLocation,
+        message_type: MessageTypeId,
+        queuing_order: u64,
+    ) -> QueuedMessage {
+        QueuedMessage {
+            body,
+            record_offset: location.record.offset,
+            body_start: location.start,
+            segment: location.record.segment,
+            message_type,
+            queuing_order,
+        }
+    }
+
+    /// Damages the recorded location (tests of `invariants::check`).
+    #[cfg(test)]
+    pub(crate) fn shift_body_start_for_test(&mut self) {
+        self.body_start += 1;
+    }
+
+    /// Where the body lies in the log, for checkpoints and reclamation.
+    pub fn location(&self) -> BodyLocation {
+        BodyLocation {
+            record: Position {
+                segment: self.segment,
+                offset: self.record_offset,
+            },
+            start: self.body_start,
+            len: self.body.len() as u32,
+        }
+    }
+}
+
+/// Index of a message type name in `State::message_type_names`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageTypeId(u32);
+
+/// The messages of one conversation waiting in a queue. Sequence numbers are contiguous (a
+/// conversation delivers in order, and RECEIVE takes from the front), so the queue is a dense
+/// ring: message `first_sequence + i` is at index `i`.
+#[derive(Debug, Clone, Default)]
+pub struct ConversationQueue {
+    first_sequence: u64,
+    messages: std::collections::VecDeque<QueuedMessage>,
+}
+
+impl ConversationQueue {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// The first message and its sequence number.
+    pub fn first(&self) -> Option<(u64, &QueuedMessage)> {
+        self.messages.front().map(|m| (self.first_sequence, m))
+    }
+
+    pub fn pop_first(&mut self) -> Option<(u64, QueuedMessage)> {
+        let message = self.messages.pop_front()?;
+        let sequence = self.first_sequence;
+        self.first_sequence += 1;
+        Some((sequence, message))
+    }
+
+    /// Adds message `sequence` at either end; anything else would leave a gap.
+    pub fn insert(&mut self, sequence: u64, message: QueuedMessage) -> Result<(), String> {
+        if self.messages.is_empty() {
+            self.first_sequence = sequence;
+            self.messages.push_back(message);
+        } else if sequence == self.first_sequence + self.messages.len() as u64 {
+            self.messages.push_back(message);
+        } else if sequence + 1 == self.first_sequence {
+            self.messages.push_front(message);
+            self.first_sequence = sequence;
+        } else {
+            return Err(format!(
+                "message {sequence} is not next to the queued {}..{}",
+                self.first_sequence,
+                self.first_sequence + self.messages.len() as u64
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn get_mut(&mut self, sequence: u64) -> Option<&mut QueuedMessage> {
+        let index = sequence.checked_sub(self.first_sequence)?;
+        self.messages.get_mut(usize::try_from(index).ok()?)
+    }
+
+    /// Messages with their sequence numbers, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &QueuedMessage)> {
+        (self.first_sequence..).zip(self.messages.iter())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clear(&mut self) {
+        self.messages.clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut QueuedMessage> {
+        self.messages.iter_mut()
+    }
+
+    /// The sequence numbers of the queued messages, oldest first.
+    pub fn sequences(&self) -> std::ops::Range<u64> {
+        self.first_sequence..self.first_sequence + self.messages.len() as u64
+    }
 }
 
 /// Where a message body lies in the log: its commit record, and the byte range within that
@@ -120,7 +240,7 @@ struct PendingRecord {
 #[derive(Debug, Default)]
 pub struct Group {
     pub queue: String,
-    pub conversations: BTreeMap<ConversationHandle, BTreeMap<u64, QueuedMessage>>,
+    pub conversations: BTreeMap<ConversationHandle, ConversationQueue>,
     /// This group's key in its queue's ready index (`State::ready`), if it has messages.
     ready_key: Option<u64>,
 }
@@ -144,7 +264,7 @@ impl Group {
     pub fn oldest(&self) -> Option<u64> {
         self.conversations
             .values()
-            .filter_map(|m| m.first_key_value().map(|(_, q)| q.queuing_order))
+            .filter_map(|m| m.first().map(|(_, q)| q.queuing_order))
             .min()
     }
 }
@@ -168,8 +288,10 @@ pub struct State {
     /// Per queue, the groups with waiting messages, by the queuing order of their oldest one:
     /// RECEIVE walks this instead of every group.
     ready: HashMap<String, BTreeSet<(u64, ConversationGroupId)>>,
-    /// One shared name per message type, instead of one allocation per queued message.
-    message_type_names: HashMap<String, Arc<str>>,
+    /// Message type names by `MessageTypeId`, and the reverse: one shared name per type
+    /// instead of one per queued message.
+    message_type_names: Vec<Arc<str>>,
+    message_type_ids: HashMap<String, MessageTypeId>,
     /// Set when a logged record could not be applied: the state no longer matches the log, so
     /// no later commit may proceed (they would wait forever for this one).
     pub(crate) broken: Option<String>,
@@ -310,25 +432,27 @@ impl State {
                     .group;
                 let queuing_order = self.next_queuing_order;
                 self.next_queuing_order += 1;
-                let message_type = self.message_type_name(message_type);
+                let message_type = self.message_type_id(message_type);
                 let group = self
                     .groups
                     .get_mut(&target_group)
                     .ok_or_else(|| corrupt(format!("endpoint {target} in unknown group")))?;
-                group.conversations.entry(target).or_default().insert(
-                    *sequence,
-                    QueuedMessage {
-                        sequence: *sequence,
-                        message_type,
-                        body: payload.slice(body_range.clone()),
-                        location: BodyLocation {
-                            record: position,
-                            start: body_range.start as u32,
-                            len: body_range.len() as u32,
-                        },
-                        queuing_order,
+                let message = QueuedMessage::new(
+                    payload.slice(body_range.clone()),
+                    BodyLocation {
+                        record: position,
+                        start: body_range.start as u32,
+                        len: body_range.len() as u32,
                     },
+                    message_type,
+                    queuing_order,
                 );
+                group
+                    .conversations
+                    .entry(target)
+                    .or_default()
+                    .insert(*sequence, message)
+                    .map_err(|e| corrupt(format!("send on {handle}: {e}")))?;
                 self.refresh_ready(target_group);
                 Ok(())
             }
@@ -350,8 +474,8 @@ impl State {
                     // Already taken when the receiving transaction commits; removed here on replay.
                     // Received messages are always the conversation's first ones.
                     while messages
-                        .first_key_value()
-                        .is_some_and(|(seq, _)| *seq <= *through_sequence)
+                        .first()
+                        .is_some_and(|(seq, _)| seq <= *through_sequence)
                     {
                         messages.pop_first();
                     }
@@ -393,7 +517,7 @@ impl State {
                 let queued = group
                     .and_then(|g| self.groups.get_mut(&g))
                     .and_then(|g| g.conversations.get_mut(handle))
-                    .and_then(|m| m.get_mut(sequence));
+                    .and_then(|m| m.get_mut(*sequence));
                 let taken = self
                     .taken
                     .get_mut(handle)
@@ -405,8 +529,12 @@ impl State {
                             "relocated body of {handle} #{sequence} changed length"
                         )));
                     }
-                    message.body = body.clone();
-                    message.location = location;
+                    *message = QueuedMessage::new(
+                        body.clone(),
+                        location,
+                        message.message_type,
+                        message.queuing_order,
+                    );
                 }
                 Ok(())
             }
@@ -419,8 +547,8 @@ impl State {
         &mut self,
         group: ConversationGroupId,
         handle: ConversationHandle,
-    ) -> Option<QueuedMessage> {
-        let (_, message) = self
+    ) -> Option<(u64, QueuedMessage)> {
+        let (sequence, message) = self
             .groups
             .get_mut(&group)?
             .conversations
@@ -429,9 +557,9 @@ impl State {
         self.taken
             .entry(handle)
             .or_default()
-            .insert(message.sequence, (group, message.clone()));
+            .insert(sequence, (group, message.clone()));
         self.refresh_ready(group);
-        Some(message)
+        Some((sequence, message))
     }
 
     /// The groups of `queue` with waiting messages, oldest first.
@@ -464,15 +592,20 @@ impl State {
         group.ready_key = key;
     }
 
-    /// The shared name of a message type.
-    pub(crate) fn message_type_name(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.message_type_names.get(name) {
-            return shared.clone();
+    /// The id of a message type name, assigned on first use.
+    pub(crate) fn message_type_id(&mut self, name: &str) -> MessageTypeId {
+        if let Some(id) = self.message_type_ids.get(name) {
+            return *id;
         }
-        let shared: Arc<str> = Arc::from(name);
-        self.message_type_names
-            .insert(name.to_owned(), shared.clone());
-        shared
+        let id = MessageTypeId(self.message_type_names.len() as u32);
+        self.message_type_names.push(Arc::from(name));
+        self.message_type_ids.insert(name.to_owned(), id);
+        id
+    }
+
+    /// The name of a message type id.
+    pub(crate) fn message_type_name(&self, id: MessageTypeId) -> &Arc<str> {
+        &self.message_type_names[id.0 as usize]
     }
 
     /// Puts taken messages of `handle` with the given sequences back into their group (their
@@ -483,20 +616,26 @@ impl State {
         };
         let mut returned = Vec::new();
         for sequence in sequences {
-            if let Some(entry) = taken.remove(sequence) {
-                returned.push(entry);
+            if let Some((group, message)) = taken.remove(sequence) {
+                returned.push((*sequence, group, message));
             }
         }
         if taken.is_empty() {
             self.taken.remove(&handle);
         }
-        for (group_id, message) in returned {
+        // Newest first: each goes back at the front of its conversation's queue.
+        returned.sort_unstable_by_key(|(sequence, _, _)| std::cmp::Reverse(*sequence));
+        for (sequence, group_id, message) in returned {
             if let Some(group) = self.groups.get_mut(&group_id) {
-                group
+                let put_back = group
                     .conversations
                     .entry(handle)
                     .or_default()
-                    .insert(message.sequence, message);
+                    .insert(sequence, message);
+                debug_assert!(
+                    put_back.is_ok(),
+                    "taken messages return in order: {put_back:?}"
+                );
                 self.refresh_ready(group_id);
             }
         }

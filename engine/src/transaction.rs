@@ -508,7 +508,7 @@ impl<'b> Transaction<'b> {
             .iter()
             .filter(|(handle, _)| what.conversation.is_none_or(|h| h == **handle))
             .filter_map(|(handle, messages)| {
-                let oldest = messages.values().map(|m| m.queuing_order).min()?;
+                let oldest = messages.first()?.1.queuing_order;
                 let priority = state
                     .endpoints
                     .get(handle)
@@ -521,16 +521,16 @@ impl<'b> Transaction<'b> {
         for (_, _, handle) in order {
             let mut through = None;
             while batch.len() < what.top {
-                let Some(message) = state.take_first(group_id, handle) else {
+                let Some((sequence, message)) = state.take_first(group_id, handle) else {
                     break;
                 };
-                through = Some(message.sequence);
-                self.taken.push((handle, message.sequence));
+                through = Some(sequence);
+                self.taken.push((handle, sequence));
                 batch.push(Message {
                     conversation_handle: handle,
                     conversation_group: group_id,
-                    message_type: message.message_type,
-                    sequence: message.sequence,
+                    message_type: state.message_type_name(message.message_type).clone(),
+                    sequence,
                     queuing_order: message.queuing_order,
                     body: message.body,
                 });

@@ -182,13 +182,13 @@ impl ScanView {
             // segment's readable end moves later (it never retracts below a handed-out record).
             Source::Mapped(_) => RecordBytes {
                 source: self.source.clone(),
-                start: range.start,
-                len,
+                start: range.start as u32,
+                len: len as u32,
             },
             Source::Owned(_) => RecordBytes {
                 source: self.source.clone(),
-                start: range.start - self.base,
-                len,
+                start: (range.start - self.base) as u32,
+                len: len as u32,
             },
         }
     }
@@ -199,15 +199,16 @@ impl ScanView {
 #[derive(Clone)]
 pub struct RecordBytes {
     source: Source,
-    /// Segment offset (mapped) or index into the owned buffer.
-    start: u64,
-    len: u64,
+    /// Segment offset (mapped) or index into the owned buffer. Segments are at most 1 GiB, so
+    /// 32 bits suffice, and every queued message of the engine holds one of these.
+    start: u32,
+    len: u32,
 }
 
 impl RecordBytes {
     pub(crate) fn owned(bytes: Vec<u8>) -> RecordBytes {
         RecordBytes {
-            len: bytes.len() as u64,
+            len: u32::try_from(bytes.len()).expect("a record is smaller than a segment"),
             source: Source::Owned(bytes.into()),
             start: 0,
         }
@@ -217,14 +218,14 @@ impl RecordBytes {
     /// `range` is out of bounds, as slice indexing does.
     pub fn slice(&self, range: Range<usize>) -> RecordBytes {
         assert!(
-            range.start <= range.end && range.end as u64 <= self.len,
+            range.start <= range.end && range.end <= self.len as usize,
             "range {range:?} out of bounds of {} record bytes",
             self.len
         );
         RecordBytes {
             source: self.source.clone(),
-            start: self.start + range.start as u64,
-            len: (range.end - range.start) as u64,
+            start: self.start + range.start as u32,
+            len: (range.end - range.start) as u32,
         }
     }
 
@@ -241,9 +242,11 @@ impl Deref for RecordBytes {
             Source::Mapped(segment) => segment
                 .map
                 .as_ref()
-                .and_then(|map| map.bytes(self.start, self.len))
+                .and_then(|map| map.bytes(self.start as u64, self.len as u64))
                 .expect("record bytes lie below the readable end, which never retracts below them"),
-            Source::Owned(buf) => &buf[self.start as usize..(self.start + self.len) as usize],
+            Source::Owned(buf) => {
+                &buf[self.start as usize..self.start as usize + self.len as usize]
+            }
         }
     }
 }
@@ -295,8 +298,8 @@ impl Segment {
                     let start = offset + RECORD_HEADER_BYTES;
                     let bytes = RecordBytes {
                         source: Source::Mapped(self.clone()),
-                        start,
-                        len: header.payload_len as u64,
+                        start: start as u32,
+                        len: header.payload_len,
                     };
                     Ok((header, bytes))
                 }
