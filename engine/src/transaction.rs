@@ -684,7 +684,12 @@ impl<'b> Transaction<'b> {
         self.release_locks();
         self.finished = true;
         let logged_bytes = result?;
-        self.broker.after_commit(logged_bytes)
+        // The transaction is committed: a checkpoint that fails now (a full disk, say) must not
+        // make it look as if it had not. The log keeps everything; the next checkpoint retries.
+        if let Err(e) = self.broker.after_commit(logged_bytes) {
+            tracing::warn!(error = %e, "checkpoint after commit failed; will retry");
+        }
+        Ok(())
     }
 
     /// Logs the ops as one record and applies it; returns the record's size.
