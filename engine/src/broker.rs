@@ -224,11 +224,11 @@ impl Broker {
             });
         }
         let appended = self.wal.commit(KIND_COMMIT, payload)?;
-        let logged = self.wal.read(appended.position)?;
-        let ops = record::decode(&logged.payload)
+        let logged = self.wal.appended_payload(&appended)?;
+        let ops = record::decode(&logged)
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
         let mut state = self.state.lock();
-        let applied = state.apply_in_order(appended.lsn, ops, logged.payload, appended.position);
+        let applied = state.apply_in_order(appended.lsn, ops, logged, appended.position);
         self.applied.notify_all();
         applied?;
         // The caller releases its locks only once its record is applied, so the next owner of a

@@ -134,6 +134,7 @@ pub(crate) fn payload_max_for(segment_bytes: u64) -> u64 {
 pub struct Appended {
     pub lsn: Lsn,
     pub position: Position,
+    pub payload_len: u32,
 }
 
 /// A record read back from the log.
@@ -391,6 +392,32 @@ impl Wal {
         }
     }
 
+    /// The payload of a record this handle appended (what `append` or `commit` returned), as
+    /// bytes borrowed from the log, without checking its checksum again: they are the bytes
+    /// this process just wrote, and reading them back through the map costs a pass over them.
+    pub fn appended_payload(&self, appended: &Appended) -> Result<RecordBytes> {
+        let position = appended.position;
+        let segment = self
+            .inner
+            .segments
+            .read()
+            .get(&position.segment)
+            .cloned()
+            .ok_or_else(|| Error::NoRecordAt {
+                position,
+                reason: "no such segment in the log (released, or never existed)".into(),
+            })?;
+        segment
+            .payload_bytes(
+                position.offset as u64 + RECORD_HEADER_BYTES,
+                appended.payload_len as u64,
+            )?
+            .ok_or_else(|| Error::NoRecordAt {
+                position,
+                reason: "the record is not written yet".into(),
+            })
+    }
+
     /// Iterates the written records from `from` on, in LSN order, checking each.
     pub fn records_from(&self, from: Lsn) -> Result<Records> {
         let segments: Vec<Arc<Segment>> = self.inner.segments.read().values().cloned().collect();
@@ -579,6 +606,7 @@ impl Inner {
                 segment: segment.first_lsn,
                 offset: offset as u32,
             },
+            payload_len: payload.len() as u32,
         })
     }
 

@@ -273,6 +273,25 @@ impl PartialEq<[u8]> for RecordBytes {
 }
 
 impl Segment {
+    /// Bytes `[start, start + len)` of this segment, which must lie below the readable end
+    /// (`None` otherwise), unchecked: for records whose bytes this process wrote.
+    pub fn payload_bytes(self: &Arc<Self>, start: u64, len: u64) -> Result<Option<RecordBytes>> {
+        if start + len > self.readable_end() {
+            return Ok(None);
+        }
+        if self.map.is_some() {
+            return Ok(Some(RecordBytes {
+                source: Source::Mapped(self.clone()),
+                start: start as u32,
+                len: len as u32,
+            }));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        read_exact_at(self.file.as_ref(), &mut bytes, start)
+            .map_err(|e| Error::io(format!("reading segment {}", self.name), e))?;
+        Ok(Some(RecordBytes::owned(bytes)))
+    }
+
     /// Reads and checks the record at `offset`, which must lie entirely below the readable end.
     pub fn record_at(
         self: &Arc<Self>,

@@ -269,3 +269,18 @@ fn readers_run_alongside_writers() {
     });
     assert_eq!(wal.next_lsn(), Lsn(901));
 }
+
+#[test]
+fn appended_payload_borrows_what_was_just_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small_options()).unwrap();
+    let appended = wal.commit(3, b"just written").unwrap();
+    assert_eq!(appended.payload_len, 12);
+    let bytes = wal.appended_payload(&appended).unwrap();
+    assert!(bytes.is_mapped());
+    assert_eq!(&*bytes, b"just written");
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let wal = Wal::open_storage(storage, small_options()).unwrap();
+    let appended = wal.append(3, b"in memory").unwrap();
+    assert_eq!(&*wal.appended_payload(&appended).unwrap(), b"in memory");
+}
