@@ -225,7 +225,9 @@ impl Broker {
         }
         let appended = self.wal.commit(KIND_COMMIT, payload)?;
         let logged = self.wal.appended_payload(&appended)?;
-        let ops = record::decode(&logged)
+        // Decode the copy in hand, not the mapped one: touching every page of the map would
+        // fault each in for nothing (receivers read the bodies through the map later).
+        let ops = record::decode(payload)
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
         let mut state = self.state.lock();
         let applied = state.apply_in_order(appended.lsn, ops, logged, appended.position);
