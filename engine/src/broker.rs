@@ -4,7 +4,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use herald_wal::{Durability, Lsn, Wal};
@@ -54,6 +56,12 @@ impl Default for Options {
 /// An open data directory: the catalog, conversations and queues, persisted in one log.
 /// Share it by reference between threads; each thread begins its own transactions.
 pub struct Broker {
+    core: Arc<BrokerCore>,
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+/// What a broker's transactions and its checkpoint thread share.
+pub struct BrokerCore {
     pub(crate) wal: Wal,
     pub(crate) state: Mutex<State>,
     /// Signalled whenever records are applied (see `State::apply_in_order`).
@@ -67,12 +75,40 @@ pub struct Broker {
     log_bytes_since_checkpoint: AtomicU64,
     /// Held while a checkpoint is taken; the size of the last one.
     checkpointing: Mutex<u64>,
+    /// Wakes the checkpoint thread: (a checkpoint is wanted, the broker is closing).
+    checkpoint_wanted: Mutex<(bool, bool)>,
+    checkpoint_signal: Condvar,
     _lock: File,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = BrokerCore;
+    fn deref(&self) -> &BrokerCore {
+        &self.core
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        *self.core.checkpoint_wanted.lock() = (false, true);
+        self.core.checkpoint_signal.notify_all();
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker").field("dir", &self.dir).finish()
+    }
+}
+
+impl std::fmt::Debug for BrokerCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerCore")
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
@@ -122,7 +158,7 @@ impl Broker {
                 state.applied_through
             )));
         }
-        Ok(Broker {
+        let core = Arc::new(BrokerCore {
             wal,
             state: Mutex::new(state),
             applied: Condvar::new(),
@@ -133,7 +169,21 @@ impl Broker {
             dir,
             log_bytes_since_checkpoint: AtomicU64::new(0),
             checkpointing: Mutex::new(0),
+            checkpoint_wanted: Mutex::new((false, false)),
+            checkpoint_signal: Condvar::new(),
             _lock: lock,
+        });
+        let thread_core = core.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("herald-checkpoint".into())
+            .spawn(move || thread_core.run_checkpointer())
+            .map_err(|e| Error::Io {
+                context: "starting the checkpoint thread".into(),
+                source: e,
+            })?;
+        Ok(Broker {
+            core,
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -143,6 +193,14 @@ impl Broker {
         Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Writes a checkpoint of the committed state and releases the log segments that hold
+    /// nothing the checkpoint or a queued message still needs.
+    pub fn checkpoint(&self) -> Result<CheckpointInfo> {
+        self.core.checkpoint()
+    }
+}
+
+impl BrokerCore {
     /// One conversation endpoint, as committed (the `sys.conversation_endpoints` row).
     pub fn conversation_endpoint(
         &self,
@@ -161,9 +219,7 @@ impl Broker {
         &self.dir
     }
 
-    /// Writes a checkpoint of the committed state and releases the log segments that hold
-    /// nothing the checkpoint or a queued message still needs.
-    pub fn checkpoint(&self) -> Result<CheckpointInfo> {
+    fn checkpoint(&self) -> Result<CheckpointInfo> {
         let mut last_size = self.checkpointing.lock();
         self.take_checkpoint(&mut last_size)
     }
@@ -191,23 +247,43 @@ impl Broker {
         })
     }
 
-    /// Called after every commit with the size of its record: checkpoints when the log has
-    /// grown enough (one committer at a time; the others go on).
-    pub(crate) fn after_commit(&self, logged_bytes: u64) -> Result<()> {
+    /// Called after every commit with the size of its record: once the log has grown enough,
+    /// wakes the checkpoint thread (commits never wait for a checkpoint).
+    pub(crate) fn after_commit(&self, logged_bytes: u64) {
         let grown = self
             .log_bytes_since_checkpoint
             .fetch_add(logged_bytes, Ordering::Relaxed)
             + logged_bytes;
-        if grown < self.options.checkpoint_interval_bytes {
-            return Ok(());
+        if grown >= self.options.checkpoint_interval_bytes {
+            self.checkpoint_wanted.lock().0 = true;
+            self.checkpoint_signal.notify_one();
         }
-        let Some(mut last_size) = self.checkpointing.try_lock() else {
-            return Ok(());
-        };
-        if grown < self.options.checkpoint_interval_bytes.max(2 * *last_size) {
-            return Ok(());
+    }
+
+    /// The checkpoint thread: takes a checkpoint when the log has grown by the interval and by
+    /// twice the last checkpoint's size. A failure (a full disk, say) is logged; the log keeps
+    /// everything, and the next wake-up tries again.
+    fn run_checkpointer(&self) {
+        loop {
+            {
+                let mut wanted = self.checkpoint_wanted.lock();
+                while !wanted.0 && !wanted.1 {
+                    self.checkpoint_signal.wait(&mut wanted);
+                }
+                if wanted.1 {
+                    return;
+                }
+                wanted.0 = false;
+            }
+            let mut last_size = self.checkpointing.lock();
+            let grown = self.log_bytes_since_checkpoint.load(Ordering::Relaxed);
+            if grown < self.options.checkpoint_interval_bytes.max(2 * *last_size) {
+                continue;
+            }
+            if let Err(e) = self.take_checkpoint(&mut last_size) {
+                tracing::warn!(error = %e, "checkpoint failed; will retry");
+            }
         }
-        self.take_checkpoint(&mut last_size).map(|_| ())
     }
 
     /// Logs `ops` as one commit record and applies it (in LSN order with every other commit);
