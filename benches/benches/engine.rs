@@ -801,8 +801,10 @@ fn queued(settings: &Settings, root: &Path, report: &mut Report) -> BenchResult<
         left -= batch;
     }
     let build_time = built.elapsed();
-    let heap = ALLOCATOR.allocated().saturating_sub(heap_before);
+    // Checkpoint first: it waits for a background checkpoint that may be running, whose
+    // transient encoding buffer would otherwise be counted as if queued messages held it.
     let checkpoint = engine.broker.checkpoint()?;
+    let heap = ALLOCATOR.allocated().saturating_sub(heap_before);
     let BenchBroker { broker, dir } = engine;
     drop(broker);
     println!(
