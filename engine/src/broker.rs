@@ -74,7 +74,7 @@ pub struct BrokerCore {
     /// Log bytes committed since the last checkpoint.
     log_bytes_since_checkpoint: AtomicU64,
     /// Held while a checkpoint is taken; the size of the last one.
-    checkpointing: Mutex<u64>,
+    pub(crate) checkpointing: Mutex<u64>,
     /// Wakes the checkpoint thread: (a checkpoint is wanted, the broker is closing).
     checkpoint_wanted: Mutex<(bool, bool)>,
     checkpoint_signal: Condvar,

@@ -64,6 +64,9 @@ fn run(broker: &Broker, idle: bool) -> Result<(), String> {
     let group_locks: HashMap<ConversationGroupId, TxId> =
         broker.locks.owners().into_iter().collect();
     let (catalog_readers, catalog_writer) = broker.catalog_lock.holders();
+    // The checkpoint thread commits too (compaction's relocations): hold it off, so that no
+    // commit is half done while the state is compared with the log.
+    let _no_checkpoint = broker.checkpointing.lock();
     let state = broker.state.lock();
     let mut checker = Checker {
         violations: Vec::new(),
