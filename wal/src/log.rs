@@ -370,16 +370,7 @@ impl Wal {
 
     /// Reads and checks (checksum included) the record at `position`.
     pub fn read(&self, position: Position) -> Result<Record> {
-        let segment = self
-            .inner
-            .segments
-            .read()
-            .get(&position.segment)
-            .cloned()
-            .ok_or_else(|| Error::NoRecordAt {
-                position,
-                reason: "no such segment in the log (released, or never existed)".into(),
-            })?;
+        let segment = self.segment_at(position)?;
         let payload_max = payload_max_for(segment.segment_bytes);
         match segment.record_at(position.offset as u64, payload_max)? {
             Ok((header, payload)) => Ok(Record {
@@ -397,17 +388,7 @@ impl Wal {
     /// this process just wrote, and reading them back through the map costs a pass over them.
     pub fn appended_payload(&self, appended: &Appended) -> Result<RecordBytes> {
         let position = appended.position;
-        let segment = self
-            .inner
-            .segments
-            .read()
-            .get(&position.segment)
-            .cloned()
-            .ok_or_else(|| Error::NoRecordAt {
-                position,
-                reason: "no such segment in the log (released, or never existed)".into(),
-            })?;
-        segment
+        self.segment_at(position)?
             .payload_bytes(
                 position.offset as u64 + RECORD_HEADER_BYTES,
                 appended.payload_len as u64,
@@ -415,6 +396,19 @@ impl Wal {
             .ok_or_else(|| Error::NoRecordAt {
                 position,
                 reason: "the record is not written yet".into(),
+            })
+    }
+
+    /// The live segment `position` points into.
+    fn segment_at(&self, position: Position) -> Result<Arc<Segment>> {
+        self.inner
+            .segments
+            .read()
+            .get(&position.segment)
+            .cloned()
+            .ok_or_else(|| Error::NoRecordAt {
+                position,
+                reason: "no such segment in the log (released, or never existed)".into(),
             })
     }
 
