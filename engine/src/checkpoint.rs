@@ -17,6 +17,7 @@ use std::path::Path;
 use herald_wal::{Lsn, Position, RecordBytes, Wal};
 
 use crate::catalog::DEFAULT;
+use crate::codec::{Reader, put_str, put_u64, put_u128};
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 use crate::record::{self, Op};
@@ -260,17 +261,14 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
     if crc32fast::hash(content) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err("checksum mismatch".into());
     }
-    let mut r = Reader {
-        bytes: content,
-        at: 8,
-    };
+    let mut r = Reader::new(content, 8);
     let version = r.u32()?;
     if version != VERSION {
         return Err(format!("version {version}; this build reads {VERSION}"));
     }
     let lsn = Lsn(r.u64()?);
     let body_len = r.u64()?;
-    if body_len != (content.len() - r.at) as u64 {
+    if body_len != r.remaining() as u64 {
         return Err("body length disagrees with the file size".into());
     }
     let catalog_len = r.len()?;
@@ -329,8 +327,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
         }
         groups.push((id, queue, conversations));
     }
-    if r.at != content.len() {
-        return Err(format!("{} trailing bytes", content.len() - r.at));
+    if r.remaining() != 0 {
+        return Err(format!("{} trailing bytes", r.remaining()));
     }
     Ok(Image {
         lsn,
@@ -429,82 +427,6 @@ fn endpoint_state(code: u8) -> std::result::Result<EndpointState, String> {
         6 => EndpointState::Closed,
         other => return Err(format!("unknown endpoint state {other}")),
     })
-}
-
-fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u128(out: &mut Vec<u8>, v: u128) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| format!("truncated at offset {}", self.at))?;
-        let slice = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(slice)
-    }
-    fn u8(&mut self) -> std::result::Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn flag(&mut self) -> std::result::Result<bool, String> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            other => Err(format!("bad flag {other}")),
-        }
-    }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn u128(&mut self) -> std::result::Result<u128, String> {
-        Ok(u128::from_le_bytes(
-            self.take(16)?.try_into().expect("16 bytes"),
-        ))
-    }
-    fn len(&mut self) -> std::result::Result<usize, String> {
-        let len = self.u64()?;
-        usize::try_from(len)
-            .ok()
-            .filter(|len| *len <= self.bytes.len() - self.at)
-            .ok_or_else(|| format!("length {len} beyond the file"))
-    }
-    /// A count of items of at least `item_bytes` each: bounded by what is left, so a corrupt
-    /// count cannot ask for a huge allocation.
-    fn count(&mut self, item_bytes: usize) -> std::result::Result<usize, String> {
-        let count = self.u64()?;
-        usize::try_from(count)
-            .ok()
-            .filter(|c| c.saturating_mul(item_bytes) <= self.bytes.len() - self.at)
-            .ok_or_else(|| format!("count {count} beyond the file"))
-    }
-    fn string(&mut self) -> std::result::Result<String, String> {
-        let len = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
-        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "name is not UTF-8".into())
-    }
 }
 
 /// Fuzzing entry point: decoding arbitrary bytes never panics.

@@ -35,6 +35,7 @@
 mod broker;
 pub mod catalog;
 pub mod checkpoint;
+mod codec;
 mod error;
 mod ids;
 pub mod invariants;

@@ -10,6 +10,7 @@
 use std::ops::Range;
 
 use crate::catalog::{QueueOptions, SentBy, Validation};
+use crate::codec::{Reader, put_str};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 
 /// WAL record kind of a commit record.
@@ -97,6 +98,12 @@ pub struct DialogRecord {
 /// Why a commit record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeError(pub String);
+
+impl From<String> for DecodeError {
+    fn from(reason: String) -> DecodeError {
+        DecodeError(reason)
+    }
+}
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -297,12 +304,6 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    debug_assert!(s.len() <= u16::MAX as usize);
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 fn validation_code(v: Validation) -> u8 {
     match v {
         Validation::None => 0,
@@ -329,10 +330,7 @@ fn queue_flags(o: QueueOptions) -> u8 {
 /// place in `payload` as `body_range`, so the caller can borrow it from the log instead of
 /// copying it.
 pub fn decode(payload: &[u8]) -> Result<Vec<Op>, DecodeError> {
-    let mut r = Reader {
-        bytes: payload,
-        at: 0,
-    };
+    let mut r = Reader::new(payload, 0);
     let version = r.u8()?;
     if version != FORMAT_VERSION {
         return Err(DecodeError(format!("unknown version {version}")));
@@ -349,72 +347,16 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Op>, DecodeError> {
     for _ in 0..count {
         ops.push(r.op()?);
     }
-    if r.at != payload.len() {
+    if r.at() != payload.len() {
         return Err(DecodeError(format!(
             "{} trailing bytes after the last op",
-            payload.len() - r.at
+            payload.len() - r.at()
         )));
     }
     Ok(ops)
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| {
-                DecodeError(format!(
-                    "{n} bytes wanted at offset {} of {}",
-                    self.at,
-                    self.bytes.len()
-                ))
-            })?;
-        let slice = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(slice)
-    }
-
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn u128(&mut self) -> Result<u128, DecodeError> {
-        Ok(u128::from_le_bytes(
-            self.take(16)?.try_into().expect("16 bytes"),
-        ))
-    }
-
-    fn string(&mut self) -> Result<String, DecodeError> {
-        let len = self.u16()? as usize;
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError("name is not UTF-8".into()))
-    }
-
+impl Reader<'_> {
     fn validation(&mut self) -> Result<Validation, DecodeError> {
         Ok(match self.u8()? {
             0 => Validation::None,
@@ -518,7 +460,7 @@ impl<'a> Reader<'a> {
                 let message_type = self.string()?;
                 let sequence = self.u64()?;
                 let len = self.u32()? as usize;
-                let start = self.at;
+                let start = self.at();
                 self.take(len)?;
                 Op::Send {
                     handle,
@@ -536,7 +478,7 @@ impl<'a> Reader<'a> {
                 let handle = ConversationHandle(self.u128()?);
                 let sequence = self.u64()?;
                 let len = self.u32()? as usize;
-                let start = self.at;
+                let start = self.at();
                 self.take(len)?;
                 Op::Relocate {
                     handle,
