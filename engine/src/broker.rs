@@ -19,6 +19,11 @@ use crate::record::{self, KIND_COMMIT};
 use crate::state::State;
 use crate::transaction::Transaction;
 
+/// A checkpoint waits for the log to grow by this many times the last checkpoint's size: a
+/// large backlog's checkpoints then add at most an eighth to the bytes written, and recovery
+/// replays at most this many checkpoints' worth of log.
+const CHECKPOINT_LOG_GROWTH_FACTOR: u64 = 8;
+
 /// Compaction re-logs the live bodies of the oldest segment when they fill at most this
 /// fraction of it.
 const COMPACT_LIVE_FRACTION: u64 = 8;
@@ -37,8 +42,8 @@ pub struct Options {
     /// Size of the log's segment files.
     pub segment_bytes: u64,
     /// A checkpoint is taken once the log has grown by this many bytes since the last one (or
-    /// by twice the last checkpoint's size, if larger, so checkpoints of a large backlog do not
-    /// dominate the writes).
+    /// by `CHECKPOINT_LOG_GROWTH_FACTOR` times the last checkpoint's size, if larger, so
+    /// checkpoints of a large backlog do not dominate the writes).
     pub checkpoint_interval_bytes: u64,
 }
 
@@ -261,7 +266,7 @@ impl BrokerCore {
     }
 
     /// The checkpoint thread: takes a checkpoint when the log has grown by the interval and by
-    /// twice the last checkpoint's size. A failure (a full disk, say) is logged; the log keeps
+    /// `CHECKPOINT_LOG_GROWTH_FACTOR` times the last checkpoint's size. A failure (a full disk, say) is logged; the log keeps
     /// everything, and the next wake-up tries again.
     fn run_checkpointer(&self) {
         loop {
@@ -277,7 +282,12 @@ impl BrokerCore {
             }
             let mut last_size = self.checkpointing.lock();
             let grown = self.log_bytes_since_checkpoint.load(Ordering::Relaxed);
-            if grown < self.options.checkpoint_interval_bytes.max(2 * *last_size) {
+            if grown
+                < self
+                    .options
+                    .checkpoint_interval_bytes
+                    .max(CHECKPOINT_LOG_GROWTH_FACTOR * *last_size)
+            {
                 continue;
             }
             if let Err(e) = self.take_checkpoint(&mut last_size) {
