@@ -457,3 +457,124 @@ fn concurrent_receivers_never_share_a_group_and_get_everything_once() {
         assert_eq!(sequences, &expected);
     }
 }
+
+#[test]
+fn receive_and_send_refuse_what_does_not_belong() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    shop(&broker);
+    let mut tx = broker.begin();
+    let h = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    tx.send(h, ORDER, &order(1)).unwrap();
+    tx.commit().unwrap();
+
+    let mut tx = broker.begin();
+    // The initiator's endpoint lives on the client's queue, not the order queue.
+    assert!(matches!(
+        tx.receive("OrderQueue", Receive::top(1).conversation(h)),
+        Err(Error::WrongQueue { .. })
+    ));
+    let unknown_group = herald_engine::ConversationGroupId::random();
+    assert!(matches!(
+        tx.receive("OrderQueue", Receive::top(1).group(unknown_group)),
+        Err(Error::UnknownConversationGroup { .. })
+    ));
+    assert!(matches!(
+        tx.receive("NoSuchQueue", Receive::top(1)),
+        Err(Error::UnknownQueue(_))
+    ));
+    assert!(matches!(
+        tx.send_many(&[], ORDER, &order(2)),
+        Err(Error::NoConversation)
+    ));
+    let too_big = vec![b' '; herald_engine::MESSAGE_BODY_BYTES_MAX + 1];
+    assert!(matches!(
+        tx.send(h, ORDER, &too_big),
+        Err(Error::BodyTooLarge { .. })
+    ));
+    assert!(matches!(
+        tx.send(
+            herald_engine::ConversationHandle::random(),
+            ORDER,
+            &order(3)
+        ),
+        Err(Error::UnknownConversation(_))
+    ));
+    assert!(matches!(
+        tx.begin_dialog("//nope", ORDERS, CONTRACT, DialogOptions::default()),
+        Err(Error::UnknownService(_))
+    ));
+    assert!(matches!(
+        tx.begin_dialog(CLIENT, ORDERS, "//nope", DialogOptions::default()),
+        Err(Error::UnknownContract(_))
+    ));
+    // A group belongs to one queue: the order queue's group cannot hold a client dialog.
+    let target_group = broker
+        .conversation_endpoint(h)
+        .and_then(|e| e.far_handle)
+        .and_then(|far| broker.conversation_endpoint(far))
+        .unwrap()
+        .group;
+    assert!(matches!(
+        tx.begin_dialog(
+            CLIENT,
+            ORDERS,
+            CONTRACT,
+            DialogOptions {
+                related_conversation_group: Some(target_group),
+                ..DialogOptions::default()
+            }
+        ),
+        Err(Error::GroupOnOtherQueue { .. })
+    ));
+    // Everything refused, the transaction still works.
+    tx.send(h, ORDER, &order(4)).unwrap();
+    tx.commit().unwrap();
+    herald_engine::invariants::check_idle(&broker).unwrap();
+}
+
+#[test]
+fn a_transaction_larger_than_a_log_record_is_refused_and_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(
+        dir.path(),
+        Options {
+            segment_bytes: 64 * 1024,
+            ..options()
+        },
+    )
+    .unwrap();
+    let mut tx = broker.begin();
+    tx.create_message_type("//big", Validation::None).unwrap();
+    tx.create_contract("//c", &[("//big", SentBy::Any)])
+        .unwrap();
+    tx.create_queue("Q", QueueOptions::default()).unwrap();
+    tx.create_service("//s", "Q", &["//c"]).unwrap();
+    let h = tx
+        .begin_dialog("//s", "//s", "//c", DialogOptions::default())
+        .unwrap();
+    tx.commit().unwrap();
+    let mut tx = broker.begin();
+    for _ in 0..8 {
+        tx.send(h, "//big", &[7u8; 10_000]).unwrap();
+    }
+    assert!(matches!(
+        tx.commit(),
+        Err(Error::TransactionTooLarge { .. })
+    ));
+    herald_engine::invariants::check_idle(&broker).unwrap();
+    // Nothing of it happened; smaller transactions go on.
+    let mut tx = broker.begin();
+    assert!(tx.receive("Q", Receive::top(10)).unwrap().is_empty());
+    tx.send(h, "//big", &[7u8; 10_000]).unwrap();
+    tx.commit().unwrap();
+    let mut tx = broker.begin();
+    let got = tx.receive("Q", Receive::top(10)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].sequence, 0,
+        "the refused transaction used no sequence number"
+    );
+}
