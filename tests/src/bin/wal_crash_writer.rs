@@ -63,7 +63,15 @@ fn run() -> Result<(), String> {
         let workers: Vec<_> = (0..threads)
             .map(|thread| {
                 let wal = &wal;
-                scope.spawn(move || commit_until(wal, round, thread, deadline))
+                scope.spawn(move || {
+                    // A failing thread ends the whole process at once: otherwise the test could
+                    // SIGKILL a writer whose error it never saw, and call that a crash.
+                    if let Err(message) = commit_until(wal, round, thread, deadline) {
+                        eprintln!("wal_crash_writer: {message}");
+                        std::process::exit(2);
+                    }
+                    Ok(())
+                })
             })
             .collect();
         workers
