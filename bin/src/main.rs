@@ -1,15 +1,16 @@
 //! `herald`: the node and the command-line client.
 //!
 //! Today only `herald node` exists, and it does only what is built: it opens (creating if
-//! needed) the data directory's write-ahead log, reports what it found, and waits for Ctrl-C or
-//! SIGTERM. It serves nothing yet; the engine and the network are their own issues.
+//! needed) the data directory's broker, reports what it holds, and waits for Ctrl-C or SIGTERM,
+//! then checkpoints and closes it. It serves nothing yet; the network and the client are their
+//! own issues.
 #![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use herald_wal::{Options, Wal};
+use herald_engine::{Broker, Options as BrokerOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about = "Herald: a durable messaging engine")]
@@ -20,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a node on a data directory (today: open its log, report it, wait for Ctrl-C).
+    /// Run a node on a data directory (today: open its broker, report it, wait for Ctrl-C).
     Node {
         /// Data directory; created on first start.
         #[arg(long, default_value = "./herald-data")]
@@ -49,41 +50,28 @@ fn main() -> ExitCode {
 }
 
 fn run_node(data_dir: PathBuf) -> Result<(), String> {
-    let wal_dir = data_dir.join("wal");
-    let wal = Wal::open(&wal_dir, Options::default())
-        .map_err(|e| format!("opening the log in {}: {e}", wal_dir.display()))?;
-    let report = wal.recovery_report();
-    println!("herald node: log at {}", wal_dir.display());
-    let (first, next) = (wal.first_lsn(), wal.next_lsn());
-    if next > first {
-        println!(
-            "  {} segment(s), records {first}..={} ({} checked at recovery)",
-            report.segments,
-            next.0 - 1,
-            report.records_scanned
-        );
-    } else {
-        println!("  {} segment(s), no records yet", report.segments);
-    }
-    if let Some(tail) = &report.truncated {
-        println!(
-            "  cut a torn tail at {} offset {} ({})",
-            tail.segment, tail.offset, tail.reason
-        );
-    }
-    for segment in wal.segments() {
-        println!(
-            "  {}  {} of {} bytes written{}",
-            segment.name,
-            segment.written_bytes,
-            segment.segment_bytes,
-            if segment.active { "  (active)" } else { "" }
-        );
-    }
-    println!("  not serving: the engine and network are not built yet. Ctrl-C to stop.");
+    let broker = Broker::open(&data_dir, BrokerOptions::default())
+        .map_err(|e| format!("opening the broker in {}: {e}", data_dir.display()))?;
+    let catalog = broker.catalog();
+    let endpoints = broker.conversation_endpoints();
+    println!("herald node: data directory {}", data_dir.display());
+    println!(
+        "  {} queue(s), {} service(s), {} contract(s), {} conversation endpoint(s)",
+        catalog.queues.len(),
+        catalog.services.len(),
+        catalog.contracts.len(),
+        endpoints.len()
+    );
+    println!(
+        "  log: {} bytes in segment files",
+        broker.log_bytes_on_disk()
+    );
+    println!("  not serving: the network and the client are not built yet. Ctrl-C to stop.");
     wait_for_shutdown_signal()?;
-    wal.close().map_err(|e| format!("closing the log: {e}"))?;
-    println!("herald node: log synced and closed");
+    broker
+        .close()
+        .map_err(|e| format!("closing the broker: {e}"))?;
+    println!("herald node: checkpoint written, log synced and closed");
     Ok(())
 }
 

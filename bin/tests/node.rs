@@ -1,5 +1,5 @@
-//! `herald node` as a user runs it: it opens the data directory's log, reports it, waits for a
-//! signal, and syncs and closes the log on SIGTERM; a second node on the same directory is
+//! `herald node` as a user runs it: it opens the data directory's broker, reports it, waits for
+//! a signal, and checkpoints and closes it on SIGTERM; a second node on the same directory is
 //! refused with a clear error.
 
 use std::io::{BufRead, BufReader};
@@ -70,7 +70,7 @@ fn node_reports_its_log_and_shuts_down_cleanly_on_sigterm() {
         .expect("running a second herald node");
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(stderr.contains("locked"), "second node's error: {stderr}");
+    assert!(stderr.contains("in use"), "second node's error: {stderr}");
 
     send_sigterm(&child);
     let output = child.wait_with_output().expect("waiting for herald node");
@@ -86,7 +86,11 @@ fn node_reports_its_log_and_shuts_down_cleanly_on_sigterm() {
         "output after SIGTERM: {rest:?}"
     );
 
-    // Restarted, it finds the same log (no records yet) and nothing to repair.
+    assert!(
+        data_dir.join("CHECKPOINT").exists(),
+        "a clean stop checkpoints"
+    );
+    // Restarted, it finds the same data directory.
     let (child, _lines) = start_node(&data_dir);
     send_sigterm(&child);
     assert!(child.wait_with_output().unwrap().status.success());

@@ -95,11 +95,7 @@ impl std::ops::Deref for Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        *self.core.checkpoint_wanted.lock() = (false, true);
-        self.core.checkpoint_signal.notify_all();
-        if let Some(thread) = self.checkpointer.take() {
-            let _ = thread.join();
-        }
+        self.stop_checkpointer();
     }
 }
 
@@ -202,6 +198,34 @@ impl Broker {
     /// nothing the checkpoint or a queued message still needs.
     pub fn checkpoint(&self) -> Result<CheckpointInfo> {
         self.core.checkpoint()
+    }
+
+    /// Closes the broker: stops its checkpoint thread, takes a last checkpoint (so the next open
+    /// replays little), and syncs and closes the log, reporting what fails. Dropping a broker
+    /// does the same minus the checkpoint, without reporting.
+    pub fn close(mut self) -> Result<()> {
+        self.stop_checkpointer();
+        self.core.checkpoint()?;
+        let core = Arc::clone(&self.core);
+        drop(self);
+        match Arc::try_unwrap(core) {
+            Ok(core) => core.wal.close().map_err(Error::from),
+            // Unreachable: the checkpoint thread, the only other holder, has been joined.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn stop_checkpointer(&mut self) {
+        *self.core.checkpoint_wanted.lock() = (false, true);
+        self.core.checkpoint_signal.notify_all();
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// The committed catalog (a copy).
+    pub fn catalog(&self) -> crate::catalog::Catalog {
+        self.state.lock().catalog.clone()
     }
 }
 

@@ -192,3 +192,23 @@ fn busy_target(
         .and_then(|e| e.far_handle)
         .expect("both endpoints are local")
 }
+
+#[test]
+fn close_checkpoints_so_the_next_open_replays_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let h;
+    {
+        let broker = Broker::open(dir.path(), options()).unwrap();
+        h = setup(&broker);
+        let mut tx = broker.begin();
+        for n in 0..10 {
+            tx.send(h, "//m", &body(n)).unwrap();
+        }
+        tx.commit().unwrap();
+        broker.close().unwrap();
+    }
+    assert!(dir.path().join("CHECKPOINT").exists());
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    let mut tx = broker.begin();
+    assert_eq!(tx.receive("In", Receive::top(100)).unwrap().len(), 10);
+}
