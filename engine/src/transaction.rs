@@ -2,13 +2,15 @@
 //! at once, as one commit record.
 //!
 //! A transaction validates each operation when it is made, against the committed state plus its
-//! own earlier operations, and records it as an `Op`. A failed operation changes nothing (its
+//! own earlier operations, and encodes it into its commit record right away (`RecordBuilder`:
+//! message bodies are copied once, into the record). A failed operation changes nothing (its
 //! checks all run before anything is recorded). Catalog changes are made on a private copy of
-//! the catalog, under the exclusive catalog lock. RECEIVE takes messages out of the queue at once
-//! (their group is locked by this transaction, so no one else could see them anyway) and keeps
-//! them to put back, in order, if the transaction rolls back. At commit the ops are encoded, logged
-//! as one record, and applied to the state by the same code that replays the log at recovery; the
-//! locks are released last, so the next owner of a group sees the committed state.
+//! the catalog, under the exclusive catalog lock. RECEIVE moves messages out of the queue index
+//! into `State::taken` at once (their group is locked by this transaction, so no one else could
+//! see them anyway); a rollback puts them back in order, a commit drops them. At commit the
+//! record is logged and applied to the state, in LSN order, by the same code that replays the log
+//! at recovery; the locks are released last, so the next owner of a group sees the committed
+//! state.
 
 use std::sync::Arc;
 use std::time::Duration;
