@@ -3,3 +3,4 @@
 
 pub mod crash_record;
 pub mod engine_crash;
+pub mod kill;

@@ -38,11 +38,8 @@
 //! replays it; the writer's timing still varies from run to run).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_engine::{
@@ -52,11 +49,10 @@ use herald_tests::engine_crash::{
     BodyId, BodyKind, INITIATOR_QUEUE, Phase, TARGET_QUEUE, TxLine, TxOp, crash_broker_options,
     parse_lines, verify_body,
 };
+use herald_tests::kill::{Kill, fresh_seed, run_until_killed};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-/// A writer that has not acknowledged anything by then is broken (or the machine is).
-const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// One round in this many kills the writer at a random moment after spawning it: while it opens
 /// and recovers the broker, creates the catalog, or before its first commit returns.
 const BLIND_KILL_ONE_IN: u32 = 5;
@@ -130,23 +126,6 @@ fn run_crash_rounds(rounds: u32) {
         stats.sends_acked,
         stats.receives_acked
     );
-}
-
-/// A seed for a run nobody asked to replay: the clock and the process id.
-fn fresh_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
-
-/// When to kill the writer.
-#[derive(Debug, Clone, Copy)]
-enum Kill {
-    /// This long after spawning it, whatever it did meanwhile.
-    Blind(Duration),
-    /// This long after its first `commit` line.
-    AfterFirstAck(Duration),
 }
 
 #[derive(Debug, Default)]
@@ -767,90 +746,9 @@ fn check_endpoints(round: u32, model: &Model, endpoints: &[ConversationEndpoint]
 
 /// Spawns the writer, kills it as `kill` says, and returns the lines it printed.
 fn run_writer_until_killed(dir: &Path, round: u32, kill: Kill) -> Vec<TxLine> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engine_crash_writer"))
-        .arg(dir)
-        .arg(round.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the engine crash writer");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let (first_commit_tx, first_commit_rx) = mpsc::sync_channel(1);
-    let stdout_reader = std::thread::spawn(move || read_output(stdout, first_commit_tx));
-    let stderr_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let acknowledged_in_time = match kill {
-        Kill::Blind(delay) => {
-            std::thread::sleep(delay);
-            true
-        }
-        Kill::AfterFirstAck(delay) => match first_commit_rx.recv_timeout(FIRST_ACK_TIMEOUT) {
-            Ok(()) => {
-                std::thread::sleep(delay);
-                true
-            }
-            // Timed out, or the writer closed its stdout (it exited): reported below.
-            Err(_) => false,
-        },
-    };
-    // SIGKILL on Unix. On a writer that already exited (and is not yet reaped) it still succeeds.
-    child.kill().expect("sending SIGKILL to the crash writer");
-    let status = child.wait().expect("waiting for the crash writer");
-    let output = stdout_reader.join().expect("stdout reader panicked");
-    let stderr = stderr_reader.join().expect("stderr reader panicked");
-    const SIGKILL: i32 = 9;
-    assert_eq!(
-        status.signal(),
-        Some(SIGKILL),
-        "round {round}: the crash writer was not killed by SIGKILL but ended with {status}; \
-         its stderr:\n{stderr}"
-    );
-    assert!(
-        acknowledged_in_time,
-        "round {round}: the crash writer acknowledged no commit within {FIRST_ACK_TIMEOUT:?}; \
-         its stderr:\n{stderr}"
-    );
-    let output = output.unwrap_or_else(|e| panic!("round {round}: reading writer output: {e}"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_engine_crash_writer"));
+    command.arg(dir).arg(round.to_string());
+    // A `commit` line is printed once a commit returned; `pending` lines are not promises.
+    let output = run_until_killed(command, round, kill, |line| line.starts_with(b"commit "));
     parse_lines(&output).unwrap_or_else(|e| panic!("round {round}: {e}"))
-}
-
-/// Reads the writer's stdout to its end (the kill closes it), signalling the first complete
-/// `commit` line as soon as it arrives.
-fn read_output(
-    mut stdout: impl Read,
-    first_commit: mpsc::SyncSender<()>,
-) -> std::io::Result<Vec<u8>> {
-    let mut output = Vec::new();
-    let mut signalled = false;
-    let mut line_start = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(0) => return Ok(output),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let scanned = output.len();
-        output.extend_from_slice(&buf[..n]);
-        if signalled {
-            continue;
-        }
-        for at in scanned..output.len() {
-            if output[at] == b'\n' {
-                if output[line_start..at].starts_with(b"commit ") {
-                    signalled = true;
-                    // The receiver may have stopped waiting (blind kill); that is fine.
-                    let _ = first_commit.try_send(());
-                    break;
-                }
-                line_start = at + 1;
-            }
-        }
-    }
 }

@@ -18,14 +18,12 @@
 //! replays it; the writer's own timing still varies from run to run).
 
 use std::collections::{BTreeSet, VecDeque};
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_tests::crash_record::{Ack, RecordId, crash_log_options, parse_acks, verify_record};
+use herald_tests::kill::{Kill, fresh_seed, run_until_killed};
 use herald_wal::{Lsn, Position, Wal};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -39,8 +37,6 @@ const TEST_APPENDS: u32 = 3;
 /// When the live segments exceed this, the test releases the older half of the log, so that
 /// long runs stay bounded (and release, too, meets crashes).
 const LOG_BYTES_MAX: u64 = 8 * 1024 * 1024;
-/// A writer that has not acknowledged anything by then is broken (or the machine is).
-const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// One round in this many kills the writer at a random moment after spawning it, acknowledged
 /// or not: while it opens and recovers the log, or before its first commit returns.
 const BLIND_KILL_ONE_IN: u32 = 5;
@@ -107,24 +103,6 @@ fn run_crash_rounds(rounds: u32) {
         stats.ack_segments.len() >= 2,
         "seed {seed}: acknowledged records never crossed a segment boundary"
     );
-}
-
-/// A seed for a run nobody asked to replay: the clock and the process id, which is all the
-/// variety a schedule needs.
-fn fresh_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
-
-/// When to kill the writer.
-#[derive(Debug, Clone, Copy)]
-enum Kill {
-    /// This long after spawning it, whatever it did meanwhile.
-    Blind(Duration),
-    /// This long after its first acknowledgement.
-    AfterFirstAck(Duration),
 }
 
 /// What the log holds, as far as the test knows: the record ids and positions from `first_lsn`
@@ -266,86 +244,18 @@ fn run_round(dir: &Path, round: u32, kill: Kill, log: &mut LogModel, stats: &mut
 
 /// Spawns the writer, kills it as `kill` says, and returns the commits it acknowledged.
 fn run_writer_until_killed(dir: &Path, round: u32, kill: Kill) -> Vec<Ack> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wal_crash_writer"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wal_crash_writer"));
+    command
         .arg(dir)
         .arg(round.to_string())
-        .arg(WRITER_THREADS.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the crash writer");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let (first_line_tx, first_line_rx) = mpsc::sync_channel(1);
-    let stdout_reader = std::thread::spawn(move || read_output(stdout, first_line_tx));
-    let stderr_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let acknowledged_in_time = match kill {
-        Kill::Blind(delay) => {
-            std::thread::sleep(delay);
-            true
-        }
-        Kill::AfterFirstAck(delay) => match first_line_rx.recv_timeout(FIRST_ACK_TIMEOUT) {
-            Ok(()) => {
-                std::thread::sleep(delay);
-                true
-            }
-            // Timed out, or the writer closed its stdout (it exited): reported below.
-            Err(_) => false,
-        },
-    };
-    // SIGKILL on Unix. On a writer that already exited (and is not yet reaped) it still succeeds.
-    child.kill().expect("sending SIGKILL to the crash writer");
-    let status = child.wait().expect("waiting for the crash writer");
-    let output = stdout_reader.join().expect("stdout reader panicked");
-    let stderr = stderr_reader.join().expect("stderr reader panicked");
-    const SIGKILL: i32 = 9;
-    assert_eq!(
-        status.signal(),
-        Some(SIGKILL),
-        "round {round}: the crash writer was not killed by SIGKILL but ended with {status}; \
-         its stderr:\n{stderr}"
-    );
-    assert!(
-        acknowledged_in_time,
-        "round {round}: the crash writer acknowledged nothing within {FIRST_ACK_TIMEOUT:?}; its \
-         stderr:\n{stderr}"
-    );
-    let output = output.unwrap_or_else(|e| panic!("round {round}: reading writer output: {e}"));
+        .arg(WRITER_THREADS.to_string());
+    // Every complete line of this writer is an acknowledgement.
+    let output = run_until_killed(command, round, kill, |_| true);
     let acks = parse_acks(&output).unwrap_or_else(|e| panic!("round {round}: {e}"));
     if matches!(kill, Kill::AfterFirstAck(_)) {
         assert!(!acks.is_empty(), "round {round}: a first line was seen");
     }
     acks
-}
-
-/// Reads the writer's stdout to its end (the kill closes it), signalling the first complete
-/// line as soon as it arrives.
-fn read_output(
-    mut stdout: impl Read,
-    first_line: mpsc::SyncSender<()>,
-) -> std::io::Result<Vec<u8>> {
-    let mut output = Vec::new();
-    let mut signalled = false;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(0) => return Ok(output),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        output.extend_from_slice(&buf[..n]);
-        if !signalled && buf[..n].contains(&b'\n') {
-            signalled = true;
-            // The receiver may have stopped waiting (blind kill); that is fine.
-            let _ = first_line.try_send(());
-        }
-    }
 }
 
 /// Appends a few records after recovery and reads them back, by position and by LSN.
