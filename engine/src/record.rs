@@ -69,6 +69,12 @@ pub enum Op {
         handle: ConversationHandle,
         through_sequence: u64,
     },
+    /// MOVE CONVERSATION: endpoint `handle` joins conversation group `group` (created if new),
+    /// taking its queued messages along.
+    MoveConversation {
+        handle: ConversationHandle,
+        group: ConversationGroupId,
+    },
     /// Compaction: the body of the message `sequence` queued for endpoint `handle` now lives
     /// here (a copy of the old one), so the old log segment can be released. No logical change.
     Relocate {
@@ -193,6 +199,7 @@ mod tag {
     pub const SEND: u8 = 11;
     pub const RECEIVE: u8 = 12;
     pub const RELOCATE: u8 = 13;
+    pub const MOVE_CONVERSATION: u8 = 14;
 }
 
 fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -288,6 +295,11 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             out.push(tag::RECEIVE);
             out.extend_from_slice(&handle.0.to_le_bytes());
             out.extend_from_slice(&through_sequence.to_le_bytes());
+        }
+        Op::MoveConversation { handle, group } => {
+            out.push(tag::MOVE_CONVERSATION);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&group.0.to_le_bytes());
         }
         Op::Relocate {
             handle,
@@ -473,6 +485,10 @@ impl Reader<'_> {
             tag::RECEIVE => Op::Receive {
                 handle: ConversationHandle(self.u128()?),
                 through_sequence: self.u64()?,
+            },
+            tag::MOVE_CONVERSATION => Op::MoveConversation {
+                handle: ConversationHandle(self.u128()?),
+                group: ConversationGroupId(self.u128()?),
             },
             tag::RELOCATE => {
                 let handle = ConversationHandle(self.u128()?);

@@ -538,6 +538,37 @@ impl State {
                 }
                 Ok(())
             }
+            Op::MoveConversation { handle, group } => {
+                let endpoint = self
+                    .endpoints
+                    .get_mut(handle)
+                    .ok_or_else(|| corrupt(format!("move of unknown conversation {handle}")))?;
+                let from = endpoint.group;
+                if from == *group {
+                    return Ok(());
+                }
+                endpoint.group = *group;
+                let old = self
+                    .groups
+                    .get_mut(&from)
+                    .ok_or_else(|| corrupt(format!("conversation {handle} in unknown group")))?;
+                let queue = old.queue.clone();
+                let messages = old.conversations.remove(handle).unwrap_or_default();
+                let new = self
+                    .groups
+                    .entry(*group)
+                    .or_insert_with(|| Group::new(queue.clone()));
+                if new.queue != queue {
+                    return Err(corrupt(format!(
+                        "move of {handle} from queue {queue:?} to a group on {:?}",
+                        new.queue
+                    )));
+                }
+                new.conversations.insert(*handle, messages);
+                self.refresh_ready(from);
+                self.refresh_ready(*group);
+                Ok(())
+            }
             catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
         }
     }
@@ -691,7 +722,11 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
             catalog.create_service(name, queue, &contracts)
         }
         Op::DropService { name } => catalog.drop_service(name),
-        Op::BeginDialog(_) | Op::Send { .. } | Op::Receive { .. } | Op::Relocate { .. } => {
+        Op::BeginDialog(_)
+        | Op::Send { .. }
+        | Op::Receive { .. }
+        | Op::Relocate { .. }
+        | Op::MoveConversation { .. } => {
             return None;
         }
     })

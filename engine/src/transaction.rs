@@ -328,7 +328,10 @@ impl<'b> Transaction<'b> {
             options.related_conversation,
             options.related_conversation_group,
         ) {
-            (Some(related), _) => self.endpoint(related)?.group,
+            (Some(related), _) => {
+                self.load_endpoint(related)?;
+                self.endpoints[&related].group
+            }
             (None, Some(group)) => group,
             (None, None) => ConversationGroupId::random(),
         };
@@ -342,7 +345,15 @@ impl<'b> Transaction<'b> {
                 actual: queue,
             });
         }
-        self.lock_group(group)?;
+        // Checks first, lock last: a refused BEGIN DIALOG leaves no lock behind. (A MOVE can only
+        // change a conversation's group within its queue, so the check above still holds.)
+        let group = match options.related_conversation {
+            Some(related) => self.lock_endpoint_group(related)?,
+            None => {
+                self.lock_group(group)?;
+                group
+            }
+        };
         self.new_groups.entry(group).or_insert(from_queue.clone());
         let handle = ConversationHandle::random();
         let conversation_id = ConversationId::random();
@@ -428,8 +439,7 @@ impl<'b> Transaction<'b> {
         let validation = self.send_rule(handles, message_type)?;
         validation.check(message_type, body)?;
         for handle in handles {
-            let group = self.endpoints[handle].group;
-            self.lock_group(group)?;
+            self.lock_endpoint_group(*handle)?;
         }
         for handle in handles {
             let endpoint = self.endpoints.get_mut(handle).expect("loaded above");
@@ -443,6 +453,51 @@ impl<'b> Transaction<'b> {
         Ok(())
     }
 
+    /// GET CONVERSATION GROUP: locks the group of `queue` that RECEIVE without a target would
+    /// take next (the unlocked one with the oldest waiting message), without receiving; `None`
+    /// when no unlocked group has messages. The lock is held until this transaction ends.
+    pub fn get_conversation_group(&mut self, queue: &str) -> Result<Option<ConversationGroupId>> {
+        let enabled = self.read_catalog(|c| Ok(c.queue(queue)?.options.enabled))?;
+        if !enabled {
+            return Err(Error::QueueDisabled(queue.into()));
+        }
+        Ok(self.lock_best_group(queue))
+    }
+
+    /// MOVE CONVERSATION: moves conversation `handle` (this side of it) into group `to` on the
+    /// same queue, creating the group if it does not exist; its waiting messages move with it.
+    /// Locks both groups until this transaction ends.
+    pub fn move_conversation(
+        &mut self,
+        handle: ConversationHandle,
+        to: ConversationGroupId,
+    ) -> Result<()> {
+        self.load_endpoint(handle)?;
+        let queue = self
+            .group_queue(self.endpoints[&handle].group)
+            .ok_or(Error::UnknownConversation(handle))?;
+        if let Some(actual) = self.group_queue(to)
+            && actual != queue
+        {
+            return Err(Error::GroupOnOtherQueue {
+                group: to,
+                service: self.endpoints[&handle].service.clone(),
+                queue,
+                actual,
+            });
+        }
+        // Checks first, locks last: a refused MOVE leaves no lock behind.
+        self.lock_endpoint_group(handle)?;
+        self.lock_group(to)?;
+        self.new_groups.entry(to).or_insert(queue);
+        if let Some(endpoint) = self.endpoints.get_mut(&handle) {
+            endpoint.group = to;
+        }
+        self.record
+            .push(&Op::MoveConversation { handle, group: to });
+        Ok(())
+    }
+
     /// Receives up to `what.top` messages of one conversation group from `queue`, locking the
     /// group until this transaction ends. An empty batch means nothing was ready.
     pub fn receive(&mut self, queue: &str, what: Receive) -> Result<Vec<Message>> {
@@ -452,8 +507,9 @@ impl<'b> Transaction<'b> {
         }
         let group = match (what.conversation, what.group) {
             (Some(handle), _) => {
-                let endpoint = self.endpoint(handle)?;
-                let actual = self.group_queue(endpoint.group).unwrap_or_default();
+                self.load_endpoint(handle)?;
+                let group = self.endpoints[&handle].group;
+                let actual = self.group_queue(group).unwrap_or_default();
                 if actual != queue {
                     return Err(Error::WrongQueue {
                         handle,
@@ -461,8 +517,7 @@ impl<'b> Transaction<'b> {
                         actual,
                     });
                 }
-                self.lock_group(endpoint.group)?;
-                endpoint.group
+                self.lock_endpoint_group(handle)?
             }
             (None, Some(group)) => {
                 if self.group_queue(group).as_deref() != Some(queue) {
@@ -621,14 +676,6 @@ impl<'b> Transaction<'b> {
         validation.ok_or_else(|| Error::UnknownMessageType(message_type.into()))
     }
 
-    /// This transaction's view of an endpoint: its own changes, else the committed one.
-    fn endpoint(&self, handle: ConversationHandle) -> Result<Endpoint> {
-        if let Some(endpoint) = self.endpoints.get(&handle) {
-            return Ok(endpoint.clone());
-        }
-        self.broker.state.lock().endpoint(handle).cloned()
-    }
-
     /// The queue a group belongs to, if the group exists (committed or created here).
     fn group_queue(&self, group: ConversationGroupId) -> Option<String> {
         if let Some(queue) = self.new_groups.get(&group) {
@@ -640,6 +687,19 @@ impl<'b> Transaction<'b> {
             .groups
             .get(&group)
             .map(|g| g.queue.clone())
+    }
+
+    /// Locks the group of loaded endpoint `handle` and returns it. A MOVE committed by another
+    /// transaction may change the group until its lock is held (taking it re-reads the endpoint),
+    /// so this retries until the group it locked is the endpoint's group.
+    fn lock_endpoint_group(&mut self, handle: ConversationHandle) -> Result<ConversationGroupId> {
+        loop {
+            let group = self.endpoints[&handle].group;
+            self.lock_group(group)?;
+            if self.endpoints[&handle].group == group {
+                return Ok(group);
+            }
+        }
     }
 
     fn lock_group(&mut self, group: ConversationGroupId) -> Result<()> {

@@ -578,3 +578,107 @@ fn a_transaction_larger_than_a_log_record_is_refused_and_rolled_back() {
         "the refused transaction used no sequence number"
     );
 }
+
+#[test]
+fn get_conversation_group_locks_the_next_group_without_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    shop(&broker);
+    let mut tx = broker.begin();
+    let a = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    let b = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    tx.send(a, ORDER, &order(1)).unwrap();
+    tx.send(b, ORDER, &order(2)).unwrap();
+    tx.commit().unwrap();
+
+    let mut first = broker.begin();
+    let group = first
+        .get_conversation_group("OrderQueue")
+        .unwrap()
+        .expect("a group with messages");
+    // Another reader skips the locked group and gets the other one.
+    let mut second = broker.begin();
+    let got = second.receive("OrderQueue", Receive::top(10)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_ne!(got[0].conversation_group, group);
+    assert_eq!(
+        second.get_conversation_group("OrderQueue").unwrap(),
+        None,
+        "the only other group is locked"
+    );
+    // The locking transaction receives from its group by id.
+    let mine = first
+        .receive("OrderQueue", Receive::top(10).group(group))
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].conversation_group, group);
+    first.commit().unwrap();
+    second.commit().unwrap();
+    herald_engine::invariants::check_idle(&broker).unwrap();
+}
+
+#[test]
+fn move_conversation_takes_its_messages_to_the_new_group_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target_a, target_b, joined);
+    {
+        let broker = Broker::open(dir.path(), options()).unwrap();
+        shop(&broker);
+        let mut tx = broker.begin();
+        let a = tx
+            .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+            .unwrap();
+        let b = tx
+            .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+            .unwrap();
+        tx.send(a, ORDER, &order(1)).unwrap();
+        tx.send(b, ORDER, &order(2)).unwrap();
+        tx.send(b, ORDER, &order(3)).unwrap();
+        tx.commit().unwrap();
+        target_a = broker.conversation_endpoint(a).unwrap().far_handle.unwrap();
+        target_b = broker.conversation_endpoint(b).unwrap().far_handle.unwrap();
+        joined = broker.conversation_endpoint(target_a).unwrap().group;
+
+        // Rolled back: nothing moves.
+        let mut tx = broker.begin();
+        tx.move_conversation(target_b, joined).unwrap();
+        tx.rollback();
+        assert_ne!(
+            broker.conversation_endpoint(target_b).unwrap().group,
+            joined
+        );
+
+        // A group on another queue is refused.
+        let client_group = broker.conversation_endpoint(a).unwrap().group;
+        let mut tx = broker.begin();
+        assert!(matches!(
+            tx.move_conversation(target_b, client_group),
+            Err(Error::GroupOnOtherQueue { .. })
+        ));
+        tx.move_conversation(target_b, joined).unwrap();
+        tx.commit().unwrap();
+        herald_engine::invariants::check_idle(&broker).unwrap();
+    }
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    assert_eq!(
+        broker.conversation_endpoint(target_b).unwrap().group,
+        joined
+    );
+    // One RECEIVE now returns both conversations' messages: they share a group.
+    let mut tx = broker.begin();
+    let got = tx.receive("OrderQueue", Receive::top(10)).unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|m| m.conversation_group == joined));
+    let b_sequences: Vec<u64> = got
+        .iter()
+        .filter(|m| m.conversation_handle == target_b)
+        .map(|m| m.sequence)
+        .collect();
+    assert_eq!(b_sequences, vec![0, 1]);
+    tx.commit().unwrap();
+    herald_engine::invariants::check_idle(&broker).unwrap();
+}
