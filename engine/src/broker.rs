@@ -28,6 +28,17 @@ const CHECKPOINT_LOG_GROWTH_FACTOR: u64 = 8;
 /// fraction of it.
 const COMPACT_LIVE_FRACTION: u64 = 8;
 
+/// A queue as `Broker::queues` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub options: crate::QueueOptions,
+    /// Messages waiting (or being received by an open transaction).
+    pub messages: u64,
+    /// Conversation groups with at least one waiting message.
+    pub groups_with_messages: u64,
+}
+
 /// Name of the engine's lock file in the data directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
 
@@ -241,6 +252,73 @@ impl BrokerCore {
     /// All conversation endpoints, as committed.
     pub fn conversation_endpoints(&self) -> Vec<crate::ConversationEndpoint> {
         self.state.lock().endpoints.values().cloned().collect()
+    }
+
+    /// The queues with their status and depth (`sys.service_queues` plus a count): messages
+    /// taken by a RECEIVE that has not committed still count, as they are still queued.
+    pub fn queues(&self) -> Vec<QueueInfo> {
+        let state = self.state.lock();
+        let mut depths: std::collections::HashMap<&str, (u64, u64)> = Default::default();
+        for group in state.groups.values() {
+            let waiting: u64 = group.conversations.values().map(|q| q.len() as u64).sum();
+            let entry = depths.entry(group.queue.as_str()).or_default();
+            entry.0 += waiting;
+            entry.1 += u64::from(waiting > 0);
+        }
+        for (handle, taken) in &state.taken {
+            let queue = state
+                .endpoints
+                .get(handle)
+                .and_then(|e| state.groups.get(&e.group))
+                .map(|g| g.queue.as_str());
+            if let Some(queue) = queue {
+                depths.entry(queue).or_default().0 += taken.len() as u64;
+            }
+        }
+        state
+            .catalog
+            .queues
+            .values()
+            .map(|q| {
+                let (messages, groups_with_messages) =
+                    depths.get(q.name.as_str()).copied().unwrap_or_default();
+                QueueInfo {
+                    name: q.name.clone(),
+                    options: q.options,
+                    messages,
+                    groups_with_messages,
+                }
+            })
+            .collect()
+    }
+
+    /// The messages waiting in `queue`, oldest first, without locking or consuming anything
+    /// (SELECT on a queue). Messages being received by an open transaction are not shown.
+    pub fn peek(&self, queue: &str) -> Result<Vec<crate::Message>> {
+        let state = self.state.lock();
+        state.catalog.queue(queue)?;
+        let mut messages: Vec<crate::Message> = state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.queue == queue)
+            .flat_map(|(group, g)| {
+                let state = &state;
+                g.conversations.iter().flat_map(move |(handle, q)| {
+                    q.iter().map(move |(sequence, m)| {
+                        crate::Message::new(
+                            *handle,
+                            *group,
+                            state.message_type_name(m.message_type).clone(),
+                            sequence,
+                            m.queuing_order,
+                            m.body.clone(),
+                        )
+                    })
+                })
+            })
+            .collect();
+        messages.sort_unstable_by_key(|m| m.queuing_order);
+        Ok(messages)
     }
 
     /// The data directory.

@@ -44,7 +44,7 @@ pub mod record;
 mod state;
 mod transaction;
 
-pub use broker::{Broker, LOCK_FILE_NAME, Options};
+pub use broker::{Broker, LOCK_FILE_NAME, Options, QueueInfo};
 pub use catalog::{QueueOptions, SentBy, Validation};
 pub use checkpoint::CheckpointInfo;
 pub use error::{Error, Result};

@@ -89,6 +89,24 @@ pub struct Message {
 }
 
 impl Message {
+    pub(crate) fn new(
+        conversation_handle: ConversationHandle,
+        conversation_group: ConversationGroupId,
+        message_type: Arc<str>,
+        sequence: u64,
+        queuing_order: u64,
+        body: RecordBytes,
+    ) -> Message {
+        Message {
+            conversation_handle,
+            conversation_group,
+            message_type,
+            sequence,
+            queuing_order,
+            body,
+        }
+    }
+
     pub fn body(&self) -> &[u8] {
         &self.body
     }

@@ -682,3 +682,49 @@ fn move_conversation_takes_its_messages_to_the_new_group_and_survives_reopen() {
     tx.commit().unwrap();
     herald_engine::invariants::check_idle(&broker).unwrap();
 }
+
+#[test]
+fn queue_views_count_and_peek_without_consuming() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    shop(&broker);
+    let mut tx = broker.begin();
+    let a = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    let b = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    tx.send(a, ORDER, &order(1)).unwrap();
+    tx.send(b, ORDER, &order(2)).unwrap();
+    tx.send(a, ORDER, &order(3)).unwrap();
+    tx.commit().unwrap();
+
+    let depth = |name: &str| {
+        broker
+            .queues()
+            .into_iter()
+            .find(|q| q.name == name)
+            .map(|q| (q.messages, q.groups_with_messages))
+            .unwrap()
+    };
+    assert_eq!(depth("OrderQueue"), (3, 2));
+    assert_eq!(depth("ClientQueue"), (0, 0));
+    let peeked = broker.peek("OrderQueue").unwrap();
+    let bodies: Vec<&[u8]> = peeked.iter().map(|m| m.body()).collect();
+    assert_eq!(bodies, vec![&order(1)[..], &order(2)[..], &order(3)[..]]);
+    // Peeking consumed nothing and locked nothing.
+    let mut tx = broker.begin();
+    let got = tx.receive("OrderQueue", Receive::top(10)).unwrap();
+    assert_eq!(
+        got.len(),
+        2,
+        "the oldest group: conversation a's two messages"
+    );
+    // A RECEIVE in progress still counts toward the depth; peek hides what it took.
+    assert_eq!(depth("OrderQueue"), (3, 1));
+    assert_eq!(broker.peek("OrderQueue").unwrap().len(), 1);
+    tx.commit().unwrap();
+    assert_eq!(depth("OrderQueue"), (1, 1));
+    assert!(matches!(broker.peek("Nope"), Err(Error::UnknownQueue(_))));
+}
