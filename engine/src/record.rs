@@ -160,13 +160,7 @@ impl RecordBuilder {
         sequence: u64,
         body: &[u8],
     ) {
-        let out = &mut self.buf;
-        out.push(tag::SEND);
-        out.extend_from_slice(&handle.0.to_le_bytes());
-        put_str(out, message_type);
-        out.extend_from_slice(&sequence.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(body);
+        encode_send(&mut self.buf, handle, message_type, sequence, body);
         self.ops += 1;
     }
 
@@ -280,14 +274,7 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             sequence,
             body,
             ..
-        } => {
-            out.push(tag::SEND);
-            out.extend_from_slice(&handle.0.to_le_bytes());
-            put_str(out, message_type);
-            out.extend_from_slice(&sequence.to_le_bytes());
-            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            out.extend_from_slice(body);
-        }
+        } => encode_send(out, *handle, message_type, *sequence, body),
         Op::Receive {
             handle,
             through_sequence,
@@ -310,10 +297,30 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             out.push(tag::RELOCATE);
             out.extend_from_slice(&handle.0.to_le_bytes());
             out.extend_from_slice(&sequence.to_le_bytes());
-            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            out.extend_from_slice(body);
+            put_body(out, body);
         }
     }
+}
+
+/// The one encoding of a `Send` op, for ops built whole and for `RecordBuilder::push_send`.
+fn encode_send(
+    out: &mut Vec<u8>,
+    handle: ConversationHandle,
+    message_type: &str,
+    sequence: u64,
+    body: &[u8],
+) {
+    out.push(tag::SEND);
+    out.extend_from_slice(&handle.0.to_le_bytes());
+    put_str(out, message_type);
+    out.extend_from_slice(&sequence.to_le_bytes());
+    put_body(out, body);
+}
+
+/// A message body: `len u32 | bytes`.
+fn put_body(out: &mut Vec<u8>, body: &[u8]) {
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
 }
 
 fn validation_code(v: Validation) -> u8 {

@@ -82,9 +82,22 @@ pub fn run_until_killed(
     output.unwrap_or_else(|e| panic!("round {round}: reading writer output: {e}"))
 }
 
+/// The seed of a crash test's kill schedule: `HERALD_CRASH_SEED` to replay a run, else a fresh
+/// one. Printed (with how to replay it) so that a failing run can be repeated.
+pub fn crash_seed(test: &str, rounds: u32) -> u64 {
+    let seed = match std::env::var("HERALD_CRASH_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("HERALD_CRASH_SEED={s:?} is not a u64")),
+        Err(_) => fresh_seed(),
+    };
+    eprintln!("{test}: {rounds} rounds, seed {seed} (HERALD_CRASH_SEED={seed} to replay)");
+    seed
+}
+
 /// A seed for a run nobody asked to replay: the clock and the process id, which is all the
 /// variety a schedule needs.
-pub fn fresh_seed() -> u64 {
+fn fresh_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

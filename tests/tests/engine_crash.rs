@@ -49,7 +49,7 @@ use herald_tests::engine_crash::{
     BodyId, BodyKind, INITIATOR_QUEUE, Phase, TARGET_QUEUE, TxLine, TxOp, crash_broker_options,
     parse_lines, verify_body,
 };
-use herald_tests::kill::{Kill, fresh_seed, run_until_killed};
+use herald_tests::kill::{Kill, crash_seed, run_until_killed};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -76,13 +76,7 @@ fn acknowledged_transactions_survive_sigkill_long() {
 }
 
 fn run_crash_rounds(rounds: u32) {
-    let seed = match std::env::var("HERALD_CRASH_SEED") {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("HERALD_CRASH_SEED={s:?} is not a u64")),
-        Err(_) => fresh_seed(),
-    };
-    eprintln!("engine_crash: {rounds} rounds, seed {seed} (HERALD_CRASH_SEED={seed} to replay)");
+    let seed = crash_seed("engine_crash", rounds);
     let mut rng = SmallRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().expect("creating a temporary directory");
     let dir = tmp.path().join("broker");

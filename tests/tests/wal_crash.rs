@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_tests::crash_record::{Ack, RecordId, crash_log_options, parse_acks, verify_record};
-use herald_tests::kill::{Kill, fresh_seed, run_until_killed};
+use herald_tests::kill::{Kill, crash_seed, run_until_killed};
 use herald_wal::{Lsn, Position, Wal};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -56,13 +56,7 @@ fn acknowledged_records_survive_sigkill_long() {
 }
 
 fn run_crash_rounds(rounds: u32) {
-    let seed = match std::env::var("HERALD_CRASH_SEED") {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("HERALD_CRASH_SEED={s:?} is not a u64")),
-        Err(_) => fresh_seed(),
-    };
-    eprintln!("wal_crash: {rounds} rounds, seed {seed} (HERALD_CRASH_SEED={seed} to replay)");
+    let seed = crash_seed("wal_crash", rounds);
     let mut rng = SmallRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().expect("creating a temporary directory");
     let dir = tmp.path().join("wal");
