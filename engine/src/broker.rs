@@ -24,6 +24,11 @@ use crate::transaction::Transaction;
 /// replays at most this many checkpoints' worth of log.
 const CHECKPOINT_LOG_GROWTH_FACTOR: u64 = 8;
 
+/// When the log has grown by this many times the checkpoint trigger and the checkpoint thread
+/// has still not taken one (starved of CPU, or behind a slow disk), the committing thread takes
+/// it itself: the log's size stays bounded by the configuration, not by the scheduler.
+const CHECKPOINT_STALL_FACTOR: u64 = 4;
+
 /// Compaction re-logs the live bodies of the oldest segment when they fill at most this
 /// fraction of it.
 const COMPACT_LIVE_FRACTION: u64 = 8;
@@ -89,6 +94,9 @@ pub struct BrokerCore {
     dir: PathBuf,
     /// Log bytes committed since the last checkpoint.
     log_bytes_since_checkpoint: AtomicU64,
+    /// Log growth that calls for the next checkpoint: the interval, or
+    /// `CHECKPOINT_LOG_GROWTH_FACTOR` times the last checkpoint's size if larger.
+    checkpoint_trigger_bytes: AtomicU64,
     /// Held while a checkpoint is taken; the size of the last one.
     pub(crate) checkpointing: Mutex<u64>,
     /// Wakes the checkpoint thread: (a checkpoint is wanted, the broker is closing).
@@ -170,6 +178,7 @@ impl Broker {
                 state.applied_through
             )));
         }
+        let checkpoint_interval_bytes = options.checkpoint_interval_bytes;
         let core = Arc::new(BrokerCore {
             wal,
             state: Mutex::new(state),
@@ -180,6 +189,7 @@ impl Broker {
             next_tx: AtomicU64::new(1),
             dir,
             log_bytes_since_checkpoint: AtomicU64::new(0),
+            checkpoint_trigger_bytes: AtomicU64::new(checkpoint_interval_bytes),
             checkpointing: Mutex::new(0),
             checkpoint_wanted: Mutex::new((false, false)),
             checkpoint_signal: Condvar::new(),
@@ -344,6 +354,12 @@ impl BrokerCore {
         self.wal.wait_durable(lsn)?;
         checkpoint::write(&self.dir, &bytes)?;
         *last_size = bytes.len() as u64;
+        self.checkpoint_trigger_bytes.store(
+            self.options
+                .checkpoint_interval_bytes
+                .max(CHECKPOINT_LOG_GROWTH_FACTOR * *last_size),
+            Ordering::Relaxed,
+        );
         let keep_from = oldest_body_segment.map_or(lsn.next(), |oldest| oldest.min(lsn.next()));
         let released = self.wal.release_before(keep_from)?;
         tracing::debug!(%lsn, bytes = bytes.len(), released, "checkpoint taken");
@@ -354,22 +370,37 @@ impl BrokerCore {
         })
     }
 
-    /// Called after every commit with the size of its record: once the log has grown enough,
-    /// wakes the checkpoint thread (commits never wait for a checkpoint).
+    /// Called after every commit (its locks already released) with the size of its record:
+    /// once the log has grown by the trigger, wakes the checkpoint thread; commits do not wait
+    /// for it unless it has fallen `CHECKPOINT_STALL_FACTOR` triggers behind, when the
+    /// committer takes the checkpoint itself.
     pub(crate) fn after_commit(&self, logged_bytes: u64) {
         let grown = self
             .log_bytes_since_checkpoint
             .fetch_add(logged_bytes, Ordering::Relaxed)
             + logged_bytes;
-        if grown >= self.options.checkpoint_interval_bytes {
-            self.checkpoint_wanted.lock().0 = true;
-            self.checkpoint_signal.notify_one();
+        let trigger = self.checkpoint_trigger_bytes.load(Ordering::Relaxed);
+        if grown < trigger {
+            return;
+        }
+        self.checkpoint_wanted.lock().0 = true;
+        self.checkpoint_signal.notify_one();
+        if grown >= CHECKPOINT_STALL_FACTOR * trigger {
+            let mut last_size = self.checkpointing.lock();
+            // Another thread may have taken it while this one waited for the lock.
+            if self.log_bytes_since_checkpoint.load(Ordering::Relaxed)
+                >= CHECKPOINT_STALL_FACTOR * self.checkpoint_trigger_bytes.load(Ordering::Relaxed)
+            {
+                if let Err(e) = self.take_checkpoint(&mut last_size) {
+                    tracing::warn!(error = %e, "checkpoint failed; will retry");
+                }
+            }
         }
     }
 
-    /// The checkpoint thread: takes a checkpoint when the log has grown by the interval and by
-    /// `CHECKPOINT_LOG_GROWTH_FACTOR` times the last checkpoint's size. A failure (a full disk, say) is logged; the log keeps
-    /// everything, and the next wake-up tries again.
+    /// The checkpoint thread: takes a checkpoint when the log has grown by the trigger. A
+    /// failure (a full disk, say) is logged; the log keeps everything, and the next wake-up
+    /// tries again.
     fn run_checkpointer(&self) {
         loop {
             {
@@ -383,12 +414,8 @@ impl BrokerCore {
                 wanted.0 = false;
             }
             let mut last_size = self.checkpointing.lock();
-            let grown = self.log_bytes_since_checkpoint.load(Ordering::Relaxed);
-            if grown
-                < self
-                    .options
-                    .checkpoint_interval_bytes
-                    .max(CHECKPOINT_LOG_GROWTH_FACTOR * *last_size)
+            if self.log_bytes_since_checkpoint.load(Ordering::Relaxed)
+                < self.checkpoint_trigger_bytes.load(Ordering::Relaxed)
             {
                 continue;
             }
