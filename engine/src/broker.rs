@@ -388,12 +388,10 @@ impl BrokerCore {
         if grown >= CHECKPOINT_STALL_FACTOR * trigger {
             let mut last_size = self.checkpointing.lock();
             // Another thread may have taken it while this one waited for the lock.
-            if self.log_bytes_since_checkpoint.load(Ordering::Relaxed)
-                >= CHECKPOINT_STALL_FACTOR * self.checkpoint_trigger_bytes.load(Ordering::Relaxed)
-            {
-                if let Err(e) = self.take_checkpoint(&mut last_size) {
-                    tracing::warn!(error = %e, "checkpoint failed; will retry");
-                }
+            let still_behind = self.log_bytes_since_checkpoint.load(Ordering::Relaxed)
+                >= CHECKPOINT_STALL_FACTOR * self.checkpoint_trigger_bytes.load(Ordering::Relaxed);
+            if still_behind && let Err(e) = self.take_checkpoint(&mut last_size) {
+                tracing::warn!(error = %e, "checkpoint failed; will retry");
             }
         }
     }
