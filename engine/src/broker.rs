@@ -13,6 +13,7 @@ use herald_wal::{Durability, Lsn, Wal};
 use parking_lot::{Condvar, Mutex};
 
 use crate::checkpoint::{self, CheckpointInfo};
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::lock_table::{CatalogLock, LockTable};
 use crate::record::{self, KIND_COMMIT};
@@ -29,6 +30,10 @@ const CHECKPOINT_LOG_GROWTH_FACTOR: u64 = 8;
 /// it itself: the log's size stays bounded by the configuration, not by the scheduler.
 const CHECKPOINT_STALL_FACTOR: u64 = 4;
 
+/// Poison-message protection disables a queue after this many rollbacks in a row of
+/// transactions that received from it (Service Broker's five).
+pub const POISON_ROLLBACKS_MAX: u32 = 5;
+
 /// Compaction re-logs the live bodies of the oldest segment when they fill at most this
 /// fraction of it.
 const COMPACT_LIVE_FRACTION: u64 = 8;
@@ -42,6 +47,31 @@ pub struct QueueInfo {
     pub messages: u64,
     /// Conversation groups with at least one waiting message.
     pub groups_with_messages: u64,
+}
+
+/// A conversation group as `Broker::conversation_groups` reports it (`sys.conversation_groups`
+/// plus counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationGroupInfo {
+    pub group: crate::ConversationGroupId,
+    pub queue: String,
+    pub conversations: u64,
+    /// Messages waiting (taken by an open RECEIVE included).
+    pub messages: u64,
+    /// Whether a transaction holds the group's lock now.
+    pub locked: bool,
+}
+
+/// A message waiting to leave for another broker (`sys.transmission_queue`). Every service is
+/// local until the network exists, so this view is always empty for now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransmissionQueueRow {
+    pub conversation_handle: crate::ConversationHandle,
+    pub to_service: String,
+    pub message_type: String,
+    pub sequence: u64,
+    /// Why it has not gone yet.
+    pub transmission_status: String,
 }
 
 /// Name of the engine's lock file in the data directory.
@@ -61,6 +91,9 @@ pub struct Options {
     /// by `CHECKPOINT_LOG_GROWTH_FACTOR` times the last checkpoint's size, if larger, so
     /// checkpoints of a large backlog do not dominate the writes).
     pub checkpoint_interval_bytes: u64,
+    /// Where time comes from: lock waits, WAITFOR timeouts, conversation timers and dialog
+    /// lifetimes all read it. `SystemClock` by default; tests use a `ManualClock`.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
@@ -70,6 +103,7 @@ impl Default for Options {
             lock_timeout: Duration::from_secs(5),
             segment_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT,
             checkpoint_interval_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT / 2,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -78,7 +112,8 @@ impl Default for Options {
 /// Share it by reference between threads; each thread begins its own transactions.
 pub struct Broker {
     core: Arc<BrokerCore>,
-    checkpointer: Option<JoinHandle<()>>,
+    /// The checkpoint and timer threads.
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// What a broker's transactions and its checkpoint thread share.
@@ -102,6 +137,15 @@ pub struct BrokerCore {
     /// Wakes the checkpoint thread: (a checkpoint is wanted, the broker is closing).
     checkpoint_wanted: Mutex<(bool, bool)>,
     checkpoint_signal: Condvar,
+    /// Wakes for WAITFOR receivers, per queue.
+    pub(crate) signals: crate::signal::QueueSignals,
+    pub(crate) events: crate::events::EventHub,
+    pub(crate) timers: crate::timers::Timers,
+    pub(crate) activations: crate::activation::Activations,
+    /// Set when the broker closes: waits end, background threads stop.
+    closing: std::sync::atomic::AtomicBool,
+    /// Keeps this broker subscribed to a manual clock (see `ManualClock::advance`).
+    clock_listener: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     _lock: File,
 }
 
@@ -114,7 +158,7 @@ impl std::ops::Deref for Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.stop_checkpointer();
+        self.stop_threads();
     }
 }
 
@@ -158,6 +202,8 @@ impl Broker {
             Some(image) => image.into_state(&wal)?,
             None => State::default(),
         };
+        // Replay re-applies what happened before: its wake-ups and events are history.
+        let _ = state.take_touched();
         for record in records {
             if record.kind != KIND_COMMIT {
                 return Err(Error::Corruption(format!(
@@ -178,6 +224,8 @@ impl Broker {
                 state.applied_through
             )));
         }
+        state.events.clear();
+        let _ = state.take_touched();
         let checkpoint_interval_bytes = options.checkpoint_interval_bytes;
         let core = Arc::new(BrokerCore {
             wal,
@@ -193,26 +241,58 @@ impl Broker {
             checkpointing: Mutex::new(0),
             checkpoint_wanted: Mutex::new((false, false)),
             checkpoint_signal: Condvar::new(),
+            signals: Default::default(),
+            events: Default::default(),
+            timers: Default::default(),
+            activations: Default::default(),
+            closing: Default::default(),
+            clock_listener: Mutex::new(None),
             _lock: lock,
         });
-        let thread_core = core.clone();
-        let checkpointer = std::thread::Builder::new()
-            .name("herald-checkpoint".into())
-            .spawn(move || thread_core.run_checkpointer())
-            .map_err(|e| Error::Io {
-                context: "starting the checkpoint thread".into(),
-                source: e,
-            })?;
-        Ok(Broker {
+        let mut broker = Broker {
             core,
-            checkpointer: Some(checkpointer),
-        })
+            threads: Vec::new(),
+        };
+        let spawn = |name: &str, run: fn(&BrokerCore), core: Arc<BrokerCore>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || run(&core))
+                .map_err(|e| Error::Io {
+                    context: format!("starting thread {name}"),
+                    source: e,
+                })
+        };
+        broker.threads.push(spawn(
+            "herald-checkpoint",
+            BrokerCore::run_checkpointer,
+            broker.core.clone(),
+        )?);
+        broker.threads.push(spawn(
+            "herald-timers",
+            BrokerCore::run_timers,
+            broker.core.clone(),
+        )?);
+        if let Some(manual) = broker.core.options.clock.as_manual() {
+            // A manual clock moves in steps: fire what each step made due before `advance`
+            // returns, and wake waiters to re-check their deadlines.
+            let weak = Arc::downgrade(&broker.core);
+            let listener: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                if let Some(core) = weak.upgrade() {
+                    core.clock_advanced();
+                }
+            });
+            manual.subscribe(&listener);
+            *broker.core.clock_listener.lock() = Some(listener);
+        }
+        // Deadlines that passed while the broker was closed fire now.
+        broker.core.fire_due_deadlines();
+        Ok(broker)
     }
 
     /// Begins a transaction. Nothing it does is visible to others before `commit`; dropping it
     /// rolls it back.
     pub fn begin(&self) -> Transaction<'_> {
-        Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
+        self.core.begin()
     }
 
     /// Writes a checkpoint of the committed state and releases the log segments that hold
@@ -225,23 +305,51 @@ impl Broker {
     /// replays little), and syncs and closes the log, reporting what fails. Dropping a broker
     /// does the same minus the checkpoint, without reporting.
     pub fn close(mut self) -> Result<()> {
-        self.stop_checkpointer();
+        self.stop_threads();
         self.core.checkpoint()?;
         let core = Arc::clone(&self.core);
         drop(self);
         match Arc::try_unwrap(core) {
             Ok(core) => core.wal.close().map_err(Error::from),
-            // Unreachable: the checkpoint thread, the only other holder, has been joined.
+            // Unreachable: the background threads, the only other holders, have been joined.
             Err(_) => Ok(()),
         }
     }
 
-    fn stop_checkpointer(&mut self) {
+    /// Stops activation, then the checkpoint and timer threads; ends every WAITFOR.
+    fn stop_threads(&mut self) {
+        self.core
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.core.signals.wake_all();
+        self.core.activations.stop_all();
         *self.core.checkpoint_wanted.lock() = (false, true);
         self.core.checkpoint_signal.notify_all();
-        if let Some(thread) = self.checkpointer.take() {
+        self.core.timers.stop();
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+
+    /// Activates `queue` (see `crate::activation`): up to `options.max_readers` threads run
+    /// `handler` on its messages, each batch in its own transaction, committed when the handler
+    /// returns `Ok` and rolled back on `Err`.
+    pub fn activate<F>(
+        &self,
+        queue: &str,
+        options: crate::ActivationOptions,
+        handler: F,
+    ) -> Result<()>
+    where
+        F: Fn(
+                &mut Transaction<'_>,
+                &[crate::Message],
+            ) -> std::result::Result<(), crate::HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.core.activate(queue, options, Arc::new(handler))
     }
 
     /// The committed catalog (a copy).
@@ -251,12 +359,155 @@ impl Broker {
 }
 
 impl BrokerCore {
+    /// Begins a transaction (see `Broker::begin`).
+    pub fn begin(&self) -> Transaction<'_> {
+        Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The broker's clock.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.options.clock
+    }
+
+    /// Whether the broker is closing (waits end early, empty).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Subscribes to broker events (queue disabled, activation, conversation errors).
+    pub fn subscribe(&self) -> crate::events::Subscription {
+        self.events.subscribe()
+    }
+
+    /// Wakes the waiters of `queues` (something they may receive changed).
+    pub(crate) fn signal_queues(&self, queues: Vec<String>) {
+        if queues.is_empty() || !self.signals.anyone_waiting() {
+            return;
+        }
+        for queue in queues {
+            self.signals.notify(&queue);
+        }
+    }
+
+    /// A transaction released `groups`: those with messages may now be received by waiters.
+    pub(crate) fn signal_unlocked_groups(
+        &self,
+        groups: &crate::ids::IdSet<crate::ConversationGroupId>,
+    ) {
+        if groups.is_empty() || !self.signals.anyone_waiting() {
+            return;
+        }
+        let queues: Vec<String> = {
+            let state = self.state.lock();
+            groups
+                .iter()
+                .filter_map(|g| state.groups.get(g))
+                .filter(|g| g.has_messages())
+                .map(|g| g.queue.clone())
+                .collect()
+        };
+        self.signal_queues(queues);
+    }
+
+    /// A manual clock moved: fire what came due, wake every waiter to re-check its deadline.
+    fn clock_advanced(&self) {
+        self.fire_due_deadlines();
+        self.timers.wake();
+        self.locks.wake_all();
+        self.catalog_lock.wake_all();
+        self.signals.wake_all();
+    }
+
+    /// Poison-message protection: a transaction that received from `queues` rolled back.
+    /// The `POISON_ROLLBACKS_MAX`-th rollback in a row disables each such queue that has the
+    /// protection on (a logged catalog change), and raises `Event::QueueDisabled`.
+    pub(crate) fn receive_rolled_back(&self, queues: &[String]) {
+        let to_disable: Vec<String> = {
+            let mut state = self.state.lock();
+            let mut to_disable = Vec::new();
+            for queue in queues {
+                let protected = state
+                    .catalog
+                    .queues
+                    .get(queue)
+                    .is_some_and(|q| q.options.enabled && q.options.poison_message_handling);
+                if !protected {
+                    continue;
+                }
+                let count = state.poison_rollbacks.entry(queue.clone()).or_default();
+                *count += 1;
+                if *count >= POISON_ROLLBACKS_MAX {
+                    to_disable.push(queue.clone());
+                }
+            }
+            to_disable
+        };
+        for queue in to_disable {
+            let op = record::Op::DisableQueue {
+                name: queue.clone(),
+            };
+            match self.log_and_apply(&record::encode(&[op])) {
+                Ok(_) => self
+                    .events
+                    .publish(crate::events::Event::QueueDisabled { queue }),
+                Err(e) => tracing::error!(%queue, error = %e, "could not disable a poisoned queue"),
+            }
+        }
+    }
+
+    /// A transaction that received from `queues` committed: their rollback runs end.
+    pub(crate) fn receive_committed(&self, queues: &[String]) {
+        let mut state = self.state.lock();
+        for queue in queues {
+            state.poison_rollbacks.remove(queue);
+        }
+    }
+
     /// One conversation endpoint, as committed (the `sys.conversation_endpoints` row).
     pub fn conversation_endpoint(
         &self,
         handle: crate::ConversationHandle,
     ) -> Option<crate::ConversationEndpoint> {
         self.state.lock().endpoints.get(&handle).cloned()
+    }
+
+    /// The conversation groups, with their conversations and waiting messages.
+    pub fn conversation_groups(&self) -> Vec<ConversationGroupInfo> {
+        let locked: crate::ids::IdSet<crate::ConversationGroupId> =
+            self.locks.owners().into_iter().map(|(g, _)| g).collect();
+        let state = self.state.lock();
+        let mut groups: Vec<ConversationGroupInfo> = state
+            .groups
+            .iter()
+            .map(|(id, g)| {
+                let taken: u64 = g
+                    .conversations
+                    .keys()
+                    .filter_map(|h| state.taken.get(h))
+                    .map(|t| t.len() as u64)
+                    .sum();
+                ConversationGroupInfo {
+                    group: *id,
+                    queue: g.queue.clone(),
+                    conversations: g.conversations.len() as u64,
+                    messages: g
+                        .conversations
+                        .values()
+                        .map(|q| q.len() as u64)
+                        .sum::<u64>()
+                        + taken,
+                    locked: locked.contains(id),
+                }
+            })
+            .collect();
+        groups.sort_by(|a, b| (&a.queue, a.group.0).cmp(&(&b.queue, b.group.0)));
+        groups
+    }
+
+    /// The transmission queue: messages waiting to leave for other brokers. Always empty until
+    /// the network exists (every dialog's far side is local).
+    pub fn transmission_queue(&self) -> Vec<TransmissionQueueRow> {
+        Vec::new()
     }
 
     /// All conversation endpoints, as committed.
@@ -314,12 +565,12 @@ impl BrokerCore {
             .flat_map(|(group, g)| {
                 let state = &state;
                 g.conversations.iter().flat_map(move |(handle, q)| {
-                    q.iter().map(move |(sequence, m)| {
+                    q.iter().map(move |(key, m)| {
                         crate::Message::new(
                             *handle,
                             *group,
                             state.message_type_name(m.message_type).clone(),
-                            sequence,
+                            key.sequence(),
                             m.queuing_order,
                             m.body.clone(),
                         )
@@ -399,7 +650,7 @@ impl BrokerCore {
     /// The checkpoint thread: takes a checkpoint when the log has grown by the trigger. A
     /// failure (a full disk, say) is logged; the log keeps everything, and the next wake-up
     /// tries again.
-    fn run_checkpointer(&self) {
+    pub(crate) fn run_checkpointer(&self) {
         loop {
             {
                 let mut wanted = self.checkpoint_wanted.lock();
@@ -443,11 +694,24 @@ impl BrokerCore {
         let ops = record::decode(payload)
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
         let mut state = self.state.lock();
+        let next_deadline = state.deadlines.first().map(|d| d.0);
         let applied = state.apply_in_order(appended.lsn, ops, logged, appended.position);
         self.applied.notify_all();
+        let touched = state.take_touched();
+        let events = std::mem::take(&mut state.events);
+        let deadlines_moved = state.deadlines.first().map(|d| d.0) != next_deadline;
+        drop(state);
+        self.signal_queues(touched);
+        for event in events {
+            self.events.publish(event);
+        }
+        if deadlines_moved {
+            self.timers.wake();
+        }
         applied?;
         // The caller releases its locks only once its record is applied, so the next owner of a
         // group sees it: wait for the records before it, which their committers are applying.
+        let mut state = self.state.lock();
         while state.applied_through < appended.lsn {
             if let Some(reason) = &state.broken {
                 return Err(Error::Corruption(reason.clone()));

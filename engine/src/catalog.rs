@@ -137,6 +137,23 @@ pub struct Catalog {
     pub contracts: BTreeMap<String, Contract>,
     pub queues: BTreeMap<String, QueueDef>,
     pub services: BTreeMap<String, Service>,
+    pub priorities: BTreeMap<String, BrokerPriority>,
+}
+
+/// Lowest, default and highest conversation priority.
+pub const PRIORITY_LEVEL_MIN: u8 = 1;
+pub const PRIORITY_LEVEL_DEFAULT: u8 = 5;
+pub const PRIORITY_LEVEL_MAX: u8 = 10;
+
+/// CREATE BROKER PRIORITY: conversations whose contract, local service and remote service
+/// match (`None` stands for ANY) get priority `level` (1..=10) when their endpoint is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerPriority {
+    pub name: String,
+    pub contract: Option<String>,
+    pub local_service: Option<String>,
+    pub remote_service: Option<String>,
+    pub level: u8,
 }
 
 impl Default for Catalog {
@@ -147,6 +164,7 @@ impl Default for Catalog {
             contracts: BTreeMap::new(),
             queues: BTreeMap::new(),
             services: BTreeMap::new(),
+            priorities: BTreeMap::new(),
         };
         catalog.message_types.insert(
             DEFAULT.into(),
@@ -225,6 +243,12 @@ impl Catalog {
 
     pub fn create_message_type(&mut self, name: &str, validation: Validation) -> Result<()> {
         check_name(name)?;
+        if name.starts_with(crate::system::RESERVED_PREFIX) {
+            return Err(Error::InvalidName {
+                name: name.into(),
+                reason: "names under the Service Broker schema are the broker's own".into(),
+            });
+        }
         if self.message_types.contains_key(name) {
             return Err(exists("message type", name));
         }
@@ -380,6 +404,66 @@ impl Catalog {
         Ok(())
     }
 
+    /// Adds a broker priority. Its names need not exist (Service Broker's do not either: a
+    /// remote service is only a name here).
+    pub fn create_priority(&mut self, priority: BrokerPriority) -> Result<()> {
+        check_name(&priority.name)?;
+        if self.priorities.contains_key(&priority.name) {
+            return Err(exists("broker priority", &priority.name));
+        }
+        if !(PRIORITY_LEVEL_MIN..=PRIORITY_LEVEL_MAX).contains(&priority.level) {
+            return Err(Error::InvalidPriority {
+                name: priority.name.clone(),
+                level: priority.level,
+            });
+        }
+        let same_match = self.priorities.values().find(|p| {
+            p.contract == priority.contract
+                && p.local_service == priority.local_service
+                && p.remote_service == priority.remote_service
+        });
+        if let Some(other) = same_match {
+            return Err(in_use(
+                "conversation set",
+                &priority.name,
+                format!("broker priority {:?} already covers it", other.name),
+            ));
+        }
+        self.priorities.insert(priority.name.clone(), priority);
+        Ok(())
+    }
+
+    pub fn drop_priority(&mut self, name: &str) -> Result<()> {
+        self.priorities
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::UnknownPriority(name.to_owned()))
+    }
+
+    /// The priority of a new endpoint: the broker priority matching best — an exact contract
+    /// beats ANY, then an exact local service, then an exact remote service — or 5.
+    pub fn priority_for(&self, contract: &str, local_service: &str, remote_service: &str) -> u8 {
+        let matches = |wanted: &Option<String>, actual: &str| match wanted {
+            None => Some(false),
+            Some(w) if w == actual => Some(true),
+            Some(_) => None,
+        };
+        self.priorities
+            .values()
+            .filter_map(|p| {
+                Some((
+                    (
+                        matches(&p.contract, contract)?,
+                        matches(&p.local_service, local_service)?,
+                        matches(&p.remote_service, remote_service)?,
+                    ),
+                    p.level,
+                ))
+            })
+            .max()
+            .map_or(PRIORITY_LEVEL_DEFAULT, |(_, level)| level)
+    }
+
     /// Removes a service. The caller checks for conversations still using it (the catalog does
     /// not know conversations).
     pub fn drop_service(&mut self, name: &str) -> Result<()> {
@@ -444,5 +528,45 @@ mod tests {
         assert!(matches!(c.drop_contract(DEFAULT), Err(Error::InUse { .. })));
         c.drop_service("//s").unwrap();
         c.drop_queue("Q").unwrap();
+    }
+
+    #[test]
+    fn the_best_matching_broker_priority_wins() {
+        let mut c = Catalog::default();
+        let priority =
+            |name: &str, contract: Option<&str>, local: Option<&str>, level| BrokerPriority {
+                name: name.into(),
+                contract: contract.map(Into::into),
+                local_service: local.map(Into::into),
+                remote_service: None,
+                level,
+            };
+        assert_eq!(c.priority_for("//c", "//l", "//r"), PRIORITY_LEVEL_DEFAULT);
+        c.create_priority(priority("any", None, None, 2)).unwrap();
+        c.create_priority(priority("local", None, Some("//l"), 3))
+            .unwrap();
+        c.create_priority(priority("contract", Some("//c"), None, 9))
+            .unwrap();
+        assert_eq!(c.priority_for("//c", "//l", "//r"), 9, "contract first");
+        assert_eq!(c.priority_for("//x", "//l", "//r"), 3);
+        assert_eq!(c.priority_for("//x", "//y", "//r"), 2);
+        assert!(matches!(
+            c.create_priority(priority("dup", None, None, 4)),
+            Err(Error::InUse { .. })
+        ));
+        assert!(matches!(
+            c.create_priority(priority("high", Some("//z"), None, 11)),
+            Err(Error::InvalidPriority { .. })
+        ));
+        c.drop_priority("contract").unwrap();
+        assert_eq!(c.priority_for("//c", "//l", "//r"), 3);
+        assert!(matches!(
+            c.drop_priority("contract"),
+            Err(Error::UnknownPriority(_))
+        ));
+        assert!(matches!(
+            c.create_message_type(crate::system::END_DIALOG, Validation::None),
+            Err(Error::InvalidName { .. })
+        ));
     }
 }

@@ -20,15 +20,17 @@ use crate::catalog::DEFAULT;
 use crate::codec::{Reader, put_str, put_u64, put_u128};
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::record::put_key;
 use crate::record::{self, Op};
 use crate::state::{
-    BodyLocation, Endpoint, EndpointState, Group, QueuedMessage, State, apply_catalog_op,
+    BodyLocation, DeadlineKind, Endpoint, EndpointState, Group, MessageKey, QueuedMessage, State,
+    apply_catalog_op,
 };
 
 pub const CHECKPOINT_FILE: &str = "CHECKPOINT";
 const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
 const MAGIC: &[u8; 8] = b"HRLDCKPT";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// What a checkpoint captured, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +68,8 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
                 put_u128(&mut body, h.0);
             }
         }
-        put_u64(&mut body, e.lifetime_secs);
+        put_u64(&mut body, e.expires_at_ms.unwrap_or(0));
+        put_u64(&mut body, e.dialog_timer_ms.unwrap_or(0));
         body.push(e.priority);
     }
     let mut oldest: Option<Lsn> = None;
@@ -84,14 +87,15 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
                 .into_iter()
                 .flat_map(|t| t.iter())
                 .filter(|(_, (g, _))| g == id)
-                .map(|(sequence, (_, m))| (*sequence, m));
-            let mut messages: Vec<(u64, &QueuedMessage)> = queued.iter().chain(taken).collect();
-            messages.sort_unstable_by_key(|(sequence, _)| *sequence);
+                .map(|(key, (_, m))| (*key, m));
+            let mut messages: Vec<(MessageKey, &QueuedMessage)> =
+                queued.iter().chain(taken).collect();
+            messages.sort_unstable_by_key(|(key, _)| *key);
             put_u128(&mut body, handle.0);
             put_u64(&mut body, messages.len() as u64);
-            for (sequence, m) in messages {
+            for (key, m) in messages {
                 let location = m.location();
-                put_u64(&mut body, sequence);
+                put_key(&mut body, key);
                 put_str(&mut body, state.message_type_name(m.message_type));
                 put_u64(&mut body, m.queuing_order);
                 put_u64(&mut body, location.record.segment.0);
@@ -132,18 +136,18 @@ pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
     let queued = state.groups.values().flat_map(|g| {
         g.conversations
             .iter()
-            .flat_map(|(handle, messages)| messages.iter().map(move |(seq, m)| (*handle, seq, m)))
+            .flat_map(|(handle, messages)| messages.iter().map(move |(key, m)| (*handle, key, m)))
     });
-    let taken = state.taken.iter().flat_map(|(handle, t)| {
-        t.iter()
-            .map(move |(sequence, (_, m))| (*handle, *sequence, m))
-    });
+    let taken = state
+        .taken
+        .iter()
+        .flat_map(|(handle, t)| t.iter().map(move |(key, (_, m))| (*handle, *key, m)));
     queued
         .chain(taken)
         .filter(|(_, _, m)| m.location().record.segment == segment)
-        .map(|(handle, sequence, m)| Op::Relocate {
+        .map(|(handle, key, m)| Op::Relocate {
             handle,
-            sequence,
+            key,
             body: m.body.to_vec(),
             body_range: 0..0,
         })
@@ -192,6 +196,9 @@ fn catalog_ops(state: &State) -> Vec<Op> {
             contracts: s.contracts.iter().cloned().collect(),
         });
     }
+    for p in c.priorities.values() {
+        ops.push(Op::CreateBrokerPriority(p.clone()));
+    }
     ops
 }
 
@@ -225,7 +232,7 @@ type ConversationMessages = (ConversationHandle, Vec<StoredMessage>);
 
 #[derive(Debug)]
 struct StoredMessage {
-    sequence: u64,
+    key: MessageKey,
     message_type: String,
     queuing_order: u64,
     location: BodyLocation,
@@ -293,7 +300,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
             } else {
                 None
             },
-            lifetime_secs: r.u64()?,
+            expires_at_ms: Some(r.u64()?).filter(|ms| *ms != 0),
+            dialog_timer_ms: Some(r.u64()?).filter(|ms| *ms != 0),
             priority: r.u8()?,
         });
     }
@@ -310,7 +318,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
             let mut messages = Vec::with_capacity(message_count);
             for _ in 0..message_count {
                 messages.push(StoredMessage {
-                    sequence: r.u64()?,
+                    key: r.key().map_err(|e| e.0)?,
                     message_type: r.string()?,
                     queuing_order: r.u64()?,
                     location: BodyLocation {
@@ -357,13 +365,25 @@ impl Image {
         state.next_queuing_order = self.next_queuing_order;
         state.applied_through = self.lsn;
         for endpoint in self.endpoints {
-            state.endpoints.insert(endpoint.handle, endpoint);
+            let handle = endpoint.handle;
+            for (deadline, kind) in [
+                (endpoint.expires_at_ms, DeadlineKind::Lifetime),
+                (endpoint.dialog_timer_ms, DeadlineKind::DialogTimer),
+            ] {
+                if let Some(deadline) = deadline {
+                    state.deadlines.insert((deadline, handle, kind));
+                }
+            }
+            state.endpoints.insert(handle, endpoint);
         }
         let mut records: HashMap<Position, RecordBytes> = HashMap::new();
         for (id, queue, conversations) in self.groups {
             let mut group = Group::new(queue);
             for (handle, messages) in conversations {
                 let queued = group.conversations.entry(handle).or_default();
+                if let Some(endpoint) = state.endpoints.get(&handle) {
+                    queued.priority = endpoint.priority;
+                }
                 for m in messages {
                     let payload = match records.get(&m.location.record) {
                         Some(payload) => payload.clone(),
@@ -384,7 +404,7 @@ impl Image {
                     let message_type = state.message_type_id(&m.message_type);
                     queued
                         .insert(
-                            m.sequence,
+                            m.key,
                             QueuedMessage::new(
                                 payload.slice(start..end),
                                 m.location,

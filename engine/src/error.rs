@@ -23,6 +23,18 @@ pub enum Error {
         group: ConversationGroupId,
         queue: String,
     },
+    #[error("broker priority {0:?} does not exist")]
+    UnknownPriority(String),
+    #[error("broker priority {name:?} has level {level}; levels are 1 to 10")]
+    InvalidPriority { name: String, level: u8 },
+    #[error(
+        "END CONVERSATION WITH ERROR needs a code above 0 (negative codes are the broker's), not {0}"
+    )]
+    InvalidErrorCode(i32),
+    #[error("error description of {chars} characters exceeds the maximum of {max}")]
+    DescriptionTooLong { chars: usize, max: usize },
+    #[error("activation: {0}")]
+    InvalidActivation(String),
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: &'static str, name: String },
     #[error("{kind} {name:?} is in use: {reason}")]

@@ -42,7 +42,8 @@ use crate::broker::Broker;
 use crate::catalog::{DEFAULT, Validation};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 use crate::lock_table::TxId;
-use crate::state::{EndpointState, QueuedMessage, State};
+use crate::state::{EndpointState, MessageKey, QueuedMessage, State, UrgentLane};
+use crate::system;
 
 /// Violations reported at most, so a broken state does not produce a wall of text.
 const VIOLATIONS_REPORTED_MAX: usize = 20;
@@ -95,7 +96,9 @@ fn run(broker: &Broker, idle: bool) -> Result<(), String> {
 }
 
 /// Every message of the state, queued or taken by an open RECEIVE, with its conversation.
-fn all_messages(state: &State) -> impl Iterator<Item = (ConversationHandle, u64, &QueuedMessage)> {
+fn all_messages(
+    state: &State,
+) -> impl Iterator<Item = (ConversationHandle, MessageKey, &QueuedMessage)> {
     let queued = state.groups.values().flat_map(|g| {
         g.conversations
             .iter()
@@ -347,8 +350,12 @@ impl Checker {
                     ));
                 }
             }
+            let last_taken_sequence = taken.keys().rev().find_map(|key| match key {
+                MessageKey::Sequence(sequence) => Some(*sequence),
+                MessageKey::Urgent { .. } => None,
+            });
             if let (Some(last_taken), Some(first_queued)) =
-                (taken.keys().next_back(), queued.sequences().next().as_ref())
+                (last_taken_sequence, queued.sequences().next())
                 && last_taken >= first_queued
             {
                 self.fail(format!(
@@ -372,14 +379,41 @@ impl Checker {
                     ));
                 }
             }
+            if endpoint.state.is_ended() && !queued.is_empty() {
+                self.fail(format!(
+                    "conversation {handle} ended, yet {} message(s) wait for it",
+                    queued.len()
+                ));
+            }
             let pending = taken
                 .iter()
-                .map(|(sequence, (_, message))| (*sequence, message))
+                .map(|(key, (_, message))| (*key, message))
                 .chain(queued.iter());
             let mut previous: Option<(u64, u64)> = None;
             let mut first = None;
             let mut last = None;
-            for (sequence, message) in pending {
+            for (key, message) in pending {
+                let type_name = state.message_type_name(message.message_type);
+                let sequence = match key {
+                    MessageKey::Urgent {
+                        lane,
+                        queuing_order,
+                    } => {
+                        let expected = match lane {
+                            UrgentLane::DialogTimer => system::DIALOG_TIMER,
+                            UrgentLane::Error => system::ERROR,
+                        };
+                        if **type_name != *expected || queuing_order != message.queuing_order {
+                            self.fail(format!(
+                                "conversation {handle}: urgent message {key} has type \
+                                 {type_name:?} and queuing order {}",
+                                message.queuing_order
+                            ));
+                        }
+                        continue;
+                    }
+                    MessageKey::Sequence(sequence) => sequence,
+                };
                 first.get_or_insert(sequence);
                 last = Some(sequence);
                 if let Some((before, before_order)) = previous {
@@ -398,7 +432,20 @@ impl Checker {
                     }
                 }
                 previous = Some((sequence, message.queuing_order));
-                let type_name = state.message_type_name(message.message_type);
+                if **type_name == *system::END_DIALOG {
+                    if !message.body.is_empty() {
+                        self.fail(format!(
+                            "conversation {handle}: EndDialog {sequence} has a body"
+                        ));
+                    }
+                    continue;
+                }
+                if system::is_system_message_type(type_name) {
+                    self.fail(format!(
+                        "conversation {handle}: system message {type_name:?} is sequenced ({sequence})"
+                    ));
+                    continue;
+                }
                 let sent_by_far = contract
                     .and_then(|c| c.messages.get(&**type_name))
                     .is_some_and(|sent_by| sent_by.allows(!endpoint.is_initiator));
@@ -430,14 +477,34 @@ impl Checker {
                     endpoint.receive_sequence
                 ));
             }
+            if let Some(deadline) = endpoint.dialog_timer_ms
+                && !state.deadlines.contains(&(
+                    deadline,
+                    *handle,
+                    crate::state::DeadlineKind::DialogTimer,
+                ))
+            {
+                self.fail(format!(
+                    "conversation {handle}: its timer at {deadline} is not scheduled"
+                ));
+            }
+            if let Some(deadline) = endpoint.expires_at_ms
+                && !state.deadlines.contains(&(
+                    deadline,
+                    *handle,
+                    crate::state::DeadlineKind::Lifetime,
+                ))
+            {
+                self.fail(format!(
+                    "conversation {handle}: its lifetime ending at {deadline} is not scheduled"
+                ));
+            }
 
             let Some(far_handle) = endpoint.far_handle else {
                 continue;
             };
+            // The far side may be gone: ended WITH CLEANUP, which tells this side nothing.
             let Some(far) = state.endpoints.get(&far_handle) else {
-                self.fail(format!(
-                    "conversation {handle}: its far side {far_handle} does not exist"
-                ));
                 continue;
             };
             if far.far_handle != Some(*handle)
@@ -464,7 +531,11 @@ impl Checker {
                 ));
             }
             // Everything the far side sent and this side has not received waits, taken or
-            // queued: from the receive sequence up to the far side's send sequence.
+            // queued: from the receive sequence up to the far side's send sequence (unless this
+            // side ended or failed, when later messages are discarded).
+            if !endpoint.state.accepts_messages() {
+                continue;
+            }
             let sent = far.send_sequence;
             let received = endpoint.receive_sequence;
             if sent < received {
@@ -519,9 +590,11 @@ impl Checker {
     }
 
     fn bodies(&mut self, broker: &Broker, state: &State) {
-        let mut orders: HashMap<u64, (ConversationHandle, u64)> = HashMap::new();
-        let mut by_record: BTreeMap<Position, Vec<(ConversationHandle, u64, &QueuedMessage)>> =
-            BTreeMap::new();
+        let mut orders: HashMap<u64, (ConversationHandle, MessageKey)> = HashMap::new();
+        let mut by_record: BTreeMap<
+            Position,
+            Vec<(ConversationHandle, MessageKey, &QueuedMessage)>,
+        > = BTreeMap::new();
         for (handle, sequence, message) in all_messages(state) {
             if let Some((other, other_sequence)) =
                 orders.insert(message.queuing_order, (handle, sequence))

@@ -32,23 +32,37 @@
 //! What is built so far and what is not: see `engine/DESIGN.md`.
 #![deny(unsafe_code)]
 
+pub mod activation;
 mod broker;
 pub mod catalog;
 pub mod checkpoint;
+pub mod clock;
 mod codec;
 mod error;
+pub mod events;
 mod ids;
 pub mod invariants;
 mod lock_table;
 pub mod record;
+mod signal;
 mod state;
+pub mod system;
+mod timers;
 mod transaction;
 
-pub use broker::{Broker, LOCK_FILE_NAME, Options, QueueInfo};
-pub use catalog::{QueueOptions, SentBy, Validation};
+pub use activation::{ActivatedReader, ActivationOptions, HandlerError};
+pub use broker::{
+    Broker, BrokerCore, ConversationGroupInfo, LOCK_FILE_NAME, Options, POISON_ROLLBACKS_MAX,
+    QueueInfo, TransmissionQueueRow,
+};
+pub use catalog::{BrokerPriority, QueueOptions, SentBy, Validation};
 pub use checkpoint::CheckpointInfo;
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
+pub use events::{Event, Subscription};
 pub use herald_wal::Durability;
 pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};
-pub use state::{Endpoint as ConversationEndpoint, EndpointState};
-pub use transaction::{DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, Transaction};
+pub use state::{Endpoint as ConversationEndpoint, EndpointState, MessageKey, UrgentLane};
+pub use transaction::{
+    DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, ReceiveFuture, Transaction,
+};

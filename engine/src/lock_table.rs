@@ -8,10 +8,11 @@
 //! shared, a catalog change takes it exclusive (upgrading when its transaction is the only
 //! reader), so that no transaction acts on a catalog that another is changing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::clock::{self, Clock};
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, IdMap, IdSet};
 
@@ -37,8 +38,15 @@ impl LockTable {
         }
     }
 
-    /// Takes `group` for `tx`, waiting at most `timeout` for another transaction to release it.
-    pub fn lock(&self, group: ConversationGroupId, tx: TxId, timeout: Duration) -> Result<()> {
+    /// Takes `group` for `tx`, waiting at most `timeout` (on `clock`) for another transaction
+    /// to release it.
+    pub fn lock(
+        &self,
+        group: ConversationGroupId,
+        tx: TxId,
+        timeout: Duration,
+        clock: &dyn Clock,
+    ) -> Result<()> {
         // Read the clock only when there is something to wait for.
         let mut deadline = None;
         let mut owners = self.owners.lock();
@@ -50,8 +58,9 @@ impl LockTable {
                     return Ok(());
                 }
                 Some(_) => {
-                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                    if self.released.wait_until(&mut owners, deadline).timed_out()
+                    let deadline =
+                        *deadline.get_or_insert_with(|| clock::deadline_after(clock, timeout));
+                    if clock::wait_until(clock, &self.released, &mut owners, deadline)
                         && owners.get(&group).is_some_and(|owner| *owner != tx)
                     {
                         return Err(Error::LockTimeout {
@@ -62,6 +71,12 @@ impl LockTable {
                 }
             }
         }
+    }
+
+    /// Wakes every waiter to re-check its deadline (a manual clock moved).
+    pub fn wake_all(&self) {
+        let _owners = self.owners.lock();
+        self.released.notify_all();
     }
 
     /// Every group locked now, with its owner (for `invariants`).
@@ -106,8 +121,14 @@ struct CatalogLockState {
 
 impl CatalogLock {
     /// Takes the catalog in `mode` for `tx` (which may already hold it shared), waiting at most
-    /// `timeout`.
-    pub fn acquire(&self, tx: TxId, mode: CatalogMode, timeout: Duration) -> Result<()> {
+    /// `timeout` on `clock`.
+    pub fn acquire(
+        &self,
+        tx: TxId,
+        mode: CatalogMode,
+        timeout: Duration,
+        clock: &dyn Clock,
+    ) -> Result<()> {
         let mut deadline = None;
         let mut state = self.state.lock();
         loop {
@@ -127,13 +148,19 @@ impl CatalogLock {
                 }
                 return Ok(());
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-            if self.released.wait_until(&mut state, deadline).timed_out() {
+            let deadline = *deadline.get_or_insert_with(|| clock::deadline_after(clock, timeout));
+            if clock::wait_until(clock, &self.released, &mut state, deadline) {
                 return Err(Error::CatalogLockTimeout {
                     waited_ms: timeout.as_millis() as u64,
                 });
             }
         }
+    }
+
+    /// Wakes every waiter to re-check its deadline (a manual clock moved).
+    pub fn wake_all(&self) {
+        let _state = self.state.lock();
+        self.released.notify_all();
     }
 
     /// The shared holders and the exclusive holder now (for `invariants`).
@@ -158,6 +185,7 @@ impl CatalogLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
 
     #[test]
     fn a_held_group_lock_times_out_for_others_and_frees_on_release() {
@@ -167,33 +195,45 @@ mod tests {
         assert!(table.try_lock(group, 1), "re-entrant for its owner");
         assert!(!table.try_lock(group, 2));
         assert!(matches!(
-            table.lock(group, 2, Duration::from_millis(1)),
+            table.lock(group, 2, Duration::from_millis(1), &SystemClock),
             Err(Error::LockTimeout { .. })
         ));
         table.release(1, &IdSet::from_iter([group]));
-        table.lock(group, 2, Duration::from_millis(1)).unwrap();
+        table
+            .lock(group, 2, Duration::from_millis(1), &SystemClock)
+            .unwrap();
     }
 
     #[test]
     fn catalog_writer_excludes_readers_and_upgrades_alone() {
         let lock = CatalogLock::default();
-        lock.acquire(1, CatalogMode::Shared, Duration::ZERO)
+        lock.acquire(1, CatalogMode::Shared, Duration::ZERO, &SystemClock)
             .unwrap();
-        lock.acquire(2, CatalogMode::Shared, Duration::ZERO)
+        lock.acquire(2, CatalogMode::Shared, Duration::ZERO, &SystemClock)
             .unwrap();
         assert!(
-            lock.acquire(1, CatalogMode::Exclusive, Duration::from_millis(1))
-                .is_err()
+            lock.acquire(
+                1,
+                CatalogMode::Exclusive,
+                Duration::from_millis(1),
+                &SystemClock
+            )
+            .is_err()
         );
         lock.release(2);
-        lock.acquire(1, CatalogMode::Exclusive, Duration::ZERO)
+        lock.acquire(1, CatalogMode::Exclusive, Duration::ZERO, &SystemClock)
             .unwrap();
         assert!(
-            lock.acquire(3, CatalogMode::Shared, Duration::from_millis(1))
-                .is_err()
+            lock.acquire(
+                3,
+                CatalogMode::Shared,
+                Duration::from_millis(1),
+                &SystemClock
+            )
+            .is_err()
         );
         lock.release(1);
-        lock.acquire(3, CatalogMode::Shared, Duration::ZERO)
+        lock.acquire(3, CatalogMode::Shared, Duration::ZERO, &SystemClock)
             .unwrap();
     }
 }

@@ -12,6 +12,7 @@ use std::ops::Range;
 use crate::catalog::{QueueOptions, SentBy, Validation};
 use crate::codec::{Reader, put_str};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::state::{MessageKey, UrgentLane};
 
 /// WAL record kind of a commit record.
 pub const KIND_COMMIT: u8 = 1;
@@ -53,6 +54,11 @@ pub enum Op {
     DropService {
         name: String,
     },
+    /// CREATE BROKER PRIORITY: conversations matching (`None` = ANY) get `level`.
+    CreateBrokerPriority(crate::catalog::BrokerPriority),
+    DropBrokerPriority {
+        name: String,
+    },
     BeginDialog(DialogRecord),
     /// A message sent on the conversation whose sending endpoint is `handle`.
     Send {
@@ -75,11 +81,45 @@ pub enum Op {
         handle: ConversationHandle,
         group: ConversationGroupId,
     },
-    /// Compaction: the body of the message `sequence` queued for endpoint `handle` now lives
+    /// A RECEIVE took the urgent system message (DialogTimer or Error) that arrived with
+    /// `queuing_order` for endpoint `handle`.
+    ReceiveUrgent {
+        handle: ConversationHandle,
+        queuing_order: u64,
+    },
+    /// END CONVERSATION on endpoint `handle`.
+    EndConversation {
+        handle: ConversationHandle,
+        end: End,
+    },
+    /// BEGIN CONVERSATION TIMER: endpoint `handle`'s timer fires at `deadline_ms` (replacing
+    /// any earlier setting).
+    SetTimer {
+        handle: ConversationHandle,
+        deadline_ms: u64,
+    },
+    /// The broker fired endpoint `handle`'s timer set for `deadline_ms`: a DialogTimer message
+    /// for it (nothing, if the timer was reset or the conversation ended since).
+    FireTimer {
+        handle: ConversationHandle,
+        deadline_ms: u64,
+    },
+    /// The broker found endpoint `handle`'s dialog lifetime expired: it goes to ERROR with an
+    /// Error message (this body) in its queue.
+    Expire {
+        handle: ConversationHandle,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    },
+    /// Poison-message protection turned queue `name` off (a no-op if it is gone).
+    DisableQueue {
+        name: String,
+    },
+    /// Compaction: the body of the message `key` queued for endpoint `handle` now lives
     /// here (a copy of the old one), so the old log segment can be released. No logical change.
     Relocate {
         handle: ConversationHandle,
-        sequence: u64,
+        key: MessageKey,
         /// As in `Send`: the body when encoding, empty when decoded (see `body_range`).
         body: Vec<u8>,
         body_range: Range<usize>,
@@ -96,9 +136,24 @@ pub struct DialogRecord {
     pub from_service: String,
     pub to_service: String,
     pub contract: String,
-    /// Seconds; 0 = no lifetime.
-    pub lifetime_secs: u64,
+    /// When the dialog's lifetime ends, in milliseconds since the UNIX epoch; 0 = never.
+    pub expires_at_ms: u64,
     pub target: Option<(ConversationHandle, ConversationGroupId)>,
+}
+
+/// How END CONVERSATION ends a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// EndDialog to the far side, after everything sent before.
+    Plain,
+    /// An Error message (this XML body, code > 0) to the far side.
+    Error {
+        code: i32,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    },
+    /// WITH CLEANUP: this side is removed, the far side is not told.
+    Cleanup,
 }
 
 /// Why a commit record could not be decoded.
@@ -194,6 +249,48 @@ mod tag {
     pub const RECEIVE: u8 = 12;
     pub const RELOCATE: u8 = 13;
     pub const MOVE_CONVERSATION: u8 = 14;
+    pub const RECEIVE_URGENT: u8 = 15;
+    pub const END_CONVERSATION: u8 = 16;
+    pub const SET_TIMER: u8 = 17;
+    pub const FIRE_TIMER: u8 = 18;
+    pub const EXPIRE: u8 = 19;
+    pub const DISABLE_QUEUE: u8 = 20;
+    pub const CREATE_BROKER_PRIORITY: u8 = 21;
+    pub const DROP_BROKER_PRIORITY: u8 = 22;
+}
+
+/// Kinds of `MessageKey` as logged.
+mod key_kind {
+    pub const SEQUENCE: u8 = 0;
+    pub const DIALOG_TIMER: u8 = 1;
+    pub const ERROR: u8 = 2;
+}
+
+/// A message key: `kind u8 | sequence or queuing order u64`.
+pub(crate) fn put_key(out: &mut Vec<u8>, key: MessageKey) {
+    let (kind, n) = match key {
+        MessageKey::Sequence(sequence) => (key_kind::SEQUENCE, sequence),
+        MessageKey::Urgent {
+            lane: UrgentLane::DialogTimer,
+            queuing_order,
+        } => (key_kind::DIALOG_TIMER, queuing_order),
+        MessageKey::Urgent {
+            lane: UrgentLane::Error,
+            queuing_order,
+        } => (key_kind::ERROR, queuing_order),
+    };
+    out.push(kind);
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_optional_str(out: &mut Vec<u8>, s: &Option<String>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+    }
 }
 
 fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -258,7 +355,7 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_str(out, &d.from_service);
             put_str(out, &d.to_service);
             put_str(out, &d.contract);
-            out.extend_from_slice(&d.lifetime_secs.to_le_bytes());
+            out.extend_from_slice(&d.expires_at_ms.to_le_bytes());
             match d.target {
                 None => out.push(0),
                 Some((handle, group)) => {
@@ -289,15 +386,70 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             out.extend_from_slice(&group.0.to_le_bytes());
         }
         Op::Relocate {
-            handle,
-            sequence,
-            body,
-            ..
+            handle, key, body, ..
         } => {
             out.push(tag::RELOCATE);
             out.extend_from_slice(&handle.0.to_le_bytes());
-            out.extend_from_slice(&sequence.to_le_bytes());
+            put_key(out, *key);
             put_body(out, body);
+        }
+        Op::ReceiveUrgent {
+            handle,
+            queuing_order,
+        } => {
+            out.push(tag::RECEIVE_URGENT);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&queuing_order.to_le_bytes());
+        }
+        Op::EndConversation { handle, end } => {
+            out.push(tag::END_CONVERSATION);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            match end {
+                End::Plain => out.push(0),
+                End::Error { code, body, .. } => {
+                    out.push(1);
+                    out.extend_from_slice(&code.to_le_bytes());
+                    put_body(out, body);
+                }
+                End::Cleanup => out.push(2),
+            }
+        }
+        Op::SetTimer {
+            handle,
+            deadline_ms,
+        } => {
+            out.push(tag::SET_TIMER);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&deadline_ms.to_le_bytes());
+        }
+        Op::FireTimer {
+            handle,
+            deadline_ms,
+        } => {
+            out.push(tag::FIRE_TIMER);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&deadline_ms.to_le_bytes());
+        }
+        Op::Expire { handle, body, .. } => {
+            out.push(tag::EXPIRE);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            put_body(out, body);
+        }
+        Op::DisableQueue { name } => {
+            out.push(tag::DISABLE_QUEUE);
+            put_str(out, name);
+        }
+        Op::CreateBrokerPriority(p) => {
+            out.push(tag::CREATE_BROKER_PRIORITY);
+            put_str(out, &p.name);
+            put_optional_str(out, &p.contract);
+            put_optional_str(out, &p.local_service);
+            put_optional_str(out, &p.remote_service);
+            out.push(p.level);
+        }
+        Op::DropBrokerPriority { name } => {
+            out.push(tag::DROP_BROKER_PRIORITY);
+            put_str(out, name);
         }
     }
 }
@@ -396,6 +548,39 @@ impl Reader<'_> {
         })
     }
 
+    /// A body (`len u32 | bytes`): skipped, its place returned.
+    fn body(&mut self) -> Result<Range<usize>, DecodeError> {
+        let len = self.u32()? as usize;
+        let start = self.at();
+        self.take(len)?;
+        Ok(start..start + len)
+    }
+
+    pub(crate) fn key(&mut self) -> Result<MessageKey, DecodeError> {
+        let kind = self.u8()?;
+        let n = self.u64()?;
+        Ok(match kind {
+            key_kind::SEQUENCE => MessageKey::Sequence(n),
+            key_kind::DIALOG_TIMER => MessageKey::Urgent {
+                lane: UrgentLane::DialogTimer,
+                queuing_order: n,
+            },
+            key_kind::ERROR => MessageKey::Urgent {
+                lane: UrgentLane::Error,
+                queuing_order: n,
+            },
+            other => return Err(DecodeError(format!("unknown message key kind {other}"))),
+        })
+    }
+
+    fn optional_string(&mut self) -> Result<Option<String>, DecodeError> {
+        Ok(match self.u8()? {
+            0 => None,
+            1 => Some(self.string()?),
+            other => return Err(DecodeError(format!("bad option flag {other}"))),
+        })
+    }
+
     fn queue_options(&mut self) -> Result<QueueOptions, DecodeError> {
         let flags = self.u8()?;
         if flags & !0b111 != 0 {
@@ -464,7 +649,7 @@ impl Reader<'_> {
                 from_service: self.string()?,
                 to_service: self.string()?,
                 contract: self.string()?,
-                lifetime_secs: self.u64()?,
+                expires_at_ms: self.u64()?,
                 target: match self.u8()? {
                     0 => None,
                     1 => Some((
@@ -499,17 +684,63 @@ impl Reader<'_> {
             },
             tag::RELOCATE => {
                 let handle = ConversationHandle(self.u128()?);
-                let sequence = self.u64()?;
-                let len = self.u32()? as usize;
-                let start = self.at();
-                self.take(len)?;
+                let key = self.key()?;
                 Op::Relocate {
                     handle,
-                    sequence,
+                    key,
                     body: Vec::new(),
-                    body_range: start..start + len,
+                    body_range: self.body()?,
                 }
             }
+            tag::RECEIVE_URGENT => Op::ReceiveUrgent {
+                handle: ConversationHandle(self.u128()?),
+                queuing_order: self.u64()?,
+            },
+            tag::END_CONVERSATION => {
+                let handle = ConversationHandle(self.u128()?);
+                let end = match self.u8()? {
+                    0 => End::Plain,
+                    1 => {
+                        let code = self.u32()? as i32;
+                        End::Error {
+                            code,
+                            body: Vec::new(),
+                            body_range: self.body()?,
+                        }
+                    }
+                    2 => End::Cleanup,
+                    other => return Err(DecodeError(format!("unknown end kind {other}"))),
+                };
+                Op::EndConversation { handle, end }
+            }
+            tag::SET_TIMER => Op::SetTimer {
+                handle: ConversationHandle(self.u128()?),
+                deadline_ms: self.u64()?,
+            },
+            tag::FIRE_TIMER => Op::FireTimer {
+                handle: ConversationHandle(self.u128()?),
+                deadline_ms: self.u64()?,
+            },
+            tag::EXPIRE => Op::Expire {
+                handle: ConversationHandle(self.u128()?),
+                body: Vec::new(),
+                body_range: self.body()?,
+            },
+            tag::DISABLE_QUEUE => Op::DisableQueue {
+                name: self.string()?,
+            },
+            tag::CREATE_BROKER_PRIORITY => {
+                Op::CreateBrokerPriority(crate::catalog::BrokerPriority {
+                    name: self.string()?,
+                    contract: self.optional_string()?,
+                    local_service: self.optional_string()?,
+                    remote_service: self.optional_string()?,
+                    level: self.u8()?,
+                })
+            }
+            tag::DROP_BROKER_PRIORITY => Op::DropBrokerPriority {
+                name: self.string()?,
+            },
             other => return Err(DecodeError(format!("unknown op tag {other}"))),
         })
     }
@@ -538,14 +769,35 @@ pub fn fuzz_decode(data: &[u8]) {
                 },
                 Op::Relocate {
                     handle,
-                    sequence,
+                    key,
                     body_range,
                     ..
                 } => Op::Relocate {
                     handle,
-                    sequence,
+                    key,
                     body: data[body_range.clone()].to_vec(),
                     body_range,
+                },
+                Op::Expire {
+                    handle, body_range, ..
+                } => Op::Expire {
+                    handle,
+                    body: data[body_range.clone()].to_vec(),
+                    body_range,
+                },
+                Op::EndConversation {
+                    handle,
+                    end:
+                        End::Error {
+                            code, body_range, ..
+                        },
+                } => Op::EndConversation {
+                    handle,
+                    end: End::Error {
+                        code,
+                        body: data[body_range.clone()].to_vec(),
+                        body_range,
+                    },
                 },
                 other => other,
             })
@@ -584,7 +836,7 @@ mod tests {
                 from_service: "//s".into(),
                 to_service: "//s".into(),
                 contract: "//c".into(),
-                lifetime_secs: 60,
+                expires_at_ms: 60_000,
                 target: Some((ConversationHandle(4), ConversationGroupId(5))),
             }),
             Op::Send {
@@ -598,6 +850,57 @@ mod tests {
                 handle: ConversationHandle(4),
                 through_sequence: 0,
             },
+            Op::SetTimer {
+                handle: ConversationHandle(4),
+                deadline_ms: 9,
+            },
+            Op::FireTimer {
+                handle: ConversationHandle(4),
+                deadline_ms: 9,
+            },
+            Op::ReceiveUrgent {
+                handle: ConversationHandle(4),
+                queuing_order: 3,
+            },
+            Op::Expire {
+                handle: ConversationHandle(1),
+                body: crate::system::lifetime_expired_body(),
+                body_range: 0..0,
+            },
+            Op::EndConversation {
+                handle: ConversationHandle(1),
+                end: End::Error {
+                    code: 7,
+                    body: crate::system::error_body(7, "no"),
+                    body_range: 0..0,
+                },
+            },
+            Op::EndConversation {
+                handle: ConversationHandle(4),
+                end: End::Plain,
+            },
+            Op::EndConversation {
+                handle: ConversationHandle(4),
+                end: End::Cleanup,
+            },
+            Op::Relocate {
+                handle: ConversationHandle(4),
+                key: MessageKey::Urgent {
+                    lane: UrgentLane::Error,
+                    queuing_order: 3,
+                },
+                body: b"x".to_vec(),
+                body_range: 0..0,
+            },
+            Op::DisableQueue { name: "Q".into() },
+            Op::CreateBrokerPriority(crate::catalog::BrokerPriority {
+                name: "p".into(),
+                contract: Some("//c".into()),
+                local_service: None,
+                remote_service: Some("//far".into()),
+                level: 7,
+            }),
+            Op::DropBrokerPriority { name: "p".into() },
         ]
     }
 
@@ -605,7 +908,7 @@ mod tests {
     fn ops_round_trip_and_bodies_are_located() {
         let bytes = encode(&sample());
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded.len(), 7);
+        assert_eq!(decoded.len(), sample().len());
         match &decoded[5] {
             Op::Send { body_range, .. } => assert_eq!(&bytes[body_range.clone()], b"{\"a\":1}"),
             other => panic!("expected Send, got {other:?}"),

@@ -14,8 +14,10 @@ use herald_wal::{Lsn, Position, RecordBytes};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap};
-use crate::record::Op;
+use crate::record::{End, Op};
+use crate::system;
 
 /// Where a conversation endpoint is in its life (Service Broker's `state` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,18 @@ impl EndpointState {
         }
     }
 
+    /// Whether the application ended this side (END CONVERSATION): it is kept, closed, until
+    /// the far side ends too.
+    pub fn is_ended(self) -> bool {
+        self == EndpointState::Closed
+    }
+
+    /// Whether messages from the far side are still accepted (not after this side ended or
+    /// failed).
+    pub fn accepts_messages(self) -> bool {
+        !matches!(self, EndpointState::Error | EndpointState::Closed)
+    }
+
     /// Whether this side may still send.
     pub fn can_send(self) -> bool {
         matches!(
@@ -78,13 +92,64 @@ pub struct Endpoint {
     pub receive_sequence: u64,
     /// The other side's handle when it lives on this broker.
     pub far_handle: Option<ConversationHandle>,
-    pub lifetime_secs: u64,
-    /// 1..=10; 5 until broker priorities exist.
+    /// When the dialog's lifetime ends (milliseconds since the UNIX epoch), until it has.
+    pub expires_at_ms: Option<u64>,
+    /// When this side's conversation timer fires, if one is set.
+    pub dialog_timer_ms: Option<u64>,
+    /// 1..=10, from the best matching broker priority when the endpoint was created.
     pub priority: u8,
 }
 
-/// The default conversation priority (Service Broker's).
-pub const PRIORITY_DEFAULT: u8 = 5;
+/// What a pending deadline does when it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeadlineKind {
+    /// The conversation timer: a DialogTimer message.
+    DialogTimer,
+    /// The dialog lifetime: ERROR state and an Error message.
+    Lifetime,
+}
+
+/// Where a message stands in its conversation's receive order; the derived order is
+/// RECEIVE's: urgent system messages (DialogTimer, then Error, each by arrival) before the
+/// sequenced ones, which come by sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MessageKey {
+    Urgent {
+        lane: UrgentLane,
+        queuing_order: u64,
+    },
+    Sequence(u64),
+}
+
+/// The two kinds of message delivered ahead of a conversation's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UrgentLane {
+    DialogTimer,
+    Error,
+}
+
+impl std::fmt::Display for MessageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MessageKey::Sequence(sequence) => write!(f, "{sequence}"),
+            MessageKey::Urgent {
+                lane,
+                queuing_order,
+            } => write!(f, "{lane:?}@{queuing_order}"),
+        }
+    }
+}
+
+impl MessageKey {
+    /// The sequence number RECEIVE reports: urgent system messages are not sequenced and
+    /// report 0.
+    pub fn sequence(self) -> u64 {
+        match self {
+            MessageKey::Sequence(sequence) => sequence,
+            MessageKey::Urgent { .. } => 0,
+        }
+    }
+}
 
 /// A message waiting in a queue: 56 bytes, one per queued message, so kept compact (its
 /// sequence number is its place in its conversation's queue, its type an index).
@@ -142,38 +207,85 @@ impl QueuedMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageTypeId(u32);
 
-/// The messages of one conversation waiting in a queue. Sequence numbers are contiguous (a
-/// conversation delivers in order, and RECEIVE takes from the front), so the queue is a dense
-/// ring: message `first_sequence + i` is at index `i`.
-#[derive(Debug, Clone, Default)]
+/// The messages of one conversation waiting in a queue. Sequenced messages are contiguous (a
+/// conversation delivers in order, and RECEIVE takes from the front), so they sit in a dense
+/// ring: message `first_sequence + i` is at index `i`. The few urgent system messages
+/// (DialogTimer, Error) wait apart, in receive order, and come first.
+#[derive(Debug, Clone)]
 pub struct ConversationQueue {
     first_sequence: u64,
     messages: std::collections::VecDeque<QueuedMessage>,
+    urgent: Vec<(MessageKey, QueuedMessage)>,
+    /// The conversation's priority (its endpoint's), for picking groups.
+    pub priority: u8,
+}
+
+impl Default for ConversationQueue {
+    fn default() -> ConversationQueue {
+        ConversationQueue {
+            first_sequence: 0,
+            messages: Default::default(),
+            urgent: Vec::new(),
+            priority: crate::catalog::PRIORITY_LEVEL_DEFAULT,
+        }
+    }
 }
 
 impl ConversationQueue {
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.messages.is_empty() && self.urgent.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.messages.len()
+        self.messages.len() + self.urgent.len()
     }
 
-    /// The first message and its sequence number.
-    pub fn first(&self) -> Option<(u64, &QueuedMessage)> {
-        self.messages.front().map(|m| (self.first_sequence, m))
+    /// The first message in receive order.
+    pub fn first(&self) -> Option<(MessageKey, &QueuedMessage)> {
+        match self.urgent.first() {
+            Some((key, message)) => Some((*key, message)),
+            None => self
+                .messages
+                .front()
+                .map(|m| (MessageKey::Sequence(self.first_sequence), m)),
+        }
     }
 
-    pub fn pop_first(&mut self) -> Option<(u64, QueuedMessage)> {
+    pub fn pop_first(&mut self) -> Option<(MessageKey, QueuedMessage)> {
+        if !self.urgent.is_empty() {
+            return Some(self.urgent.remove(0));
+        }
+        self.pop_first_sequenced()
+            .map(|(sequence, message)| (MessageKey::Sequence(sequence), message))
+    }
+
+    pub fn pop_first_sequenced(&mut self) -> Option<(u64, QueuedMessage)> {
         let message = self.messages.pop_front()?;
         let sequence = self.first_sequence;
         self.first_sequence += 1;
         Some((sequence, message))
     }
 
-    /// Adds message `sequence` at either end; anything else would leave a gap.
-    pub fn insert(&mut self, sequence: u64, message: QueuedMessage) -> Result<(), String> {
+    /// Removes the urgent message that arrived with `queuing_order`.
+    pub fn remove_urgent(&mut self, queuing_order: u64) -> Option<QueuedMessage> {
+        let index = self
+            .urgent
+            .iter()
+            .position(|(_, m)| m.queuing_order == queuing_order)?;
+        Some(self.urgent.remove(index).1)
+    }
+
+    /// Adds a message: an urgent one at its place, a sequenced one at either end of the
+    /// sequence (anything else would leave a gap).
+    pub fn insert(&mut self, key: MessageKey, message: QueuedMessage) -> Result<(), String> {
+        let sequence = match key {
+            MessageKey::Urgent { .. } => {
+                let at = self.urgent.partition_point(|(k, _)| *k < key);
+                self.urgent.insert(at, (key, message));
+                return Ok(());
+            }
+            MessageKey::Sequence(sequence) => sequence,
+        };
         if self.messages.is_empty() {
             self.first_sequence = sequence;
             self.messages.push_back(message);
@@ -192,27 +304,55 @@ impl ConversationQueue {
         Ok(())
     }
 
-    pub fn get_mut(&mut self, sequence: u64) -> Option<&mut QueuedMessage> {
-        let index = sequence.checked_sub(self.first_sequence)?;
-        self.messages.get_mut(usize::try_from(index).ok()?)
+    pub fn get_mut(&mut self, key: MessageKey) -> Option<&mut QueuedMessage> {
+        match key {
+            MessageKey::Urgent { .. } => self
+                .urgent
+                .iter_mut()
+                .find(|(k, _)| *k == key)
+                .map(|(_, m)| m),
+            MessageKey::Sequence(sequence) => {
+                let index = sequence.checked_sub(self.first_sequence)?;
+                self.messages.get_mut(usize::try_from(index).ok()?)
+            }
+        }
     }
 
-    /// Messages with their sequence numbers, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &QueuedMessage)> {
-        (self.first_sequence..).zip(self.messages.iter())
+    /// Messages with their keys, in receive order.
+    pub fn iter(&self) -> impl Iterator<Item = (MessageKey, &QueuedMessage)> {
+        let urgent = self.urgent.iter().map(|(k, m)| (*k, m));
+        let sequenced = (self.first_sequence..)
+            .zip(self.messages.iter())
+            .map(|(sequence, m)| (MessageKey::Sequence(sequence), m));
+        urgent.chain(sequenced)
     }
 
-    #[cfg(test)]
-    pub(crate) fn clear(&mut self) {
+    /// Queuing order of the oldest message waiting.
+    pub fn oldest(&self) -> Option<u64> {
+        let urgent = self.urgent.iter().map(|(_, m)| m.queuing_order).min();
+        let sequenced = self.messages.front().map(|m| m.queuing_order);
+        match (urgent, sequenced) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops every message (END CONVERSATION purges this side's queue).
+    pub fn clear(&mut self) {
+        self.first_sequence += self.messages.len() as u64;
         self.messages.clear();
+        self.urgent.clear();
     }
 
     #[cfg(test)]
     pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut QueuedMessage> {
-        self.messages.iter_mut()
+        self.urgent
+            .iter_mut()
+            .map(|(_, m)| m)
+            .chain(self.messages.iter_mut())
     }
 
-    /// The sequence numbers of the queued messages, oldest first.
+    /// The sequence numbers of the queued sequenced messages, oldest first.
     pub fn sequences(&self) -> std::ops::Range<u64> {
         self.first_sequence..self.first_sequence + self.messages.len() as u64
     }
@@ -226,6 +366,9 @@ pub struct BodyLocation {
     pub start: u32,
     pub len: u32,
 }
+
+/// Finds a body, by its range in the record being applied.
+type BodyAt<'a> = dyn Fn(&std::ops::Range<usize>) -> Result<(RecordBytes, BodyLocation)> + 'a;
 
 /// A committed record waiting for the records before it to be applied.
 #[derive(Debug)]
@@ -242,8 +385,13 @@ pub struct Group {
     pub queue: String,
     pub conversations: BTreeMap<ConversationHandle, ConversationQueue>,
     /// This group's key in its queue's ready index (`State::ready`), if it has messages.
-    ready_key: Option<u64>,
+    ready_key: Option<ReadyKey>,
 }
+
+/// Order of groups in a queue's ready index: highest priority first (the highest priority
+/// among its conversations with waiting messages), then the one whose oldest message is
+/// oldest.
+pub(crate) type ReadyKey = (std::cmp::Reverse<u8>, u64);
 
 impl Group {
     pub fn new(queue: String) -> Group {
@@ -259,13 +407,22 @@ impl Group {
     }
 
     /// Queuing order of the oldest waiting message, to pick groups first-come first-served.
-    /// Within a conversation messages arrive in sequence order, so each conversation's first
-    /// message is its oldest.
     pub fn oldest(&self) -> Option<u64> {
         self.conversations
             .values()
-            .filter_map(|m| m.first().map(|(_, q)| q.queuing_order))
+            .filter_map(ConversationQueue::oldest)
             .min()
+    }
+
+    /// This group's place in its queue's ready index, if it has messages.
+    pub(crate) fn ready_key(&self) -> Option<ReadyKey> {
+        let priority = self
+            .conversations
+            .values()
+            .filter(|q| !q.is_empty())
+            .map(|q| q.priority)
+            .max()?;
+        Some((std::cmp::Reverse(priority), self.oldest()?))
     }
 }
 
@@ -284,10 +441,20 @@ pub struct State {
     /// conversation and sequence. Committing the RECEIVE (applying its op) drops them; a
     /// rollback puts them back. A checkpoint counts them as queued.
     pub(crate) taken:
-        IdMap<ConversationHandle, BTreeMap<u64, (ConversationGroupId, QueuedMessage)>>,
-    /// Per queue, the groups with waiting messages, by the queuing order of their oldest one:
-    /// RECEIVE walks this instead of every group.
-    ready: HashMap<String, BTreeSet<(u64, ConversationGroupId)>>,
+        IdMap<ConversationHandle, BTreeMap<MessageKey, (ConversationGroupId, QueuedMessage)>>,
+    /// Per queue, the groups with waiting messages, best first (`ReadyKey`): RECEIVE walks
+    /// this instead of every group.
+    ready: HashMap<String, BTreeSet<(ReadyKey, ConversationGroupId)>>,
+    /// Every pending conversation timer and dialog lifetime, soonest first.
+    pub(crate) deadlines: BTreeSet<(u64, ConversationHandle, DeadlineKind)>,
+    /// Queues whose messages or status changed since the last `take_touched` (to wake
+    /// WAITFOR receivers and activation).
+    touched: Vec<String>,
+    /// Events raised by applied records, for the broker to publish (not on replay).
+    pub(crate) events: Vec<Event>,
+    /// Per queue, rollbacks in a row of transactions that received from it (poison-message
+    /// detection; in memory only, as in Service Broker).
+    pub(crate) poison_rollbacks: HashMap<String, u32>,
     /// Message type names by `MessageTypeId`, and the reverse: one shared name per type
     /// instead of one per queued message.
     message_type_names: Vec<Arc<str>>,
@@ -350,49 +517,81 @@ impl State {
     /// `position` in the log (bodies are borrowed from it).
     pub fn apply(&mut self, op: &Op, payload: &RecordBytes, position: Position) -> Result<()> {
         if let Some(result) = apply_catalog_op(&mut self.catalog, op) {
+            if let Op::AlterQueue { name, .. }
+            | Op::DropQueue { name }
+            | Op::DisableQueue { name } = op
+            {
+                self.poison_rollbacks.remove(name);
+                self.touched.push(name.clone());
+            }
             return result;
         }
+        let body_at = |range: &std::ops::Range<usize>| -> Result<(RecordBytes, BodyLocation)> {
+            if range.end > payload.len() {
+                return Err(corrupt(format!("body {range:?} outside its record")));
+            }
+            Ok((
+                payload.slice(range.clone()),
+                BodyLocation {
+                    record: position,
+                    start: range.start as u32,
+                    len: range.len() as u32,
+                },
+            ))
+        };
         match op {
             Op::BeginDialog(d) => {
                 let from_queue = self.catalog.service(&d.from_service)?.queue.clone();
-                self.add_endpoint(
-                    Endpoint {
-                        handle: d.handle,
+                let expires_at_ms = (d.expires_at_ms != 0).then_some(d.expires_at_ms);
+                let endpoint =
+                    |handle, is_initiator, service: &str, far: &str, group, far_handle| Endpoint {
+                        handle,
                         conversation_id: d.conversation_id,
-                        is_initiator: true,
-                        service: d.from_service.clone(),
-                        far_service: d.to_service.clone(),
+                        is_initiator,
+                        service: service.into(),
+                        far_service: far.into(),
                         contract: d.contract.clone(),
-                        group: d.group,
-                        state: EndpointState::StartedOutbound,
+                        group,
+                        state: if is_initiator {
+                            EndpointState::StartedOutbound
+                        } else {
+                            EndpointState::Conversing
+                        },
                         send_sequence: 0,
                         receive_sequence: 0,
-                        far_handle: d.target.map(|(h, _)| h),
-                        lifetime_secs: d.lifetime_secs,
-                        priority: PRIORITY_DEFAULT,
-                    },
-                    from_queue,
-                )?;
-                if let Some((target_handle, target_group)) = d.target {
-                    let to_queue = self.catalog.service(&d.to_service)?.queue.clone();
-                    self.add_endpoint(
-                        Endpoint {
-                            handle: target_handle,
-                            conversation_id: d.conversation_id,
-                            is_initiator: false,
-                            service: d.to_service.clone(),
-                            far_service: d.from_service.clone(),
-                            contract: d.contract.clone(),
-                            group: target_group,
-                            state: EndpointState::Conversing,
-                            send_sequence: 0,
-                            receive_sequence: 0,
-                            far_handle: Some(d.handle),
-                            lifetime_secs: d.lifetime_secs,
-                            priority: PRIORITY_DEFAULT,
-                        },
-                        to_queue,
-                    )?;
+                        far_handle,
+                        expires_at_ms,
+                        dialog_timer_ms: None,
+                        priority: self.catalog.priority_for(&d.contract, service, far),
+                    };
+                let initiator = endpoint(
+                    d.handle,
+                    true,
+                    &d.from_service,
+                    &d.to_service,
+                    d.group,
+                    d.target.map(|(h, _)| h),
+                );
+                let target = match d.target {
+                    Some((target_handle, target_group)) => {
+                        let to_queue = self.catalog.service(&d.to_service)?.queue.clone();
+                        Some((
+                            endpoint(
+                                target_handle,
+                                false,
+                                &d.to_service,
+                                &d.from_service,
+                                target_group,
+                                Some(d.handle),
+                            ),
+                            to_queue,
+                        ))
+                    }
+                    None => None,
+                };
+                self.add_endpoint(initiator, from_queue)?;
+                if let Some((target, to_queue)) = target {
+                    self.add_endpoint(target, to_queue)?;
                 }
                 Ok(())
             }
@@ -420,41 +619,14 @@ impl State {
                 let target = sender.far_handle.ok_or_else(|| {
                     corrupt(format!("send on {handle}, whose far side is not local"))
                 })?;
-                if body_range.end > payload.len() {
-                    return Err(corrupt(format!(
-                        "send body {body_range:?} outside its record"
-                    )));
-                }
-                let target_group = self
-                    .endpoints
-                    .get(&target)
-                    .ok_or_else(|| corrupt(format!("send to unknown endpoint {target}")))?
-                    .group;
-                let queuing_order = self.next_queuing_order;
-                self.next_queuing_order += 1;
-                let message_type = self.message_type_id(message_type);
-                let group = self
-                    .groups
-                    .get_mut(&target_group)
-                    .ok_or_else(|| corrupt(format!("endpoint {target} in unknown group")))?;
-                let message = QueuedMessage::new(
-                    payload.slice(body_range.clone()),
-                    BodyLocation {
-                        record: position,
-                        start: body_range.start as u32,
-                        len: body_range.len() as u32,
-                    },
+                let (body, location) = body_at(body_range)?;
+                self.deliver(
+                    target,
+                    MessageKey::Sequence(*sequence),
                     message_type,
-                    queuing_order,
-                );
-                group
-                    .conversations
-                    .entry(target)
-                    .or_default()
-                    .insert(*sequence, message)
-                    .map_err(|e| corrupt(format!("send on {handle}: {e}")))?;
-                self.refresh_ready(target_group);
-                Ok(())
+                    body,
+                    location,
+                )
             }
             Op::Receive {
                 handle,
@@ -472,61 +644,67 @@ impl State {
                     .and_then(|g| g.conversations.get_mut(handle))
                 {
                     // Already taken when the receiving transaction commits; removed here on replay.
-                    // Received messages are always the conversation's first ones.
+                    // Received messages are always the conversation's first sequenced ones.
                     while messages
-                        .first()
-                        .is_some_and(|(seq, _)| seq <= *through_sequence)
+                        .sequences()
+                        .next()
+                        .is_some_and(|seq| seq <= *through_sequence)
                     {
-                        messages.pop_first();
+                        messages.pop_first_sequenced();
                     }
                 }
-                if let Some(taken) = self.taken.get_mut(handle) {
-                    while taken
-                        .first_key_value()
-                        .is_some_and(|(seq, _)| *seq <= *through_sequence)
-                    {
-                        taken.pop_first();
-                    }
-                    if taken.is_empty() {
-                        self.taken.remove(handle);
-                    }
+                self.drop_taken(
+                    *handle,
+                    |key| matches!(key, MessageKey::Sequence(s) if s <= *through_sequence),
+                );
+                self.refresh_ready(group);
+                Ok(())
+            }
+            Op::ReceiveUrgent {
+                handle,
+                queuing_order,
+            } => {
+                let group = self
+                    .endpoints
+                    .get(handle)
+                    .ok_or_else(|| corrupt(format!("receive on unknown conversation {handle}")))?
+                    .group;
+                if let Some(messages) = self
+                    .groups
+                    .get_mut(&group)
+                    .and_then(|g| g.conversations.get_mut(handle))
+                {
+                    messages.remove_urgent(*queuing_order);
                 }
+                self.drop_taken(*handle, |key| {
+                    matches!(key, MessageKey::Urgent { queuing_order: q, .. } if q == *queuing_order)
+                });
                 self.refresh_ready(group);
                 Ok(())
             }
             Op::Relocate {
                 handle,
-                sequence,
+                key,
                 body_range,
                 ..
             } => {
-                if body_range.end > payload.len() {
-                    return Err(corrupt(format!(
-                        "relocated body {body_range:?} outside its record"
-                    )));
-                }
-                let location = BodyLocation {
-                    record: position,
-                    start: body_range.start as u32,
-                    len: body_range.len() as u32,
-                };
-                let body = payload.slice(body_range.clone());
+                let (body, location) = body_at(body_range)?;
                 // The message may have been received since the compaction copied it: nothing
                 // to do then.
                 let group = self.endpoints.get(handle).map(|e| e.group);
                 let queued = group
                     .and_then(|g| self.groups.get_mut(&g))
                     .and_then(|g| g.conversations.get_mut(handle))
-                    .and_then(|m| m.get_mut(*sequence));
+                    .and_then(|m| m.get_mut(*key));
                 let taken = self
                     .taken
                     .get_mut(handle)
-                    .and_then(|t| t.get_mut(sequence))
+                    .and_then(|t| t.get_mut(key))
                     .map(|(_, m)| m);
                 for message in queued.into_iter().chain(taken) {
                     if message.body.len() != body.len() {
                         return Err(corrupt(format!(
-                            "relocated body of {handle} #{sequence} changed length"
+                            "relocated body of {handle} {key:?} changed length"
                         )));
                     }
                     *message = QueuedMessage::new(
@@ -566,11 +744,277 @@ impl State {
                 }
                 new.conversations.insert(*handle, messages);
                 self.refresh_ready(from);
+                self.forget_group_if_empty(from);
                 self.refresh_ready(*group);
                 Ok(())
             }
+            Op::EndConversation { handle, end } => self.end_conversation(*handle, end, &body_at),
+            Op::SetTimer {
+                handle,
+                deadline_ms,
+            } => {
+                let endpoint = self
+                    .endpoints
+                    .get_mut(handle)
+                    .ok_or_else(|| corrupt(format!("timer on unknown conversation {handle}")))?;
+                let old = endpoint.dialog_timer_ms.replace(*deadline_ms);
+                if let Some(old) = old {
+                    self.deadlines
+                        .remove(&(old, *handle, DeadlineKind::DialogTimer));
+                }
+                self.deadlines
+                    .insert((*deadline_ms, *handle, DeadlineKind::DialogTimer));
+                Ok(())
+            }
+            Op::FireTimer {
+                handle,
+                deadline_ms,
+            } => {
+                // The timer may have been reset, or the conversation ended, since it came due.
+                let Some(endpoint) = self.endpoints.get_mut(handle) else {
+                    return Ok(());
+                };
+                if endpoint.dialog_timer_ms != Some(*deadline_ms) {
+                    return Ok(());
+                }
+                endpoint.dialog_timer_ms = None;
+                self.deadlines
+                    .remove(&(*deadline_ms, *handle, DeadlineKind::DialogTimer));
+                let key = MessageKey::Urgent {
+                    lane: UrgentLane::DialogTimer,
+                    queuing_order: self.next_queuing_order,
+                };
+                let (body, location) = body_at(&(0..0))?;
+                // Delivered whatever the conversation's state (an endpoint in ERROR still gets
+                // its own timers); ending the conversation cancels the timer.
+                self.deliver_to_endpoint(*handle, key, system::DIALOG_TIMER, body, location)
+            }
+            Op::Expire {
+                handle, body_range, ..
+            } => {
+                let Some(endpoint) = self.endpoints.get_mut(handle) else {
+                    return Ok(());
+                };
+                let Some(expires_at) = endpoint.expires_at_ms.take() else {
+                    return Ok(());
+                };
+                self.deadlines
+                    .remove(&(expires_at, *handle, DeadlineKind::Lifetime));
+                if !endpoint.state.accepts_messages() {
+                    return Ok(());
+                }
+                endpoint.state = EndpointState::Error;
+                self.events.push(Event::DialogError {
+                    handle: *handle,
+                    code: system::ERROR_LIFETIME_EXPIRED,
+                });
+                let key = MessageKey::Urgent {
+                    lane: UrgentLane::Error,
+                    queuing_order: self.next_queuing_order,
+                };
+                let (body, location) = body_at(body_range)?;
+                self.deliver_to_endpoint(*handle, key, system::ERROR, body, location)
+            }
             catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
         }
+    }
+
+    /// Puts a message for endpoint `target` in its queue, if that endpoint still exists and
+    /// accepts messages; otherwise the message is discarded, as Service Broker discards what
+    /// arrives for a conversation that ended, failed, or was cleaned up.
+    fn deliver(
+        &mut self,
+        target: ConversationHandle,
+        key: MessageKey,
+        message_type: &str,
+        body: RecordBytes,
+        location: BodyLocation,
+    ) -> Result<()> {
+        match self.endpoints.get(&target) {
+            Some(endpoint) if endpoint.state.accepts_messages() => {
+                self.deliver_to_endpoint(target, key, message_type, body, location)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues a message for endpoint `target`, whatever its state.
+    fn deliver_to_endpoint(
+        &mut self,
+        target: ConversationHandle,
+        key: MessageKey,
+        message_type: &str,
+        body: RecordBytes,
+        location: BodyLocation,
+    ) -> Result<()> {
+        let target_group = self
+            .endpoints
+            .get(&target)
+            .ok_or_else(|| corrupt(format!("message for unknown endpoint {target}")))?
+            .group;
+        let queuing_order = self.next_queuing_order;
+        self.next_queuing_order += 1;
+        let message_type = self.message_type_id(message_type);
+        let group = self
+            .groups
+            .get_mut(&target_group)
+            .ok_or_else(|| corrupt(format!("endpoint {target} in unknown group")))?;
+        let message = QueuedMessage::new(body, location, message_type, queuing_order);
+        group
+            .conversations
+            .entry(target)
+            .or_default()
+            .insert(key, message)
+            .map_err(|e| corrupt(format!("message for {target}: {e}")))?;
+        if self.touched.last() != Some(&group.queue) {
+            self.touched.push(group.queue.clone());
+        }
+        self.refresh_ready(target_group);
+        Ok(())
+    }
+
+    /// END CONVERSATION on `handle`: purges this side's messages; unless WITH CLEANUP, tells the
+    /// far side (EndDialog after everything sent before, or an Error ahead of everything) if it
+    /// has not ended or failed itself; closes this side, and removes both sides once both have
+    /// ended (WITH CLEANUP removes this side at once).
+    fn end_conversation(
+        &mut self,
+        handle: ConversationHandle,
+        end: &End,
+        body_at: &BodyAt<'_>,
+    ) -> Result<()> {
+        let endpoint = self
+            .endpoints
+            .get_mut(&handle)
+            .ok_or_else(|| corrupt(format!("end of unknown conversation {handle}")))?;
+        endpoint.state = EndpointState::Closed;
+        let group = endpoint.group;
+        let far_handle = endpoint.far_handle;
+        let ended_send_sequence = endpoint.send_sequence;
+        if let Some(deadline) = endpoint.dialog_timer_ms.take() {
+            self.deadlines
+                .remove(&(deadline, handle, DeadlineKind::DialogTimer));
+        }
+        if let Some(deadline) = endpoint.expires_at_ms.take() {
+            self.deadlines
+                .remove(&(deadline, handle, DeadlineKind::Lifetime));
+        }
+        if let Some(queue) = self
+            .groups
+            .get_mut(&group)
+            .and_then(|g| g.conversations.get_mut(&handle))
+        {
+            queue.clear();
+        }
+        self.drop_taken(handle, |_| true);
+        self.refresh_ready(group);
+        let far_state = far_handle
+            .and_then(|far| self.endpoints.get(&far))
+            .map(|far| far.state);
+        match end {
+            End::Cleanup => {
+                self.remove_endpoint(handle);
+                return Ok(());
+            }
+            End::Plain if far_state.is_some_and(EndpointState::accepts_messages) => {
+                let far = far_handle.expect("far state known");
+                self.endpoints
+                    .get_mut(&handle)
+                    .expect("ending endpoint")
+                    .send_sequence += 1;
+                if let Some(far_endpoint) = self.endpoints.get_mut(&far) {
+                    far_endpoint.state = EndpointState::DisconnectedInbound;
+                }
+                let (body, location) = body_at(&(0..0))?;
+                self.deliver_to_endpoint(
+                    far,
+                    MessageKey::Sequence(ended_send_sequence),
+                    system::END_DIALOG,
+                    body,
+                    location,
+                )?;
+            }
+            End::Error {
+                code, body_range, ..
+            } if far_state.is_some_and(EndpointState::accepts_messages) => {
+                let far = far_handle.expect("far state known");
+                if let Some(far_endpoint) = self.endpoints.get_mut(&far) {
+                    far_endpoint.state = EndpointState::Error;
+                }
+                self.events.push(Event::DialogError {
+                    handle: far,
+                    code: *code,
+                });
+                let key = MessageKey::Urgent {
+                    lane: UrgentLane::Error,
+                    queuing_order: self.next_queuing_order,
+                };
+                let (body, location) = body_at(body_range)?;
+                self.deliver_to_endpoint(far, key, system::ERROR, body, location)?;
+            }
+            End::Plain | End::Error { .. } => {}
+        }
+        // Both sides ended (or the far side is gone): the conversation is over here.
+        let far_gone_or_ended = match far_handle.and_then(|far| self.endpoints.get(&far)) {
+            None => true,
+            Some(far) => far.state.is_ended(),
+        };
+        if far_gone_or_ended {
+            self.remove_endpoint(handle);
+            if let Some(far) = far_handle {
+                self.remove_endpoint(far);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an endpoint with its messages and deadlines, and its group if that was the
+    /// group's last conversation.
+    fn remove_endpoint(&mut self, handle: ConversationHandle) {
+        let Some(endpoint) = self.endpoints.remove(&handle) else {
+            return;
+        };
+        if let Some(deadline) = endpoint.dialog_timer_ms {
+            self.deadlines
+                .remove(&(deadline, handle, DeadlineKind::DialogTimer));
+        }
+        if let Some(deadline) = endpoint.expires_at_ms {
+            self.deadlines
+                .remove(&(deadline, handle, DeadlineKind::Lifetime));
+        }
+        self.drop_taken(handle, |_| true);
+        if let Some(group) = self.groups.get_mut(&endpoint.group) {
+            group.conversations.remove(&handle);
+        }
+        self.refresh_ready(endpoint.group);
+        self.forget_group_if_empty(endpoint.group);
+    }
+
+    /// A group lives as long as one of its conversations does.
+    fn forget_group_if_empty(&mut self, group: ConversationGroupId) {
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.conversations.is_empty())
+        {
+            self.groups.remove(&group);
+        }
+    }
+
+    /// Drops `handle`'s taken messages whose keys match (their RECEIVE committed, or the
+    /// conversation ended).
+    fn drop_taken(&mut self, handle: ConversationHandle, matches: impl Fn(MessageKey) -> bool) {
+        if let Some(taken) = self.taken.get_mut(&handle) {
+            taken.retain(|key, _| !matches(*key));
+            if taken.is_empty() {
+                self.taken.remove(&handle);
+            }
+        }
+    }
+
+    /// The queues whose messages or status changed since the last call.
+    pub(crate) fn take_touched(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.touched)
     }
 
     /// Moves the first message of `handle` in `group` to the taken set (a RECEIVE took it).
@@ -578,8 +1022,8 @@ impl State {
         &mut self,
         group: ConversationGroupId,
         handle: ConversationHandle,
-    ) -> Option<(u64, QueuedMessage)> {
-        let (sequence, message) = self
+    ) -> Option<(MessageKey, QueuedMessage)> {
+        let (key, message) = self
             .groups
             .get_mut(&group)?
             .conversations
@@ -588,12 +1032,13 @@ impl State {
         self.taken
             .entry(handle)
             .or_default()
-            .insert(sequence, (group, message.clone()));
+            .insert(key, (group, message.clone()));
         self.refresh_ready(group);
-        Some((sequence, message))
+        Some((key, message))
     }
 
-    /// The groups of `queue` with waiting messages, oldest first.
+    /// The groups of `queue` with waiting messages, best first (highest priority, then oldest
+    /// message).
     pub(crate) fn ready_groups(
         &self,
         queue: &str,
@@ -609,7 +1054,7 @@ impl State {
         let Some(group) = self.groups.get_mut(&group_id) else {
             return;
         };
-        let key = group.oldest();
+        let key = group.ready_key();
         if key == group.ready_key {
             return;
         }
@@ -639,16 +1084,16 @@ impl State {
         &self.message_type_names[id.0 as usize]
     }
 
-    /// Puts taken messages of `handle` with the given sequences back into their group (their
+    /// Puts taken messages of `handle` with the given keys back into their group (their
     /// RECEIVE rolled back).
-    pub(crate) fn return_taken(&mut self, handle: ConversationHandle, sequences: &[u64]) {
+    pub(crate) fn return_taken(&mut self, handle: ConversationHandle, keys: &[MessageKey]) {
         let Some(taken) = self.taken.get_mut(&handle) else {
             return;
         };
         let mut returned = Vec::new();
-        for sequence in sequences {
-            if let Some((group, message)) = taken.remove(sequence) {
-                returned.push((*sequence, group, message));
+        for key in keys {
+            if let Some((group, message)) = taken.remove(key) {
+                returned.push((*key, group, message));
             }
         }
         if taken.is_empty() {
@@ -667,6 +1112,9 @@ impl State {
                     put_back.is_ok(),
                     "taken messages return in order: {put_back:?}"
                 );
+                if self.touched.last() != Some(&group.queue) {
+                    self.touched.push(group.queue.clone());
+                }
                 self.refresh_ready(group_id);
             }
         }
@@ -683,7 +1131,19 @@ impl State {
                 endpoint.group, group.queue, endpoint.handle, queue
             )));
         }
-        group.conversations.entry(endpoint.handle).or_default();
+        group
+            .conversations
+            .entry(endpoint.handle)
+            .or_default()
+            .priority = endpoint.priority;
+        if let Some(deadline) = endpoint.expires_at_ms {
+            self.deadlines
+                .insert((deadline, endpoint.handle, DeadlineKind::Lifetime));
+        }
+        if let Some(deadline) = endpoint.dialog_timer_ms {
+            self.deadlines
+                .insert((deadline, endpoint.handle, DeadlineKind::DialogTimer));
+        }
         if self
             .endpoints
             .insert(endpoint.handle, endpoint.clone())
@@ -722,11 +1182,26 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
             catalog.create_service(name, queue, &contracts)
         }
         Op::DropService { name } => catalog.drop_service(name),
+        Op::CreateBrokerPriority(priority) => catalog.create_priority(priority.clone()),
+        Op::DropBrokerPriority { name } => catalog.drop_priority(name),
+        // Logged by the broker, not checked against a transaction's catalog: the queue may
+        // have been dropped since.
+        Op::DisableQueue { name } => {
+            if let Some(queue) = catalog.queues.get_mut(name) {
+                queue.options.enabled = false;
+            }
+            Ok(())
+        }
         Op::BeginDialog(_)
         | Op::Send { .. }
         | Op::Receive { .. }
+        | Op::ReceiveUrgent { .. }
         | Op::Relocate { .. }
-        | Op::MoveConversation { .. } => {
+        | Op::MoveConversation { .. }
+        | Op::EndConversation { .. }
+        | Op::SetTimer { .. }
+        | Op::FireTimer { .. }
+        | Op::Expire { .. } => {
             return None;
         }
     })

@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use herald_wal::RecordBytes;
 
-use crate::broker::Broker;
+use crate::broker::BrokerCore;
 use crate::catalog::{Catalog, QueueOptions, SentBy, Validation};
+use crate::clock;
 use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap, IdSet};
 use crate::lock_table::{CatalogMode, TxId};
-use crate::record::{DialogRecord, Op, RecordBuilder};
-use crate::state::{Endpoint, EndpointState, PRIORITY_DEFAULT};
+use crate::record::{DialogRecord, End, Op, RecordBuilder};
+use crate::state::{Endpoint, EndpointState, MessageKey};
+use crate::system;
 
 /// Largest message body, in bytes.
 pub const MESSAGE_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -35,17 +37,21 @@ pub struct DialogOptions {
     pub related_conversation: Option<ConversationHandle>,
     /// Join this conversation group, creating it with this id if it does not exist.
     pub related_conversation_group: Option<ConversationGroupId>,
-    /// How long the dialog may live (enforced by the life-cycle issue; recorded now).
+    /// How long the dialog may live: when it passes, both sides get an Error message
+    /// (code −8489) and can no longer send; each must still end the conversation. `None`:
+    /// forever (Service Broker's default of 2^31−1 seconds, in effect).
     pub lifetime: Option<Duration>,
 }
 
 /// What a RECEIVE takes: at most `top` messages of one conversation group, optionally only of
-/// one conversation or one group.
+/// one conversation or one group, optionally waiting for them (WAITFOR).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receive {
     pub top: usize,
     pub conversation: Option<ConversationHandle>,
     pub group: Option<ConversationGroupId>,
+    /// WAITFOR: how long to wait for messages when none is ready (`Duration::MAX`: forever).
+    pub wait: Option<Duration>,
 }
 
 impl Receive {
@@ -55,6 +61,16 @@ impl Receive {
             top: n,
             conversation: None,
             group: None,
+            wait: None,
+        }
+    }
+
+    /// WAITFOR: when nothing is ready, wait up to `timeout` for a message to commit into the
+    /// queue (for a group this transaction can lock); an empty batch means the time passed.
+    pub fn wait(self, timeout: Duration) -> Receive {
+        Receive {
+            wait: Some(timeout),
+            ..self
         }
     }
 
@@ -81,7 +97,8 @@ pub struct Message {
     pub conversation_handle: ConversationHandle,
     pub conversation_group: ConversationGroupId,
     pub message_type: Arc<str>,
-    /// Per conversation and direction: 0, 1, 2, …
+    /// Per conversation and direction: 0, 1, 2, … (0 for the unsequenced system messages
+    /// DialogTimer and Error, which come ahead of the sequence).
     pub sequence: u64,
     /// Order of arrival in the queue.
     pub queuing_order: u64,
@@ -128,7 +145,7 @@ struct SendRule {
 
 /// A unit of work on a broker. Dropping it without `commit` rolls it back.
 pub struct Transaction<'b> {
-    broker: &'b Broker,
+    broker: &'b BrokerCore,
     id: TxId,
     /// The commit record, encoded as operations are made.
     record: RecordBuilder,
@@ -143,7 +160,11 @@ pub struct Transaction<'b> {
     locked_groups: IdSet<ConversationGroupId>,
     /// Messages this transaction's RECEIVEs took (they wait in `State::taken`), to put back on
     /// rollback.
-    taken: Vec<(ConversationHandle, u64)>,
+    taken: Vec<(ConversationHandle, MessageKey)>,
+    /// Queues this transaction received messages from (poison-message counting).
+    received_from: Vec<String>,
+    /// Endpoints this transaction created (not committed, so not in the state yet).
+    created: IdSet<ConversationHandle>,
     /// Contract checks already made by this transaction's SENDs.
     send_rules: Vec<SendRule>,
     finished: bool,
@@ -159,7 +180,7 @@ impl std::fmt::Debug for Transaction<'_> {
 }
 
 impl<'b> Transaction<'b> {
-    pub(crate) fn new(broker: &'b Broker, id: TxId) -> Transaction<'b> {
+    pub(crate) fn new(broker: &'b BrokerCore, id: TxId) -> Transaction<'b> {
         Transaction {
             broker,
             id,
@@ -170,6 +191,8 @@ impl<'b> Transaction<'b> {
             new_groups: IdMap::default(),
             locked_groups: IdSet::default(),
             taken: Vec::new(),
+            received_from: Vec::new(),
+            created: IdSet::default(),
             send_rules: Vec::new(),
             finished: false,
         }
@@ -183,9 +206,12 @@ impl<'b> Transaction<'b> {
         if self.catalog_mode == Some(CatalogMode::Exclusive) || self.catalog_mode == Some(mode) {
             return Ok(());
         }
-        self.broker
-            .catalog_lock
-            .acquire(self.id, mode, self.lock_timeout())?;
+        self.broker.catalog_lock.acquire(
+            self.id,
+            mode,
+            self.lock_timeout(),
+            self.broker.clock(),
+        )?;
         self.catalog_mode = Some(mode);
         Ok(())
     }
@@ -314,6 +340,22 @@ impl<'b> Transaction<'b> {
         self.change_catalog(op, |c| c.drop_service(name))
     }
 
+    /// CREATE BROKER PRIORITY: conversations created from now on whose contract, local service
+    /// and remote service match (`None` = ANY) get `priority.level`; the best match wins.
+    pub fn create_broker_priority(
+        &mut self,
+        priority: crate::catalog::BrokerPriority,
+    ) -> Result<()> {
+        let op = Op::CreateBrokerPriority(priority.clone());
+        self.change_catalog(op, |c| c.create_priority(priority))
+    }
+
+    /// DROP BROKER PRIORITY (existing conversations keep their priority).
+    pub fn drop_broker_priority(&mut self, name: &str) -> Result<()> {
+        let op = Op::DropBrokerPriority { name: name.into() };
+        self.change_catalog(op, |c| c.drop_priority(name))
+    }
+
     /// Begins a dialog from local service `from` to service `to` on `contract`, returning the
     /// initiator's conversation handle. The target endpoint is created too (the target service
     /// must be on this broker until the network exists). Locks the new conversation's group.
@@ -378,7 +420,15 @@ impl<'b> Transaction<'b> {
         let target_handle = ConversationHandle::random();
         let target_group = ConversationGroupId::random();
         self.new_groups.insert(target_group, to_queue);
-        let lifetime_secs = options.lifetime.map_or(0, |l| l.as_secs().max(1));
+        let expires_at_ms = options.lifetime.map_or(0, |lifetime| {
+            clock::deadline_after(self.broker.clock(), lifetime).max(1)
+        });
+        let (initiator_priority, target_priority) = self.read_catalog(|c| {
+            Ok((
+                c.priority_for(contract, from, to),
+                c.priority_for(contract, to, from),
+            ))
+        })?;
         let endpoint =
             |handle, is_initiator, service: &str, far: &str, group, far_handle| Endpoint {
                 handle,
@@ -396,8 +446,13 @@ impl<'b> Transaction<'b> {
                 send_sequence: 0,
                 receive_sequence: 0,
                 far_handle: Some(far_handle),
-                lifetime_secs,
-                priority: PRIORITY_DEFAULT,
+                expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
+                dialog_timer_ms: None,
+                priority: if is_initiator {
+                    initiator_priority
+                } else {
+                    target_priority
+                },
             };
         self.endpoints.insert(
             handle,
@@ -407,6 +462,8 @@ impl<'b> Transaction<'b> {
             target_handle,
             endpoint(target_handle, false, to, from, target_group, handle),
         );
+        self.created.insert(handle);
+        self.created.insert(target_handle);
         self.record.push(&Op::BeginDialog(DialogRecord {
             handle,
             conversation_id,
@@ -414,7 +471,7 @@ impl<'b> Transaction<'b> {
             from_service: from.into(),
             to_service: to.into(),
             contract: contract.into(),
-            lifetime_secs,
+            expires_at_ms,
             target: Some((target_handle, target_group)),
         }));
         Ok(handle)
@@ -482,6 +539,31 @@ impl<'b> Transaction<'b> {
         Ok(self.lock_best_group(queue))
     }
 
+    /// WAITFOR (GET CONVERSATION GROUP): as `get_conversation_group`, waiting up to `timeout`
+    /// for a group to become available; `None` when the time passed. Waits as `receive` does.
+    pub fn get_conversation_group_wait(
+        &mut self,
+        queue: &str,
+        timeout: Duration,
+    ) -> Result<Option<ConversationGroupId>> {
+        let held_catalog = self.catalog_mode.is_some();
+        let waiter = self.broker.signals.wait_on(queue);
+        let deadline = clock::deadline_after(self.broker.clock(), timeout);
+        loop {
+            let seen = waiter.signal.generation();
+            let group = self.get_conversation_group(queue)?;
+            if group.is_some() || self.broker.is_closing() {
+                return Ok(group);
+            }
+            if !held_catalog {
+                self.release_catalog_lock();
+            }
+            if !waiter.signal.wait_past(seen, deadline, self.broker.clock()) {
+                return Ok(None);
+            }
+        }
+    }
+
     /// MOVE CONVERSATION: moves conversation `handle` (this side of it) into group `to` on the
     /// same queue, creating the group if it does not exist; its waiting messages move with it.
     /// Locks both groups until this transaction ends.
@@ -517,8 +599,71 @@ impl<'b> Transaction<'b> {
     }
 
     /// Receives up to `what.top` messages of one conversation group from `queue`, locking the
-    /// group until this transaction ends. An empty batch means nothing was ready.
+    /// group until this transaction ends. An empty batch means nothing was ready (or, with
+    /// `Receive::wait`, nothing came in time).
+    ///
+    /// While it waits, a WAITFOR receive that began this transaction's use of the catalog
+    /// lets go of the catalog lock, so ALTER QUEUE and DROP QUEUE can proceed; either makes the
+    /// wait fail at once (`QueueDisabled`, `UnknownQueue`). A transaction that already read
+    /// the catalog keeps it (its earlier checks rely on it), and a catalog change waits for it.
     pub fn receive(&mut self, queue: &str, what: Receive) -> Result<Vec<Message>> {
+        let Some(timeout) = what.wait else {
+            return self.receive_once(queue, what);
+        };
+        let deadline = clock::deadline_after(self.broker.clock(), timeout);
+        self.receive_until(queue, what, deadline, &|| false)
+    }
+
+    /// A WAITFOR receive until `deadline_ms`, ending early (empty) when `stop` says so or the
+    /// broker closes.
+    pub(crate) fn receive_until(
+        &mut self,
+        queue: &str,
+        what: Receive,
+        deadline_ms: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Message>> {
+        let held_catalog = self.catalog_mode.is_some();
+        let waiter = self.broker.signals.wait_on(queue);
+        loop {
+            let seen = waiter.signal.generation();
+            let batch = self.receive_once(queue, what)?;
+            if !batch.is_empty() || self.broker.is_closing() || stop() {
+                return Ok(batch);
+            }
+            if !held_catalog {
+                self.release_catalog_lock();
+            }
+            if !waiter
+                .signal
+                .wait_past(seen, deadline_ms, self.broker.clock())
+            {
+                return Ok(batch);
+            }
+        }
+    }
+
+    /// The same as `receive`, as a future for async callers (no runtime needed: it is woken by
+    /// the commit that brings messages, or by the broker's timer thread at the deadline).
+    pub fn receive_async<'t>(&'t mut self, queue: &'t str, what: Receive) -> ReceiveFuture<'t, 'b> {
+        let held_catalog = self.catalog_mode.is_some();
+        ReceiveFuture {
+            tx: self,
+            queue,
+            what,
+            held_catalog,
+            deadline_ms: None,
+        }
+    }
+
+    fn release_catalog_lock(&mut self) {
+        if self.catalog.is_none() && self.catalog_mode == Some(CatalogMode::Shared) {
+            self.broker.catalog_lock.release(self.id);
+            self.catalog_mode = None;
+        }
+    }
+
+    fn receive_once(&mut self, queue: &str, what: Receive) -> Result<Vec<Message>> {
         let enabled = self.read_catalog(|c| Ok(c.queue(queue)?.options.enabled))?;
         if !enabled {
             return Err(Error::QueueDisabled(queue.into()));
@@ -552,7 +697,96 @@ impl<'b> Transaction<'b> {
                 None => return Ok(Vec::new()),
             },
         };
-        Ok(self.take_messages(group, what))
+        let batch = self.take_messages(group, what);
+        if !batch.is_empty() && !self.received_from.iter().any(|q| q == queue) {
+            self.received_from.push(queue.to_owned());
+        }
+        Ok(batch)
+    }
+
+    /// END CONVERSATION: ends this side of the conversation. Its messages still queued here are
+    /// discarded; the far side gets an EndDialog message after everything this side sent
+    /// before (unless it has ended or failed already). Both sides must end: the conversation
+    /// is removed when the second one does. Locks the conversation's group.
+    pub fn end_conversation(&mut self, handle: ConversationHandle) -> Result<()> {
+        self.end(handle, End::Plain)
+    }
+
+    /// END CONVERSATION WITH ERROR: ends this side and sends the far side an Error message
+    /// (code > 0, description at most `ERROR_DESCRIPTION_CHARS_MAX` characters) that it receives
+    /// ahead of its other messages; it can no longer send.
+    pub fn end_conversation_with_error(
+        &mut self,
+        handle: ConversationHandle,
+        code: i32,
+        description: &str,
+    ) -> Result<()> {
+        if code <= 0 {
+            return Err(Error::InvalidErrorCode(code));
+        }
+        let chars = description.chars().count();
+        if chars > system::ERROR_DESCRIPTION_CHARS_MAX {
+            return Err(Error::DescriptionTooLong {
+                chars,
+                max: system::ERROR_DESCRIPTION_CHARS_MAX,
+            });
+        }
+        self.end(
+            handle,
+            End::Error {
+                code,
+                body: system::error_body(code, description),
+                body_range: 0..0,
+            },
+        )
+    }
+
+    /// END CONVERSATION WITH CLEANUP: removes this side and its messages at once, telling the
+    /// far side nothing (an administrator's tool for conversations whose far side is gone).
+    pub fn end_conversation_with_cleanup(&mut self, handle: ConversationHandle) -> Result<()> {
+        self.end(handle, End::Cleanup)
+    }
+
+    fn end(&mut self, handle: ConversationHandle, end: End) -> Result<()> {
+        self.load_endpoint(handle)?;
+        self.lock_endpoint_group(handle)?;
+        let endpoint = self.endpoints.get_mut(&handle).expect("loaded above");
+        if endpoint.state.is_ended() && end != End::Cleanup {
+            return Err(Error::ConversationClosed {
+                handle,
+                state: endpoint.state.code(),
+                operation: "END CONVERSATION",
+            });
+        }
+        endpoint.state = EndpointState::Closed;
+        self.record.push(&Op::EndConversation { handle, end });
+        Ok(())
+    }
+
+    /// BEGIN CONVERSATION TIMER: a DialogTimer message arrives in this side's queue once
+    /// `timeout` has passed (on the broker's clock), replacing any timer set before. Survives
+    /// restarts; ending the conversation cancels it. Locks the conversation's group.
+    pub fn begin_conversation_timer(
+        &mut self,
+        handle: ConversationHandle,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.load_endpoint(handle)?;
+        self.lock_endpoint_group(handle)?;
+        let endpoint = &self.endpoints[&handle];
+        if endpoint.state.is_ended() {
+            return Err(Error::ConversationClosed {
+                handle,
+                state: endpoint.state.code(),
+                operation: "BEGIN CONVERSATION TIMER",
+            });
+        }
+        let deadline_ms = clock::deadline_after(self.broker.clock(), timeout);
+        self.record.push(&Op::SetTimer {
+            handle,
+            deadline_ms,
+        });
+        Ok(())
     }
 
     /// Picks and locks the unlocked group of `queue` (or one this transaction holds) whose
@@ -583,12 +817,11 @@ impl<'b> Transaction<'b> {
             .iter()
             .filter(|(handle, _)| what.conversation.is_none_or(|h| h == **handle))
             .filter_map(|(handle, messages)| {
-                let oldest = messages.first()?.1.queuing_order;
-                let priority = state
-                    .endpoints
-                    .get(handle)
-                    .map_or(PRIORITY_DEFAULT, |e| e.priority);
-                Some((std::cmp::Reverse(priority), oldest, *handle))
+                Some((
+                    std::cmp::Reverse(messages.priority),
+                    messages.oldest()?,
+                    *handle,
+                ))
             })
             .collect();
         order.sort_unstable();
@@ -596,16 +829,24 @@ impl<'b> Transaction<'b> {
         for (_, _, handle) in order {
             let mut through = None;
             while batch.len() < what.top {
-                let Some((sequence, message)) = state.take_first(group_id, handle) else {
+                let Some((key, message)) = state.take_first(group_id, handle) else {
                     break;
                 };
-                through = Some(sequence);
-                self.taken.push((handle, sequence));
+                match key {
+                    MessageKey::Sequence(sequence) => through = Some(sequence),
+                    MessageKey::Urgent { queuing_order, .. } => {
+                        self.record.push(&Op::ReceiveUrgent {
+                            handle,
+                            queuing_order,
+                        });
+                    }
+                }
+                self.taken.push((handle, key));
                 batch.push(Message {
                     conversation_handle: handle,
                     conversation_group: group_id,
                     message_type: state.message_type_name(message.message_type).clone(),
-                    sequence,
+                    sequence: key.sequence(),
                     queuing_order: message.queuing_order,
                     body: message.body,
                 });
@@ -712,18 +953,26 @@ impl<'b> Transaction<'b> {
     /// so this retries until the group it locked is the endpoint's group.
     fn lock_endpoint_group(&mut self, handle: ConversationHandle) -> Result<ConversationGroupId> {
         loop {
-            let group = self.endpoints[&handle].group;
+            let group = self.loaded_endpoint(handle)?.group;
             self.lock_group(group)?;
-            if self.endpoints[&handle].group == group {
+            if self.loaded_endpoint(handle)?.group == group {
                 return Ok(group);
             }
         }
     }
 
+    /// Endpoint `handle` as this transaction sees it; gone if both sides ended (or it was
+    /// cleaned up) since it was loaded.
+    fn loaded_endpoint(&self, handle: ConversationHandle) -> Result<&Endpoint> {
+        self.endpoints
+            .get(&handle)
+            .ok_or(Error::UnknownConversation(handle))
+    }
+
     fn lock_group(&mut self, group: ConversationGroupId) -> Result<()> {
         self.broker
             .locks
-            .lock(group, self.id, self.lock_timeout())?;
+            .lock(group, self.id, self.lock_timeout(), self.broker.clock())?;
         if self.locked_groups.insert(group) {
             self.refresh_endpoints(group);
         }
@@ -747,8 +996,16 @@ impl<'b> Transaction<'b> {
         let state = self.broker.state.lock();
         for handle in loaded {
             // Endpoints this transaction created are not committed: nothing to re-read.
-            if let Some(committed) = state.endpoints.get(&handle) {
-                self.endpoints.insert(handle, committed.clone());
+            if self.created.contains(&handle) {
+                continue;
+            }
+            match state.endpoints.get(&handle) {
+                Some(committed) => {
+                    self.endpoints.insert(handle, committed.clone());
+                }
+                None => {
+                    self.endpoints.remove(&handle);
+                }
             }
         }
     }
@@ -765,6 +1022,9 @@ impl<'b> Transaction<'b> {
         self.finished = true;
         let logged_bytes = result?;
         self.broker.after_commit(logged_bytes);
+        if !self.received_from.is_empty() {
+            self.broker.receive_committed(&self.received_from);
+        }
         Ok(())
     }
 
@@ -791,27 +1051,85 @@ impl<'b> Transaction<'b> {
         self.put_back_taken();
         self.release_locks();
         self.finished = true;
+        if !self.received_from.is_empty() {
+            self.broker.receive_rolled_back(&self.received_from);
+        }
     }
 
     fn put_back_taken(&mut self) {
         if self.taken.is_empty() {
             return;
         }
-        let mut by_conversation: IdMap<ConversationHandle, Vec<u64>> = IdMap::default();
-        for (handle, sequence) in self.taken.drain(..) {
-            by_conversation.entry(handle).or_default().push(sequence);
+        let mut by_conversation: IdMap<ConversationHandle, Vec<MessageKey>> = IdMap::default();
+        for (handle, key) in self.taken.drain(..) {
+            by_conversation.entry(handle).or_default().push(key);
         }
         let mut state = self.broker.state.lock();
-        for (handle, sequences) in by_conversation {
-            state.return_taken(handle, &sequences);
+        for (handle, keys) in by_conversation {
+            state.return_taken(handle, &keys);
         }
+        let touched = state.take_touched();
+        drop(state);
+        self.broker.signal_queues(touched);
     }
 
     fn release_locks(&mut self) {
         self.broker.locks.release(self.id, &self.locked_groups);
+        self.broker.signal_unlocked_groups(&self.locked_groups);
         self.locked_groups.clear();
         if self.catalog_mode.take().is_some() {
             self.broker.catalog_lock.release(self.id);
+        }
+    }
+}
+
+/// `Transaction::receive_async`: resolves to the batch (empty once the wait's deadline has
+/// passed), or the error that ended the wait.
+#[derive(Debug)]
+pub struct ReceiveFuture<'t, 'b> {
+    tx: &'t mut Transaction<'b>,
+    queue: &'t str,
+    what: Receive,
+    held_catalog: bool,
+    deadline_ms: Option<u64>,
+}
+
+impl std::future::Future for ReceiveFuture<'_, '_> {
+    type Output = Result<Vec<Message>>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let broker = this.tx.broker;
+        let waiter = broker.signals.wait_on(this.queue);
+        loop {
+            let seen = waiter.signal.generation();
+            let batch = match this.tx.receive_once(this.queue, this.what) {
+                Ok(batch) => batch,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            let Some(timeout) = this.what.wait else {
+                return Poll::Ready(Ok(batch));
+            };
+            if !batch.is_empty() || broker.is_closing() {
+                return Poll::Ready(Ok(batch));
+            }
+            let deadline = *this
+                .deadline_ms
+                .get_or_insert_with(|| clock::deadline_after(broker.clock(), timeout));
+            if broker.clock().now_ms() >= deadline {
+                return Poll::Ready(Ok(batch));
+            }
+            if !this.held_catalog {
+                this.tx.release_catalog_lock();
+            }
+            if waiter.signal.register(seen, cx.waker()) {
+                broker.wake_at(deadline, cx.waker());
+                return Poll::Pending;
+            }
         }
     }
 }

@@ -10,10 +10,12 @@
 
 use std::path::{Path, PathBuf};
 
-use herald_engine::record::{self, DialogRecord, Op};
+use herald_engine::record::{self, DialogRecord, End, Op};
 use herald_engine::{
-    ConversationGroupId, ConversationHandle, ConversationId, QueueOptions, SentBy, Validation,
+    BrokerPriority, ConversationGroupId, ConversationHandle, ConversationId, QueueOptions, SentBy,
+    Validation, system,
 };
+use herald_engine::{MessageKey, UrgentLane};
 
 /// The committed seeds; fewer means the corpus went missing and the replay below would pass
 /// without testing anything.
@@ -91,7 +93,7 @@ fn is_seed(path: &Path) -> bool {
 fn seeds() -> Vec<(&'static str, Vec<Op>)> {
     let handle = ConversationHandle(0x1111_2222_3333_4444_5555_6666_7777_8888);
     let target = ConversationHandle(0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0001);
-    let dialog = |target: Option<(ConversationHandle, ConversationGroupId)>, lifetime_secs| {
+    let dialog = |target: Option<(ConversationHandle, ConversationGroupId)>, expires_at_ms| {
         Op::BeginDialog(DialogRecord {
             handle,
             conversation_id: ConversationId(0x0c0c_0c0c_0c0c_0c0c_0c0c_0c0c_0c0c_0c0c),
@@ -99,7 +101,7 @@ fn seeds() -> Vec<(&'static str, Vec<Op>)> {
             from_service: "//shop/ClientService".into(),
             to_service: "//shop/OrderService".into(),
             contract: "//shop/OrderContract".into(),
-            lifetime_secs,
+            expires_at_ms,
             target,
         })
     };
@@ -249,15 +251,69 @@ fn seeds() -> Vec<(&'static str, Vec<Op>)> {
             vec![
                 Op::Relocate {
                     handle: target,
-                    sequence: 3,
+                    key: MessageKey::Sequence(3),
                     body: b"{\"order\": 3}".to_vec(),
                     body_range: 0..0,
                 },
                 Op::Relocate {
                     handle: target,
-                    sequence: 4,
+                    key: MessageKey::Urgent {
+                        lane: UrgentLane::DialogTimer,
+                        queuing_order: 4,
+                    },
                     body: Vec::new(),
                     body_range: 0..0,
+                },
+            ],
+        ),
+        (
+            "life-cycle",
+            vec![
+                Op::SetTimer {
+                    handle,
+                    deadline_ms: 1_700_000_000_000,
+                },
+                Op::FireTimer {
+                    handle,
+                    deadline_ms: 1_700_000_000_000,
+                },
+                Op::ReceiveUrgent {
+                    handle,
+                    queuing_order: 12,
+                },
+                Op::Expire {
+                    handle: target,
+                    body: system::lifetime_expired_body(),
+                    body_range: 0..0,
+                },
+                Op::EndConversation {
+                    handle,
+                    end: End::Error {
+                        code: 500,
+                        body: system::error_body(500, "out of stock"),
+                        body_range: 0..0,
+                    },
+                },
+                Op::EndConversation {
+                    handle: target,
+                    end: End::Plain,
+                },
+                Op::EndConversation {
+                    handle: target,
+                    end: End::Cleanup,
+                },
+                Op::DisableQueue {
+                    name: "OrderQueue".into(),
+                },
+                Op::CreateBrokerPriority(BrokerPriority {
+                    name: "rush".into(),
+                    contract: Some("//shop/OrderContract".into()),
+                    local_service: None,
+                    remote_service: Some("//shop/ClientService".into()),
+                    level: 9,
+                }),
+                Op::DropBrokerPriority {
+                    name: "rush".into(),
                 },
             ],
         ),

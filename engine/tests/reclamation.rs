@@ -13,6 +13,7 @@ fn options() -> Options {
         lock_timeout: Duration::from_millis(200),
         segment_bytes: 256 * 1024,
         checkpoint_interval_bytes: 128 * 1024,
+        ..Options::default()
     }
 }
 

@@ -56,8 +56,14 @@ pub fn create_catalog(tx: &mut Transaction<'_>) -> herald_engine::Result<()> {
             (REPLY_TYPE, SentBy::Target),
         ],
     )?;
-    tx.create_queue(INITIATOR_QUEUE, QueueOptions::default())?;
-    tx.create_queue(TARGET_QUEUE, QueueOptions::default())?;
+    // The writers roll back receives on purpose: poison-message protection would turn the
+    // queues off mid-round.
+    let queue = QueueOptions {
+        poison_message_handling: false,
+        ..QueueOptions::default()
+    };
+    tx.create_queue(INITIATOR_QUEUE, queue)?;
+    tx.create_queue(TARGET_QUEUE, queue)?;
     tx.create_service(INITIATOR_SERVICE, INITIATOR_QUEUE, &[])?;
     tx.create_service(TARGET_SERVICE, TARGET_QUEUE, &[CONTRACT])
 }

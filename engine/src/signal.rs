@@ -1,0 +1,123 @@
+//! Wake-ups for WAITFOR: each queue someone waits on has a signal whose generation moves
+//! whenever something that might let a RECEIVE succeed happens there — a message committed
+//! into it, messages returned by a rollback, a group with messages unlocked, the queue
+//! altered or dropped. A waiter reads the generation *before* it tries to receive, so a change
+//! between its empty attempt and its sleep is never missed; it sleeps on a condition variable
+//! (threads) or leaves a `Waker` (futures). No polling.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Waker;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::clock::{self, Clock};
+
+#[derive(Debug, Default)]
+pub(crate) struct QueueSignals {
+    by_queue: Mutex<HashMap<String, Arc<QueueSignal>>>,
+    /// Waiters on any queue now: when none, commits skip signalling altogether.
+    waiting: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct QueueSignal {
+    generation: Mutex<u64>,
+    changed: Condvar,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+/// A registered waiter on one queue; unregisters when dropped.
+#[derive(Debug)]
+pub(crate) struct Waiter<'s> {
+    pub signal: Arc<QueueSignal>,
+    signals: &'s QueueSignals,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.signals.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl QueueSignals {
+    /// Registers a waiter on `queue`.
+    pub fn wait_on(&self, queue: &str) -> Waiter<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let signal = self
+            .by_queue
+            .lock()
+            .entry(queue.to_owned())
+            .or_default()
+            .clone();
+        Waiter {
+            signal,
+            signals: self,
+        }
+    }
+
+    /// Whether anyone waits on any queue.
+    pub fn anyone_waiting(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Moves `queue`'s generation and wakes its waiters.
+    pub fn notify(&self, queue: &str) {
+        let signal = self.by_queue.lock().get(queue).cloned();
+        if let Some(signal) = signal {
+            signal.notify();
+        }
+    }
+
+    /// Wakes every waiter on every queue to look again (the clock moved, activation stops, or
+    /// the broker is closing): a spurious wake-up costs a waiter one more try.
+    pub fn wake_all(&self) {
+        let signals: Vec<Arc<QueueSignal>> = self.by_queue.lock().values().cloned().collect();
+        for signal in signals {
+            signal.notify();
+        }
+    }
+}
+
+impl QueueSignal {
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock()
+    }
+
+    fn notify(&self) {
+        *self.generation.lock() += 1;
+        self.changed.notify_all();
+        for waker in self.wakers.lock().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Sleeps until the generation moves past `seen` or `deadline_ms` passes on `clock`;
+    /// returns whether it moved.
+    pub fn wait_past(&self, seen: u64, deadline_ms: u64, clock: &dyn Clock) -> bool {
+        let mut generation = self.generation.lock();
+        loop {
+            if *generation != seen {
+                return true;
+            }
+            if clock::wait_until(clock, &self.changed, &mut generation, deadline_ms) {
+                return *generation != seen;
+            }
+        }
+    }
+
+    /// Leaves `waker` to be woken when the generation moves past `seen`; returns false (and
+    /// leaves nothing) if it already has.
+    pub fn register(&self, seen: u64, waker: &Waker) -> bool {
+        let generation = self.generation.lock();
+        if *generation != seen {
+            return false;
+        }
+        let mut wakers = self.wakers.lock();
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+        true
+    }
+}
