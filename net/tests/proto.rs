@@ -372,7 +372,6 @@ fn body_at_the_limit_passes_and_one_byte_more_fails() {
 
 #[test]
 fn fragments_must_lie_inside_the_body() {
-    let body = body_of(10, 0);
     for (offset, len, ok) in [(0, 10, true), (9, 1, true), (5, 5, true), (5, 6, false)] {
         let frame = Frame::Message(MessageFragment {
             header: header(1, true, 1),
@@ -400,7 +399,6 @@ fn fragments_must_lie_inside_the_body() {
         decode_err(&empty),
         Error::FragmentOutOfRange { .. }
     ));
-    let _ = &body;
 }
 
 #[test]
@@ -887,9 +885,17 @@ fn reassembly_budget_drops_the_oldest_partial_at_the_edge() {
     assert_eq!((r.partial_messages(), r.evicted_messages()), (fit, 1));
     assert!(r.buffered_bytes() <= REASSEMBLY_BYTES_MAX);
     let second = |sequence| fragments_of(&header(6, true, sequence), &body)[1].clone();
-    // Sequence 0's second fragment starts it again; sequence 1's completes it.
+    // Sequence 1 was kept: its second fragment completes it. Sequence 0 was dropped: its
+    // second fragment starts it anew (the sender retransmits the first).
     assert_eq!(
         r.push(second(1)).expect("ok").map(|m| m.1 == body),
+        Some(true)
+    );
+    assert_eq!((r.partial_messages(), r.evicted_messages()), (fit - 1, 1));
+    assert_eq!(r.push(second(0)), Ok(None));
+    assert_eq!(r.partial_messages(), fit);
+    assert_eq!(
+        r.push(first(0)).expect("ok").map(|m| m.1 == body),
         Some(true)
     );
 }

@@ -695,3 +695,92 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn longest_header() -> MessageHeader {
+        let name = "n".repeat(NAME_BYTES_MAX);
+        MessageHeader {
+            conversation_id: [1; 16],
+            from_initiator: true,
+            sequence: u64::MAX,
+            source_service: name.clone(),
+            target_service: name.clone(),
+            contract: name.clone(),
+            message_type: name,
+            target_broker_instance: Some([2; 16]),
+            lifetime_deadline_secs: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn the_largest_frames_are_the_sizes_the_limits_assume() {
+        let header = encode_message_header(&longest_header(), MESSAGE_BODY_BYTES_MAX)
+            .expect("the longest header encodes");
+        let mut out = Vec::new();
+        let fragment = vec![0; FRAGMENT_BODY_BYTES_MAX];
+        encode_message_fragment(
+            &mut out,
+            &header,
+            MESSAGE_BODY_BYTES_MAX as u32,
+            0,
+            &fragment,
+        )
+        .expect("the largest fragment encodes");
+        assert_eq!(out.len(), MESSAGE_FRAME_BYTES_MAX);
+        assert_eq!(
+            message_frame_bytes(&header, FRAGMENT_BODY_BYTES_MAX),
+            out.len()
+        );
+        let error = Frame::Error(ErrorFrame {
+            conversation_id: [1; 16],
+            from_initiator: true,
+            code: i32::MIN,
+            description: "d".repeat(DESCRIPTION_BYTES_MAX),
+        });
+        assert_eq!(
+            error.to_bytes().expect("encodes").len(),
+            ERROR_FRAME_BYTES_MAX
+        );
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_taken_back_out() {
+        let mut out = vec![9];
+        let start = begin(&mut out, KIND_GO_AWAY);
+        out.resize(start + FRAME_BYTES_MAX, 0);
+        finish(&mut out, start).expect("exactly the limit is a frame");
+        let mut out = vec![9];
+        let start = begin(&mut out, KIND_GO_AWAY);
+        out.resize(start + FRAME_BYTES_MAX + 1, 0);
+        assert_eq!(
+            finish(&mut out, start),
+            Err(Error::FrameTooLarge {
+                bytes: FRAME_BYTES_MAX + 1,
+                max: FRAME_BYTES_MAX
+            })
+        );
+        assert_eq!(out, [9]);
+    }
+
+    #[test]
+    fn a_large_frame_does_not_leave_a_large_idle_buffer() {
+        let frame = Frame::Message(MessageFragment {
+            header: longest_header(),
+            body_bytes: FRAGMENT_BODY_BYTES_MAX as u32,
+            fragment_offset: 0,
+            fragment: vec![3; FRAGMENT_BODY_BYTES_MAX],
+        });
+        let bytes = frame.to_bytes().expect("encodes");
+        let mut decoder = FrameDecoder::new();
+        for chunk in bytes.chunks(1000) {
+            let mut chunk = chunk;
+            if let Some(decoded) = decoder.decode(&mut chunk).expect("decodes") {
+                assert_eq!(decoded, frame);
+            }
+        }
+        assert!(decoder.partial.capacity() <= DECODER_IDLE_CAPACITY_BYTES_MAX);
+    }
+}

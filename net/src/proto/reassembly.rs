@@ -231,3 +231,45 @@ fn header_charge(header: &MessageHeader) -> usize {
         + header.contract.len()
         + header.message_type.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_half(conversation: u8, sequence: u64) -> MessageFragment {
+        MessageFragment {
+            header: MessageHeader {
+                conversation_id: [conversation; 16],
+                from_initiator: true,
+                sequence,
+                source_service: "s".into(),
+                target_service: "t".into(),
+                contract: "c".into(),
+                message_type: "m".into(),
+                target_broker_instance: None,
+                lifetime_deadline_secs: 0,
+            },
+            body_bytes: 10,
+            fragment_offset: 0,
+            fragment: vec![1; 5],
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_drops_the_partials_it_covers_and_nothing_else() {
+        let mut r = Reassembler::new();
+        for sequence in 1..=3 {
+            r.push(first_half(1, sequence)).expect("ok");
+        }
+        r.push(first_half(2, 1)).expect("ok");
+        let one = 5 + 2 * REASSEMBLY_ENTRY_OVERHEAD_BYTES + 4;
+        assert_eq!(r.buffered_bytes(), 4 * one);
+        r.discard_through([1; 16], true, 2);
+        assert_eq!((r.partial_messages(), r.buffered_bytes()), (2, 2 * one));
+        r.discard_through([1; 16], false, 9);
+        assert_eq!(r.partial_messages(), 2);
+        r.clear();
+        assert_eq!((r.partial_messages(), r.buffered_bytes()), (0, 0));
+        assert!(r.arrivals.is_empty());
+    }
+}

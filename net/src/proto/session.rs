@@ -593,3 +593,24 @@ fn encode_control(out: &mut Vec<u8>, frame: &Frame) {
         .encode(out)
         .expect("control frames are checked when queued and far below the frame limit");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_from_one_second_and_stays_at_sixty() {
+        let secs: Vec<u64> = (0..10).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(retry_delay(31), RETRY_DELAY_MAX);
+        assert_eq!(retry_delay(32), RETRY_DELAY_MAX);
+    }
+
+    #[test]
+    fn a_batch_takes_a_frame_only_within_the_bound_unless_it_is_empty() {
+        assert!(fits(&[], FRAME_BYTES_MAX));
+        let half = vec![0; TRANSMIT_BYTES_MAX / 2];
+        assert!(fits(&half, TRANSMIT_BYTES_MAX / 2));
+        assert!(!fits(&half, TRANSMIT_BYTES_MAX / 2 + 1));
+    }
+}
