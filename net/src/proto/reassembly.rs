@@ -16,7 +16,8 @@
 //!    dropped.
 //! 4. A message in one fragment is delivered without being copied or buffered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use crate::error::{Error, Result};
 use crate::proto::frame::{MessageFragment, MessageHeader};
@@ -37,7 +38,8 @@ pub type Reassembled = (MessageHeader, Vec<u8>);
 /// Partial messages of one peer, keyed by conversation, direction and sequence.
 #[derive(Debug, Default)]
 pub struct Reassembler {
-    partials: HashMap<Key, Partial>,
+    /// Ordered by key, so that the partials of one conversation direction are one range.
+    partials: BTreeMap<Key, Partial>,
     /// Partial messages by first arrival, oldest first: the eviction order.
     arrivals: BTreeMap<u64, Key>,
     next_arrival: u64,
@@ -124,8 +126,8 @@ impl Reassembler {
             return Ok(None);
         }
         let partial = match self.partials.entry(key) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
                 let arrival = self.next_arrival;
                 self.next_arrival += 1;
                 self.arrivals.insert(arrival, key);
@@ -164,9 +166,10 @@ impl Reassembler {
     ) {
         let stale: Vec<Key> = self
             .partials
-            .keys()
-            .filter(|(c, d, s)| *c == conversation_id && *d == from_initiator && *s <= sequence)
-            .copied()
+            .range(
+                (conversation_id, from_initiator, 0)..=(conversation_id, from_initiator, sequence),
+            )
+            .map(|(key, _)| *key)
             .collect();
         for key in stale {
             self.remove(&key);
