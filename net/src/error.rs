@@ -1,0 +1,135 @@
+//! The one error type of `herald-net`.
+//!
+//! Every error from decoding or from a [`PeerSession`](crate::proto::PeerSession) fed peer bytes
+//! is a protocol violation by the peer (or a corrupted stream): the caller closes the connection
+//! and calls `reset`; nothing is retried on the same stream, because a byte stream that failed to
+//! decode once has lost its framing. Errors from `send`, `send_error` and encoding are the local
+//! caller's mistakes (a name too long, a body too large) and leave the session as it was.
+
+use uuid::Uuid;
+
+/// Result of every fallible `herald-net` operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the wire protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A frame's declared size is beyond [`FRAME_BYTES_MAX`](crate::proto::FRAME_BYTES_MAX).
+    #[error("frame of {bytes} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge { bytes: usize, max: usize },
+
+    /// A whole-frame decode was given fewer bytes than the frame needs.
+    #[error("frame truncated: {needed} bytes needed, {available} available")]
+    Truncated { needed: usize, available: usize },
+
+    /// A frame's kind byte names no frame kind of this protocol version.
+    #[error("unknown frame kind {kind}")]
+    UnknownFrameKind { kind: u8 },
+
+    /// A frame's payload does not parse: a field runs past the end, bytes are left over, or a
+    /// flag byte holds undefined bits.
+    #[error("malformed {frame} frame: {reason}")]
+    Malformed { frame: &'static str, reason: String },
+
+    /// A service, contract or message-type name is longer than
+    /// [`NAME_BYTES_MAX`](crate::proto::NAME_BYTES_MAX).
+    #[error("{field} name of {bytes} bytes exceeds the maximum of {max} bytes")]
+    NameTooLong {
+        field: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+
+    /// A name or description on the wire is not UTF-8.
+    #[error("{field} is not valid UTF-8")]
+    NotUtf8 { field: &'static str },
+
+    /// An Error frame's description is longer than
+    /// [`DESCRIPTION_BYTES_MAX`](crate::proto::DESCRIPTION_BYTES_MAX).
+    #[error("error description of {bytes} bytes exceeds the maximum of {max} bytes")]
+    DescriptionTooLong { bytes: usize, max: usize },
+
+    /// A broker-generated error code must be negative (Service Broker's `-(error number)`).
+    #[error("error code {code} is not negative")]
+    ErrorCodeNotNegative { code: i32 },
+
+    /// A message body is larger than
+    /// [`MESSAGE_BODY_BYTES_MAX`](crate::proto::MESSAGE_BODY_BYTES_MAX).
+    #[error("message body of {bytes} bytes exceeds the maximum of {max} bytes")]
+    BodyTooLarge { bytes: usize, max: usize },
+
+    /// One fragment is larger than
+    /// [`FRAGMENT_BODY_BYTES_MAX`](crate::proto::FRAGMENT_BODY_BYTES_MAX).
+    #[error("fragment of {bytes} bytes exceeds the maximum of {max} bytes")]
+    FragmentTooLarge { bytes: usize, max: usize },
+
+    /// A fragment lies outside its message body, or is empty in a non-empty body.
+    #[error(
+        "fragment at offset {offset} of {bytes} bytes does not fit a body of {body_bytes} bytes"
+    )]
+    FragmentOutOfRange {
+        offset: u32,
+        bytes: usize,
+        body_bytes: u32,
+    },
+
+    /// A Hello frame does not start with the protocol's magic: the peer speaks something else.
+    #[error("hello carries magic {found:02x?}, not Herald's")]
+    BadMagic { found: [u8; 4] },
+
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {found}; this build speaks version {supported}")]
+    VersionMismatch { found: u16, supported: u16 },
+
+    /// The first frame of a stream was not a Hello.
+    #[error("expected a hello as the first frame, got a {found} frame")]
+    HelloExpected { found: &'static str },
+
+    /// A second Hello arrived on a stream that already had one.
+    #[error("second hello on one stream")]
+    DuplicateHello,
+
+    /// Two fragments of one message disagree on the message's header, or overlap without being
+    /// the same fragment.
+    #[error(
+        "fragments of message {sequence} of conversation {} ({}) disagree: {reason}",
+        Uuid::from_bytes(*conversation_id),
+        direction(*from_initiator)
+    )]
+    InconsistentFragment {
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        sequence: u64,
+        reason: String,
+    },
+
+    /// A stream decoder that already failed was fed again; its framing is lost.
+    #[error("frame decoder already failed; close the stream")]
+    DecoderFailed,
+
+    /// `send` was given a message whose (conversation, direction, sequence) is already queued.
+    #[error(
+        "message {sequence} of conversation {} ({}) is already queued",
+        Uuid::from_bytes(*conversation_id),
+        direction(*from_initiator)
+    )]
+    AlreadyQueued {
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        sequence: u64,
+    },
+
+    /// The session already holds [`SEND_QUEUE_MESSAGES_MAX`](crate::proto::SEND_QUEUE_MESSAGES_MAX)
+    /// unacknowledged messages; the caller keeps the message and offers it again later.
+    #[error("send queue holds {max} messages already")]
+    SendQueueFull { max: usize },
+}
+
+fn direction(from_initiator: bool) -> &'static str {
+    if from_initiator {
+        "from initiator"
+    } else {
+        "from target"
+    }
+}

@@ -1,0 +1,616 @@
+//! The per-peer state machine: one [`PeerSession`] per connection to a peer node, sans-IO in
+//! the quinn-proto style. The driver feeds it received bytes ([`PeerSession::handle_bytes`]),
+//! writes what [`PeerSession::poll_transmit`] returns, sleeps until
+//! [`PeerSession::poll_timeout`] and then calls [`PeerSession::handle_timeout`], and drains
+//! [`PeerSession::poll_event`] after each call. Time is only ever the `now` passed in.
+//!
+//! Invariants:
+//!
+//! 1. A message given to [`PeerSession::send`] stays in the session until an Ack covering its
+//!    (conversation, direction, sequence) arrives; then, and only then,
+//!    [`Event::Acknowledged`] names it, exactly once.
+//! 2. Messages are first transmitted in the order they were given, and a retransmission never
+//!    overtakes an earlier message that is also due: transmission order is send order, so the
+//!    messages of one conversation never reorder.
+//! 3. The body bytes of messages transmitted on this connection and not yet acknowledged
+//!    ([`PeerSession::in_flight_bytes`]) never exceed [`IN_FLIGHT_BYTES_MAX`]; a message that
+//!    does not fit waits, and so do all messages given after it.
+//! 4. A message whose transmission is complete and unacknowledged is retransmitted after
+//!    [`RETRY_DELAY_INITIAL`], then after twice the previous delay, capped at
+//!    [`RETRY_DELAY_MAX`] (1, 2, 4, …, 32, 60, 60 s).
+//! 5. No peer input panics: every protocol violation is an [`Error`] from `handle*`, after which
+//!    the driver closes the connection and calls [`PeerSession::reset`].
+//!
+//! The session does not detect duplicate or out-of-order messages: the engine knows the highest
+//! sequence it has durably received per conversation direction, drops duplicates and gaps, and
+//! acknowledges through [`PeerSession::acknowledge`] once its commit is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::proto::frame::{
+    self, Ack, ErrorFrame, FRAGMENT_BODY_BYTES_MAX, FRAME_BYTES_MAX, Frame, FrameDecoder, Hello,
+    MESSAGE_BODY_BYTES_MAX, MessageHeader, PROTOCOL_VERSION,
+};
+use crate::proto::reassembly::{
+    REASSEMBLY_BYTES_MAX, REASSEMBLY_ENTRY_OVERHEAD_BYTES, Reassembler,
+};
+
+/// Largest number of message body bytes transmitted to one peer and not yet acknowledged. At
+/// least one largest message, so every message can go; at most half the reassembly budget, so a
+/// correct sender never makes its peer drop a partial message it still needs.
+pub const IN_FLIGHT_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Delay before the first retransmission of an unacknowledged message.
+pub const RETRY_DELAY_INITIAL: Duration = Duration::from_secs(1);
+
+/// Longest delay between retransmissions: the backoff doubles up to it and stays there.
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(60);
+
+/// Largest buffer one [`PeerSession::poll_transmit`] returns: frames are batched into one write
+/// (a write per frame costs throughput), up to this size. One largest frame always fits.
+pub const TRANSMIT_BYTES_MAX: usize = 1024 * 1024;
+
+/// Most unacknowledged messages one session holds; `send` refuses more with
+/// [`Error::SendQueueFull`] (the engine keeps them in its transmission queue and offers them
+/// again after acknowledgements).
+pub const SEND_QUEUE_MESSAGES_MAX: usize = 65_536;
+
+/// Most Acks (one per conversation direction, coalesced) and Error frames waiting for
+/// transmission. Past it new ones are dropped: both are best-effort, since an unacknowledged
+/// message is retransmitted and the receiver acknowledges (or fails) it again.
+pub const PENDING_CONTROL_FRAMES_MAX: usize = 65_536;
+
+const _: () = assert!(IN_FLIGHT_BYTES_MAX >= MESSAGE_BODY_BYTES_MAX);
+const _: () = assert!(
+    IN_FLIGHT_BYTES_MAX
+        + (IN_FLIGHT_BYTES_MAX / FRAGMENT_BODY_BYTES_MAX + 1) * 2 * REASSEMBLY_ENTRY_OVERHEAD_BYTES
+        <= REASSEMBLY_BYTES_MAX
+);
+const _: () = assert!(TRANSMIT_BYTES_MAX >= FRAME_BYTES_MAX);
+
+/// A message the engine hands over for transmission (a transmission-queue row).
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// The engine's key for the row; [`Event::Acknowledged`] names it.
+    pub id: u64,
+    pub header: MessageHeader,
+    pub body: Arc<[u8]>,
+}
+
+/// A whole message received from the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingMessage {
+    pub header: MessageHeader,
+    pub body: Vec<u8>,
+    /// The sending node's broker instance, from its Hello.
+    pub source_broker_instance: [u8; 16],
+}
+
+/// What the session tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer's Hello arrived and its version matches.
+    Connected { peer_broker_instance: [u8; 16] },
+    /// A whole message arrived. The engine enqueues it (or drops it as a duplicate or gap) and,
+    /// once that is durable, calls [`PeerSession::acknowledge`].
+    Received(IncomingMessage),
+    /// The peer durably holds the message the engine sent as `id`: delete its row.
+    Acknowledged {
+        id: u64,
+        far_broker_instance: [u8; 16],
+    },
+    /// The peer's broker reports an error on a conversation.
+    RemoteError {
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        code: i32,
+        description: String,
+    },
+    /// The peer is shutting down: it will send no more messages, and this session sends it none
+    /// either until the next connection.
+    PeerGoingAway,
+}
+
+/// The state of one connection to one peer. See the module documentation.
+#[derive(Debug)]
+pub struct PeerSession {
+    broker_instance: [u8; 16],
+    decoder: FrameDecoder,
+    /// The peer's broker instance, once its Hello arrived.
+    peer: Option<[u8; 16]>,
+    reassembler: Reassembler,
+    hello_sent: bool,
+    go_away: GoAway,
+    peer_going_away: bool,
+    /// Unacknowledged messages by send order.
+    messages: BTreeMap<u64, Pending>,
+    /// Unacknowledged messages by conversation direction and sequence: what an Ack removes.
+    by_conversation: HashMap<([u8; 16], bool), BTreeMap<u64, u64>>,
+    /// Messages due for (re)transmission, by send order.
+    ready: BTreeSet<u64>,
+    /// Retransmission deadlines of transmitted, unacknowledged messages.
+    timers: BTreeSet<(Instant, u64)>,
+    next_order: u64,
+    in_flight_bytes: usize,
+    /// Acks to send, coalesced per conversation direction, in the order first asked for.
+    acks: HashMap<([u8; 16], bool), u64>,
+    ack_order: VecDeque<([u8; 16], bool)>,
+    errors: VecDeque<ErrorFrame>,
+    events: VecDeque<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GoAway {
+    No,
+    Queued,
+    Sent,
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    /// The Message frame's header fields, encoded once for all fragments.
+    header: Vec<u8>,
+    body: Arc<[u8]>,
+    /// Next body byte to transmit; 0 when not being transmitted.
+    next_offset: usize,
+    /// Counted in `in_flight_bytes`: (partly) transmitted on this connection.
+    in_flight: bool,
+    /// Retransmissions so far on this connection: the backoff exponent.
+    retries: u32,
+    retry_at: Option<Instant>,
+}
+
+impl PeerSession {
+    /// A session for a new connection; `broker_instance` is this node's id.
+    pub fn new(broker_instance: [u8; 16]) -> PeerSession {
+        PeerSession {
+            broker_instance,
+            decoder: FrameDecoder::new(),
+            peer: None,
+            reassembler: Reassembler::new(),
+            hello_sent: false,
+            go_away: GoAway::No,
+            peer_going_away: false,
+            messages: BTreeMap::new(),
+            by_conversation: HashMap::new(),
+            ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            next_order: 0,
+            in_flight_bytes: 0,
+            acks: HashMap::new(),
+            ack_order: VecDeque::new(),
+            errors: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Queues a message for transmission after every message given before it. Fails, leaving
+    /// the session as it was, if a name or the body is over its limit, the same (conversation,
+    /// direction, sequence) is already queued, or the queue is full.
+    pub fn send(&mut self, message: OutgoingMessage) -> Result<()> {
+        let header = frame::encode_message_header(&message.header, message.body.len())?;
+        let conversation = (
+            message.header.conversation_id,
+            message.header.from_initiator,
+        );
+        let sequence = message.header.sequence;
+        if self
+            .by_conversation
+            .get(&conversation)
+            .is_some_and(|seqs| seqs.contains_key(&sequence))
+        {
+            return Err(Error::AlreadyQueued {
+                conversation_id: conversation.0,
+                from_initiator: conversation.1,
+                sequence,
+            });
+        }
+        if self.messages.len() >= SEND_QUEUE_MESSAGES_MAX {
+            return Err(Error::SendQueueFull {
+                max: SEND_QUEUE_MESSAGES_MAX,
+            });
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.by_conversation
+            .entry(conversation)
+            .or_default()
+            .insert(sequence, order);
+        self.messages.insert(
+            order,
+            Pending {
+                id: message.id,
+                header,
+                body: message.body,
+                next_offset: 0,
+                in_flight: false,
+                retries: 0,
+                retry_at: None,
+            },
+        );
+        self.ready.insert(order);
+        Ok(())
+    }
+
+    /// Queues a cumulative Ack: every message of this conversation direction up to `sequence`
+    /// is durably received here. Call only after the commit that holds them is durable. Acks of
+    /// one conversation direction coalesce to the highest sequence.
+    pub fn acknowledge(&mut self, conversation_id: [u8; 16], from_initiator: bool, sequence: u64) {
+        self.reassembler
+            .discard_through(conversation_id, from_initiator, sequence);
+        let key = (conversation_id, from_initiator);
+        if let Some(queued) = self.acks.get_mut(&key) {
+            *queued = (*queued).max(sequence);
+        } else if self.acks.len() < PENDING_CONTROL_FRAMES_MAX {
+            self.acks.insert(key, sequence);
+            self.ack_order.push_back(key);
+        } else {
+            tracing::warn!(
+                conversation = %uuid::Uuid::from_bytes(conversation_id),
+                "too many acks pending: dropping one (the peer will retransmit)"
+            );
+        }
+    }
+
+    /// Queues a broker-generated Error frame about a conversation (`from_initiator`: this
+    /// frame's direction). Fails if the code is not negative or the description too long.
+    pub fn send_error(
+        &mut self,
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        code: i32,
+        description: impl Into<String>,
+    ) -> Result<()> {
+        let description = description.into();
+        frame::check_error(code, &description)?;
+        if self.errors.len() >= PENDING_CONTROL_FRAMES_MAX {
+            tracing::warn!("too many error frames pending: dropping one");
+            return Ok(());
+        }
+        self.errors.push_back(ErrorFrame {
+            conversation_id,
+            from_initiator,
+            code,
+            description,
+        });
+        Ok(())
+    }
+
+    /// Starts a clean shutdown: a GoAway is sent, and no message after it on this connection.
+    pub fn close(&mut self) {
+        if self.go_away == GoAway::No {
+            self.go_away = GoAway::Queued;
+        }
+    }
+
+    /// Feeds bytes received from the peer, in whatever chunks they came. An error is a protocol
+    /// violation: close the connection and [`reset`](PeerSession::reset).
+    pub fn handle_bytes(&mut self, now: Instant, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            match self.decoder.decode(&mut bytes)? {
+                Some(frame) => self.handle(now, frame)?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one frame from the peer. `now` is the arrival time; this version keeps no
+    /// receive-side timers, but takes it so that drivers need not change when it does.
+    pub fn handle(&mut self, now: Instant, frame: Frame) -> Result<()> {
+        let _ = now;
+        let Some(peer) = self.peer else {
+            return match frame {
+                Frame::Hello(hello) => self.handle_hello(hello),
+                other => Err(Error::HelloExpected {
+                    found: other.kind_name(),
+                }),
+            };
+        };
+        match frame {
+            Frame::Hello(_) => return Err(Error::DuplicateHello),
+            Frame::Message(fragment) => {
+                if let Some((header, body)) = self.reassembler.push(fragment)? {
+                    self.events.push_back(Event::Received(IncomingMessage {
+                        header,
+                        body,
+                        source_broker_instance: peer,
+                    }));
+                }
+            }
+            Frame::Ack(ack) => self.handle_ack(ack),
+            Frame::Error(e) => self.events.push_back(Event::RemoteError {
+                conversation_id: e.conversation_id,
+                from_initiator: e.from_initiator,
+                code: e.code,
+                description: e.description,
+            }),
+            Frame::GoAway => {
+                if !self.peer_going_away {
+                    self.peer_going_away = true;
+                    self.events.push_back(Event::PeerGoingAway);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes to write to the peer now, if any: the Hello first on a new connection, then
+    /// Acks, Error frames, a GoAway, and message fragments in send order, batched up to
+    /// [`TRANSMIT_BYTES_MAX`]. Retransmission timers of messages completed here start at `now`.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        if !self.hello_sent {
+            self.hello_sent = true;
+            encode_control(
+                &mut out,
+                &Frame::Hello(Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    broker_instance: self.broker_instance,
+                }),
+            );
+        }
+        while let Some(&key) = self.ack_order.front() {
+            let Some(&sequence) = self.acks.get(&key) else {
+                self.ack_order.pop_front();
+                continue;
+            };
+            let ack = Frame::Ack(Ack {
+                conversation_id: key.0,
+                from_initiator: key.1,
+                sequence,
+                broker_instance: self.broker_instance,
+            });
+            if !fits(&out, ACK_FRAME_BYTES) {
+                return Some(out);
+            }
+            encode_control(&mut out, &ack);
+            self.acks.remove(&key);
+            self.ack_order.pop_front();
+        }
+        while let Some(error) = self.errors.front() {
+            let frame = Frame::Error(error.clone());
+            if !fits(&out, ERROR_FRAME_BYTES_BOUND) {
+                return Some(out);
+            }
+            encode_control(&mut out, &frame);
+            self.errors.pop_front();
+        }
+        if self.go_away == GoAway::Queued {
+            if !fits(&out, frame::FRAME_HEADER_BYTES) {
+                return Some(out);
+            }
+            self.go_away = GoAway::Sent;
+            encode_control(&mut out, &Frame::GoAway);
+        }
+        if self.go_away == GoAway::No && !self.peer_going_away {
+            self.transmit_messages(now, &mut out);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// When [`handle_timeout`](PeerSession::handle_timeout) should next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Makes every message whose retransmission time has come due for transmission again; the
+    /// next [`poll_transmit`](PeerSession::poll_transmit) sends them, in send order.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, order)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(pending) = self.messages.get_mut(&order) {
+                pending.retry_at = None;
+                pending.retries = pending.retries.saturating_add(1);
+                tracing::debug!(
+                    id = pending.id,
+                    retries = pending.retries,
+                    "message unacknowledged: retransmitting"
+                );
+                self.ready.insert(order);
+            }
+        }
+    }
+
+    /// The next event for the driver, if any. Drain after every `handle*` and `handle_timeout`.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The connection was lost: every unacknowledged message becomes unsent (to be sent first,
+    /// in send order, on the next connection, with the backoff started again), partial messages
+    /// and the handshake are dropped. Pending Acks and Error frames are kept for the next
+    /// connection.
+    pub fn reset(&mut self) {
+        self.decoder = FrameDecoder::new();
+        self.peer = None;
+        self.reassembler.clear();
+        self.hello_sent = false;
+        self.go_away = GoAway::No;
+        self.peer_going_away = false;
+        self.timers.clear();
+        self.in_flight_bytes = 0;
+        for (&order, pending) in &mut self.messages {
+            pending.next_offset = 0;
+            pending.in_flight = false;
+            pending.retries = 0;
+            pending.retry_at = None;
+            self.ready.insert(order);
+        }
+    }
+
+    /// This node's broker instance.
+    pub fn broker_instance(&self) -> [u8; 16] {
+        self.broker_instance
+    }
+
+    /// The peer's broker instance, once its Hello arrived on this connection.
+    pub fn peer_broker_instance(&self) -> Option<[u8; 16]> {
+        self.peer
+    }
+
+    /// Body bytes transmitted on this connection and not yet acknowledged.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
+    }
+
+    /// Messages given to `send` and not yet acknowledged.
+    pub fn unacknowledged_messages(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// The reassembly state of messages arriving from the peer.
+    pub fn reassembler(&self) -> &Reassembler {
+        &self.reassembler
+    }
+
+    fn handle_hello(&mut self, hello: Hello) -> Result<()> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::VersionMismatch {
+                found: hello.protocol_version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        self.peer = Some(hello.broker_instance);
+        self.events.push_back(Event::Connected {
+            peer_broker_instance: hello.broker_instance,
+        });
+        Ok(())
+    }
+
+    /// Removes every message the Ack covers; an Ack that covers nothing (a repeat) is ignored.
+    fn handle_ack(&mut self, ack: Ack) {
+        let key = (ack.conversation_id, ack.from_initiator);
+        let Some(seqs) = self.by_conversation.get_mut(&key) else {
+            return;
+        };
+        let later = match ack.sequence.checked_add(1) {
+            Some(next) => seqs.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let covered = std::mem::replace(seqs, later);
+        if seqs.is_empty() {
+            self.by_conversation.remove(&key);
+        }
+        for order in covered.into_values() {
+            let Some(pending) = self.messages.remove(&order) else {
+                continue;
+            };
+            self.ready.remove(&order);
+            if let Some(at) = pending.retry_at {
+                self.timers.remove(&(at, order));
+            }
+            if pending.in_flight {
+                self.in_flight_bytes -= pending.body.len();
+            }
+            self.events.push_back(Event::Acknowledged {
+                id: pending.id,
+                far_broker_instance: ack.broker_instance,
+            });
+        }
+    }
+
+    /// Appends message fragments in send order while the batch and the in-flight window allow.
+    fn transmit_messages(&mut self, now: Instant, out: &mut Vec<u8>) {
+        while let Some(&order) = self.ready.first() {
+            let pending = self
+                .messages
+                .get_mut(&order)
+                .expect("every ready order names an unacknowledged message");
+            let body_bytes = pending.body.len();
+            if !pending.in_flight {
+                // Messages become in flight in send order, so every retransmission is ahead of
+                // this one in `ready`: stopping here delays nothing that could go.
+                if self.in_flight_bytes > 0
+                    && self.in_flight_bytes + body_bytes > IN_FLIGHT_BYTES_MAX
+                {
+                    return;
+                }
+                pending.in_flight = true;
+                self.in_flight_bytes += body_bytes;
+            }
+            loop {
+                let fragment_bytes =
+                    (body_bytes - pending.next_offset).min(FRAGMENT_BODY_BYTES_MAX);
+                if !fits(
+                    out,
+                    frame::message_frame_bytes(&pending.header, fragment_bytes),
+                ) {
+                    return;
+                }
+                let offset = pending.next_offset;
+                frame::encode_message_fragment(
+                    out,
+                    &pending.header,
+                    body_bytes as u32,
+                    offset as u32,
+                    &pending.body[offset..offset + fragment_bytes],
+                )
+                .expect("send checked the names and body length; fragments stay within limits");
+                pending.next_offset += fragment_bytes;
+                if pending.next_offset >= body_bytes {
+                    break;
+                }
+            }
+            pending.next_offset = 0;
+            let delay = retry_delay(pending.retries);
+            let at = now + delay;
+            pending.retry_at = Some(at);
+            self.timers.insert((at, order));
+            self.ready.remove(&order);
+        }
+    }
+}
+
+/// The delay before retransmission number `retries + 1`.
+pub fn retry_delay(retries: u32) -> Duration {
+    let factor = 1u32.checked_shl(retries).unwrap_or(u32::MAX);
+    RETRY_DELAY_INITIAL
+        .saturating_mul(factor)
+        .min(RETRY_DELAY_MAX)
+}
+
+const ACK_FRAME_BYTES: usize = frame::FRAME_HEADER_BYTES + 16 + 1 + 8 + 16;
+const ERROR_FRAME_BYTES_BOUND: usize =
+    frame::FRAME_HEADER_BYTES + 16 + 1 + 4 + 2 + frame::DESCRIPTION_BYTES_MAX;
+
+/// Whether a frame of `bytes` may join the batch: it stays within [`TRANSMIT_BYTES_MAX`], or is
+/// the batch's first frame (every frame is within [`FRAME_BYTES_MAX`], which fits).
+fn fits(out: &[u8], bytes: usize) -> bool {
+    out.is_empty() || out.len() + bytes <= TRANSMIT_BYTES_MAX
+}
+
+/// Encodes a frame built by the session itself, whose fields were checked when queued.
+fn encode_control(out: &mut Vec<u8>, frame: &Frame) {
+    frame
+        .encode(out)
+        .expect("control frames are checked when queued and far below the frame limit");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_from_one_second_and_stays_at_sixty() {
+        let secs: Vec<u64> = (0..10).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(retry_delay(31), RETRY_DELAY_MAX);
+        assert_eq!(retry_delay(32), RETRY_DELAY_MAX);
+    }
+
+    #[test]
+    fn a_batch_takes_a_frame_only_within_the_bound_unless_it_is_empty() {
+        assert!(fits(&[], FRAME_BYTES_MAX));
+        let half = vec![0; TRANSMIT_BYTES_MAX / 2];
+        assert!(fits(&half, TRANSMIT_BYTES_MAX / 2));
+        assert!(!fits(&half, TRANSMIT_BYTES_MAX / 2 + 1));
+    }
+}

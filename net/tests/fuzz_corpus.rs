@@ -1,0 +1,240 @@
+//! Replays the committed `frame_decoder` fuzz corpus (`fuzz/corpus/frame_decoder`) on the stable
+//! toolchain, so every seed and every crash the fuzzer ever found (`seed-crash-*`) runs in
+//! `cargo test`; and writes the seeds (`write_seed_corpus`, ignored: run it by hand after a
+//! format change).
+//!
+//! The seeds are streams of valid frames made by the public encoder (a Hello first, as a peer
+//! sends it; messages in one and several fragments, out of order; Acks for the messages the
+//! harness's session has queued; errors; a GoAway), plus the damage the decoder must refuse
+//! (bad magic, another version, a frame over the limit, an unknown kind, a cut stream), so that
+//! fuzzing starts inside the session instead of spending its time finding the framing.
+
+use std::path::{Path, PathBuf};
+
+use herald_net::fuzzing::{FUZZ_CONVERSATION_ID, fuzz_frame_decoder};
+use herald_net::proto::{
+    Ack, ErrorFrame, FRAME_BYTES_MAX, Frame, Hello, MessageFragment, MessageHeader,
+    PROTOCOL_VERSION,
+};
+
+/// The committed seeds; fewer means the corpus went missing and the replay would pass without
+/// testing anything.
+const SEEDS_MIN: usize = 5;
+
+#[test]
+fn frame_decoder_corpus_replays_without_panics() {
+    let dir = corpus_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
+        .map(|entry| entry.expect("listing a corpus directory").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    let seeds = files.iter().filter(|path| is_seed(path)).count();
+    assert!(
+        seeds >= SEEDS_MIN,
+        "corpus {} holds {seeds} seed-* files, expected at least {SEEDS_MIN}",
+        dir.display()
+    );
+    let mut panicked = Vec::new();
+    for path in &files {
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        if std::panic::catch_unwind(|| fuzz_frame_decoder(&data)).is_err() {
+            panicked.push(path.display().to_string());
+        }
+    }
+    assert!(
+        panicked.is_empty(),
+        "{} of {} frame_decoder corpus files panicked:\n{}",
+        panicked.len(),
+        files.len(),
+        panicked.join("\n")
+    );
+    eprintln!(
+        "replayed {} frame_decoder corpus files ({seeds} seeds)",
+        files.len()
+    );
+}
+
+/// The committed seeds are exactly what `seeds()` makes: a format change that forgot to
+/// rewrite them fails here instead of silently fuzzing the old format.
+#[test]
+fn committed_seeds_are_current() {
+    for (name, data) in seeds() {
+        let path = corpus_dir().join(format!("seed-{name}"));
+        let committed =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        assert!(
+            committed == data,
+            "{} is stale: run `cargo test -p herald-net --test fuzz_corpus -- --ignored write_seed_corpus`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus/frame_decoder/seed-*; run by hand after a format change"]
+fn write_seed_corpus() {
+    let dir = corpus_dir();
+    std::fs::create_dir_all(&dir).expect("creating the corpus directory");
+    let mut total = 0;
+    for (name, data) in seeds() {
+        total += data.len();
+        std::fs::write(dir.join(format!("seed-{name}")), &data).expect("writing a seed");
+    }
+    assert!(total < 64 * 1024, "seed corpus of {total} bytes is too big");
+}
+
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder")
+}
+
+fn is_seed(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with("seed-"))
+}
+
+const PEER: [u8; 16] = [0x33; 16];
+
+fn hello(protocol_version: u16) -> Frame {
+    Frame::Hello(Hello {
+        protocol_version,
+        broker_instance: PEER,
+    })
+}
+
+fn header(conversation_id: [u8; 16], from_initiator: bool, sequence: u64) -> MessageHeader {
+    MessageHeader {
+        conversation_id,
+        from_initiator,
+        sequence,
+        source_service: "//seed/source".into(),
+        target_service: "//seed/target".into(),
+        contract: "//seed/contract".into(),
+        message_type: "//seed/type".into(),
+        target_broker_instance: sequence.is_multiple_of(2).then_some([0x44; 16]),
+        lifetime_deadline_secs: if sequence.is_multiple_of(3) {
+            1_900_000_000
+        } else {
+            0
+        },
+    }
+}
+
+/// `body` cut into fragments of `fragment_bytes`, in the order given by `order`.
+fn fragments(
+    header: &MessageHeader,
+    body: &[u8],
+    fragment_bytes: usize,
+    order: &[usize],
+) -> Vec<Frame> {
+    let pieces: Vec<Frame> = if body.is_empty() {
+        vec![Frame::Message(MessageFragment {
+            header: header.clone(),
+            body_bytes: 0,
+            fragment_offset: 0,
+            fragment: Vec::new(),
+        })]
+    } else {
+        body.chunks(fragment_bytes)
+            .enumerate()
+            .map(|(i, chunk)| {
+                Frame::Message(MessageFragment {
+                    header: header.clone(),
+                    body_bytes: body.len() as u32,
+                    fragment_offset: (i * fragment_bytes) as u32,
+                    fragment: chunk.to_vec(),
+                })
+            })
+            .collect()
+    };
+    order.iter().map(|&i| pieces[i].clone()).collect()
+}
+
+fn ack(sequence: u64) -> Frame {
+    Frame::Ack(Ack {
+        conversation_id: FUZZ_CONVERSATION_ID,
+        from_initiator: true,
+        sequence,
+        broker_instance: PEER,
+    })
+}
+
+fn stream(frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for frame in frames {
+        frame.encode(&mut out).expect("seed frames are valid");
+    }
+    out
+}
+
+fn seeds() -> Vec<(String, Vec<u8>)> {
+    let body: Vec<u8> = (0..90u8).map(|i| i.wrapping_mul(7)).collect();
+    let mut seeds = Vec::new();
+    seeds.push(("hello".to_string(), stream(&[hello(PROTOCOL_VERSION)])));
+
+    let mut one = vec![hello(PROTOCOL_VERSION)];
+    one.extend(fragments(&header([1; 16], true, 1), b"hello", 16, &[0]));
+    one.extend(fragments(&header([1; 16], false, 2), b"", 16, &[0]));
+    seeds.push(("messages".into(), stream(&one)));
+
+    let mut fragmented = vec![hello(PROTOCOL_VERSION)];
+    fragmented.extend(fragments(
+        &header([2; 16], true, 3),
+        &body,
+        30,
+        &[2, 0, 0, 1],
+    ));
+    fragmented.extend(fragments(&header([2; 16], true, 4), &body, 40, &[0, 2, 1]));
+    seeds.push(("fragments-out-of-order".into(), stream(&fragmented)));
+
+    let acks = [
+        hello(PROTOCOL_VERSION),
+        ack(1),
+        ack(1),
+        ack(3),
+        ack(u64::MAX),
+    ];
+    seeds.push(("acks".into(), stream(&acks)));
+
+    let error = Frame::Error(ErrorFrame {
+        conversation_id: FUZZ_CONVERSATION_ID,
+        from_initiator: false,
+        code: -8490,
+        description: "Service //seed/target not found".into(),
+    });
+    seeds.push((
+        "error-and-go-away".into(),
+        stream(&[hello(PROTOCOL_VERSION), error.clone(), Frame::GoAway]),
+    ));
+
+    let mut everything = one.clone();
+    everything.extend(fragmented[1..].iter().cloned());
+    everything.extend([ack(2), error, Frame::GoAway]);
+    seeds.push(("everything".into(), stream(&everything)));
+
+    seeds.push(("no-hello".into(), stream(&one[1..])));
+    seeds.push((
+        "two-hellos".into(),
+        stream(&[hello(PROTOCOL_VERSION), hello(PROTOCOL_VERSION)]),
+    ));
+    seeds.push((
+        "future-version".into(),
+        stream(&[hello(PROTOCOL_VERSION + 1)]),
+    ));
+
+    let mut bad_magic = stream(&[hello(PROTOCOL_VERSION)]);
+    bad_magic[5] = b'X';
+    seeds.push(("bad-magic".into(), bad_magic));
+    let mut too_large = stream(&one);
+    too_large[..4].copy_from_slice(&(FRAME_BYTES_MAX as u32).to_le_bytes());
+    seeds.push(("frame-too-large".into(), too_large));
+    let mut unknown_kind = stream(&one);
+    unknown_kind[4] = 0xee;
+    seeds.push(("unknown-kind".into(), unknown_kind));
+    let cut = stream(&fragmented);
+    seeds.push(("cut".into(), cut[..cut.len() - 17].to_vec()));
+    seeds
+}
