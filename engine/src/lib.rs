@@ -41,6 +41,7 @@ mod ids;
 pub mod invariants;
 mod lock_table;
 pub mod record;
+pub mod sql;
 mod state;
 mod transaction;
 
