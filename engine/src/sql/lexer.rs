@@ -10,7 +10,7 @@
 //! and nothing but blanks or a `--` comment follows it there.
 //!
 //! Invariants: every name token (bare, bracketed, quoted, variable) is non-empty and at most
-//! `NAME_BYTES_MAX` bytes; the token list always ends with exactly one `Eof`.
+//! `NAME_BYTES_MAX` bytes; once the lexer has produced `Eof` or `Invalid`, it produces only `Eof`.
 
 use super::{NAME_BYTES_MAX, SyntaxError};
 
@@ -32,6 +32,8 @@ pub(crate) enum TokenKind {
     Symbol(Symbol),
     /// A `GO` batch separator line.
     Go,
+    /// Text that is no token (an unterminated string, a stray character), with why.
+    Invalid(String),
     Eof,
 }
 
@@ -75,75 +77,94 @@ pub(crate) struct Token {
     pub end: usize,
 }
 
-/// Splits `text` into tokens, ending with `Eof`.
-pub(crate) fn tokenize(text: &str) -> Result<Vec<Token>, SyntaxError> {
-    let mut lexer = Lexer {
-        text,
-        pos: 0,
-        line: 1,
-        column: 1,
-        last_token_line: 0,
-        tokens: Vec::new(),
-    };
-    lexer.run()?;
-    Ok(lexer.tokens)
-}
-
-struct Lexer<'a> {
+/// Produces the tokens of a script one at a time, so that the parser holds only a short
+/// window of them (a 16 MiB script of `(` would otherwise be 16 million tokens in memory).
+/// After an invalid token it produces only `Eof`.
+#[derive(Debug)]
+pub(crate) struct Lexer<'a> {
     text: &'a str,
     pos: usize,
     line: u32,
     column: u32,
-    /// The line of the last token emitted, to tell whether a `GO` starts its line.
+    /// The line of the last token produced, to tell whether a `GO` starts its line.
     last_token_line: u32,
-    tokens: Vec<Token>,
+    failed: bool,
 }
 
-impl Lexer<'_> {
-    fn run(&mut self) -> Result<(), SyntaxError> {
-        loop {
-            self.skip_blanks_and_comments()?;
-            let (start, line, column) = (self.pos, self.line, self.column);
-            let Some(c) = self.peek() else {
-                self.push(TokenKind::Eof, start, line, column);
-                return Ok(());
-            };
-            let kind = match c {
-                '\'' => self.string(false)?,
-                'N' | 'n' if self.peek_second() == Some('\'') => {
-                    self.bump();
-                    self.string(true)?
-                }
-                '[' => self.delimited(']', "[")?,
-                '"' => self.delimited('"', "\"")?,
-                '@' => self.variable()?,
-                '0'..='9' => self.number()?,
-                c if is_word_start(c) => {
-                    self.word()?;
-                    if line != self.last_token_line
-                        && self.text[start..self.pos].eq_ignore_ascii_case("GO")
-                        && self.rest_of_line_is_blank()
-                    {
-                        TokenKind::Go
-                    } else {
-                        TokenKind::Word
-                    }
-                }
-                _ => TokenKind::Symbol(self.symbol(c)?),
-            };
-            self.push(kind, start, line, column);
+impl<'a> Lexer<'a> {
+    pub(crate) fn new(text: &'a str) -> Lexer<'a> {
+        Lexer {
+            text,
+            pos: 0,
+            line: 1,
+            column: 1,
+            last_token_line: 0,
+            failed: false,
         }
     }
 
-    fn push(&mut self, kind: TokenKind, start: usize, line: u32, column: u32) {
+    /// The next token: `Eof` at the end (and forever after), `Invalid` where the text is not
+    /// a token (the parser reports it when it gets there).
+    pub(crate) fn next_token(&mut self) -> Token {
+        if self.failed {
+            return self.token(TokenKind::Eof, self.text.len(), self.line, self.column);
+        }
+        match self.lex() {
+            Ok(token) => token,
+            Err(e) => {
+                self.failed = true;
+                Token {
+                    kind: TokenKind::Invalid(e.message),
+                    line: e.line,
+                    column: e.column,
+                    start: self.pos,
+                    end: self.pos,
+                }
+            }
+        }
+    }
+
+    fn lex(&mut self) -> Result<Token, SyntaxError> {
+        self.skip_blanks_and_comments()?;
+        let (start, line, column) = (self.pos, self.line, self.column);
+        let Some(c) = self.peek() else {
+            return Ok(self.token(TokenKind::Eof, start, line, column));
+        };
+        let kind = match c {
+            '\'' => self.string(false)?,
+            'N' | 'n' if self.peek_second() == Some('\'') => {
+                self.bump();
+                self.string(true)?
+            }
+            '[' => self.delimited(']', "[")?,
+            '"' => self.delimited('"', "\"")?,
+            '@' => self.variable()?,
+            '0'..='9' => self.number()?,
+            c if is_word_start(c) => {
+                self.word()?;
+                if line != self.last_token_line
+                    && self.text[start..self.pos].eq_ignore_ascii_case("GO")
+                    && self.rest_of_line_is_blank()
+                {
+                    TokenKind::Go
+                } else {
+                    TokenKind::Word
+                }
+            }
+            _ => TokenKind::Symbol(self.symbol(c)?),
+        };
+        Ok(self.token(kind, start, line, column))
+    }
+
+    fn token(&mut self, kind: TokenKind, start: usize, line: u32, column: u32) -> Token {
         self.last_token_line = line;
-        self.tokens.push(Token {
+        Token {
             kind,
             line,
             column,
             start,
             end: self.pos,
-        });
+        }
     }
 
     fn peek(&self) -> Option<char> {
@@ -438,6 +459,29 @@ pub(crate) fn truncate(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every token through `Eof`, or the first invalid one's error.
+    fn tokenize(text: &str) -> Result<Vec<Token>, SyntaxError> {
+        let mut lexer = Lexer::new(text);
+        let mut tokens = Vec::new();
+        loop {
+            let token = lexer.next_token();
+            match token.kind {
+                TokenKind::Invalid(message) => {
+                    return Err(SyntaxError {
+                        line: token.line,
+                        column: token.column,
+                        message,
+                    });
+                }
+                TokenKind::Eof => {
+                    tokens.push(token);
+                    return Ok(tokens);
+                }
+                _ => tokens.push(token),
+            }
+        }
+    }
 
     fn kinds(text: &str) -> Vec<TokenKind> {
         tokenize(text)

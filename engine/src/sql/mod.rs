@@ -148,8 +148,7 @@ pub fn parse_located(text: &str) -> Result<Vec<Located>> {
         }
         .into());
     }
-    let tokens = lexer::tokenize(text)?;
-    Ok(parser::parse_tokens(text, tokens)?)
+    Ok(parser::parse_script(text)?)
 }
 
 /// Prints statements as a script that [`parse`] reads back to the same statements.

@@ -5,8 +5,10 @@
 //! expressions (`CAST`, parentheses; bounded by `EXPRESSION_DEPTH_MAX`) and in `IF` and
 //! `BEGIN … END` (bounded by `BLOCK_DEPTH_MAX`), so no input can overflow the stack.
 
+use std::collections::VecDeque;
+
 use super::ast::*;
-use super::lexer::{Symbol, Token, TokenKind, quote, truncate};
+use super::lexer::{Lexer, Symbol, Token, TokenKind, quote, truncate};
 use super::{BLOCK_DEPTH_MAX, EXPRESSION_DEPTH_MAX, NAME_BYTES_MAX, SyntaxError};
 use crate::catalog::{SentBy, Validation};
 use crate::ids::{ConversationGroupId, ConversationHandle};
@@ -145,21 +147,38 @@ const UNSUPPORTED_KINDS: &[&str] = &[
     "XML",
 ];
 
-pub(crate) fn parse_tokens(text: &str, tokens: Vec<Token>) -> PResult<Vec<Located>> {
+/// Tokens the parser looks at beyond the cursor (`BEGIN` then `DIALOG`, `@v` then `=`).
+const TOKENS_AHEAD: usize = 2;
+/// Tokens kept behind the cursor, for the parser's short backtracks (the longest: from `CONVERT`
+/// back over `CONVERT ( NAME ( n , s ) ,`, 9 tokens).
+const TOKENS_BEHIND: usize = 16;
+
+/// The most tokens the parser holds, whatever the script.
+const WINDOW_TOKENS_MAX: usize = 2 * TOKENS_BEHIND + TOKENS_AHEAD + 1;
+
+pub(crate) fn parse_script(text: &str) -> PResult<Vec<Located>> {
     let mut parser = Parser {
         text,
-        tokens,
+        lexer: Lexer::new(text),
+        window: VecDeque::new(),
+        base: 0,
         pos: 0,
         expression_depth: 0,
         block_depth: 0,
     };
+    parser.fill();
     parser.script()
 }
 
 struct Parser<'a> {
     text: &'a str,
-    /// Ends with `Eof`, which the cursor never moves past.
-    tokens: Vec<Token>,
+    lexer: Lexer<'a>,
+    /// The tokens from index `base` on: at least `TOKENS_AHEAD` past the cursor (or through
+    /// `Eof`), and at most `2 * TOKENS_BEHIND` before it, so memory stays small whatever the
+    /// script's length.
+    window: VecDeque<Token>,
+    base: usize,
+    /// Index of the current token; never moves past `Eof`.
     pos: usize,
     expression_depth: usize,
     block_depth: usize,
@@ -179,8 +198,8 @@ struct RawItem {
     term: Term,
     alias: Option<String>,
     assign_to: Option<String>,
-    /// Index of the item's first token, for errors found once the list is complete.
-    at: usize,
+    /// The item's first token, for errors found once the list is complete.
+    at: Token,
 }
 
 impl Parser<'_> {
@@ -371,12 +390,9 @@ impl Parser<'_> {
         }
         let condition = self.condition()?;
         let then = self.branch()?;
-        let mut ahead = self.pos;
-        while self.tokens[ahead].kind == TokenKind::Symbol(Symbol::Semicolon) {
-            ahead += 1;
-        }
-        let otherwise = if self.keyword_at(ahead, "ELSE") {
-            self.pos = ahead + 1;
+        // T-SQL allows `;` before ELSE; where no ELSE follows, the `;` were separators anyway.
+        while self.eat_symbol(Symbol::Semicolon) {}
+        let otherwise = if self.eat_keyword("ELSE") {
             Some(self.branch()?)
         } else {
             None
@@ -1145,7 +1161,7 @@ impl Parser<'_> {
         };
         if into.is_some() && columns_assign(&columns) {
             return Err(self.error_at(
-                &self.tokens[self.pos - 1].clone(),
+                &self.token(self.pos - 1).clone(),
                 "RECEIVE … INTO cannot also assign columns to variables".into(),
             ));
         }
@@ -1323,7 +1339,7 @@ impl Parser<'_> {
                     Term::Value(value) => value,
                     Term::Column { column, .. } => {
                         return Err(self.error_at(
-                            &self.tokens[item.at].clone(),
+                            &item.at,
                             format!(
                                 "expected a variable or a literal in SELECT without FROM, found column {}",
                                 quote(&column)
@@ -1424,10 +1440,10 @@ impl Parser<'_> {
                 }),
                 Term::Value(_) => {
                     return Err(self.error_at(
-                        &self.tokens[item.at].clone(),
+                        &item.at,
                         format!(
                             "expected a column name in {context}, found {}",
-                            self.describe(&self.tokens[item.at])
+                            self.describe(&item.at)
                         ),
                     ));
                 }
@@ -1441,7 +1457,7 @@ impl Parser<'_> {
     fn raw_items(&mut self, context: &str) -> PResult<Vec<RawItem>> {
         let mut items: Vec<RawItem> = Vec::new();
         loop {
-            let at = self.pos;
+            let at = self.peek().clone();
             let assign_to = match (&self.peek().kind, self.kind_at(self.pos + 1)) {
                 (TokenKind::Variable(name), TokenKind::Symbol(Symbol::Eq)) => {
                     let name = name.clone();
@@ -1467,7 +1483,7 @@ impl Parser<'_> {
                 && first.assign_to.is_some() != assign_to.is_some()
             {
                 return Err(self.error_at(
-                    &self.tokens[at].clone(),
+                    &at,
                     format!(
                         "a {context} that assigns to variables must assign every item (@var = …)"
                     ),
@@ -1844,13 +1860,50 @@ impl Parser<'_> {
     // ---- tokens ----
 
     fn peek(&self) -> &Token {
-        &self.tokens[self.pos]
+        self.token(self.pos)
+    }
+
+    /// The token at `index`, which must be in the window; past `Eof`, `Eof`.
+    fn token(&self, index: usize) -> &Token {
+        let offset = index
+            .checked_sub(self.base)
+            .expect("the parser backtracks at most TOKENS_BEHIND tokens");
+        match self.window.get(offset) {
+            Some(token) => token,
+            None => {
+                let last = self.window.back().expect("the window is never empty");
+                debug_assert_eq!(last.kind, TokenKind::Eof, "looked beyond TOKENS_AHEAD");
+                last
+            }
+        }
+    }
+
+    /// Lexes up to `TOKENS_AHEAD` past the cursor, and forgets tokens long behind it.
+    fn fill(&mut self) {
+        while self.base + self.window.len() <= self.pos + TOKENS_AHEAD
+            && self
+                .window
+                .back()
+                .is_none_or(|token| token.kind != TokenKind::Eof)
+        {
+            self.window.push_back(self.lexer.next_token());
+        }
+        if self.pos - self.base > 2 * TOKENS_BEHIND {
+            let forget = self.pos - self.base - TOKENS_BEHIND;
+            self.window.drain(..forget);
+            self.base += forget;
+        }
+        debug_assert!(
+            self.window.len() <= WINDOW_TOKENS_MAX,
+            "the token window grew"
+        );
     }
 
     fn advance(&mut self) -> Token {
-        let token = self.tokens[self.pos].clone();
+        let token = self.peek().clone();
         if token.kind != TokenKind::Eof {
             self.pos += 1;
+            self.fill();
         }
         token
     }
@@ -1874,11 +1927,11 @@ impl Parser<'_> {
 
     /// The kind of the token at `index`, or `Eof` past the end.
     fn kind_at(&self, index: usize) -> &TokenKind {
-        &self.tokens[index.min(self.tokens.len() - 1)].kind
+        &self.token(index).kind
     }
 
     fn keyword_at(&self, index: usize, keyword: &str) -> bool {
-        let token = &self.tokens[index.min(self.tokens.len() - 1)];
+        let token = self.token(index);
         token.kind == TokenKind::Word && self.word_text(token).eq_ignore_ascii_case(keyword)
     }
 
@@ -1961,9 +2014,13 @@ impl Parser<'_> {
         }
     }
 
-    /// "expected {what}, found {current token}".
+    /// "expected {what}, found {current token}"; or, where the current token is not a token at
+    /// all, why (an unterminated string, a stray character).
     fn expected(&self, what: &str) -> SyntaxError {
         let token = self.peek();
+        if let TokenKind::Invalid(message) = &token.kind {
+            return self.error_at(token, message.clone());
+        }
         self.error_at(
             token,
             format!("expected {what}, found {}", self.describe(token)),
@@ -2005,4 +2062,42 @@ fn columns_assign(columns: &Columns) -> bool {
 fn port_text_is_digits(rest: &str) -> bool {
     rest.rsplit_once(':')
         .is_some_and(|(_, digits)| digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins: the whole script was tokenized up front, so a 16 MiB script of one-byte tokens
+    /// held 16 million tokens (about 900 MB) however early the parser stopped.
+    #[test]
+    fn the_token_window_stays_small_on_long_scripts() {
+        let handles = vec!["@h"; 20_000].join(",");
+        let script = format!(
+            "{}SEND ON CONVERSATION ({handles}) (CAST(CONVERT(NVARCHAR(10, 2), @b) AS XML)){}",
+            ";".repeat(20_000),
+            "\nGO\n".repeat(1_000)
+        );
+        let mut parser = Parser {
+            text: &script,
+            lexer: Lexer::new(&script),
+            window: VecDeque::new(),
+            base: 0,
+            pos: 0,
+            expression_depth: 0,
+            block_depth: 0,
+        };
+        parser.fill();
+        let statements = parser.script().expect("parses");
+        let Statement::Send(send) = &statements[0].statement else {
+            panic!("{statements:?}");
+        };
+        assert_eq!(send.conversations.len(), 20_000);
+        assert!(parser.window.len() <= WINDOW_TOKENS_MAX);
+        assert!(
+            parser.base > 40_000,
+            "tokens were forgotten: base {}",
+            parser.base
+        );
+    }
 }
