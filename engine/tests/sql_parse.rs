@@ -1637,6 +1637,53 @@ fn script_bytes_max_at_the_edge() {
 }
 
 #[test]
+fn statements_max_at_the_edge_counting_nested_statements() {
+    let max = sql::STATEMENTS_MAX;
+    assert_eq!(
+        sql::parse(&"COMMIT;".repeat(max))
+            .expect("the maximum")
+            .len(),
+        max
+    );
+    let over = "COMMIT;".repeat(max + 1);
+    let column = u32::try_from("COMMIT;".len() * max + 1).expect("small");
+    assert_error(
+        &over,
+        1,
+        column,
+        &format!("script has more than {max} statements"),
+    );
+    // A block and the statements in it all count.
+    let nested = format!("BEGIN {}END", "COMMIT;".repeat(max - 1));
+    assert_eq!(sql::parse(&nested).expect("the maximum, nested").len(), 1);
+    let nested = format!("BEGIN {}END", "COMMIT;".repeat(max));
+    assert!(syntax_error(&nested).2.contains("more than"));
+}
+
+#[test]
+fn list_items_max_at_the_edge_across_statements() {
+    let max = sql::LIST_ITEMS_MAX;
+    let send = |handles: usize| format!("SEND ON CONVERSATION ({})", vec!["@h"; handles].join(","));
+    let Statement::Send(s) = one(&send(max)) else {
+        panic!()
+    };
+    assert_eq!(s.conversations.len(), max);
+    let message = format!(
+        "script has more than {max} list items (conversation handles, columns, variables, contracts, message types, conditions)"
+    );
+    let column =
+        u32::try_from("SEND ON CONVERSATION (".len() + "@h,".len() * max + 1).expect("small");
+    assert_error(&send(max + 1), 1, column, &message);
+    // The budget is the script's, not one statement's.
+    let half = send(max / 2);
+    sql::parse(&format!("{half};{half}")).expect("the maximum in two statements");
+    assert_eq!(
+        syntax_error(&format!("{half};{half};DECLARE @x INT")).2,
+        message
+    );
+}
+
+#[test]
 fn name_bytes_max_at_the_edge_for_every_kind_of_name() {
     let max = sql::NAME_BYTES_MAX;
     let long = "n".repeat(max);
@@ -2152,8 +2199,7 @@ mod properties {
         ]
     }
 
-    fn name_or_any(string: bool) -> impl Strategy<Value = Option<NameOrAny>> {
-        let _ = string;
+    fn name_or_any() -> impl Strategy<Value = Option<NameOrAny>> {
         proptest::option::of(prop_oneof![
             Just(NameOrAny::Any),
             name().prop_map(NameOrAny::Name)
@@ -2256,9 +2302,9 @@ mod properties {
                 })),
             (
                 name(),
-                name_or_any(false),
-                name_or_any(false),
-                name_or_any(true),
+                name_or_any(),
+                name_or_any(),
+                name_or_any(),
                 proptest::option::of(prop_oneof![
                     Just(PriorityLevel::Default),
                     (1u8..=10).prop_map(PriorityLevel::Level)

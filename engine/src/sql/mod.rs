@@ -101,7 +101,8 @@
 //!   `Display` prints one canonical form that parses back to the same tree.
 //!
 //! # Limits
-//! [`SCRIPT_BYTES_MAX`] bounds a script, [`NAME_BYTES_MAX`] every name and variable,
+//! [`SCRIPT_BYTES_MAX`] bounds a script, [`STATEMENTS_MAX`] its statements, [`LIST_ITEMS_MAX`]
+//! the items of its lists, [`NAME_BYTES_MAX`] every name and variable,
 //! [`EXPRESSION_DEPTH_MAX`] the nesting of expressions, and [`BLOCK_DEPTH_MAX`] the nesting of
 //! IF and BEGIN … END, so that no input can exhaust memory or the stack.
 
@@ -120,6 +121,15 @@ pub const SCRIPT_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Longest name (identifier, string used as a name, variable name without its `@`), in UTF-8
 /// bytes: T-SQL's nvarchar(256), the type of Service Broker's names.
 pub const NAME_BYTES_MAX: usize = 256;
+/// Most statements in a script, those inside IF and BEGIN … END included. The tree costs a
+/// few hundred bytes a statement, so this keeps a script of `COMMIT;` repeated to
+/// `SCRIPT_BYTES_MAX` from costing a gigabyte; split bigger batches into several scripts.
+pub const STATEMENTS_MAX: usize = 65_536;
+/// Most items of comma-separated lists (SEND's conversation handles, column lists, DECLARE's
+/// variables, a contract's message types, a service's contracts, WHERE's conditions) in a
+/// script, all statements together: with `STATEMENTS_MAX`, this bounds the tree's memory to tens
+/// of megabytes, where `SCRIPT_BYTES_MAX` alone would let `@h,` repeated cost hundreds.
+pub const LIST_ITEMS_MAX: usize = 65_536;
 /// Deepest nesting of an expression: each CAST, CONVERT and pair of parentheses is a level, and
 /// so is the innermost value (`'x'` is depth 1, `CAST('x' AS XML)` depth 2).
 pub const EXPRESSION_DEPTH_MAX: usize = 32;

@@ -9,7 +9,10 @@ use std::collections::VecDeque;
 
 use super::ast::*;
 use super::lexer::{Lexer, Symbol, Token, TokenKind, quote, truncate};
-use super::{BLOCK_DEPTH_MAX, EXPRESSION_DEPTH_MAX, NAME_BYTES_MAX, SyntaxError};
+use super::{
+    BLOCK_DEPTH_MAX, EXPRESSION_DEPTH_MAX, LIST_ITEMS_MAX, NAME_BYTES_MAX, STATEMENTS_MAX,
+    SyntaxError,
+};
 use crate::catalog::{SentBy, Validation};
 use crate::ids::{ConversationGroupId, ConversationHandle};
 
@@ -165,6 +168,8 @@ pub(crate) fn parse_script(text: &str) -> PResult<Vec<Located>> {
         pos: 0,
         expression_depth: 0,
         block_depth: 0,
+        statements: 0,
+        list_items: 0,
     };
     parser.fill();
     parser.script()
@@ -182,6 +187,10 @@ struct Parser<'a> {
     pos: usize,
     expression_depth: usize,
     block_depth: usize,
+    /// Statements begun so far, nested ones included (bounded by `STATEMENTS_MAX`).
+    statements: usize,
+    /// Items of comma-separated lists so far, in all statements (bounded by `LIST_ITEMS_MAX`).
+    list_items: usize,
 }
 
 /// An item of a column list before the parser knows whether it is a RECEIVE / SELECT … FROM
@@ -245,6 +254,13 @@ impl Parser<'_> {
 
     fn statement(&mut self) -> PResult<Statement> {
         let token = self.peek().clone();
+        self.statements += 1;
+        if self.statements > STATEMENTS_MAX {
+            return Err(self.error_at(
+                &token,
+                format!("script has more than {STATEMENTS_MAX} statements"),
+            ));
+        }
         if token.kind == TokenKind::Go {
             return Err(self.error_at(&token, "GO inside BEGIN … END or IF".into()));
         }
@@ -366,6 +382,21 @@ impl Parser<'_> {
             self.end_of_statement(&statement)?;
             statements.push(statement);
         }
+    }
+
+    /// Counts one more item of a comma-separated list against `LIST_ITEMS_MAX`.
+    fn count_list_item(&mut self) -> PResult<()> {
+        self.list_items += 1;
+        if self.list_items > LIST_ITEMS_MAX {
+            return Err(self.error_at(
+                &self.peek().clone(),
+                format!(
+                    "script has more than {LIST_ITEMS_MAX} list items (conversation handles, \
+                     columns, variables, contracts, message types, conditions)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn enter_block(&mut self, at: &Token) -> PResult<()> {
@@ -577,6 +608,7 @@ impl Parser<'_> {
         self.expect_symbol(Symbol::LParen, "the contract name")?;
         let mut messages = Vec::new();
         loop {
+            self.count_list_item()?;
             let message_type =
                 self.name_or_default("a message type name in the contract's list")?;
             self.expect_keyword("SENT", "the message type name")?;
@@ -754,6 +786,7 @@ impl Parser<'_> {
         let mut contracts = Vec::new();
         if self.eat_symbol(Symbol::LParen) {
             loop {
+                self.count_list_item()?;
                 contracts.push(self.name_or_default("a contract name in the service's list")?);
                 if !self.eat_symbol(Symbol::Comma) {
                     break;
@@ -1073,6 +1106,7 @@ impl Parser<'_> {
         let mut conversations = Vec::new();
         if self.eat_symbol(Symbol::LParen) {
             loop {
+                self.count_list_item()?;
                 conversations.push(self.guid_operand(what, ConversationHandle)?);
                 if !self.eat_symbol(Symbol::Comma) {
                     break;
@@ -1284,6 +1318,7 @@ impl Parser<'_> {
         self.advance();
         let mut variables = Vec::new();
         loop {
+            self.count_list_item()?;
             let name = self.variable("a variable after DECLARE")?;
             self.eat_keyword("AS");
             if self.at_keyword("TABLE") || self.at_keyword("CURSOR") {
@@ -1392,6 +1427,7 @@ impl Parser<'_> {
         let mut filter = Vec::new();
         if self.eat_keyword("WHERE") {
             loop {
+                self.count_list_item()?;
                 let column = self.identifier("a column name in the WHERE clause")?;
                 if !self.eat_symbol(Symbol::Eq) {
                     return Err(self.expected(
@@ -1457,6 +1493,7 @@ impl Parser<'_> {
     fn raw_items(&mut self, context: &str) -> PResult<Vec<RawItem>> {
         let mut items: Vec<RawItem> = Vec::new();
         loop {
+            self.count_list_item()?;
             let at = self.peek().clone();
             let assign_to = match (&self.peek().kind, self.kind_at(self.pos + 1)) {
                 (TokenKind::Variable(name), TokenKind::Symbol(Symbol::Eq)) => {
@@ -2086,6 +2123,8 @@ mod tests {
             pos: 0,
             expression_depth: 0,
             block_depth: 0,
+            statements: 0,
+            list_items: 0,
         };
         parser.fill();
         let statements = parser.script().expect("parses");
