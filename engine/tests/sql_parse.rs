@@ -1674,6 +1674,20 @@ fn list_items_max_at_the_edge_across_statements() {
     let column =
         u32::try_from("SEND ON CONVERSATION (".len() + "@h,".len() * max + 1).expect("small");
     assert_error(&send(max + 1), 1, column, &message);
+    // A single handle without parentheses counts too (it prints with them).
+    let singles = "SEND ON CONVERSATION @h;".repeat(max - 1);
+    let at_max = format!("{singles}SEND ON CONVERSATION @h");
+    assert_eq!(
+        sql::parse(&at_max)
+            .expect("the maximum, one handle each")
+            .len(),
+        max
+    );
+    sql::fuzz_parse(at_max.as_bytes());
+    assert_eq!(
+        syntax_error(&format!("{singles}SEND ON CONVERSATION (@h, @h)")).2,
+        message
+    );
     // The budget is the script's, not one statement's.
     let half = send(max / 2);
     sql::parse(&format!("{half};{half}")).expect("the maximum in two statements");

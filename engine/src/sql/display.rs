@@ -6,7 +6,7 @@
 use std::fmt::{self, Display, Formatter, Write};
 
 use super::ast::*;
-use crate::catalog::{SentBy, Validation};
+use crate::catalog::SentBy;
 use crate::ids::{ConversationGroupId, ConversationHandle};
 
 impl Display for Statement {
@@ -16,7 +16,7 @@ impl Display for Statement {
                 write!(f, "CREATE MESSAGE TYPE {}", Ident(&s.name))?;
                 authorization(f, &s.authorization)?;
                 if let Some(validation) = s.validation {
-                    write!(f, " VALIDATION = {}", validation_keyword(validation))?;
+                    write!(f, " VALIDATION = {}", validation.name())?;
                 }
                 Ok(())
             }
@@ -508,10 +508,6 @@ fn comma(f: &mut Formatter<'_>, index: usize) -> fmt::Result {
 
 fn on_off(on: bool) -> &'static str {
     if on { "ON" } else { "OFF" }
-}
-
-fn validation_keyword(validation: Validation) -> &'static str {
-    validation.name()
 }
 
 fn name_or_any(name: &NameOrAny, string: bool) -> String {

@@ -1114,6 +1114,9 @@ impl Parser<'_> {
             }
             self.expect_symbol(Symbol::RParen, "the conversation handles")?;
         } else {
+            // Counted as in the list form, which `Display` prints, so that a printed script
+            // spends the same budget as the script it came from.
+            self.count_list_item()?;
             conversations.push(self.guid_operand(what, ConversationHandle)?);
         }
         let message_type = if self.eat_keyword("MESSAGE") {
@@ -1508,7 +1511,7 @@ impl Parser<'_> {
             let alias = if assign_to.is_some() {
                 None
             } else if self.eat_keyword("AS") {
-                Some(self.alias_name("an alias after AS")?)
+                Some(self.name("an alias after AS")?)
             } else if matches!(self.peek().kind, TokenKind::Quoted(_))
                 || (self.peek().kind == TokenKind::Word && !self.at_reserved())
             {
@@ -1827,11 +1830,6 @@ impl Parser<'_> {
         } else {
             self.name(what)
         }
-    }
-
-    /// An alias: an identifier or a string.
-    fn alias_name(&mut self, what: &str) -> PResult<String> {
-        self.name(what)
     }
 
     /// A string literal used as a name: non-empty and at most NAME_BYTES_MAX bytes.
