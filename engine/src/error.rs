@@ -114,6 +114,14 @@ pub enum Error {
     Corruption(String),
     #[error("storage: {0}")]
     Storage(#[from] herald_wal::Error),
+    /// A T-SQL script that does not parse (`sql::parse`): 1-based line and column (in
+    /// characters) of the offending token, and what was expected and found there.
+    #[error("syntax error at line {line}, column {column}: {message}")]
+    Syntax {
+        line: u32,
+        column: u32,
+        message: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

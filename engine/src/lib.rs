@@ -45,6 +45,7 @@ pub mod invariants;
 mod lock_table;
 pub mod record;
 mod signal;
+pub mod sql;
 mod state;
 pub mod system;
 mod timers;

@@ -1,7 +1,11 @@
-//! Replays the committed corpus of the `commit_record` fuzz target (`fuzz/corpus/commit_record`)
-//! on the stable toolchain, so that every seed, and every crash the fuzzer ever found
-//! (`seed-crash-*`), runs in `cargo test`; and writes the seeds (`write_seed_corpus`, ignored:
-//! run it by hand after a change to the record format).
+//! Replays the committed corpora of the `commit_record` and `statement_parser` fuzz targets
+//! (`fuzz/corpus/<target>`) on the stable toolchain, so that every seed, and every crash the
+//! fuzzer ever found (`seed-crash-*`), runs in `cargo test`; and writes the `commit_record` seeds
+//! (`write_seed_corpus`, ignored: run it by hand after a change to the record format).
+//!
+//! The `statement_parser` seeds are T-SQL scripts written by hand (the single-database tutorial,
+//! every statement form, comments and `GO`); each must parse, except `seed-errors*`, which must
+//! not, so that a seed never silently stops reaching the parser's depths.
 //!
 //! The seeds are real commit records, built with `record::encode` from the ops the engine logs
 //! (every catalog change, dialogs with and without a local target, sends with bodies of several
@@ -21,10 +25,42 @@ use herald_engine::{MessageKey, UrgentLane};
 /// without testing anything.
 const SEEDS_MIN: usize = 5;
 const TARGET: &str = "commit_record";
+const STATEMENT_PARSER: &str = "statement_parser";
 
 #[test]
 fn commit_record_corpus_replays_without_panics() {
-    let dir = corpus_dir();
+    replay(TARGET, record::fuzz_decode);
+}
+
+#[test]
+fn statement_parser_corpus_replays_without_panics() {
+    let files = replay(STATEMENT_PARSER, herald_engine::sql::fuzz_parse);
+    for path in files.iter().filter(|path| is_seed(path)) {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("reading {} as text: {e}", path.display()));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let parsed = herald_engine::sql::parse(&text);
+        if name.starts_with("seed-errors") {
+            assert!(parsed.is_err(), "{} must not parse", path.display());
+        } else if !name.starts_with("seed-crash-") {
+            let statements =
+                parsed.unwrap_or_else(|e| panic!("seed {} does not parse: {e}", path.display()));
+            assert!(
+                !statements.is_empty(),
+                "seed {} holds no statement",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Runs `fuzz` over every file of `target`'s corpus, checking that none panics and that the
+/// corpus holds at least `SEEDS_MIN` seeds; returns the files.
+fn replay(target: &str, fuzz: fn(&[u8])) -> Vec<PathBuf> {
+    let dir = corpus_dir(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
         .map(|entry| entry.expect("listing the corpus directory").path())
@@ -41,21 +77,22 @@ fn commit_record_corpus_replays_without_panics() {
     for path in &files {
         let data =
             std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        if std::panic::catch_unwind(|| record::fuzz_decode(&data)).is_err() {
+        if std::panic::catch_unwind(|| fuzz(&data)).is_err() {
             panicked.push(path.display().to_string());
         }
     }
     assert!(
         panicked.is_empty(),
-        "{} of {} {TARGET} corpus files panicked:\n{}",
+        "{} of {} {target} corpus files panicked:\n{}",
         panicked.len(),
         files.len(),
         panicked.join("\n")
     );
     eprintln!(
-        "replayed {} {TARGET} corpus files ({seeds} seeds)",
+        "replayed {} {target} corpus files ({seeds} seeds)",
         files.len()
     );
+    files
 }
 
 /// Writes `fuzz/corpus/commit_record/seed-*`, after checking that each seed decodes to as many
@@ -63,7 +100,7 @@ fn commit_record_corpus_replays_without_panics() {
 #[test]
 #[ignore = "writes fuzz/corpus/commit_record/seed-*; run by hand after a record format change"]
 fn write_seed_corpus() {
-    let dir = corpus_dir();
+    let dir = corpus_dir(TARGET);
     std::fs::create_dir_all(&dir).expect("creating the corpus directory");
     let mut total = 0;
     for (name, ops) in seeds() {
@@ -78,10 +115,10 @@ fn write_seed_corpus() {
     assert!(total < 64 * 1024, "seed corpus of {total} bytes is too big");
 }
 
-fn corpus_dir() -> PathBuf {
+fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
-        .join(TARGET)
+        .join(target)
 }
 
 fn is_seed(path: &Path) -> bool {
