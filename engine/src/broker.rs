@@ -47,6 +47,8 @@ pub struct QueueInfo {
     pub messages: u64,
     /// Conversation groups with at least one waiting message.
     pub groups_with_messages: u64,
+    /// Messages kept by RETENTION (received, or copies of sent ones).
+    pub retained_messages: u64,
 }
 
 /// A conversation group as `Broker::conversation_groups` reports it (`sys.conversation_groups`
@@ -519,12 +521,18 @@ impl BrokerCore {
     /// taken by a RECEIVE that has not committed still count, as they are still queued.
     pub fn queues(&self) -> Vec<QueueInfo> {
         let state = self.state.lock();
-        let mut depths: std::collections::HashMap<&str, (u64, u64)> = Default::default();
+        let mut depths: std::collections::HashMap<&str, (u64, u64, u64)> = Default::default();
         for group in state.groups.values() {
             let waiting: u64 = group.conversations.values().map(|q| q.len() as u64).sum();
+            let retained: u64 = group
+                .conversations
+                .values()
+                .map(|q| q.retained().len() as u64)
+                .sum();
             let entry = depths.entry(group.queue.as_str()).or_default();
             entry.0 += waiting;
             entry.1 += u64::from(waiting > 0);
+            entry.2 += retained;
         }
         for (handle, taken) in &state.taken {
             let queue = state
@@ -541,43 +549,47 @@ impl BrokerCore {
             .queues
             .values()
             .map(|q| {
-                let (messages, groups_with_messages) =
+                let (messages, groups_with_messages, retained_messages) =
                     depths.get(q.name.as_str()).copied().unwrap_or_default();
                 QueueInfo {
                     name: q.name.clone(),
                     options: q.options,
                     messages,
                     groups_with_messages,
+                    retained_messages,
                 }
             })
             .collect()
     }
 
-    /// The messages waiting in `queue`, oldest first, without locking or consuming anything
-    /// (SELECT on a queue). Messages being received by an open transaction are not shown.
+    /// The messages in `queue`, in queuing order, without locking or consuming anything
+    /// (SELECT on a queue): those waiting (status `Ready`) and those kept by RETENTION
+    /// (`Received`, `SentCopy`). Messages being received by an open transaction are not shown.
     pub fn peek(&self, queue: &str) -> Result<Vec<crate::Message>> {
         let state = self.state.lock();
         state.catalog.queue(queue)?;
-        let mut messages: Vec<crate::Message> = state
-            .groups
-            .iter()
-            .filter(|(_, g)| g.queue == queue)
-            .flat_map(|(group, g)| {
-                let state = &state;
-                g.conversations.iter().flat_map(move |(handle, q)| {
-                    q.iter().map(move |(key, m)| {
-                        crate::Message::new(
-                            *handle,
-                            *group,
-                            state.message_type_name(m.message_type).clone(),
-                            key.sequence(),
-                            m.queuing_order,
-                            m.body.clone(),
-                        )
-                    })
-                })
-            })
-            .collect();
+        let mut messages = Vec::new();
+        for (group, g) in state.groups.iter().filter(|(_, g)| g.queue == queue) {
+            for (handle, q) in &g.conversations {
+                let row = |sequence, m: &crate::state::QueuedMessage, status| {
+                    crate::Message::new(
+                        *handle,
+                        *group,
+                        state.message_type_name(m.message_type).clone(),
+                        sequence,
+                        m.queuing_order,
+                        status,
+                        m.body.clone(),
+                    )
+                };
+                for (key, m) in q.iter() {
+                    messages.push(row(key.sequence(), m, crate::MessageStatus::Ready));
+                }
+                for r in q.retained() {
+                    messages.push(row(r.sequence, &r.message, r.status));
+                }
+            }
+        }
         messages.sort_unstable_by_key(|m| m.queuing_order);
         Ok(messages)
     }

@@ -23,14 +23,14 @@ use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
 use crate::record::put_key;
 use crate::record::{self, Op};
 use crate::state::{
-    BodyLocation, DeadlineKind, Endpoint, EndpointState, Group, MessageKey, QueuedMessage, State,
-    apply_catalog_op,
+    BodyLocation, DeadlineKind, Endpoint, EndpointState, Group, MessageKey, MessageStatus,
+    QueuedMessage, RetainedMessage, State, apply_catalog_op,
 };
 
 pub const CHECKPOINT_FILE: &str = "CHECKPOINT";
 const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
 const MAGIC: &[u8; 8] = b"HRLDCKPT";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// What a checkpoint captured, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,11 +91,28 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
             let mut messages: Vec<(MessageKey, &QueuedMessage)> =
                 queued.iter().chain(taken).collect();
             messages.sort_unstable_by_key(|(key, _)| *key);
+            // Retained messages last, each with its status and sequence after its key.
+            let retained = queued.retained().iter().map(|r| {
+                (
+                    MessageKey::Retained {
+                        queuing_order: r.message.queuing_order,
+                    },
+                    &r.message,
+                )
+            });
+            messages.extend(retained);
+            let mut retained_extras = queued.retained().iter();
             put_u128(&mut body, handle.0);
             put_u64(&mut body, messages.len() as u64);
             for (key, m) in messages {
                 let location = m.location();
                 put_key(&mut body, key);
+                if let MessageKey::Retained { .. } = key
+                    && let Some(r) = retained_extras.next()
+                {
+                    body.push(r.status as u8);
+                    put_u64(&mut body, r.sequence);
+                }
                 put_str(&mut body, state.message_type_name(m.message_type));
                 put_u64(&mut body, m.queuing_order);
                 put_u64(&mut body, location.record.segment.0);
@@ -134,9 +151,11 @@ pub fn live_bodies_by_segment(state: &State) -> std::collections::BTreeMap<Lsn, 
 /// Relocate ops copying every queued body (taken ones included) that lives in `segment`.
 pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
     let queued = state.groups.values().flat_map(|g| {
-        g.conversations
-            .iter()
-            .flat_map(|(handle, messages)| messages.iter().map(move |(key, m)| (*handle, key, m)))
+        g.conversations.iter().flat_map(|(handle, messages)| {
+            messages
+                .iter_with_retained()
+                .map(move |(key, m)| (*handle, key, m))
+        })
     });
     let taken = state
         .taken
@@ -156,9 +175,11 @@ pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
 
 fn all_messages(state: &State) -> impl Iterator<Item = &QueuedMessage> {
     let queued = state.groups.values().flat_map(|g| {
-        g.conversations
-            .values()
-            .flat_map(|m| m.iter().map(|(_, m)| m))
+        g.conversations.values().flat_map(|m| {
+            m.iter()
+                .map(|(_, m)| m)
+                .chain(m.retained().iter().map(|r| &r.message))
+        })
     });
     let taken = state
         .taken
@@ -233,6 +254,8 @@ type ConversationMessages = (ConversationHandle, Vec<StoredMessage>);
 #[derive(Debug)]
 struct StoredMessage {
     key: MessageKey,
+    /// For a retained message: its status and sequence.
+    retained: Option<(MessageStatus, u64)>,
     message_type: String,
     queuing_order: u64,
     location: BodyLocation,
@@ -317,8 +340,21 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
             let message_count = r.count(32)?;
             let mut messages = Vec::with_capacity(message_count);
             for _ in 0..message_count {
+                let key = r.key().map_err(|e| e.0)?;
+                let retained = match key {
+                    MessageKey::Retained { .. } => {
+                        let status = match r.u8()? {
+                            0 => MessageStatus::Received,
+                            3 => MessageStatus::SentCopy,
+                            other => return Err(format!("unknown retained status {other}")),
+                        };
+                        Some((status, r.u64()?))
+                    }
+                    _ => None,
+                };
                 messages.push(StoredMessage {
-                    key: r.key().map_err(|e| e.0)?,
+                    key,
+                    retained,
                     message_type: r.string()?,
                     queuing_order: r.u64()?,
                     location: BodyLocation {
@@ -402,19 +438,23 @@ impl Image {
                         )));
                     }
                     let message_type = state.message_type_id(&m.message_type);
-                    queued
-                        .insert(
-                            m.key,
-                            QueuedMessage::new(
-                                payload.slice(start..end),
-                                m.location,
-                                message_type,
-                                m.queuing_order,
-                            ),
-                        )
-                        .map_err(|e| {
-                            Error::Corruption(format!("checkpoint queue {handle}: {e}"))
-                        })?;
+                    let message = QueuedMessage::new(
+                        payload.slice(start..end),
+                        m.location,
+                        message_type,
+                        m.queuing_order,
+                    );
+                    if let Some((status, sequence)) = m.retained {
+                        queued.retain(RetainedMessage {
+                            status,
+                            sequence,
+                            message,
+                        });
+                        continue;
+                    }
+                    queued.insert(m.key, message).map_err(|e| {
+                        Error::Corruption(format!("checkpoint queue {handle}: {e}"))
+                    })?;
                 }
             }
             state.groups.insert(id, group);

@@ -100,9 +100,11 @@ fn all_messages(
     state: &State,
 ) -> impl Iterator<Item = (ConversationHandle, MessageKey, &QueuedMessage)> {
     let queued = state.groups.values().flat_map(|g| {
-        g.conversations
-            .iter()
-            .flat_map(|(handle, queued)| queued.iter().map(move |(seq, m)| (*handle, seq, m)))
+        g.conversations.iter().flat_map(|(handle, queued)| {
+            queued
+                .iter_with_retained()
+                .map(move |(key, m)| (*handle, key, m))
+        })
     });
     let taken = state
         .taken
@@ -352,7 +354,7 @@ impl Checker {
             }
             let last_taken_sequence = taken.keys().rev().find_map(|key| match key {
                 MessageKey::Sequence(sequence) => Some(*sequence),
-                MessageKey::Urgent { .. } => None,
+                MessageKey::Urgent { .. } | MessageKey::Retained { .. } => None,
             });
             if let (Some(last_taken), Some(first_queued)) =
                 (last_taken_sequence, queued.sequences().next())
@@ -413,6 +415,12 @@ impl Checker {
                         continue;
                     }
                     MessageKey::Sequence(sequence) => sequence,
+                    MessageKey::Retained { .. } => {
+                        self.fail(format!(
+                            "conversation {handle}: retained message {key} waits to be received"
+                        ));
+                        continue;
+                    }
                 };
                 first.get_or_insert(sequence);
                 last = Some(sequence);

@@ -63,7 +63,9 @@ pub use error::{Error, Result};
 pub use events::{Event, Subscription};
 pub use herald_wal::Durability;
 pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};
-pub use state::{Endpoint as ConversationEndpoint, EndpointState, MessageKey, UrgentLane};
+pub use state::{
+    Endpoint as ConversationEndpoint, EndpointState, MessageKey, MessageStatus, UrgentLane,
+};
 pub use transaction::{
     DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, ReceiveFuture, Transaction,
 };

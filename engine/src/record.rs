@@ -264,6 +264,7 @@ mod key_kind {
     pub const SEQUENCE: u8 = 0;
     pub const DIALOG_TIMER: u8 = 1;
     pub const ERROR: u8 = 2;
+    pub const RETAINED: u8 = 3;
 }
 
 /// A message key: `kind u8 | sequence or queuing order u64`.
@@ -278,6 +279,7 @@ pub(crate) fn put_key(out: &mut Vec<u8>, key: MessageKey) {
             lane: UrgentLane::Error,
             queuing_order,
         } => (key_kind::ERROR, queuing_order),
+        MessageKey::Retained { queuing_order } => (key_kind::RETAINED, queuing_order),
     };
     out.push(kind);
     out.extend_from_slice(&n.to_le_bytes());
@@ -569,6 +571,7 @@ impl Reader<'_> {
                 lane: UrgentLane::Error,
                 queuing_order: n,
             },
+            key_kind::RETAINED => MessageKey::Retained { queuing_order: n },
             other => return Err(DecodeError(format!("unknown message key kind {other}"))),
         })
     }

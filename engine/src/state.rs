@@ -119,6 +119,21 @@ pub enum MessageKey {
         queuing_order: u64,
     },
     Sequence(u64),
+    /// A message kept by RETENTION (received, or a copy of one sent): never received again.
+    Retained {
+        queuing_order: u64,
+    },
+}
+
+/// A message's `status` column, as Service Broker numbers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MessageStatus {
+    /// 0: received, kept by RETENTION.
+    Received = 0,
+    /// 1: ready to be received.
+    Ready = 1,
+    /// 3: a copy of a message this side sent, kept by RETENTION.
+    SentCopy = 3,
 }
 
 /// The two kinds of message delivered ahead of a conversation's sequence.
@@ -132,6 +147,7 @@ impl std::fmt::Display for MessageKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MessageKey::Sequence(sequence) => write!(f, "{sequence}"),
+            MessageKey::Retained { queuing_order } => write!(f, "retained@{queuing_order}"),
             MessageKey::Urgent {
                 lane,
                 queuing_order,
@@ -146,7 +162,7 @@ impl MessageKey {
     pub fn sequence(self) -> u64 {
         match self {
             MessageKey::Sequence(sequence) => sequence,
-            MessageKey::Urgent { .. } => 0,
+            MessageKey::Urgent { .. } | MessageKey::Retained { .. } => 0,
         }
     }
 }
@@ -216,8 +232,19 @@ pub struct ConversationQueue {
     first_sequence: u64,
     messages: std::collections::VecDeque<QueuedMessage>,
     urgent: Vec<(MessageKey, QueuedMessage)>,
+    /// Messages kept by RETENTION until the conversation ends: (status, sequence, message).
+    retained: Vec<RetainedMessage>,
     /// The conversation's priority (its endpoint's), for picking groups.
     pub priority: u8,
+}
+
+/// A message kept by RETENTION: received (status 0) or a copy of one sent (status 3), with
+/// its sequence number in its direction.
+#[derive(Debug, Clone)]
+pub struct RetainedMessage {
+    pub status: MessageStatus,
+    pub sequence: u64,
+    pub message: QueuedMessage,
 }
 
 impl Default for ConversationQueue {
@@ -226,18 +253,31 @@ impl Default for ConversationQueue {
             first_sequence: 0,
             messages: Default::default(),
             urgent: Vec::new(),
+            retained: Vec::new(),
             priority: crate::catalog::PRIORITY_LEVEL_DEFAULT,
         }
     }
 }
 
 impl ConversationQueue {
+    /// Whether no message waits to be received (retained ones never are).
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty() && self.urgent.is_empty()
     }
 
+    /// Messages waiting to be received.
     pub fn len(&self) -> usize {
         self.messages.len() + self.urgent.len()
+    }
+
+    /// Messages kept by RETENTION, oldest first.
+    pub fn retained(&self) -> &[RetainedMessage] {
+        &self.retained
+    }
+
+    /// Keeps a message by RETENTION.
+    pub fn retain(&mut self, retained: RetainedMessage) {
+        self.retained.push(retained);
     }
 
     /// The first message in receive order.
@@ -279,6 +319,9 @@ impl ConversationQueue {
     /// sequence (anything else would leave a gap).
     pub fn insert(&mut self, key: MessageKey, message: QueuedMessage) -> Result<(), String> {
         let sequence = match key {
+            MessageKey::Retained { .. } => {
+                return Err(format!("retained message {key} inserted as waiting"));
+            }
             MessageKey::Urgent { .. } => {
                 let at = self.urgent.partition_point(|(k, _)| *k < key);
                 self.urgent.insert(at, (key, message));
@@ -306,6 +349,11 @@ impl ConversationQueue {
 
     pub fn get_mut(&mut self, key: MessageKey) -> Option<&mut QueuedMessage> {
         match key {
+            MessageKey::Retained { queuing_order } => self
+                .retained
+                .iter_mut()
+                .find(|r| r.message.queuing_order == queuing_order)
+                .map(|r| &mut r.message),
             MessageKey::Urgent { .. } => self
                 .urgent
                 .iter_mut()
@@ -327,6 +375,18 @@ impl ConversationQueue {
         urgent.chain(sequenced)
     }
 
+    /// Every message held, waiting ones in receive order, then retained ones.
+    pub fn iter_with_retained(&self) -> impl Iterator<Item = (MessageKey, &QueuedMessage)> {
+        self.iter().chain(self.retained.iter().map(|r| {
+            (
+                MessageKey::Retained {
+                    queuing_order: r.message.queuing_order,
+                },
+                &r.message,
+            )
+        }))
+    }
+
     /// Queuing order of the oldest message waiting.
     pub fn oldest(&self) -> Option<u64> {
         let urgent = self.urgent.iter().map(|(_, m)| m.queuing_order).min();
@@ -337,11 +397,13 @@ impl ConversationQueue {
         }
     }
 
-    /// Drops every message (END CONVERSATION purges this side's queue).
+    /// Drops every message, retained ones included (END CONVERSATION purges this side's
+    /// queue).
     pub fn clear(&mut self) {
         self.first_sequence += self.messages.len() as u64;
         self.messages.clear();
         self.urgent.clear();
+        self.retained.clear();
     }
 
     #[cfg(test)]
@@ -350,6 +412,7 @@ impl ConversationQueue {
             .iter_mut()
             .map(|(_, m)| m)
             .chain(self.messages.iter_mut())
+            .chain(self.retained.iter_mut().map(|r| &mut r.message))
     }
 
     /// The sequence numbers of the queued sequenced messages, oldest first.
@@ -619,7 +682,26 @@ impl State {
                 let target = sender.far_handle.ok_or_else(|| {
                     corrupt(format!("send on {handle}, whose far side is not local"))
                 })?;
+                let sender_group = sender.group;
                 let (body, location) = body_at(body_range)?;
+                if self.retains(sender_group) {
+                    let queuing_order = self.next_queuing_order;
+                    self.next_queuing_order += 1;
+                    let message_type_id = self.message_type_id(message_type);
+                    let copy =
+                        QueuedMessage::new(body.clone(), location, message_type_id, queuing_order);
+                    if let Some(queue) = self
+                        .groups
+                        .get_mut(&sender_group)
+                        .and_then(|g| g.conversations.get_mut(handle))
+                    {
+                        queue.retain(RetainedMessage {
+                            status: MessageStatus::SentCopy,
+                            sequence: *sequence,
+                            message: copy,
+                        });
+                    }
+                }
                 self.deliver(
                     target,
                     MessageKey::Sequence(*sequence),
@@ -638,6 +720,7 @@ impl State {
                     .ok_or_else(|| corrupt(format!("receive on unknown conversation {handle}")))?;
                 endpoint.receive_sequence = endpoint.receive_sequence.max(through_sequence + 1);
                 let group = endpoint.group;
+                let mut received = Vec::new();
                 if let Some(messages) = self
                     .groups
                     .get_mut(&group)
@@ -650,13 +733,16 @@ impl State {
                         .next()
                         .is_some_and(|seq| seq <= *through_sequence)
                     {
-                        messages.pop_first_sequenced();
+                        if let Some((sequence, message)) = messages.pop_first_sequenced() {
+                            received.push((MessageKey::Sequence(sequence), message));
+                        }
                     }
                 }
-                self.drop_taken(
+                received.extend(self.drop_taken(
                     *handle,
                     |key| matches!(key, MessageKey::Sequence(s) if s <= *through_sequence),
-                );
+                ));
+                self.retain_received(*handle, group, received);
                 self.refresh_ready(group);
                 Ok(())
             }
@@ -669,16 +755,19 @@ impl State {
                     .get(handle)
                     .ok_or_else(|| corrupt(format!("receive on unknown conversation {handle}")))?
                     .group;
+                let mut received = Vec::new();
                 if let Some(messages) = self
                     .groups
                     .get_mut(&group)
                     .and_then(|g| g.conversations.get_mut(handle))
+                    && let Some(message) = messages.remove_urgent(*queuing_order)
                 {
-                    messages.remove_urgent(*queuing_order);
+                    received.push((MessageKey::Sequence(0), message));
                 }
-                self.drop_taken(*handle, |key| {
+                received.extend(self.drop_taken(*handle, |key| {
                     matches!(key, MessageKey::Urgent { queuing_order: q, .. } if q == *queuing_order)
-                });
+                }));
+                self.retain_received(*handle, group, received);
                 self.refresh_ready(group);
                 Ok(())
             }
@@ -906,7 +995,7 @@ impl State {
         {
             queue.clear();
         }
-        self.drop_taken(handle, |_| true);
+        let _ = self.drop_taken(handle, |_| true);
         self.refresh_ready(group);
         let far_state = far_handle
             .and_then(|far| self.endpoints.get(&far))
@@ -982,7 +1071,7 @@ impl State {
             self.deadlines
                 .remove(&(deadline, handle, DeadlineKind::Lifetime));
         }
-        self.drop_taken(handle, |_| true);
+        let _ = self.drop_taken(handle, |_| true);
         if let Some(group) = self.groups.get_mut(&endpoint.group) {
             group.conversations.remove(&handle);
         }
@@ -1002,12 +1091,56 @@ impl State {
     }
 
     /// Drops `handle`'s taken messages whose keys match (their RECEIVE committed, or the
-    /// conversation ended).
-    fn drop_taken(&mut self, handle: ConversationHandle, matches: impl Fn(MessageKey) -> bool) {
+    /// conversation ended), returning them.
+    fn drop_taken(
+        &mut self,
+        handle: ConversationHandle,
+        matches: impl Fn(MessageKey) -> bool,
+    ) -> Vec<(MessageKey, QueuedMessage)> {
+        let mut dropped = Vec::new();
         if let Some(taken) = self.taken.get_mut(&handle) {
-            taken.retain(|key, _| !matches(*key));
+            let keys: Vec<MessageKey> = taken.keys().copied().filter(|k| matches(*k)).collect();
+            for key in keys {
+                if let Some((_, message)) = taken.remove(&key) {
+                    dropped.push((key, message));
+                }
+            }
             if taken.is_empty() {
                 self.taken.remove(&handle);
+            }
+        }
+        dropped
+    }
+
+    /// Whether the queue of `group` keeps messages (RETENTION).
+    fn retains(&self, group: ConversationGroupId) -> bool {
+        self.groups
+            .get(&group)
+            .and_then(|g| self.catalog.queues.get(&g.queue))
+            .is_some_and(|q| q.options.retention)
+    }
+
+    /// Keeps the messages `handle` just received, if its queue has RETENTION on.
+    fn retain_received(
+        &mut self,
+        handle: ConversationHandle,
+        group: ConversationGroupId,
+        received: Vec<(MessageKey, QueuedMessage)>,
+    ) {
+        if received.is_empty() || !self.retains(group) {
+            return;
+        }
+        if let Some(queue) = self
+            .groups
+            .get_mut(&group)
+            .and_then(|g| g.conversations.get_mut(&handle))
+        {
+            for (key, message) in received {
+                queue.retain(RetainedMessage {
+                    status: MessageStatus::Received,
+                    sequence: key.sequence(),
+                    message,
+                });
             }
         }
     }

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap, IdSet};
 use crate::lock_table::{CatalogMode, TxId};
 use crate::record::{DialogRecord, End, Op, RecordBuilder};
-use crate::state::{Endpoint, EndpointState, MessageKey};
+use crate::state::{Endpoint, EndpointState, MessageKey, MessageStatus};
 use crate::system;
 
 /// Largest message body, in bytes.
@@ -102,6 +102,9 @@ pub struct Message {
     pub sequence: u64,
     /// Order of arrival in the queue.
     pub queuing_order: u64,
+    /// Service Broker's `status`: `Ready` for everything RECEIVE returns; `Broker::peek`
+    /// also shows messages kept by RETENTION.
+    pub status: MessageStatus,
     body: RecordBytes,
 }
 
@@ -112,6 +115,7 @@ impl Message {
         message_type: Arc<str>,
         sequence: u64,
         queuing_order: u64,
+        status: MessageStatus,
         body: RecordBytes,
     ) -> Message {
         Message {
@@ -120,6 +124,7 @@ impl Message {
             message_type,
             sequence,
             queuing_order,
+            status,
             body,
         }
     }
@@ -653,6 +658,7 @@ impl<'b> Transaction<'b> {
             what,
             held_catalog,
             deadline_ms: None,
+            waiter: None,
         }
     }
 
@@ -840,6 +846,8 @@ impl<'b> Transaction<'b> {
                             queuing_order,
                         });
                     }
+                    // Retained messages never wait to be received.
+                    MessageKey::Retained { .. } => {}
                 }
                 self.taken.push((handle, key));
                 batch.push(Message {
@@ -848,6 +856,7 @@ impl<'b> Transaction<'b> {
                     message_type: state.message_type_name(message.message_type).clone(),
                     sequence: key.sequence(),
                     queuing_order: message.queuing_order,
+                    status: MessageStatus::Ready,
                     body: message.body,
                 });
             }
@@ -1092,6 +1101,9 @@ pub struct ReceiveFuture<'t, 'b> {
     what: Receive,
     held_catalog: bool,
     deadline_ms: Option<u64>,
+    /// Registered on the first poll and kept until the future is dropped: while it exists,
+    /// commits into the queue signal it (commits skip signalling when nobody waits).
+    waiter: Option<crate::signal::Waiter<'b>>,
 }
 
 impl std::future::Future for ReceiveFuture<'_, '_> {
@@ -1104,9 +1116,13 @@ impl std::future::Future for ReceiveFuture<'_, '_> {
         use std::task::Poll;
         let this = self.get_mut();
         let broker = this.tx.broker;
-        let waiter = broker.signals.wait_on(this.queue);
+        let signal = this
+            .waiter
+            .get_or_insert_with(|| broker.signals.wait_on(this.queue))
+            .signal
+            .clone();
         loop {
-            let seen = waiter.signal.generation();
+            let seen = signal.generation();
             let batch = match this.tx.receive_once(this.queue, this.what) {
                 Ok(batch) => batch,
                 Err(e) => return Poll::Ready(Err(e)),
@@ -1126,7 +1142,7 @@ impl std::future::Future for ReceiveFuture<'_, '_> {
             if !this.held_catalog {
                 this.tx.release_catalog_lock();
             }
-            if waiter.signal.register(seen, cx.waker()) {
+            if signal.register(seen, cx.waker()) {
                 broker.wake_at(deadline, cx.waker());
                 return Poll::Pending;
             }

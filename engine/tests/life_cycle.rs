@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use herald_engine::{
     ActivationOptions, Broker, BrokerPriority, ConversationHandle, DialogOptions, Durability,
-    EndpointState, Error, Event, ManualClock, Options, QueueOptions, Receive, SentBy, Validation,
-    invariants, system,
+    EndpointState, Error, Event, ManualClock, MessageStatus, Options, QueueOptions, Receive,
+    SentBy, Validation, invariants, system,
 };
 
 const ASK: &str = "//t/Ask";
@@ -879,4 +879,119 @@ fn views_list_groups_and_an_empty_transmission_queue() {
     assert_eq!((row.messages, row.locked), (1, false));
     assert_eq!(groups.len(), 2, "the client's group too");
     assert!(broker.transmission_queue().is_empty());
+}
+
+#[test]
+fn retention_keeps_received_and_sent_messages_until_the_conversation_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let retained = QueueOptions {
+        retention: true,
+        ..QueueOptions::default()
+    };
+    let (client, server) = {
+        let broker = broker(dir.path(), &clock);
+        let mut tx = broker.begin();
+        tx.alter_queue("Client", retained).unwrap();
+        tx.alter_queue("Server", retained).unwrap();
+        tx.commit().unwrap();
+        let (client, server) = dialog(&broker, &["a", "b", "c"], None);
+        let mut tx = broker.begin();
+        assert_eq!(tx.receive("Server", Receive::top(2)).unwrap().len(), 2);
+        tx.commit().unwrap();
+        // A rolled-back receive retains nothing.
+        let mut tx = broker.begin();
+        assert_eq!(tx.receive("Server", Receive::top(1)).unwrap().len(), 1);
+        tx.rollback();
+        invariants::check_idle(&broker).unwrap();
+        (client, server)
+    };
+    for checkpoint in [false, true] {
+        let broker = broker(dir.path(), &clock);
+        let statuses = |queue: &str| -> Vec<(MessageStatus, u64, Vec<u8>)> {
+            broker
+                .peek(queue)
+                .unwrap()
+                .iter()
+                .map(|m| (m.status, m.sequence, m.body().to_vec()))
+                .collect()
+        };
+        assert_eq!(
+            statuses("Server"),
+            [
+                (MessageStatus::Received, 0, b"a".to_vec()),
+                (MessageStatus::Received, 1, b"b".to_vec()),
+                (MessageStatus::Ready, 2, b"c".to_vec()),
+            ]
+        );
+        assert_eq!(
+            statuses("Client"),
+            [
+                (MessageStatus::SentCopy, 0, b"a".to_vec()),
+                (MessageStatus::SentCopy, 1, b"b".to_vec()),
+                (MessageStatus::SentCopy, 2, b"c".to_vec()),
+            ]
+        );
+        let queue = broker
+            .queues()
+            .into_iter()
+            .find(|q| q.name == "Server")
+            .unwrap();
+        assert_eq!((queue.messages, queue.retained_messages), (1, 2));
+        invariants::check_idle(&broker).unwrap();
+        if checkpoint {
+            broker.checkpoint().unwrap();
+        }
+    }
+    let broker = broker(dir.path(), &clock);
+    // Retained messages are never received again.
+    let got = drain(&broker, "Server", server);
+    assert_eq!(types(&got), [ASK]);
+    assert_eq!(broker.peek("Server").unwrap().len(), 3, "all three kept");
+    let mut tx = broker.begin();
+    tx.end_conversation(server).unwrap();
+    tx.commit().unwrap();
+    assert!(
+        broker.peek("Server").unwrap().is_empty(),
+        "ending drops them"
+    );
+    assert_eq!(
+        broker.peek("Client").unwrap().len(),
+        4,
+        "3 copies and the EndDialog"
+    );
+    let mut tx = broker.begin();
+    tx.end_conversation(client).unwrap();
+    tx.commit().unwrap();
+    assert!(broker.peek("Client").unwrap().is_empty());
+    invariants::check_idle(&broker).unwrap();
+}
+
+#[test]
+fn a_lock_wait_times_out_on_virtual_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let broker = broker(dir.path(), &clock);
+    let (client, _) = dialog(&broker, &[], None);
+    let mut holder = broker.begin();
+    holder.send(client, ASK, b"holding the group").unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let mut tx = broker.begin();
+            tx.send(client, ASK, b"waits for the lock")
+        });
+        // The broker's lock timeout is 1 s of the manual clock: it passes only when told to.
+        while !waiter.is_finished() {
+            clock.advance(Duration::from_millis(250));
+            std::thread::yield_now();
+        }
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(Error::LockTimeout {
+                waited_ms: 1000,
+                ..
+            })
+        ));
+    });
+    holder.commit().unwrap();
 }
