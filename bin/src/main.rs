@@ -66,8 +66,11 @@ fn run_node(data_dir: PathBuf) -> Result<(), String> {
         "  log: {} bytes in segment files",
         broker.log_bytes_on_disk()
     );
+    // The handlers are in place before the node says it is ready: a signal sent on that cue
+    // must not meet the default action (which would kill the process without a checkpoint).
+    let shutdown = ShutdownSignals::install()?;
     println!("  not serving: the network and the client are not built yet. Ctrl-C to stop.");
-    wait_for_shutdown_signal()?;
+    shutdown.wait()?;
     broker
         .close()
         .map_err(|e| format!("closing the broker: {e}"))?;
@@ -75,18 +78,42 @@ fn run_node(data_dir: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-/// Blocks until SIGINT (Ctrl-C) or SIGTERM.
-fn wait_for_shutdown_signal() -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| format!("starting the signal runtime: {e}"))?;
-    runtime.block_on(async {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.map_err(|e| format!("waiting for Ctrl-C: {e}")),
-            _ = terminate.recv() => Ok(()),
-        }
-    })
+/// SIGINT (Ctrl-C) and SIGTERM handlers, installed before the node reports it is ready.
+struct ShutdownSignals {
+    runtime: tokio::runtime::Runtime,
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<ShutdownSignals, String> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| format!("starting the signal runtime: {e}"))?;
+        let (interrupt, terminate) = runtime.block_on(async {
+            let interrupt = signal(SignalKind::interrupt())
+                .map_err(|e| format!("installing the SIGINT handler: {e}"))?;
+            let terminate = signal(SignalKind::terminate())
+                .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+            Ok::<_, String>((interrupt, terminate))
+        })?;
+        Ok(ShutdownSignals {
+            runtime,
+            interrupt,
+            terminate,
+        })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    fn wait(mut self) -> Result<(), String> {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.interrupt.recv() => {}
+                _ = self.terminate.recv() => {}
+            }
+        });
+        Ok(())
+    }
 }

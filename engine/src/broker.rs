@@ -78,6 +78,8 @@ pub struct TransmissionQueueRow {
 
 /// Name of the engine's lock file in the data directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
+/// Name of the file holding the broker instance id, written once when the directory is created.
+pub const BROKER_ID_FILE_NAME: &str = "BROKER_ID";
 
 /// How to open a broker.
 #[derive(Debug, Clone)]
@@ -148,6 +150,7 @@ pub struct BrokerCore {
     closing: std::sync::atomic::AtomicBool,
     /// Keeps this broker subscribed to a manual clock (see `ManualClock::advance`).
     clock_listener: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    broker_id: crate::ids::BrokerInstanceId,
     _lock: File,
 }
 
@@ -190,6 +193,7 @@ impl Broker {
         std::fs::create_dir_all(&dir)
             .map_err(|e| io(format!("creating data directory {}", dir.display()), e))?;
         let lock = lock_directory(&dir)?;
+        let broker_id = broker_instance_id(&dir)?;
         let image = checkpoint::read(&dir)?;
         let wal_options = herald_wal::Options {
             durability: options.durability,
@@ -249,6 +253,7 @@ impl Broker {
             activations: Default::default(),
             closing: Default::default(),
             clock_listener: Mutex::new(None),
+            broker_id,
             _lock: lock,
         });
         let mut broker = Broker {
@@ -364,6 +369,24 @@ impl BrokerCore {
     /// Begins a transaction (see `Broker::begin`).
     pub fn begin(&self) -> Transaction<'_> {
         Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Where a message for `service` goes now (see `Catalog::route`).
+    pub fn route(
+        &self,
+        service: &str,
+        broker_instance: Option<crate::ids::BrokerInstanceId>,
+    ) -> crate::catalog::RouteChoice {
+        let now = self.clock().now_ms();
+        self.state
+            .lock()
+            .catalog
+            .route(service, broker_instance, self.broker_id, now)
+    }
+
+    /// This broker's instance id (Service Broker's `service_broker_guid`).
+    pub fn broker_instance(&self) -> crate::ids::BrokerInstanceId {
+        self.broker_id
     }
 
     /// The broker's clock.
@@ -767,6 +790,38 @@ impl BrokerCore {
     /// Bytes of log segment files on disk now.
     pub fn log_bytes_on_disk(&self) -> u64 {
         self.wal.segments().iter().map(|s| s.segment_bytes).sum()
+    }
+}
+
+/// Reads the broker instance id of `dir`, creating it (atomically and durably) the first time.
+fn broker_instance_id(dir: &Path) -> Result<crate::ids::BrokerInstanceId> {
+    let path = dir.join(BROKER_ID_FILE_NAME);
+    let io = |what: &str, source| Error::Io {
+        context: format!("{what} {}", path.display()),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => crate::ids::BrokerInstanceId::parse(&text).ok_or_else(|| {
+            Error::Corruption(format!(
+                "{} does not hold a broker instance id (a UUID): {:?}",
+                path.display(),
+                text.chars().take(64).collect::<String>()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::ids::BrokerInstanceId::random();
+            let tmp = dir.join(format!("{BROKER_ID_FILE_NAME}.tmp"));
+            let mut file = File::create(&tmp).map_err(|e| io("creating", e))?;
+            std::io::Write::write_all(&mut file, format!("{id}\n").as_bytes())
+                .map_err(|e| io("writing", e))?;
+            file.sync_all().map_err(|e| io("syncing", e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| io("renaming to", e))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("syncing the directory of", e))?;
+            Ok(id)
+        }
+        Err(e) => Err(io("reading", e)),
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::{Error, Result};
+use crate::ids::BrokerInstanceId;
 
 /// Name of the built-in message type (validation NONE) and contract (DEFAULT sent by ANY).
 pub const DEFAULT: &str = "DEFAULT";
@@ -138,6 +139,90 @@ pub struct Catalog {
     pub queues: BTreeMap<String, QueueDef>,
     pub services: BTreeMap<String, Service>,
     pub priorities: BTreeMap<String, BrokerPriority>,
+    pub routes: BTreeMap<String, Route>,
+}
+
+/// CREATE ROUTE: where messages for a service go (Service Broker's `sys.routes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    /// SERVICE_NAME: the service this route leads to; `None` is a wildcard (any service).
+    pub service_name: Option<String>,
+    /// BROKER_INSTANCE: the broker hosting it, if the route names one.
+    pub broker_instance: Option<BrokerInstanceId>,
+    pub address: RouteAddress,
+    /// LIFETIME: ignored from this time on (milliseconds since the UNIX epoch).
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A route's ADDRESS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAddress {
+    /// This broker.
+    Local,
+    /// A node, `quic://host:port` (`tcp://host:port`, Service Broker's form, means the same).
+    Quic { host: String, port: u16 },
+}
+
+impl RouteAddress {
+    /// Parses `LOCAL`, `quic://host:port` or `tcp://host:port` (case-insensitive scheme).
+    pub fn parse(text: &str) -> Result<RouteAddress> {
+        let bad = |reason: &str| Error::InvalidRoute {
+            address: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if text.eq_ignore_ascii_case("LOCAL") {
+            return Ok(RouteAddress::Local);
+        }
+        let lower = text.to_ascii_lowercase();
+        let rest = ["quic://", "tcp://"]
+            .iter()
+            .find_map(|scheme| lower.starts_with(scheme).then(|| &text[scheme.len()..]))
+            .ok_or_else(|| bad("expected LOCAL, quic://host:port or tcp://host:port"))?;
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("no port after the host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("empty or malformed host"));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("port must be 1..65535"))?;
+        Ok(RouteAddress::Quic {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for RouteAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteAddress::Local => f.write_str("LOCAL"),
+            RouteAddress::Quic { host, port } if host.contains(':') => {
+                write!(f, "quic://[{host}]:{port}")
+            }
+            RouteAddress::Quic { host, port } => write!(f, "quic://{host}:{port}"),
+        }
+    }
+}
+
+/// Where a message for a service goes, by Service Broker's routing rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChoice {
+    /// A local service.
+    Local,
+    /// A node, through this route (which may name the broker instance).
+    Remote {
+        route: String,
+        address: RouteAddress,
+        broker_instance: Option<BrokerInstanceId>,
+    },
+    /// No route (yet): the message waits in the transmission queue; not an error.
+    NoRoute,
 }
 
 /// Lowest, default and highest conversation priority.
@@ -165,6 +250,7 @@ impl Default for Catalog {
             queues: BTreeMap::new(),
             services: BTreeMap::new(),
             priorities: BTreeMap::new(),
+            routes: BTreeMap::new(),
         };
         catalog.message_types.insert(
             DEFAULT.into(),
@@ -464,6 +550,107 @@ impl Catalog {
             .map_or(PRIORITY_LEVEL_DEFAULT, |(_, level)| level)
     }
 
+    pub fn create_route(&mut self, route: Route) -> Result<()> {
+        check_name(&route.name)?;
+        if self.routes.contains_key(&route.name) {
+            return Err(exists("route", &route.name));
+        }
+        self.routes.insert(route.name.clone(), route);
+        Ok(())
+    }
+
+    /// ALTER ROUTE: replaces the route's settings.
+    pub fn alter_route(&mut self, route: Route) -> Result<()> {
+        let existing = self
+            .routes
+            .get_mut(&route.name)
+            .ok_or_else(|| Error::UnknownRoute(route.name.clone()))?;
+        *existing = route;
+        Ok(())
+    }
+
+    pub fn drop_route(&mut self, name: &str) -> Result<()> {
+        self.routes
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| Error::UnknownRoute(name.to_owned()))
+    }
+
+    /// Routes a message for `service` (at `broker_instance`, if the conversation is pinned or
+    /// named one) at time `now_ms`, by Service Broker's matching rules (reference §5.3): routes
+    /// naming the service and that broker instance; else naming the service and no instance;
+    /// else (no instance wanted) naming the service and some instance, one instance's routes
+    /// only; else wildcard routes. Among the matches a LOCAL route wins if the service is here,
+    /// then a network address. Expired routes are ignored. A service on this broker with no
+    /// route matching otherwise is local (what Service Broker's AutoCreatedLocal route does).
+    pub fn route(
+        &self,
+        service: &str,
+        broker_instance: Option<BrokerInstanceId>,
+        this_broker: BrokerInstanceId,
+        now_ms: u64,
+    ) -> RouteChoice {
+        let live: Vec<&Route> = self
+            .routes
+            .values()
+            .filter(|r| r.expires_at_ms.is_none_or(|at| at > now_ms))
+            .collect();
+        let named = |r: &&&Route| r.service_name.as_deref() == Some(service);
+        let mut matches: Vec<&Route> = Vec::new();
+        if let Some(wanted) = broker_instance {
+            matches = live
+                .iter()
+                .filter(named)
+                .filter(|r| r.broker_instance == Some(wanted))
+                .copied()
+                .collect();
+        }
+        if matches.is_empty() {
+            matches = live
+                .iter()
+                .filter(named)
+                .filter(|r| r.broker_instance.is_none())
+                .copied()
+                .collect();
+        }
+        if matches.is_empty() && broker_instance.is_none() {
+            let first_instance = live
+                .iter()
+                .filter(named)
+                .filter_map(|r| r.broker_instance)
+                .min();
+            matches = live
+                .iter()
+                .filter(named)
+                .filter(|r| r.broker_instance.is_some() && r.broker_instance == first_instance)
+                .copied()
+                .collect();
+        }
+        let named_match = !matches.is_empty();
+        if matches.is_empty() {
+            matches = live
+                .iter()
+                .filter(|r| r.service_name.is_none() && r.broker_instance.is_none())
+                .copied()
+                .collect();
+        }
+        // A service here is reached locally unless routes naming it lead elsewhere (when only
+        // wildcards match, the implicit local route is one of them, and LOCAL is preferred).
+        let here = self.services.contains_key(service)
+            && broker_instance.is_none_or(|wanted| wanted == this_broker);
+        if here && (!named_match || matches.iter().any(|r| r.address == RouteAddress::Local)) {
+            return RouteChoice::Local;
+        }
+        match matches.iter().find(|r| r.address != RouteAddress::Local) {
+            Some(route) => RouteChoice::Remote {
+                route: route.name.clone(),
+                address: route.address.clone(),
+                broker_instance: route.broker_instance.or(broker_instance),
+            },
+            None => RouteChoice::NoRoute,
+        }
+    }
+
     /// Removes a service. The caller checks for conversations still using it (the catalog does
     /// not know conversations).
     pub fn drop_service(&mut self, name: &str) -> Result<()> {
@@ -528,6 +715,82 @@ mod tests {
         assert!(matches!(c.drop_contract(DEFAULT), Err(Error::InUse { .. })));
         c.drop_service("//s").unwrap();
         c.drop_queue("Q").unwrap();
+    }
+
+    #[test]
+    fn routes_match_by_name_then_instance_then_wildcard_and_expire() {
+        let mut c = Catalog::default();
+        let this = BrokerInstanceId(1);
+        let far = BrokerInstanceId(2);
+        let route = |name: &str, service: Option<&str>, instance, address: &str| Route {
+            name: name.into(),
+            service_name: service.map(Into::into),
+            broker_instance: instance,
+            address: RouteAddress::parse(address).unwrap(),
+            expires_at_ms: None,
+        };
+        assert_eq!(c.route("//far", None, this, 0), RouteChoice::NoRoute);
+        c.create_route(route("any", None, None, "quic://hub:4022"))
+            .unwrap();
+        let remote = |route: &str, host: &str, instance| RouteChoice::Remote {
+            route: route.into(),
+            address: RouteAddress::Quic {
+                host: host.into(),
+                port: 4022,
+            },
+            broker_instance: instance,
+        };
+        assert_eq!(c.route("//far", None, this, 0), remote("any", "hub", None));
+        c.create_route(route("pinned", Some("//far"), Some(far), "TCP://b:4022"))
+            .unwrap();
+        assert_eq!(
+            c.route("//far", None, this, 0),
+            remote("pinned", "b", Some(far)),
+            "a route naming the service beats the wildcard"
+        );
+        c.create_route(route("named", Some("//far"), None, "quic://a:4022"))
+            .unwrap();
+        assert_eq!(c.route("//far", None, this, 0), remote("named", "a", None));
+        assert_eq!(
+            c.route("//far", Some(far), this, 0),
+            remote("pinned", "b", Some(far)),
+            "the conversation's instance first"
+        );
+        c.alter_route(Route {
+            expires_at_ms: Some(100),
+            ..route("named", Some("//far"), None, "quic://a:4022")
+        })
+        .unwrap();
+        assert_eq!(c.route("//far", None, this, 99), remote("named", "a", None));
+        assert_eq!(
+            c.route("//far", None, this, 100),
+            remote("pinned", "b", Some(far)),
+            "an expired route is ignored"
+        );
+        // A local service is local unless a route naming it says otherwise.
+        c.create_queue("Q", QueueOptions::default()).unwrap();
+        c.create_service("//here", "Q", &[]).unwrap();
+        assert_eq!(c.route("//here", None, this, 0), RouteChoice::Local);
+        assert_eq!(
+            c.route("//here", Some(far), this, 0),
+            remote("any", "hub", Some(far)),
+            "another instance's copy of the service is not here"
+        );
+        c.drop_route("any").unwrap();
+        assert!(matches!(c.drop_route("any"), Err(Error::UnknownRoute(_))));
+        for bad in [
+            "quic://host",
+            "quic://:1",
+            "quic://h:0",
+            "http://h:1",
+            "quic://h:99999",
+        ] {
+            assert!(RouteAddress::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            RouteAddress::parse("quic://[::1]:7").unwrap().to_string(),
+            "quic://[::1]:7"
+        );
     }
 
     #[test]

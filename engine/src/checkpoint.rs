@@ -220,6 +220,9 @@ fn catalog_ops(state: &State) -> Vec<Op> {
     for p in c.priorities.values() {
         ops.push(Op::CreateBrokerPriority(p.clone()));
     }
+    for r in c.routes.values() {
+        ops.push(Op::CreateRoute(r.clone()));
+    }
     ops
 }
 

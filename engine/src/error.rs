@@ -33,6 +33,10 @@ pub enum Error {
     InvalidErrorCode(i32),
     #[error("error description of {chars} characters exceeds the maximum of {max}")]
     DescriptionTooLong { chars: usize, max: usize },
+    #[error("route {0:?} does not exist")]
+    UnknownRoute(String),
+    #[error("route address {address:?} is invalid: {reason}")]
+    InvalidRoute { address: String, reason: String },
     #[error("activation: {0}")]
     InvalidActivation(String),
     #[error("{kind} {name:?} already exists")]

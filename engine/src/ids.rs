@@ -45,6 +45,21 @@ uuid_id!(
     ConversationGroupId
 );
 
+uuid_id!(
+    /// A broker (one data directory): Service Broker's `service_broker_guid`, which routes can
+    /// name and which a dialog is pinned to after the far side's first acknowledgement.
+    BrokerInstanceId
+);
+
+impl BrokerInstanceId {
+    /// Parses the UUID text form.
+    pub fn parse(text: &str) -> Option<BrokerInstanceId> {
+        uuid::Uuid::parse_str(text.trim())
+            .ok()
+            .map(|u| BrokerInstanceId(u.as_u128()))
+    }
+}
+
 /// Hash maps and sets keyed by ids. The ids are random 128-bit values (or application-chosen
 /// group ids), so SipHash's cost buys little: the hasher folds the id with a multiply by a
 /// per-process random odd key, which keeps a chosen-id collision attack from being precomputed.

@@ -53,16 +53,18 @@ mod transaction;
 
 pub use activation::{ActivatedReader, ActivationOptions, HandlerError};
 pub use broker::{
-    Broker, BrokerCore, ConversationGroupInfo, LOCK_FILE_NAME, Options, POISON_ROLLBACKS_MAX,
-    QueueInfo, TransmissionQueueRow,
+    BROKER_ID_FILE_NAME, Broker, BrokerCore, ConversationGroupInfo, LOCK_FILE_NAME, Options,
+    POISON_ROLLBACKS_MAX, QueueInfo, TransmissionQueueRow,
 };
-pub use catalog::{BrokerPriority, QueueOptions, SentBy, Validation};
+pub use catalog::{
+    BrokerPriority, QueueOptions, Route, RouteAddress, RouteChoice, SentBy, Validation,
+};
 pub use checkpoint::CheckpointInfo;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use events::{Event, Subscription};
 pub use herald_wal::Durability;
-pub use ids::{ConversationGroupId, ConversationHandle, ConversationId};
+pub use ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
 pub use state::{
     Endpoint as ConversationEndpoint, EndpointState, MessageKey, MessageStatus, UrgentLane,
 };

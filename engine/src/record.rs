@@ -59,6 +59,11 @@ pub enum Op {
     DropBrokerPriority {
         name: String,
     },
+    CreateRoute(crate::catalog::Route),
+    AlterRoute(crate::catalog::Route),
+    DropRoute {
+        name: String,
+    },
     BeginDialog(DialogRecord),
     /// A message sent on the conversation whose sending endpoint is `handle`.
     Send {
@@ -257,6 +262,9 @@ mod tag {
     pub const DISABLE_QUEUE: u8 = 20;
     pub const CREATE_BROKER_PRIORITY: u8 = 21;
     pub const DROP_BROKER_PRIORITY: u8 = 22;
+    pub const CREATE_ROUTE: u8 = 23;
+    pub const ALTER_ROUTE: u8 = 24;
+    pub const DROP_ROUTE: u8 = 25;
 }
 
 /// Kinds of `MessageKey` as logged.
@@ -451,6 +459,28 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
         }
         Op::DropBrokerPriority { name } => {
             out.push(tag::DROP_BROKER_PRIORITY);
+            put_str(out, name);
+        }
+        Op::CreateRoute(route) | Op::AlterRoute(route) => {
+            out.push(if matches!(op, Op::CreateRoute(_)) {
+                tag::CREATE_ROUTE
+            } else {
+                tag::ALTER_ROUTE
+            });
+            put_str(out, &route.name);
+            put_optional_str(out, &route.service_name);
+            match route.broker_instance {
+                None => out.push(0),
+                Some(id) => {
+                    out.push(1);
+                    out.extend_from_slice(&id.0.to_le_bytes());
+                }
+            }
+            put_str(out, &route.address.to_string());
+            out.extend_from_slice(&route.expires_at_ms.unwrap_or(0).to_le_bytes());
+        }
+        Op::DropRoute { name } => {
+            out.push(tag::DROP_ROUTE);
             put_str(out, name);
         }
     }
@@ -744,6 +774,31 @@ impl Reader<'_> {
             tag::DROP_BROKER_PRIORITY => Op::DropBrokerPriority {
                 name: self.string()?,
             },
+            tag @ (tag::CREATE_ROUTE | tag::ALTER_ROUTE) => {
+                let route = crate::catalog::Route {
+                    name: self.string()?,
+                    service_name: self.optional_string()?,
+                    broker_instance: match self.u8()? {
+                        0 => None,
+                        1 => Some(crate::ids::BrokerInstanceId(self.u128()?)),
+                        other => return Err(DecodeError(format!("bad option flag {other}"))),
+                    },
+                    address: {
+                        let text = self.string()?;
+                        crate::catalog::RouteAddress::parse(&text)
+                            .map_err(|e| DecodeError(e.to_string()))?
+                    },
+                    expires_at_ms: Some(self.u64()?).filter(|ms| *ms != 0),
+                };
+                if tag == tag::CREATE_ROUTE {
+                    Op::CreateRoute(route)
+                } else {
+                    Op::AlterRoute(route)
+                }
+            }
+            tag::DROP_ROUTE => Op::DropRoute {
+                name: self.string()?,
+            },
             other => return Err(DecodeError(format!("unknown op tag {other}"))),
         })
     }
@@ -904,6 +959,24 @@ mod tests {
                 level: 7,
             }),
             Op::DropBrokerPriority { name: "p".into() },
+            Op::CreateRoute(crate::catalog::Route {
+                name: "r".into(),
+                service_name: Some("//far".into()),
+                broker_instance: Some(crate::ids::BrokerInstanceId(9)),
+                address: crate::catalog::RouteAddress::Quic {
+                    host: "node-b".into(),
+                    port: 4022,
+                },
+                expires_at_ms: Some(5),
+            }),
+            Op::AlterRoute(crate::catalog::Route {
+                name: "r".into(),
+                service_name: None,
+                broker_instance: None,
+                address: crate::catalog::RouteAddress::Local,
+                expires_at_ms: None,
+            }),
+            Op::DropRoute { name: "r".into() },
         ]
     }
 

@@ -1317,6 +1317,9 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
         Op::DropService { name } => catalog.drop_service(name),
         Op::CreateBrokerPriority(priority) => catalog.create_priority(priority.clone()),
         Op::DropBrokerPriority { name } => catalog.drop_priority(name),
+        Op::CreateRoute(route) => catalog.create_route(route.clone()),
+        Op::AlterRoute(route) => catalog.alter_route(route.clone()),
+        Op::DropRoute { name } => catalog.drop_route(name),
         // Logged by the broker, not checked against a transaction's catalog: the queue may
         // have been dropped since.
         Op::DisableQueue { name } => {

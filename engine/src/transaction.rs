@@ -355,6 +355,24 @@ impl<'b> Transaction<'b> {
         self.change_catalog(op, |c| c.create_priority(priority))
     }
 
+    /// CREATE ROUTE.
+    pub fn create_route(&mut self, route: crate::catalog::Route) -> Result<()> {
+        let op = Op::CreateRoute(route.clone());
+        self.change_catalog(op, |c| c.create_route(route))
+    }
+
+    /// ALTER ROUTE: replaces the route's settings.
+    pub fn alter_route(&mut self, route: crate::catalog::Route) -> Result<()> {
+        let op = Op::AlterRoute(route.clone());
+        self.change_catalog(op, |c| c.alter_route(route))
+    }
+
+    /// DROP ROUTE.
+    pub fn drop_route(&mut self, name: &str) -> Result<()> {
+        let op = Op::DropRoute { name: name.into() };
+        self.change_catalog(op, |c| c.drop_route(name))
+    }
+
     /// DROP BROKER PRIORITY (existing conversations keep their priority).
     pub fn drop_broker_priority(&mut self, name: &str) -> Result<()> {
         let op = Op::DropBrokerPriority { name: name.into() };
