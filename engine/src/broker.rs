@@ -64,15 +64,22 @@ pub struct ConversationGroupInfo {
     pub locked: bool,
 }
 
-/// A message waiting to leave for another broker (`sys.transmission_queue`). Every service is
-/// local until the network exists, so this view is always empty for now.
+/// A message waiting to leave for another broker (`sys.transmission_queue`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransmissionQueueRow {
+    /// Its place in the queue (the order its SEND committed in).
+    pub id: u64,
     pub conversation_handle: crate::ConversationHandle,
     pub to_service: String,
+    pub to_broker_instance: Option<crate::BrokerInstanceId>,
+    pub from_service: String,
+    pub contract: String,
     pub message_type: String,
     pub sequence: u64,
-    /// Why it has not gone yet.
+    pub is_end_of_dialog: bool,
+    pub is_conversation_error: bool,
+    pub body_bytes: u64,
+    /// Why it has not gone yet (empty: not attempted yet).
     pub transmission_status: String,
 }
 
@@ -151,6 +158,8 @@ pub struct BrokerCore {
     /// Keeps this broker subscribed to a manual clock (see `ManualClock::advance`).
     clock_listener: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     broker_id: crate::ids::BrokerInstanceId,
+    /// `transmission_queue`'s status text by transmission id.
+    transmission_status: Mutex<std::collections::HashMap<u64, String>>,
     _lock: File,
 }
 
@@ -254,6 +263,7 @@ impl Broker {
             closing: Default::default(),
             clock_listener: Mutex::new(None),
             broker_id,
+            transmission_status: Mutex::new(Default::default()),
             _lock: lock,
         });
         let mut broker = Broker {
@@ -529,10 +539,56 @@ impl BrokerCore {
         groups
     }
 
-    /// The transmission queue: messages waiting to leave for other brokers. Always empty until
-    /// the network exists (every dialog's far side is local).
+    /// The transmission queue (`sys.transmission_queue`): messages waiting to leave for other
+    /// brokers, in the order they go, each with why it has not gone yet.
     pub fn transmission_queue(&self) -> Vec<TransmissionQueueRow> {
-        Vec::new()
+        let statuses = self.transmission_status.lock().clone();
+        let now = self.clock().now_ms();
+        let state = self.state.lock();
+        state
+            .transmission
+            .iter()
+            .filter_map(|(id, t)| {
+                let endpoint = state.endpoints.get(&t.handle)?;
+                let message_type = state.message_type_name(t.message.message_type).to_string();
+                let routed = state.catalog.route(
+                    &endpoint.far_service,
+                    endpoint.far_broker_instance,
+                    self.broker_id,
+                    now,
+                );
+                let transmission_status = match (statuses.get(id), routed) {
+                    (_, crate::catalog::RouteChoice::NoRoute) => {
+                        format!("no route to service {:?} yet", endpoint.far_service)
+                    }
+                    (Some(status), _) => status.clone(),
+                    (None, _) => String::new(),
+                };
+                Some(TransmissionQueueRow {
+                    id: *id,
+                    conversation_handle: t.handle,
+                    to_service: endpoint.far_service.clone(),
+                    to_broker_instance: endpoint.far_broker_instance,
+                    from_service: endpoint.service.clone(),
+                    contract: endpoint.contract.clone(),
+                    is_end_of_dialog: message_type == crate::system::END_DIALOG,
+                    is_conversation_error: message_type == crate::system::ERROR,
+                    message_type,
+                    sequence: t.sequence,
+                    body_bytes: t.message.body.len() as u64,
+                    transmission_status,
+                })
+            })
+            .collect()
+    }
+
+    /// Records why transmissions `ids` have not gone (shown by `transmission_queue`; not
+    /// logged: it describes the network's state, not the data's).
+    pub fn set_transmission_status(&self, ids: &[u64], status: &str) {
+        let mut statuses = self.transmission_status.lock();
+        for id in ids {
+            statuses.insert(*id, status.to_owned());
+        }
     }
 
     /// All conversation endpoints, as committed.

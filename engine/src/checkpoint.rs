@@ -19,18 +19,18 @@ use herald_wal::{Lsn, Position, RecordBytes, Wal};
 use crate::catalog::DEFAULT;
 use crate::codec::{Reader, put_str, put_u64, put_u128};
 use crate::error::{Error, Result};
-use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId};
+use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
 use crate::record::put_key;
 use crate::record::{self, Op};
 use crate::state::{
     BodyLocation, DeadlineKind, Endpoint, EndpointState, Group, MessageKey, MessageStatus,
-    QueuedMessage, RetainedMessage, State, apply_catalog_op,
+    QueuedMessage, RetainedMessage, State, Transmission, apply_catalog_op,
 };
 
 pub const CHECKPOINT_FILE: &str = "CHECKPOINT";
 const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
 const MAGIC: &[u8; 8] = b"HRLDCKPT";
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 
 /// What a checkpoint captured, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,14 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
                 put_u128(&mut body, h.0);
             }
         }
+        match e.far_broker_instance {
+            None => body.push(0),
+            Some(id) => {
+                body.push(1);
+                put_u128(&mut body, id.0);
+            }
+        }
+        put_u64(&mut body, e.arrived_sequence);
         put_u64(&mut body, e.expires_at_ms.unwrap_or(0));
         put_u64(&mut body, e.dialog_timer_ms.unwrap_or(0));
         body.push(e.priority);
@@ -124,6 +132,28 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
             }
         }
     }
+    put_u64(&mut body, state.transmission.len() as u64);
+    for (id, t) in &state.transmission {
+        let location = t.message.location();
+        put_u64(&mut body, *id);
+        put_u128(&mut body, t.handle.0);
+        put_u64(&mut body, t.sequence);
+        put_str(&mut body, state.message_type_name(t.message.message_type));
+        put_location(&mut body, location);
+        let segment = location.record.segment;
+        oldest = Some(oldest.map_or(segment, |o| o.min(segment)));
+    }
+    let closed: Vec<_> = state
+        .closed
+        .iter()
+        .filter(|(_, until)| **until > state.now_ms)
+        .collect();
+    put_u64(&mut body, closed.len() as u64);
+    for ((conversation, is_initiator), until) in closed {
+        put_u128(&mut body, conversation.0);
+        body.push(*is_initiator as u8);
+        put_u64(&mut body, *until);
+    }
     let mut out = Vec::with_capacity(body.len() + 32);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -133,6 +163,24 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     (out, oldest)
+}
+
+fn read_location(r: &mut Reader<'_>) -> std::result::Result<BodyLocation, String> {
+    Ok(BodyLocation {
+        record: Position {
+            segment: Lsn(r.u64()?),
+            offset: r.u32()?,
+        },
+        start: r.u32()?,
+        len: r.u32()?,
+    })
+}
+
+fn put_location(out: &mut Vec<u8>, location: BodyLocation) {
+    put_u64(out, location.record.segment.0);
+    out.extend_from_slice(&location.record.offset.to_le_bytes());
+    out.extend_from_slice(&location.start.to_le_bytes());
+    out.extend_from_slice(&location.len.to_le_bytes());
 }
 
 /// Queued bodies (taken ones included) per log segment: segment first LSN → (count, bytes).
@@ -161,8 +209,13 @@ pub fn relocations_from_segment(state: &State, segment: Lsn) -> Vec<Op> {
         .taken
         .iter()
         .flat_map(|(handle, t)| t.iter().map(move |(key, (_, m))| (*handle, *key, m)));
+    let outbound = state
+        .transmission
+        .iter()
+        .map(|(id, t)| (t.handle, MessageKey::Outbound { id: *id }, &t.message));
     queued
         .chain(taken)
+        .chain(outbound)
         .filter(|(_, _, m)| m.location().record.segment == segment)
         .map(|(handle, key, m)| Op::Relocate {
             handle,
@@ -185,7 +238,8 @@ fn all_messages(state: &State) -> impl Iterator<Item = &QueuedMessage> {
         .taken
         .values()
         .flat_map(|t| t.values().map(|(_, m)| m));
-    queued.chain(taken)
+    let outbound = state.transmission.values().map(|t| &t.message);
+    queued.chain(taken).chain(outbound)
 }
 
 /// The catalog as create ops, in an order that replays (types, contracts, queues, services).
@@ -250,6 +304,9 @@ pub struct Image {
     next_queuing_order: u64,
     endpoints: Vec<Endpoint>,
     groups: Vec<(ConversationGroupId, String, Vec<ConversationMessages>)>,
+    /// The transmission queue: (id, sending endpoint, sequence, message type, body location).
+    transmission: Vec<(u64, ConversationHandle, u64, String, BodyLocation)>,
+    closed: Vec<((ConversationId, bool), u64)>,
 }
 
 type ConversationMessages = (ConversationHandle, Vec<StoredMessage>);
@@ -326,6 +383,12 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
             } else {
                 None
             },
+            far_broker_instance: if r.flag()? {
+                Some(BrokerInstanceId(r.u128()?))
+            } else {
+                None
+            },
+            arrived_sequence: r.u64()?,
             expires_at_ms: Some(r.u64()?).filter(|ms| *ms != 0),
             dialog_timer_ms: Some(r.u64()?).filter(|ms| *ms != 0),
             priority: r.u8()?,
@@ -374,6 +437,22 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
         }
         groups.push((id, queue, conversations));
     }
+    let transmission_count = r.count(16 + 16 + 8 + 2 + 20)?;
+    let mut transmission = Vec::with_capacity(transmission_count);
+    for _ in 0..transmission_count {
+        transmission.push((
+            r.u64()?,
+            ConversationHandle(r.u128()?),
+            r.u64()?,
+            r.string()?,
+            read_location(&mut r)?,
+        ));
+    }
+    let closed_count = r.count(16 + 1 + 8)?;
+    let mut closed = Vec::with_capacity(closed_count);
+    for _ in 0..closed_count {
+        closed.push(((ConversationId(r.u128()?), r.flag()?), r.u64()?));
+    }
     if r.remaining() != 0 {
         return Err(format!("{} trailing bytes", r.remaining()));
     }
@@ -383,6 +462,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
         next_queuing_order,
         endpoints,
         groups,
+        transmission,
+        closed,
     })
 }
 
@@ -413,9 +494,33 @@ impl Image {
                     state.deadlines.insert((deadline, handle, kind));
                 }
             }
+            state
+                .by_conversation
+                .insert((endpoint.conversation_id, endpoint.is_initiator), handle);
             state.endpoints.insert(handle, endpoint);
         }
         let mut records: HashMap<Position, RecordBytes> = HashMap::new();
+        // Each commit record is read (and its checksum checked) once, however many bodies it
+        // holds.
+        let mut body_at = |location: BodyLocation| -> Result<RecordBytes> {
+            let payload = match records.get(&location.record) {
+                Some(payload) => payload.clone(),
+                None => {
+                    let payload = wal.read(location.record)?.payload;
+                    records.insert(location.record, payload.clone());
+                    payload
+                }
+            };
+            let start = location.start as usize;
+            let end = start + location.len as usize;
+            if end > payload.len() {
+                return Err(Error::Corruption(format!(
+                    "checkpoint body {start}..{end} outside record {}",
+                    location.record
+                )));
+            }
+            Ok(payload.slice(start..end))
+        };
         for (id, queue, conversations) in self.groups {
             let mut group = Group::new(queue);
             for (handle, messages) in conversations {
@@ -424,29 +529,10 @@ impl Image {
                     queued.priority = endpoint.priority;
                 }
                 for m in messages {
-                    let payload = match records.get(&m.location.record) {
-                        Some(payload) => payload.clone(),
-                        None => {
-                            let payload = wal.read(m.location.record)?.payload;
-                            records.insert(m.location.record, payload.clone());
-                            payload
-                        }
-                    };
-                    let start = m.location.start as usize;
-                    let end = start + m.location.len as usize;
-                    if end > payload.len() {
-                        return Err(Error::Corruption(format!(
-                            "checkpoint body {start}..{end} outside record {}",
-                            m.location.record
-                        )));
-                    }
+                    let body = body_at(m.location)?;
                     let message_type = state.message_type_id(&m.message_type);
-                    let message = QueuedMessage::new(
-                        payload.slice(start..end),
-                        m.location,
-                        message_type,
-                        m.queuing_order,
-                    );
+                    let message =
+                        QueuedMessage::new(body, m.location, message_type, m.queuing_order);
                     if let Some((status, sequence)) = m.retained {
                         queued.retain(RetainedMessage {
                             status,
@@ -463,6 +549,19 @@ impl Image {
             state.groups.insert(id, group);
             state.refresh_ready(id);
         }
+        for (id, handle, sequence, message_type, location) in self.transmission {
+            let body = body_at(location)?;
+            let message_type = state.message_type_id(&message_type);
+            state.transmission.insert(
+                id,
+                Transmission {
+                    handle,
+                    sequence,
+                    message: QueuedMessage::new(body, location, message_type, id),
+                },
+            );
+        }
+        state.closed = self.closed.into_iter().collect();
         Ok(state)
     }
 }

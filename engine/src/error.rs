@@ -105,11 +105,6 @@ pub enum Error {
     NoConversation,
     #[error("the same conversation {0} is named twice in one SEND")]
     DuplicateHandle(ConversationHandle),
-    #[error(
-        "service {service:?} is not on this broker; sending to remote services needs the network \
-         (not built yet)"
-    )]
-    RemoteServiceNotSupported { service: String },
     #[error("transaction is too large: {len} bytes exceeds the commit record maximum of {max}")]
     TransactionTooLarge { len: usize, max: usize },
     #[error("data directory {} is in use by another broker", dir.display())]

@@ -78,6 +78,7 @@ fn run(broker: &Broker, idle: bool) -> Result<(), String> {
     checker.groups(&state);
     checker.endpoints(&state, &group_locks, idle);
     checker.ready_index(&state);
+    checker.transmission(&state);
     checker.bodies(broker, &state);
     drop(state);
     if checker.violations.is_empty() {
@@ -110,7 +111,11 @@ fn all_messages(
         .taken
         .iter()
         .flat_map(|(handle, taken)| taken.iter().map(move |(seq, (_, m))| (*handle, *seq, m)));
-    queued.chain(taken)
+    let outbound = state
+        .transmission
+        .iter()
+        .map(|(id, t)| (t.handle, MessageKey::Outbound { id: *id }, &t.message));
+    queued.chain(taken).chain(outbound)
 }
 
 struct Checker {
@@ -354,7 +359,9 @@ impl Checker {
             }
             let last_taken_sequence = taken.keys().rev().find_map(|key| match key {
                 MessageKey::Sequence(sequence) => Some(*sequence),
-                MessageKey::Urgent { .. } | MessageKey::Retained { .. } => None,
+                MessageKey::Urgent { .. }
+                | MessageKey::Retained { .. }
+                | MessageKey::Outbound { .. } => None,
             });
             if let (Some(last_taken), Some(first_queued)) =
                 (last_taken_sequence, queued.sequences().next())
@@ -415,9 +422,9 @@ impl Checker {
                         continue;
                     }
                     MessageKey::Sequence(sequence) => sequence,
-                    MessageKey::Retained { .. } => {
+                    MessageKey::Retained { .. } | MessageKey::Outbound { .. } => {
                         self.fail(format!(
-                            "conversation {handle}: retained message {key} waits to be received"
+                            "conversation {handle}: message {key} waits to be received"
                         ));
                         continue;
                     }
@@ -570,6 +577,54 @@ impl Checker {
                     "conversation id {conversation} has {count} local endpoints"
                 ));
             }
+        }
+    }
+
+    /// The transmission queue holds messages of endpoints whose far side is on another broker,
+    /// each conversation's in sequence order, below its next send sequence.
+    fn transmission(&mut self, state: &State) {
+        let mut last: HashMap<ConversationHandle, u64> = HashMap::new();
+        for (id, t) in &state.transmission {
+            match state.endpoints.get(&t.handle) {
+                None => self.fail(format!(
+                    "transmission {id} is from conversation {}, which does not exist",
+                    t.handle
+                )),
+                Some(e) if e.far_handle.is_some() => self.fail(format!(
+                    "transmission {id} is from conversation {}, whose far side is local",
+                    t.handle
+                )),
+                Some(e) if t.sequence >= e.send_sequence => self.fail(format!(
+                    "transmission {id} has sequence {}, yet {} sent only {}",
+                    t.sequence, t.handle, e.send_sequence
+                )),
+                Some(_) => {}
+            }
+            if let Some(before) = last.insert(t.handle, t.sequence)
+                && before >= t.sequence
+            {
+                self.fail(format!(
+                    "conversation {}: transmission of {} queued after {before}",
+                    t.handle, t.sequence
+                ));
+            }
+        }
+        for ((conversation, is_initiator), handle) in &state.by_conversation {
+            match state.endpoints.get(handle) {
+                Some(e)
+                    if e.conversation_id == *conversation && e.is_initiator == *is_initiator => {}
+                _ => self.fail(format!(
+                    "conversation index: ({conversation}, {is_initiator}) names {handle}, which \
+                     is not that endpoint"
+                )),
+            }
+        }
+        if state.by_conversation.len() != state.endpoints.len() {
+            self.fail(format!(
+                "conversation index holds {} endpoints, the state {}",
+                state.by_conversation.len(),
+                state.endpoints.len()
+            ));
         }
     }
 

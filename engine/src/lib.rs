@@ -44,6 +44,7 @@ mod ids;
 pub mod invariants;
 mod lock_table;
 pub mod record;
+pub mod remote;
 mod signal;
 pub mod sql;
 mod state;

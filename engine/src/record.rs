@@ -59,6 +59,30 @@ pub enum Op {
     DropBrokerPriority {
         name: String,
     },
+    /// The first message of a dialog from another broker created its target endpoint here.
+    AcceptDialog(RemoteDialogRecord),
+    /// A message from the far side (on another broker) of endpoint `handle` arrived: the next
+    /// in its sequence (anything else is a duplicate and changes nothing).
+    Arrive {
+        handle: ConversationHandle,
+        sequence: u64,
+        message_type: String,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    },
+    /// The far broker acknowledged transmissions `ids` (removed from the transmission queue;
+    /// their dialogs are pinned to `far_broker_instance`).
+    Transmitted {
+        ids: Vec<u64>,
+        far_broker_instance: Option<crate::ids::BrokerInstanceId>,
+    },
+    /// The far broker refused endpoint `handle`'s dialog: ERROR, with this Error body.
+    Fail {
+        handle: ConversationHandle,
+        code: i32,
+        body: Vec<u8>,
+        body_range: Range<usize>,
+    },
     CreateRoute(crate::catalog::Route),
     AlterRoute(crate::catalog::Route),
     DropRoute {
@@ -144,6 +168,23 @@ pub struct DialogRecord {
     /// When the dialog's lifetime ends, in milliseconds since the UNIX epoch; 0 = never.
     pub expires_at_ms: u64,
     pub target: Option<(ConversationHandle, ConversationGroupId)>,
+    /// For a dialog with a far side on another broker: that broker, if BEGIN DIALOG named it.
+    pub far_broker_instance: Option<crate::ids::BrokerInstanceId>,
+}
+
+/// A target endpoint created by a dialog's first message from another broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteDialogRecord {
+    pub handle: ConversationHandle,
+    pub conversation_id: ConversationId,
+    pub group: ConversationGroupId,
+    /// The local (target) service.
+    pub service: String,
+    pub far_service: String,
+    pub contract: String,
+    pub far_broker_instance: crate::ids::BrokerInstanceId,
+    /// 0 = no lifetime.
+    pub expires_at_ms: u64,
 }
 
 /// How END CONVERSATION ends a conversation.
@@ -265,6 +306,10 @@ mod tag {
     pub const CREATE_ROUTE: u8 = 23;
     pub const ALTER_ROUTE: u8 = 24;
     pub const DROP_ROUTE: u8 = 25;
+    pub const ACCEPT_DIALOG: u8 = 26;
+    pub const ARRIVE: u8 = 27;
+    pub const TRANSMITTED: u8 = 28;
+    pub const FAIL: u8 = 29;
 }
 
 /// Kinds of `MessageKey` as logged.
@@ -273,6 +318,7 @@ mod key_kind {
     pub const DIALOG_TIMER: u8 = 1;
     pub const ERROR: u8 = 2;
     pub const RETAINED: u8 = 3;
+    pub const OUTBOUND: u8 = 4;
 }
 
 /// A message key: `kind u8 | sequence or queuing order u64`.
@@ -288,9 +334,20 @@ pub(crate) fn put_key(out: &mut Vec<u8>, key: MessageKey) {
             queuing_order,
         } => (key_kind::ERROR, queuing_order),
         MessageKey::Retained { queuing_order } => (key_kind::RETAINED, queuing_order),
+        MessageKey::Outbound { id } => (key_kind::OUTBOUND, id),
     };
     out.push(kind);
     out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_optional_instance(out: &mut Vec<u8>, id: Option<crate::ids::BrokerInstanceId>) {
+    match id {
+        None => out.push(0),
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.0.to_le_bytes());
+        }
+    }
 }
 
 fn put_optional_str(out: &mut Vec<u8>, s: &Option<String>) {
@@ -374,6 +431,7 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
                     out.extend_from_slice(&group.0.to_le_bytes());
                 }
             }
+            put_optional_instance(out, d.far_broker_instance);
         }
         Op::Send {
             handle,
@@ -469,19 +527,56 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) {
             });
             put_str(out, &route.name);
             put_optional_str(out, &route.service_name);
-            match route.broker_instance {
-                None => out.push(0),
-                Some(id) => {
-                    out.push(1);
-                    out.extend_from_slice(&id.0.to_le_bytes());
-                }
-            }
+            put_optional_instance(out, route.broker_instance);
             put_str(out, &route.address.to_string());
             out.extend_from_slice(&route.expires_at_ms.unwrap_or(0).to_le_bytes());
         }
         Op::DropRoute { name } => {
             out.push(tag::DROP_ROUTE);
             put_str(out, name);
+        }
+        Op::AcceptDialog(d) => {
+            out.push(tag::ACCEPT_DIALOG);
+            out.extend_from_slice(&d.handle.0.to_le_bytes());
+            out.extend_from_slice(&d.conversation_id.0.to_le_bytes());
+            out.extend_from_slice(&d.group.0.to_le_bytes());
+            put_str(out, &d.service);
+            put_str(out, &d.far_service);
+            put_str(out, &d.contract);
+            out.extend_from_slice(&d.far_broker_instance.0.to_le_bytes());
+            out.extend_from_slice(&d.expires_at_ms.to_le_bytes());
+        }
+        Op::Arrive {
+            handle,
+            sequence,
+            message_type,
+            body,
+            ..
+        } => {
+            out.push(tag::ARRIVE);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&sequence.to_le_bytes());
+            put_str(out, message_type);
+            put_body(out, body);
+        }
+        Op::Transmitted {
+            ids,
+            far_broker_instance,
+        } => {
+            out.push(tag::TRANSMITTED);
+            out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+            for id in ids {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            put_optional_instance(out, *far_broker_instance);
+        }
+        Op::Fail {
+            handle, code, body, ..
+        } => {
+            out.push(tag::FAIL);
+            out.extend_from_slice(&handle.0.to_le_bytes());
+            out.extend_from_slice(&code.to_le_bytes());
+            put_body(out, body);
         }
     }
 }
@@ -602,7 +697,16 @@ impl Reader<'_> {
                 queuing_order: n,
             },
             key_kind::RETAINED => MessageKey::Retained { queuing_order: n },
+            key_kind::OUTBOUND => MessageKey::Outbound { id: n },
             other => return Err(DecodeError(format!("unknown message key kind {other}"))),
+        })
+    }
+
+    fn optional_instance(&mut self) -> Result<Option<crate::ids::BrokerInstanceId>, DecodeError> {
+        Ok(match self.u8()? {
+            0 => None,
+            1 => Some(crate::ids::BrokerInstanceId(self.u128()?)),
+            other => return Err(DecodeError(format!("bad option flag {other}"))),
         })
     }
 
@@ -691,6 +795,7 @@ impl Reader<'_> {
                     )),
                     other => return Err(DecodeError(format!("bad target flag {other}"))),
                 },
+                far_broker_instance: self.optional_instance()?,
             }),
             tag::SEND => {
                 let handle = ConversationHandle(self.u128()?);
@@ -778,11 +883,7 @@ impl Reader<'_> {
                 let route = crate::catalog::Route {
                     name: self.string()?,
                     service_name: self.optional_string()?,
-                    broker_instance: match self.u8()? {
-                        0 => None,
-                        1 => Some(crate::ids::BrokerInstanceId(self.u128()?)),
-                        other => return Err(DecodeError(format!("bad option flag {other}"))),
-                    },
+                    broker_instance: self.optional_instance()?,
                     address: {
                         let text = self.string()?;
                         crate::catalog::RouteAddress::parse(&text)
@@ -799,6 +900,48 @@ impl Reader<'_> {
             tag::DROP_ROUTE => Op::DropRoute {
                 name: self.string()?,
             },
+            tag::ACCEPT_DIALOG => Op::AcceptDialog(RemoteDialogRecord {
+                handle: ConversationHandle(self.u128()?),
+                conversation_id: ConversationId(self.u128()?),
+                group: ConversationGroupId(self.u128()?),
+                service: self.string()?,
+                far_service: self.string()?,
+                contract: self.string()?,
+                far_broker_instance: crate::ids::BrokerInstanceId(self.u128()?),
+                expires_at_ms: self.u64()?,
+            }),
+            tag::ARRIVE => Op::Arrive {
+                handle: ConversationHandle(self.u128()?),
+                sequence: self.u64()?,
+                message_type: self.string()?,
+                body: Vec::new(),
+                body_range: self.body()?,
+            },
+            tag::TRANSMITTED => {
+                let count = self.u32()? as usize;
+                // Each id takes eight bytes: a count beyond what is left is a lie.
+                if count > self.remaining() / 8 {
+                    return Err(DecodeError(format!("{count} transmission ids cannot fit")));
+                }
+                let mut ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ids.push(self.u64()?);
+                }
+                Op::Transmitted {
+                    ids,
+                    far_broker_instance: self.optional_instance()?,
+                }
+            }
+            tag::FAIL => {
+                let handle = ConversationHandle(self.u128()?);
+                let code = self.u32()? as i32;
+                Op::Fail {
+                    handle,
+                    code,
+                    body: Vec::new(),
+                    body_range: self.body()?,
+                }
+            }
             other => return Err(DecodeError(format!("unknown op tag {other}"))),
         })
     }
@@ -833,6 +976,30 @@ pub fn fuzz_decode(data: &[u8]) {
                 } => Op::Relocate {
                     handle,
                     key,
+                    body: data[body_range.clone()].to_vec(),
+                    body_range,
+                },
+                Op::Arrive {
+                    handle,
+                    sequence,
+                    message_type,
+                    body_range,
+                    ..
+                } => Op::Arrive {
+                    handle,
+                    sequence,
+                    message_type,
+                    body: data[body_range.clone()].to_vec(),
+                    body_range,
+                },
+                Op::Fail {
+                    handle,
+                    code,
+                    body_range,
+                    ..
+                } => Op::Fail {
+                    handle,
+                    code,
                     body: data[body_range.clone()].to_vec(),
                     body_range,
                 },
@@ -896,6 +1063,7 @@ mod tests {
                 contract: "//c".into(),
                 expires_at_ms: 60_000,
                 target: Some((ConversationHandle(4), ConversationGroupId(5))),
+                far_broker_instance: None,
             }),
             Op::Send {
                 handle: ConversationHandle(1),
@@ -977,6 +1145,33 @@ mod tests {
                 expires_at_ms: None,
             }),
             Op::DropRoute { name: "r".into() },
+            Op::AcceptDialog(RemoteDialogRecord {
+                handle: ConversationHandle(11),
+                conversation_id: ConversationId(12),
+                group: ConversationGroupId(13),
+                service: "//s".into(),
+                far_service: "//far".into(),
+                contract: "//c".into(),
+                far_broker_instance: crate::ids::BrokerInstanceId(14),
+                expires_at_ms: 0,
+            }),
+            Op::Arrive {
+                handle: ConversationHandle(11),
+                sequence: 0,
+                message_type: "//t".into(),
+                body: b"from afar".to_vec(),
+                body_range: 0..0,
+            },
+            Op::Transmitted {
+                ids: vec![1, 2, 3],
+                far_broker_instance: Some(crate::ids::BrokerInstanceId(14)),
+            },
+            Op::Fail {
+                handle: ConversationHandle(1),
+                code: -8408,
+                body: crate::system::error_body(-8408, "no"),
+                body_range: 0..0,
+            },
         ]
     }
 

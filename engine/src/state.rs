@@ -15,7 +15,9 @@ use herald_wal::{Lsn, Position, RecordBytes};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::ids::{ConversationGroupId, ConversationHandle, ConversationId, IdMap};
+use crate::ids::{
+    BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId, IdMap,
+};
 use crate::record::{End, Op};
 use crate::system;
 
@@ -60,7 +62,10 @@ impl EndpointState {
     /// Whether messages from the far side are still accepted (not after this side ended or
     /// failed).
     pub fn accepts_messages(self) -> bool {
-        !matches!(self, EndpointState::Error | EndpointState::Closed)
+        !matches!(
+            self,
+            EndpointState::Error | EndpointState::Closed | EndpointState::DisconnectedOutbound
+        )
     }
 
     /// Whether this side may still send.
@@ -90,8 +95,15 @@ pub struct Endpoint {
     pub send_sequence: u64,
     /// Sequence number of the next message this side will receive.
     pub receive_sequence: u64,
-    /// The other side's handle when it lives on this broker.
+    /// The other side's handle when it lives on this broker; `None` when it lives on another
+    /// (messages to it go through the transmission queue).
     pub far_handle: Option<ConversationHandle>,
+    /// The broker hosting the far side, once known (named at BEGIN DIALOG, or learned from its
+    /// first acknowledgement: the dialog is pinned to it from then on). `None` for local dialogs.
+    pub far_broker_instance: Option<BrokerInstanceId>,
+    /// Remote dialogs: the sequence number of the next message expected from the far side
+    /// (earlier ones are duplicates, later ones wait for the gap to fill).
+    pub arrived_sequence: u64,
     /// When the dialog's lifetime ends (milliseconds since the UNIX epoch), until it has.
     pub expires_at_ms: Option<u64>,
     /// When this side's conversation timer fires, if one is set.
@@ -99,6 +111,26 @@ pub struct Endpoint {
     /// 1..=10, from the best matching broker priority when the endpoint was created.
     pub priority: u8,
 }
+
+/// A message waiting in the transmission queue for a far side on another broker, until that
+/// broker acknowledges it.
+#[derive(Debug, Clone)]
+pub struct Transmission {
+    /// The sending endpoint.
+    pub handle: ConversationHandle,
+    pub sequence: u64,
+    /// Its body, type and queuing order (the transmission queue's id).
+    pub message: QueuedMessage,
+}
+
+/// The signal name (not a valid queue name: those cannot start with '#') that moves whenever
+/// the transmission queue grows, for the node's sender to wait on.
+pub const TRANSMISSION_SIGNAL: &str = "#transmission";
+
+/// How long a remote conversation's id is remembered after its endpoint is removed, so that a
+/// late or repeated message for it is acknowledged and dropped instead of starting a new
+/// conversation (Service Broker keeps closed target endpoints about 30 minutes).
+pub const CLOSED_CONVERSATION_LINGER_MS: u64 = 30 * 60 * 1000;
 
 /// What a pending deadline does when it comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -122,6 +154,10 @@ pub enum MessageKey {
     /// A message kept by RETENTION (received, or a copy of one sent): never received again.
     Retained {
         queuing_order: u64,
+    },
+    /// A message in the transmission queue (never received here; named for compaction).
+    Outbound {
+        id: u64,
     },
 }
 
@@ -148,6 +184,7 @@ impl std::fmt::Display for MessageKey {
         match self {
             MessageKey::Sequence(sequence) => write!(f, "{sequence}"),
             MessageKey::Retained { queuing_order } => write!(f, "retained@{queuing_order}"),
+            MessageKey::Outbound { id } => write!(f, "outbound@{id}"),
             MessageKey::Urgent {
                 lane,
                 queuing_order,
@@ -162,7 +199,9 @@ impl MessageKey {
     pub fn sequence(self) -> u64 {
         match self {
             MessageKey::Sequence(sequence) => sequence,
-            MessageKey::Urgent { .. } | MessageKey::Retained { .. } => 0,
+            MessageKey::Urgent { .. }
+            | MessageKey::Retained { .. }
+            | MessageKey::Outbound { .. } => 0,
         }
     }
 }
@@ -319,8 +358,8 @@ impl ConversationQueue {
     /// sequence (anything else would leave a gap).
     pub fn insert(&mut self, key: MessageKey, message: QueuedMessage) -> Result<(), String> {
         let sequence = match key {
-            MessageKey::Retained { .. } => {
-                return Err(format!("retained message {key} inserted as waiting"));
+            MessageKey::Retained { .. } | MessageKey::Outbound { .. } => {
+                return Err(format!("message {key} inserted as waiting"));
             }
             MessageKey::Urgent { .. } => {
                 let at = self.urgent.partition_point(|(k, _)| *k < key);
@@ -354,6 +393,7 @@ impl ConversationQueue {
                 .iter_mut()
                 .find(|r| r.message.queuing_order == queuing_order)
                 .map(|r| &mut r.message),
+            MessageKey::Outbound { .. } => None,
             MessageKey::Urgent { .. } => self
                 .urgent
                 .iter_mut()
@@ -518,6 +558,19 @@ pub struct State {
     /// Per queue, rollbacks in a row of transactions that received from it (poison-message
     /// detection; in memory only, as in Service Broker).
     pub(crate) poison_rollbacks: HashMap<String, u32>,
+    /// The transmission queue, by id (the queuing order it got when its SEND committed):
+    /// messages for far sides on other brokers, until acknowledged.
+    pub(crate) transmission: BTreeMap<u64, Transmission>,
+    /// Endpoints by (conversation id, is initiator): how messages from other brokers find
+    /// their conversation.
+    pub(crate) by_conversation: HashMap<(ConversationId, bool), ConversationHandle>,
+    /// Remote conversations removed recently: (conversation id, is initiator) → until when
+    /// (milliseconds since the UNIX epoch) a message for them is a late duplicate.
+    pub(crate) closed: BTreeMap<(ConversationId, bool), u64>,
+    /// The time records are being applied at (set by the committer; at recovery, the time of
+    /// the open). Only tombstone expiries read it: replaying later makes them linger longer,
+    /// never shorter.
+    pub(crate) now_ms: u64,
     /// Message type names by `MessageTypeId`, and the reverse: one shared name per type
     /// instead of one per queued message.
     message_type_names: Vec<Arc<str>>,
@@ -623,6 +676,12 @@ impl State {
                         send_sequence: 0,
                         receive_sequence: 0,
                         far_handle,
+                        far_broker_instance: if d.target.is_some() {
+                            None
+                        } else {
+                            d.far_broker_instance
+                        },
+                        arrived_sequence: 0,
                         expires_at_ms,
                         dialog_timer_ms: None,
                         priority: self.catalog.priority_for(&d.contract, service, far),
@@ -679,9 +738,7 @@ impl State {
                 if sender.state == EndpointState::StartedOutbound {
                     sender.state = EndpointState::Conversing;
                 }
-                let target = sender.far_handle.ok_or_else(|| {
-                    corrupt(format!("send on {handle}, whose far side is not local"))
-                })?;
+                let far_handle = sender.far_handle;
                 let sender_group = sender.group;
                 let (body, location) = body_at(body_range)?;
                 if self.retains(sender_group) {
@@ -702,13 +759,19 @@ impl State {
                         });
                     }
                 }
-                self.deliver(
-                    target,
-                    MessageKey::Sequence(*sequence),
-                    message_type,
-                    body,
-                    location,
-                )
+                match far_handle {
+                    Some(target) => self.deliver(
+                        target,
+                        MessageKey::Sequence(*sequence),
+                        message_type,
+                        body,
+                        location,
+                    ),
+                    None => {
+                        self.transmit(*handle, *sequence, message_type, body, location);
+                        Ok(())
+                    }
+                }
             }
             Op::Receive {
                 handle,
@@ -790,7 +853,15 @@ impl State {
                     .get_mut(handle)
                     .and_then(|t| t.get_mut(key))
                     .map(|(_, m)| m);
-                for message in queued.into_iter().chain(taken) {
+                let outbound = match key {
+                    MessageKey::Outbound { id } => self
+                        .transmission
+                        .get_mut(id)
+                        .filter(|t| t.handle == *handle)
+                        .map(|t| &mut t.message),
+                    _ => None,
+                };
+                for message in queued.into_iter().chain(taken).chain(outbound) {
                     if message.body.len() != body.len() {
                         return Err(corrupt(format!(
                             "relocated body of {handle} {key:?} changed length"
@@ -904,6 +975,152 @@ impl State {
                 let (body, location) = body_at(body_range)?;
                 self.deliver_to_endpoint(*handle, key, system::ERROR, body, location)
             }
+            Op::AcceptDialog(d) => {
+                if self
+                    .by_conversation
+                    .contains_key(&(d.conversation_id, false))
+                {
+                    // Two batches raced to create it: the first one did.
+                    return Ok(());
+                }
+                let queue = self.catalog.service(&d.service)?.queue.clone();
+                let endpoint = Endpoint {
+                    handle: d.handle,
+                    conversation_id: d.conversation_id,
+                    is_initiator: false,
+                    service: d.service.clone(),
+                    far_service: d.far_service.clone(),
+                    contract: d.contract.clone(),
+                    group: d.group,
+                    state: EndpointState::Conversing,
+                    send_sequence: 0,
+                    receive_sequence: 0,
+                    far_handle: None,
+                    far_broker_instance: Some(d.far_broker_instance),
+                    arrived_sequence: 0,
+                    expires_at_ms: (d.expires_at_ms != 0).then_some(d.expires_at_ms),
+                    dialog_timer_ms: None,
+                    priority: self
+                        .catalog
+                        .priority_for(&d.contract, &d.service, &d.far_service),
+                };
+                self.add_endpoint(endpoint, queue)
+            }
+            Op::Arrive {
+                handle,
+                sequence,
+                message_type,
+                body_range,
+                ..
+            } => {
+                let Some(endpoint) = self.endpoints.get_mut(handle) else {
+                    // Removed since (both sides ended): a late duplicate.
+                    return Ok(());
+                };
+                // The next in sequence, or an Error (which does not wait for messages its
+                // sender dropped when it ended the dialog); anything else is a duplicate.
+                let is_error = message_type == system::ERROR;
+                if *sequence < endpoint.arrived_sequence
+                    || (*sequence > endpoint.arrived_sequence && !is_error)
+                {
+                    return Ok(());
+                }
+                endpoint.arrived_sequence = sequence + 1;
+                if !endpoint.state.accepts_messages() {
+                    // This side ended or failed: what still arrives is dropped (but counted,
+                    // so its retransmissions are recognised as duplicates).
+                    return Ok(());
+                }
+                let (body, location) = body_at(body_range)?;
+                match message_type.as_str() {
+                    system::ERROR => {
+                        endpoint.state = EndpointState::Error;
+                        let code = system::parse_error_body(&body).map_or(0, |(code, _)| code);
+                        self.drop_transmissions(*handle);
+                        self.events.push(Event::DialogError {
+                            handle: *handle,
+                            code,
+                        });
+                        let key = MessageKey::Urgent {
+                            lane: UrgentLane::Error,
+                            queuing_order: self.next_queuing_order,
+                        };
+                        self.deliver_to_endpoint(*handle, key, system::ERROR, body, location)
+                    }
+                    system::END_DIALOG => {
+                        endpoint.state = EndpointState::DisconnectedInbound;
+                        self.drop_transmissions(*handle);
+                        self.deliver_to_endpoint(
+                            *handle,
+                            MessageKey::Sequence(*sequence),
+                            system::END_DIALOG,
+                            body,
+                            location,
+                        )
+                    }
+                    _ => self.deliver_to_endpoint(
+                        *handle,
+                        MessageKey::Sequence(*sequence),
+                        message_type,
+                        body,
+                        location,
+                    ),
+                }
+            }
+            Op::Transmitted {
+                ids,
+                far_broker_instance,
+            } => {
+                for id in ids {
+                    let Some(sent) = self.transmission.remove(id) else {
+                        continue;
+                    };
+                    let sent_type = self.message_type_name(sent.message.message_type);
+                    let closing =
+                        **sent_type == *system::END_DIALOG || **sent_type == *system::ERROR;
+                    let Some(endpoint) = self.endpoints.get_mut(&sent.handle) else {
+                        continue;
+                    };
+                    if endpoint.far_broker_instance.is_none() {
+                        endpoint.far_broker_instance = *far_broker_instance;
+                    }
+                    if closing && endpoint.state == EndpointState::DisconnectedOutbound {
+                        // The far side has this side's end: nothing more to do here.
+                        self.remove_endpoint(sent.handle);
+                    }
+                }
+                Ok(())
+            }
+            Op::Fail {
+                handle,
+                code,
+                body_range,
+                ..
+            } => {
+                let Some(endpoint) = self.endpoints.get_mut(handle) else {
+                    return Ok(());
+                };
+                if endpoint.state == EndpointState::DisconnectedOutbound {
+                    // This side ended; the far side refuses it: nothing is left to tell anyone.
+                    self.remove_endpoint(*handle);
+                    return Ok(());
+                }
+                if !endpoint.state.accepts_messages() {
+                    return Ok(());
+                }
+                endpoint.state = EndpointState::Error;
+                self.drop_transmissions(*handle);
+                self.events.push(Event::DialogError {
+                    handle: *handle,
+                    code: *code,
+                });
+                let key = MessageKey::Urgent {
+                    lane: UrgentLane::Error,
+                    queuing_order: self.next_queuing_order,
+                };
+                let (body, location) = body_at(body_range)?;
+                self.deliver_to_endpoint(*handle, key, system::ERROR, body, location)
+            }
             catalog_op => unreachable!("catalog op {catalog_op:?} was applied above"),
         }
     }
@@ -976,6 +1193,7 @@ impl State {
             .endpoints
             .get_mut(&handle)
             .ok_or_else(|| corrupt(format!("end of unknown conversation {handle}")))?;
+        let state_before = endpoint.state;
         endpoint.state = EndpointState::Closed;
         let group = endpoint.group;
         let far_handle = endpoint.far_handle;
@@ -997,6 +1215,15 @@ impl State {
         }
         let _ = self.drop_taken(handle, |_| true);
         self.refresh_ready(group);
+        if far_handle.is_none() {
+            return self.end_remote_conversation(
+                handle,
+                end,
+                state_before,
+                ended_send_sequence,
+                body_at,
+            );
+        }
         let far_state = far_handle
             .and_then(|far| self.endpoints.get(&far))
             .map(|far| far.state);
@@ -1057,12 +1284,89 @@ impl State {
         Ok(())
     }
 
+    /// END CONVERSATION on an endpoint whose far side is on another broker: EndDialog (plain)
+    /// or Error (WITH ERROR, which also drops this side's messages not transmitted yet) goes
+    /// into the transmission queue behind what is there, and this side waits in DO until the
+    /// far broker acknowledges it (`Op::Transmitted`); if the far side has ended or failed
+    /// already, nothing is sent and the endpoint goes at once. WITH CLEANUP removes it and its
+    /// transmissions at once, telling nobody.
+    fn end_remote_conversation(
+        &mut self,
+        handle: ConversationHandle,
+        end: &End,
+        state_before: EndpointState,
+        ended_send_sequence: u64,
+        body_at: &BodyAt<'_>,
+    ) -> Result<()> {
+        let far_still_open = !matches!(
+            state_before,
+            EndpointState::DisconnectedInbound | EndpointState::Error
+        );
+        let (message_type, body_range) = match end {
+            End::Plain if far_still_open => (system::END_DIALOG, 0..0),
+            End::Error { body_range, .. } if far_still_open => {
+                self.drop_transmissions(handle);
+                (system::ERROR, body_range.clone())
+            }
+            End::Cleanup | End::Plain | End::Error { .. } => {
+                self.drop_transmissions(handle);
+                self.remove_endpoint(handle);
+                return Ok(());
+            }
+        };
+        let endpoint = self.endpoints.get_mut(&handle).expect("ending endpoint");
+        endpoint.state = EndpointState::DisconnectedOutbound;
+        endpoint.send_sequence += 1;
+        let (body, location) = body_at(&body_range)?;
+        self.transmit(handle, ended_send_sequence, message_type, body, location);
+        Ok(())
+    }
+
+    /// Puts a message from `handle` into the transmission queue.
+    fn transmit(
+        &mut self,
+        handle: ConversationHandle,
+        sequence: u64,
+        message_type: &str,
+        body: RecordBytes,
+        location: BodyLocation,
+    ) {
+        let id = self.next_queuing_order;
+        self.next_queuing_order += 1;
+        let message_type = self.message_type_id(message_type);
+        if self.touched.last().map(String::as_str) != Some(TRANSMISSION_SIGNAL) {
+            self.touched.push(TRANSMISSION_SIGNAL.to_owned());
+        }
+        self.transmission.insert(
+            id,
+            Transmission {
+                handle,
+                sequence,
+                message: QueuedMessage::new(body, location, message_type, id),
+            },
+        );
+    }
+
+    /// Drops `handle`'s messages from the transmission queue.
+    fn drop_transmissions(&mut self, handle: ConversationHandle) {
+        self.transmission.retain(|_, t| t.handle != handle);
+    }
+
     /// Removes an endpoint with its messages and deadlines, and its group if that was the
     /// group's last conversation.
     fn remove_endpoint(&mut self, handle: ConversationHandle) {
         let Some(endpoint) = self.endpoints.remove(&handle) else {
             return;
         };
+        let key = (endpoint.conversation_id, endpoint.is_initiator);
+        self.by_conversation.remove(&key);
+        if endpoint.far_handle.is_none() {
+            self.drop_transmissions(handle);
+            self.closed.insert(
+                key,
+                self.now_ms.saturating_add(CLOSED_CONVERSATION_LINGER_MS),
+            );
+        }
         if let Some(deadline) = endpoint.dialog_timer_ms {
             self.deadlines
                 .remove(&(deadline, handle, DeadlineKind::DialogTimer));
@@ -1269,6 +1573,10 @@ impl State {
             .entry(endpoint.handle)
             .or_default()
             .priority = endpoint.priority;
+        self.by_conversation.insert(
+            (endpoint.conversation_id, endpoint.is_initiator),
+            endpoint.handle,
+        );
         if let Some(deadline) = endpoint.expires_at_ms {
             self.deadlines
                 .insert((deadline, endpoint.handle, DeadlineKind::Lifetime));
@@ -1337,7 +1645,11 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
         | Op::EndConversation { .. }
         | Op::SetTimer { .. }
         | Op::FireTimer { .. }
-        | Op::Expire { .. } => {
+        | Op::Expire { .. }
+        | Op::AcceptDialog(_)
+        | Op::Arrive { .. }
+        | Op::Transmitted { .. }
+        | Op::Fail { .. } => {
             return None;
         }
     })

@@ -41,6 +41,9 @@ pub struct DialogOptions {
     /// (code −8489) and can no longer send; each must still end the conversation. `None`:
     /// forever (Service Broker's default of 2^31−1 seconds, in effect).
     pub lifetime: Option<Duration>,
+    /// The broker the target service lives on (BEGIN DIALOG … TO SERVICE 'name', 'broker
+    /// guid'): routing looks for it, and the dialog is pinned to it.
+    pub target_broker_instance: Option<crate::ids::BrokerInstanceId>,
 }
 
 /// What a RECEIVE takes: at most `top` messages of one conversation group, optionally only of
@@ -222,7 +225,7 @@ impl<'b> Transaction<'b> {
     }
 
     /// Runs `f` on this transaction's view of the catalog.
-    fn read_catalog<R>(&mut self, f: impl FnOnce(&Catalog) -> Result<R>) -> Result<R> {
+    pub(crate) fn read_catalog<R>(&mut self, f: impl FnOnce(&Catalog) -> Result<R>) -> Result<R> {
         self.lock_catalog(CatalogMode::Shared)?;
         match &self.catalog {
             Some(catalog) => f(catalog),
@@ -355,6 +358,11 @@ impl<'b> Transaction<'b> {
         self.change_catalog(op, |c| c.create_priority(priority))
     }
 
+    /// Records an op built by the broker itself (messages arriving from other brokers).
+    pub(crate) fn push_op(&mut self, op: &Op) {
+        self.record.push(op);
+    }
+
     /// CREATE ROUTE.
     pub fn create_route(&mut self, route: crate::catalog::Route) -> Result<()> {
         let op = Op::CreateRoute(route.clone());
@@ -389,23 +397,25 @@ impl<'b> Transaction<'b> {
         contract: &str,
         options: DialogOptions,
     ) -> Result<ConversationHandle> {
+        let this_broker = self.broker.broker_instance();
+        let now = self.broker.clock().now_ms();
         let (from_queue, to_queue) = self.read_catalog(|catalog| {
             let from_service = catalog.service(from)?;
             catalog.contract(contract)?;
-            let to_service =
-                catalog
-                    .services
-                    .get(to)
-                    .ok_or_else(|| Error::RemoteServiceNotSupported {
-                        service: to.to_owned(),
-                    })?;
+            let route = catalog.route(to, options.target_broker_instance, this_broker, now);
+            if route != crate::catalog::RouteChoice::Local {
+                // The far side is on another broker (or has no route yet: its messages wait in
+                // the transmission queue, which is not an error).
+                return Ok((from_service.queue.clone(), None));
+            }
+            let to_service = catalog.service(to)?;
             if !to_service.contracts.contains(contract) {
                 return Err(Error::ContractNotAccepted {
                     service: to.to_owned(),
                     contract: contract.to_owned(),
                 });
             }
-            Ok((from_service.queue.clone(), to_service.queue.clone()))
+            Ok((from_service.queue.clone(), Some(to_service.queue.clone())))
         })?;
         let group = match (
             options.related_conversation,
@@ -440,9 +450,11 @@ impl<'b> Transaction<'b> {
         self.new_groups.entry(group).or_insert(from_queue.clone());
         let handle = ConversationHandle::random();
         let conversation_id = ConversationId::random();
-        let target_handle = ConversationHandle::random();
-        let target_group = ConversationGroupId::random();
-        self.new_groups.insert(target_group, to_queue);
+        let target = to_queue.map(|to_queue| {
+            let target_group = ConversationGroupId::random();
+            self.new_groups.insert(target_group, to_queue);
+            (ConversationHandle::random(), target_group)
+        });
         let expires_at_ms = options.lifetime.map_or(0, |lifetime| {
             clock::deadline_after(self.broker.clock(), lifetime).max(1)
         });
@@ -468,7 +480,13 @@ impl<'b> Transaction<'b> {
                 },
                 send_sequence: 0,
                 receive_sequence: 0,
-                far_handle: Some(far_handle),
+                far_handle,
+                far_broker_instance: if far_handle.is_none() {
+                    options.target_broker_instance
+                } else {
+                    None
+                },
+                arrived_sequence: 0,
                 expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
                 dialog_timer_ms: None,
                 priority: if is_initiator {
@@ -479,14 +497,16 @@ impl<'b> Transaction<'b> {
             };
         self.endpoints.insert(
             handle,
-            endpoint(handle, true, from, to, group, target_handle),
-        );
-        self.endpoints.insert(
-            target_handle,
-            endpoint(target_handle, false, to, from, target_group, handle),
+            endpoint(handle, true, from, to, group, target.map(|(h, _)| h)),
         );
         self.created.insert(handle);
-        self.created.insert(target_handle);
+        if let Some((target_handle, target_group)) = target {
+            self.endpoints.insert(
+                target_handle,
+                endpoint(target_handle, false, to, from, target_group, Some(handle)),
+            );
+            self.created.insert(target_handle);
+        }
         self.record.push(&Op::BeginDialog(DialogRecord {
             handle,
             conversation_id,
@@ -495,7 +515,8 @@ impl<'b> Transaction<'b> {
             to_service: to.into(),
             contract: contract.into(),
             expires_at_ms,
-            target: Some((target_handle, target_group)),
+            target,
+            far_broker_instance: options.target_broker_instance,
         }));
         Ok(handle)
     }
@@ -864,8 +885,8 @@ impl<'b> Transaction<'b> {
                             queuing_order,
                         });
                     }
-                    // Retained messages never wait to be received.
-                    MessageKey::Retained { .. } => {}
+                    // Retained and outbound messages never wait to be received.
+                    MessageKey::Retained { .. } | MessageKey::Outbound { .. } => {}
                 }
                 self.taken.push((handle, key));
                 batch.push(Message {
@@ -917,11 +938,6 @@ impl<'b> Transaction<'b> {
                     handle: *handle,
                     state: endpoint.state.code(),
                     operation: "SEND",
-                });
-            }
-            if endpoint.far_handle.is_none() {
-                return Err(Error::RemoteServiceNotSupported {
-                    service: endpoint.far_service.clone(),
                 });
             }
             let cached = self.send_rules.iter().find(|rule| {

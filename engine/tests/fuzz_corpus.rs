@@ -14,10 +14,10 @@
 
 use std::path::{Path, PathBuf};
 
-use herald_engine::record::{self, DialogRecord, End, Op};
+use herald_engine::record::{self, DialogRecord, End, Op, RemoteDialogRecord};
 use herald_engine::{
-    BrokerPriority, ConversationGroupId, ConversationHandle, ConversationId, QueueOptions, SentBy,
-    Validation, system,
+    BrokerInstanceId, BrokerPriority, ConversationGroupId, ConversationHandle, ConversationId,
+    QueueOptions, Route, RouteAddress, SentBy, Validation, system,
 };
 use herald_engine::{MessageKey, UrgentLane};
 
@@ -140,6 +140,9 @@ fn seeds() -> Vec<(&'static str, Vec<Op>)> {
             contract: "//shop/OrderContract".into(),
             expires_at_ms,
             target,
+            far_broker_instance: target
+                .is_none()
+                .then_some(BrokerInstanceId(0x4444_4444_4444_4444_4444_4444_4444_4444)),
         })
     };
     let send = |handle, sequence, body: &[u8]| Op::Send {
@@ -300,6 +303,55 @@ fn seeds() -> Vec<(&'static str, Vec<Op>)> {
                     },
                     body: Vec::new(),
                     body_range: 0..0,
+                },
+            ],
+        ),
+        (
+            "remote",
+            vec![
+                Op::CreateRoute(Route {
+                    name: "to-b".into(),
+                    service_name: Some("//shop/OrderService".into()),
+                    broker_instance: Some(BrokerInstanceId(0x4444)),
+                    address: RouteAddress::parse("quic://node-b:4022").unwrap(),
+                    expires_at_ms: Some(1_700_000_060_000),
+                }),
+                Op::AlterRoute(Route {
+                    name: "to-b".into(),
+                    service_name: None,
+                    broker_instance: None,
+                    address: RouteAddress::Local,
+                    expires_at_ms: None,
+                }),
+                Op::AcceptDialog(RemoteDialogRecord {
+                    handle: target,
+                    conversation_id: ConversationId(0x0c0c),
+                    group: ConversationGroupId(0x0d0d),
+                    service: "//shop/OrderService".into(),
+                    far_service: "//shop/ClientService".into(),
+                    contract: "//shop/OrderContract".into(),
+                    far_broker_instance: BrokerInstanceId(0x4444),
+                    expires_at_ms: 0,
+                }),
+                Op::Arrive {
+                    handle: target,
+                    sequence: 0,
+                    message_type: "//shop/Order".into(),
+                    body: b"{\"order\": 1}".to_vec(),
+                    body_range: 0..0,
+                },
+                Op::Transmitted {
+                    ids: vec![7, 8, 9],
+                    far_broker_instance: Some(BrokerInstanceId(0x4444)),
+                },
+                Op::Fail {
+                    handle,
+                    code: -8408,
+                    body: system::error_body(-8408, "contract not accepted"),
+                    body_range: 0..0,
+                },
+                Op::DropRoute {
+                    name: "to-b".into(),
                 },
             ],
         ),

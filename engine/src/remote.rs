@@ -1,0 +1,358 @@
+//! The engine's side of dialogs between brokers. The network layer (`herald-net`) moves bytes;
+//! here is what they mean:
+//!
+//! - **Outbound**: a SEND (or END) on a dialog whose far side is on another broker puts the
+//!   message in the transmission queue in the same commit. `outbound` lists what waits, in
+//!   order, with where each should go (`Catalog::route`); `transmitted` removes what the far
+//!   broker acknowledged (a logged commit) and pins the dialog to that broker; `remote_failed`
+//!   records an Error the far broker sent instead (the dialog goes to ERROR).
+//! - **Inbound**: `accept_arrivals` takes messages that arrived, in one local transaction: a
+//!   dialog's first message creates its target endpoint (or is refused with Service Broker's
+//!   error code: no such service, contract not accepted…), each message is accepted only as the
+//!   next in its conversation's sequence (earlier ones are duplicates, later ones wait for the
+//!   gap to fill by retransmission). When it returns, what it accepted is committed — durable
+//!   under the default durability — so the caller may acknowledge `Accepted` and `Duplicate`
+//!   messages, and only those.
+
+use crate::broker::BrokerCore;
+use crate::catalog::RouteChoice;
+use crate::error::Result;
+use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
+use crate::record::{Op, RemoteDialogRecord};
+use crate::system;
+use herald_wal::RecordBytes;
+
+/// Error codes a receiving broker answers with (Service Broker's, negated).
+pub mod codes {
+    /// The target service does not exist here.
+    pub const SERVICE_NOT_FOUND: i32 = -8490;
+    /// The target service does not accept the dialog's contract.
+    pub const CONTRACT_NOT_ACCEPTED: i32 = -8408;
+    /// The dialog's contract does not exist here.
+    pub const CONTRACT_NOT_FOUND: i32 = -8425;
+    /// The message type does not exist here.
+    pub const MESSAGE_TYPE_NOT_FOUND: i32 = -8428;
+    /// The message type is not part of the contract here.
+    pub const MESSAGE_TYPE_NOT_IN_CONTRACT: i32 = -8498;
+    /// The message was sent by a side the contract does not let send it.
+    pub const WRONG_SENDER: i32 = -8457;
+    /// The body failed the message type's validation.
+    pub const VALIDATION_FAILED: i32 = -8430;
+    /// The sending broker may not reach this service.
+    pub const NO_PERMISSION: i32 = -8494;
+}
+
+/// A whole message from another broker (reassembled by the network layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    pub conversation_id: ConversationId,
+    /// Whether the initiator sent it (so it is for this broker's target endpoint).
+    pub from_initiator: bool,
+    pub sequence: u64,
+    pub from_service: String,
+    pub to_service: String,
+    pub contract: String,
+    pub message_type: String,
+    pub body: Vec<u8>,
+    pub source_broker: BrokerInstanceId,
+    /// The dialog's lifetime end (milliseconds since the UNIX epoch), 0 for none.
+    pub expires_at_ms: u64,
+}
+
+/// What became of an arrival.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArrivalOutcome {
+    /// Committed into its queue: acknowledge it.
+    Accepted,
+    /// Already here (or its conversation is over): acknowledge it again, nothing else.
+    Duplicate,
+    /// Ahead of a message still missing: do not acknowledge; the sender retransmits.
+    Gap,
+    /// Refused: answer with an Error for the dialog (and do not acknowledge).
+    Refused { code: i32, description: String },
+}
+
+/// A message in the transmission queue, with all the far broker needs to deliver it.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Its place in the transmission queue (what `transmitted` takes back).
+    pub id: u64,
+    pub handle: ConversationHandle,
+    pub conversation_id: ConversationId,
+    /// Whether this side is the initiator (the direction of the message).
+    pub from_initiator: bool,
+    pub sequence: u64,
+    pub from_service: String,
+    pub to_service: String,
+    pub contract: String,
+    pub message_type: String,
+    pub body: RecordBytes,
+    /// The far broker, if the dialog is pinned to one or named one.
+    pub to_broker_instance: Option<BrokerInstanceId>,
+    pub expires_at_ms: u64,
+    /// Where it should go now.
+    pub route: RouteChoice,
+}
+
+impl BrokerCore {
+    /// Up to `max` messages of the transmission queue with ids above `after` (all with `None`),
+    /// in the order they must go.
+    pub fn outbound(&self, after: Option<u64>, max: usize) -> Vec<Outbound> {
+        let now = self.clock().now_ms();
+        let state = self.state.lock();
+        let from = after.map_or(0, |id| id.saturating_add(1));
+        state
+            .transmission
+            .range(from..)
+            .filter_map(|(id, t)| {
+                let endpoint = state.endpoints.get(&t.handle)?;
+                Some(Outbound {
+                    id: *id,
+                    handle: t.handle,
+                    conversation_id: endpoint.conversation_id,
+                    from_initiator: endpoint.is_initiator,
+                    sequence: t.sequence,
+                    from_service: endpoint.service.clone(),
+                    to_service: endpoint.far_service.clone(),
+                    contract: endpoint.contract.clone(),
+                    message_type: state.message_type_name(t.message.message_type).to_string(),
+                    body: t.message.body.clone(),
+                    to_broker_instance: endpoint.far_broker_instance,
+                    expires_at_ms: endpoint.expires_at_ms.unwrap_or(0),
+                    route: state.catalog.route(
+                        &endpoint.far_service,
+                        endpoint.far_broker_instance,
+                        self.broker_instance(),
+                        now,
+                    ),
+                })
+            })
+            .take(max)
+            .collect()
+    }
+
+    /// The far broker `far` acknowledged transmissions `ids`: they leave the transmission
+    /// queue (logged), their dialogs are pinned to `far`, and an acknowledged END lets its
+    /// endpoint go.
+    pub fn transmitted(&self, ids: &[u64], far: Option<BrokerInstanceId>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let op = Op::Transmitted {
+            ids: ids.to_vec(),
+            far_broker_instance: far,
+        };
+        self.log_and_apply(&crate::record::encode(&[op]))
+            .map(|_| ())
+    }
+
+    /// The far broker answered this broker's side (`is_initiator`) of `conversation_id` with an
+    /// Error (`code`, `description`): the endpoint goes to ERROR with that Error in its queue,
+    /// and its messages not yet transmitted are dropped.
+    pub fn remote_failed(
+        &self,
+        conversation_id: ConversationId,
+        is_initiator: bool,
+        code: i32,
+        description: &str,
+    ) -> Result<()> {
+        let handle = self
+            .state
+            .lock()
+            .by_conversation
+            .get(&(conversation_id, is_initiator))
+            .copied();
+        let Some(handle) = handle else {
+            return Ok(());
+        };
+        let op = Op::Fail {
+            handle,
+            code,
+            body: system::error_body(code, description),
+            body_range: 0..0,
+        };
+        self.log_and_apply(&crate::record::encode(&[op]))
+            .map(|_| ())
+    }
+
+    /// Takes messages that arrived from other brokers, in one local transaction (see the module
+    /// documentation); returns what became of each, in order, once that transaction committed.
+    pub fn accept_arrivals(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
+        let mut tx = self.begin();
+        let mut outcomes = Vec::with_capacity(arrivals.len());
+        // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
+        // next sequence expected, far side is initiator).
+        let mut expected: std::collections::HashMap<
+            (ConversationId, bool),
+            (ConversationHandle, u64),
+        > = Default::default();
+        for arrival in arrivals {
+            let side = (arrival.conversation_id, !arrival.from_initiator);
+            let known = match expected.get(&side) {
+                Some(known) => Some(*known),
+                None => {
+                    let state = self.state.lock();
+                    match state.by_conversation.get(&side) {
+                        Some(handle) => Some((*handle, state.endpoints[handle].arrived_sequence)),
+                        None if state.closed.contains_key(&side) => {
+                            outcomes.push(ArrivalOutcome::Duplicate);
+                            continue;
+                        }
+                        None => None,
+                    }
+                }
+            };
+            let (handle, next) = match known {
+                Some(known) => known,
+                // A reply for an initiator this broker no longer has: nothing to deliver to.
+                None if !arrival.from_initiator => {
+                    outcomes.push(ArrivalOutcome::Duplicate);
+                    continue;
+                }
+                None if arrival.sequence != 0 => {
+                    outcomes.push(ArrivalOutcome::Gap);
+                    continue;
+                }
+                None => match self.accept_new_dialog(&mut tx, arrival)? {
+                    Ok(handle) => (handle, 0),
+                    Err(refused) => {
+                        outcomes.push(refused);
+                        continue;
+                    }
+                },
+            };
+            expected.insert(side, (handle, next));
+            if arrival.sequence < next {
+                outcomes.push(ArrivalOutcome::Duplicate);
+                continue;
+            }
+            // An Error ends the dialog and may follow messages its sender dropped (END WITH
+            // ERROR drops what was not transmitted): it does not wait for them.
+            let is_error = arrival.message_type == system::ERROR;
+            if arrival.sequence > next && !is_error {
+                outcomes.push(ArrivalOutcome::Gap);
+                continue;
+            }
+            if let Err(refused) = check_message(&mut tx, arrival)? {
+                outcomes.push(refused);
+                continue;
+            }
+            tx.push_op(&Op::Arrive {
+                handle,
+                sequence: arrival.sequence,
+                message_type: arrival.message_type.clone(),
+                body: arrival.body.clone(),
+                body_range: 0..0,
+            });
+            expected.insert(side, (handle, arrival.sequence + 1));
+            outcomes.push(ArrivalOutcome::Accepted);
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// A dialog's first message: its target endpoint, or why it is refused.
+    fn accept_new_dialog(
+        &self,
+        tx: &mut crate::Transaction<'_>,
+        arrival: &Arrival,
+    ) -> Result<std::result::Result<ConversationHandle, ArrivalOutcome>> {
+        let refused = |code, description: String| ArrivalOutcome::Refused { code, description };
+        let check = tx.read_catalog(|catalog| {
+            let Some(service) = catalog.services.get(&arrival.to_service) else {
+                return Ok(Err(refused(
+                    codes::SERVICE_NOT_FOUND,
+                    format!("service {:?} does not exist", arrival.to_service),
+                )));
+            };
+            if !catalog.contracts.contains_key(&arrival.contract) {
+                return Ok(Err(refused(
+                    codes::CONTRACT_NOT_FOUND,
+                    format!("contract {:?} does not exist", arrival.contract),
+                )));
+            }
+            if !service.contracts.contains(&arrival.contract) {
+                return Ok(Err(refused(
+                    codes::CONTRACT_NOT_ACCEPTED,
+                    format!(
+                        "service {:?} does not accept contract {:?}",
+                        arrival.to_service, arrival.contract
+                    ),
+                )));
+            }
+            Ok(Ok(()))
+        })?;
+        if let Err(refused) = check {
+            return Ok(Err(refused));
+        }
+        let handle = ConversationHandle::random();
+        tx.push_op(&Op::AcceptDialog(RemoteDialogRecord {
+            handle,
+            conversation_id: arrival.conversation_id,
+            group: ConversationGroupId::random(),
+            service: arrival.to_service.clone(),
+            far_service: arrival.from_service.clone(),
+            contract: arrival.contract.clone(),
+            far_broker_instance: arrival.source_broker,
+            expires_at_ms: arrival.expires_at_ms,
+        }));
+        Ok(Ok(handle))
+    }
+}
+
+/// Checks a message against this broker's catalog: its type, who may send it, its body.
+fn check_message(
+    tx: &mut crate::Transaction<'_>,
+    arrival: &Arrival,
+) -> Result<std::result::Result<(), ArrivalOutcome>> {
+    if system::is_system_message_type(&arrival.message_type) {
+        return Ok(Ok(()));
+    }
+    tx.read_catalog(|catalog| {
+        let refused =
+            |code, description: String| Ok(Err(ArrivalOutcome::Refused { code, description }));
+        let Some(message_type) = catalog.message_types.get(&arrival.message_type) else {
+            return refused(
+                codes::MESSAGE_TYPE_NOT_FOUND,
+                format!("message type {:?} does not exist", arrival.message_type),
+            );
+        };
+        let sent_by = catalog
+            .contracts
+            .get(&arrival.contract)
+            .and_then(|c| c.messages.get(&arrival.message_type));
+        match sent_by {
+            None => {
+                return refused(
+                    codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
+                    format!(
+                        "message type {:?} is not part of contract {:?}",
+                        arrival.message_type, arrival.contract
+                    ),
+                );
+            }
+            Some(sent_by) if !sent_by.allows(arrival.from_initiator) => {
+                return refused(
+                    codes::WRONG_SENDER,
+                    format!(
+                        "message type {:?} may not be sent by the {}",
+                        arrival.message_type,
+                        if arrival.from_initiator {
+                            "initiator"
+                        } else {
+                            "target"
+                        }
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+        if let Err(e) = message_type
+            .validation
+            .check(&arrival.message_type, &arrival.body)
+        {
+            return refused(codes::VALIDATION_FAILED, e.to_string());
+        }
+        Ok(Ok(()))
+    })
+}

@@ -1,0 +1,400 @@
+//! Dialogs between two brokers, with the network replaced by a pump that moves the
+//! transmission queue of one broker into the other (`outbound` → `accept_arrivals`) and the
+//! acknowledgements back (`transmitted`), losing, repeating and reordering on demand: what the
+//! engine guarantees — exactly once, in order per conversation, END and errors crossing — does
+//! not depend on the network being kind.
+
+use herald_engine::remote::{Arrival, ArrivalOutcome, codes};
+use herald_engine::{
+    Broker, ConversationHandle, DialogOptions, Durability, EndpointState, Options, QueueOptions,
+    Receive, Route, RouteAddress, RouteChoice, SentBy, Validation, invariants, system,
+};
+
+const ASK: &str = "//t/Ask";
+const TELL: &str = "//t/Tell";
+const CONTRACT: &str = "//t/Talk";
+
+fn options() -> Options {
+    Options {
+        durability: Durability::None,
+        segment_bytes: 1024 * 1024,
+        ..Options::default()
+    }
+}
+
+/// Broker A hosts `//t/Client` (queue `Client`), broker B `//t/Server` (queue `Server`,
+/// accepting the contract); each has a route to the other's service.
+fn pair(a_dir: &std::path::Path, b_dir: &std::path::Path) -> (Broker, Broker) {
+    let a = Broker::open(a_dir, options()).unwrap();
+    let b = Broker::open(b_dir, options()).unwrap();
+    for (broker, queue, service, accepts, far, far_address) in [
+        (
+            &a,
+            "Client",
+            "//t/Client",
+            false,
+            "//t/Server",
+            "quic://b.example:4022",
+        ),
+        (
+            &b,
+            "Server",
+            "//t/Server",
+            true,
+            "//t/Client",
+            "quic://a.example:4022",
+        ),
+    ] {
+        if !broker.catalog().services.is_empty() {
+            continue;
+        }
+        let mut tx = broker.begin();
+        tx.create_message_type(ASK, Validation::Utf8).unwrap();
+        tx.create_message_type(TELL, Validation::None).unwrap();
+        tx.create_contract(CONTRACT, &[(ASK, SentBy::Initiator), (TELL, SentBy::Any)])
+            .unwrap();
+        tx.create_queue(queue, QueueOptions::default()).unwrap();
+        let contracts: &[&str] = if accepts { &[CONTRACT] } else { &[] };
+        tx.create_service(service, queue, contracts).unwrap();
+        tx.create_route(Route {
+            name: "far".into(),
+            service_name: Some(far.into()),
+            broker_instance: None,
+            address: RouteAddress::parse(far_address).unwrap(),
+            expires_at_ms: None,
+        })
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    (a, b)
+}
+
+/// Moves `from`'s transmission queue into `to` (every message, in order, after `shuffle` picked
+/// and ordered them), and the acknowledgements and refusals back. Returns the outcomes.
+fn pump(
+    from: &Broker,
+    to: &Broker,
+    shuffle: impl Fn(&mut Vec<Arrival>, &mut Vec<u64>),
+) -> Vec<ArrivalOutcome> {
+    let outbound = from.outbound(None, 10_000);
+    let mut ids: Vec<u64> = outbound.iter().map(|m| m.id).collect();
+    let mut arrivals: Vec<Arrival> = outbound
+        .iter()
+        .map(|m| {
+            assert!(
+                matches!(m.route, RouteChoice::Remote { .. }),
+                "{:?}",
+                m.route
+            );
+            Arrival {
+                conversation_id: m.conversation_id,
+                from_initiator: m.from_initiator,
+                sequence: m.sequence,
+                from_service: m.from_service.clone(),
+                to_service: m.to_service.clone(),
+                contract: m.contract.clone(),
+                message_type: m.message_type.clone(),
+                body: m.body.to_vec(),
+                source_broker: from.broker_instance(),
+                expires_at_ms: m.expires_at_ms,
+            }
+        })
+        .collect();
+    shuffle(&mut arrivals, &mut ids);
+    let outcomes = to.accept_arrivals(&arrivals).unwrap();
+    let mut acked = Vec::new();
+    for ((arrival, id), outcome) in arrivals.iter().zip(&ids).zip(&outcomes) {
+        match outcome {
+            ArrivalOutcome::Accepted | ArrivalOutcome::Duplicate => acked.push(*id),
+            ArrivalOutcome::Gap => {}
+            ArrivalOutcome::Refused { code, description } => from
+                .remote_failed(
+                    arrival.conversation_id,
+                    arrival.from_initiator,
+                    *code,
+                    description,
+                )
+                .unwrap(),
+        }
+    }
+    from.transmitted(&acked, Some(to.broker_instance()))
+        .unwrap();
+    outcomes
+}
+
+fn all(_: &mut Vec<Arrival>, _: &mut Vec<u64>) {}
+
+fn receive_all(broker: &Broker, queue: &str) -> Vec<(ConversationHandle, String, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let mut tx = broker.begin();
+        let batch = tx.receive(queue, Receive::top(1000)).unwrap();
+        tx.commit().unwrap();
+        if batch.is_empty() {
+            return got;
+        }
+        got.extend(batch.iter().map(|m| {
+            (
+                m.conversation_handle,
+                m.message_type.to_string(),
+                m.body().to_vec(),
+            )
+        }));
+    }
+}
+
+fn begin(a: &Broker, asks: &[&str]) -> ConversationHandle {
+    let mut tx = a.begin();
+    let h = tx
+        .begin_dialog(
+            "//t/Client",
+            "//t/Server",
+            CONTRACT,
+            DialogOptions::default(),
+        )
+        .unwrap();
+    for ask in asks {
+        tx.send(h, ASK, ask.as_bytes()).unwrap();
+    }
+    tx.commit().unwrap();
+    h
+}
+
+#[test]
+fn a_dialog_crosses_brokers_both_ways_exactly_once_and_in_order() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["one", "two", "three"]);
+    let queued = a.transmission_queue();
+    assert_eq!(queued.len(), 3);
+    assert_eq!(queued[0].to_service, "//t/Server");
+    assert_eq!(queued[0].transmission_status, "", "not attempted yet");
+    // Lost: the acknowledgements never come back, so everything is sent again.
+    let first = pump(&a, &b, |arrivals, ids| {
+        arrivals.truncate(2);
+        ids.clear();
+    });
+    assert_eq!(first, [ArrivalOutcome::Accepted, ArrivalOutcome::Accepted]);
+    // Reordered: the third before the rest.
+    let second = pump(&a, &b, |arrivals, ids| {
+        arrivals.rotate_right(1);
+        ids.rotate_right(1);
+    });
+    assert_eq!(
+        second,
+        [
+            ArrivalOutcome::Accepted,
+            ArrivalOutcome::Duplicate,
+            ArrivalOutcome::Duplicate
+        ]
+    );
+    assert!(a.transmission_queue().is_empty(), "all acknowledged");
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().far_broker_instance,
+        Some(b.broker_instance()),
+        "pinned by the first acknowledgement"
+    );
+    let got = receive_all(&b, "Server");
+    let bodies: Vec<&[u8]> = got.iter().map(|(_, _, body)| &body[..]).collect();
+    assert_eq!(bodies, [&b"one"[..], b"two", b"three"]);
+    let target = got[0].0;
+    // The reply goes back the same way.
+    let mut tx = b.begin();
+    tx.send(target, TELL, b"done").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(pump(&b, &a, all), [ArrivalOutcome::Accepted]);
+    let got = receive_all(&a, "Client");
+    assert_eq!(got, [(h, TELL.to_owned(), b"done".to_vec())]);
+    invariants::check_idle(&a).unwrap();
+    invariants::check_idle(&b).unwrap();
+}
+
+#[test]
+fn end_conversation_crosses_brokers_and_both_sides_go() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["only"]);
+    let mut tx = a.begin();
+    tx.end_conversation(h).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::DisconnectedOutbound,
+        "waiting for the far side to acknowledge the end"
+    );
+    let queued = a.transmission_queue();
+    assert!(
+        queued[1].is_end_of_dialog,
+        "EndDialog after the message sent before it"
+    );
+    // Deliver everything but lose the acknowledgements once, then again.
+    let outbound_before = a.outbound(None, 100).len();
+    pump(&a, &b, |_, ids| ids.clear());
+    assert_eq!(a.outbound(None, 100).len(), outbound_before);
+    pump(&a, &b, all);
+    assert!(
+        a.conversation_endpoint(h).is_none(),
+        "gone once its end is acknowledged"
+    );
+    let got = receive_all(&b, "Server");
+    assert_eq!(
+        got.iter().map(|(_, t, _)| t.as_str()).collect::<Vec<_>>(),
+        [ASK, system::END_DIALOG]
+    );
+    let target = got[0].0;
+    assert_eq!(
+        b.conversation_endpoint(target).unwrap().state,
+        EndpointState::DisconnectedInbound
+    );
+    let mut tx = b.begin();
+    tx.end_conversation(target).unwrap();
+    tx.commit().unwrap();
+    assert!(
+        b.conversation_endpoint(target).is_none(),
+        "the far side ended first"
+    );
+    assert!(b.transmission_queue().is_empty(), "nothing to tell it");
+    invariants::check_idle(&a).unwrap();
+    invariants::check_idle(&b).unwrap();
+}
+
+#[test]
+fn end_with_error_and_refusals_reach_the_initiator_as_errors() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["question"]);
+    pump(&a, &b, all);
+    let target = receive_all(&b, "Server")[0].0;
+    let mut tx = b.begin();
+    tx.send(target, TELL, b"never read").unwrap();
+    tx.end_conversation_with_error(target, 42, "cannot serve")
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        b.transmission_queue().len(),
+        1,
+        "WITH ERROR drops what was not sent"
+    );
+    pump(&b, &a, all);
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Error
+    );
+    let got = receive_all(&a, "Client");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        system::parse_error_body(&got[0].2).unwrap(),
+        (42, "cannot serve".into())
+    );
+    assert!(
+        b.conversation_endpoint(target).is_none(),
+        "its error was acknowledged"
+    );
+
+    // A dialog on a contract the far service does not accept is refused there.
+    let mut tx = a.begin();
+    let refused = tx
+        .begin_dialog(
+            "//t/Client",
+            "//t/Server",
+            "DEFAULT",
+            DialogOptions::default(),
+        )
+        .unwrap();
+    tx.send(refused, "DEFAULT", b"x").unwrap();
+    tx.commit().unwrap();
+    let outcomes = pump(&a, &b, all);
+    assert!(matches!(
+        outcomes[..],
+        [ArrivalOutcome::Refused {
+            code: codes::CONTRACT_NOT_ACCEPTED,
+            ..
+        }]
+    ));
+    assert_eq!(
+        a.conversation_endpoint(refused).unwrap().state,
+        EndpointState::Error
+    );
+    assert!(a.transmission_queue().is_empty());
+    let got = receive_all(&a, "Client");
+    assert_eq!(
+        system::parse_error_body(&got[0].2).unwrap().0,
+        codes::CONTRACT_NOT_ACCEPTED
+    );
+    invariants::check_idle(&a).unwrap();
+    invariants::check_idle(&b).unwrap();
+}
+
+#[test]
+fn without_a_route_messages_wait_and_go_once_one_exists() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let mut tx = a.begin();
+    tx.drop_route("far").unwrap();
+    tx.commit().unwrap();
+    begin(&a, &["patience"]);
+    let queued = a.transmission_queue();
+    assert!(
+        queued[0].transmission_status.contains("no route"),
+        "{queued:?}"
+    );
+    assert_eq!(a.outbound(None, 10)[0].route, RouteChoice::NoRoute);
+    let mut tx = a.begin();
+    tx.create_route(Route {
+        name: "far".into(),
+        service_name: None,
+        broker_instance: None,
+        address: RouteAddress::parse("quic://b.example:4022").unwrap(),
+        expires_at_ms: None,
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    assert!(matches!(
+        a.outbound(None, 10)[0].route,
+        RouteChoice::Remote { .. }
+    ));
+}
+
+#[test]
+fn the_transmission_queue_and_remote_endpoints_survive_restarts() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for checkpoint in [false, true] {
+        let h = {
+            let (a, b) = pair(a_dir.path(), b_dir.path());
+            let h = begin(&a, &["1", "2"]);
+            pump(&a, &b, |arrivals, ids| {
+                arrivals.truncate(1);
+                ids.clear();
+            });
+            if checkpoint {
+                a.checkpoint().unwrap();
+                b.checkpoint().unwrap();
+            }
+            h
+        };
+        let (a, b) = pair(a_dir.path(), b_dir.path());
+        assert_eq!(
+            a.transmission_queue().len(),
+            2,
+            "unacknowledged: still queued"
+        );
+        assert_eq!(
+            pump(&a, &b, all),
+            [ArrivalOutcome::Duplicate, ArrivalOutcome::Accepted],
+            "the far side remembers what it has"
+        );
+        assert!(a.transmission_queue().is_empty());
+        let got = receive_all(&b, "Server");
+        assert_eq!(got.len(), 2);
+        let mut tx = a.begin();
+        tx.end_conversation(h).unwrap();
+        tx.commit().unwrap();
+        pump(&a, &b, all);
+        let mut tx = b.begin();
+        tx.end_conversation(got[0].0).unwrap();
+        tx.commit().unwrap();
+        receive_all(&b, "Server");
+        invariants::check_idle(&a).unwrap();
+        invariants::check_idle(&b).unwrap();
+    }
+}
