@@ -242,9 +242,11 @@ impl Figure {
     }
 }
 
-/// `850 µs`, `12.3 ms`, `1.23 s`.
+/// `4.2 µs`, `850 µs`, `12.3 ms`, `1.23 s`.
 fn seconds(value: f64) -> String {
-    if value < 1e-3 {
+    if value < 10e-6 {
+        format!("{:.1} µs", value * 1e6)
+    } else if value < 1e-3 {
         format!("{:.0} µs", value * 1e6)
     } else if value < 1.0 {
         format!("{:.1} ms", value * 1e3)
@@ -283,6 +285,8 @@ mod tests {
         let reopen = Figure::seconds("reopen", 2.5);
         assert_eq!(reopen.equation(), "reopen = 2.50 s");
         assert_eq!(Figure::seconds("scan", 0.0123).rate(), "12.3 ms");
+        assert_eq!(Figure::seconds("wake", 4.24e-6).rate(), "4.2 µs");
+        assert_eq!(Figure::seconds("wake", 42.4e-6).rate(), "42 µs");
         assert_eq!(
             report.compare("reopen", &reopen, None, Some(Target::AtMost(1.0))),
             Some(false)
