@@ -791,7 +791,10 @@ impl BrokerCore {
         let touched = state.take_touched();
         let events = std::mem::take(&mut state.events);
         let deadlines_moved = state.deadlines.first().map(|d| d.0) != next_deadline;
+        let done = state.applied_through >= appended.lsn;
         drop(state);
+        // Wake waiters with no lock held, so that what they wake for is not held up by this
+        // thread (a woken receiver needs the state lock at once).
         self.signal_queues(touched);
         for event in events {
             self.events.publish(event);
@@ -800,6 +803,9 @@ impl BrokerCore {
             self.timers.wake();
         }
         applied?;
+        if done {
+            return Ok(payload.len() as u64);
+        }
         // The caller releases its locks only once its record is applied, so the next owner of a
         // group sees it: wait for the records before it, which their committers are applying.
         let mut state = self.state.lock();
