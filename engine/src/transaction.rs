@@ -861,6 +861,12 @@ impl<'b> Transaction<'b> {
             .conversations
             .iter()
             .filter(|(handle, _)| what.conversation.is_none_or(|h| h == **handle))
+            // A conversation this transaction ended has no messages left for it.
+            .filter(|(handle, _)| {
+                self.endpoints
+                    .get(handle)
+                    .is_none_or(|e| !e.state.is_ended())
+            })
             .filter_map(|(handle, messages)| {
                 Some((
                     std::cmp::Reverse(messages.priority),
