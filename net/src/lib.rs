@@ -12,7 +12,9 @@
 #![deny(unsafe_code)]
 
 mod error;
+pub mod identity;
 pub mod proto;
+pub mod quic;
 
 pub use error::{Error, Result};
 
