@@ -18,7 +18,8 @@ use herald_net::identity::{
 };
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
 use herald_net::quic::{
-    CLOSE_PROTOCOL_VIOLATION, PeerKey, Transport, TransportConfig, TransportEvent, client_config,
+    CLOSE_PROTOCOL_VIOLATION, PEERS_MAX, PeerKey, Transport, TransportConfig, TransportEvent,
+    client_config,
 };
 use parking_lot::Mutex;
 use rustls::pki_types::PrivateKeyDer;
@@ -673,6 +674,47 @@ async fn a_trusted_peer_sending_garbage_is_closed_and_others_are_still_served() 
     endpoint.close(0u32.into(), b"done");
     a.transport.shutdown().await;
     b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_holds_at_most_peers_max_sessions() {
+    init_tracing();
+    let stranger = NodeIdentity::generate().unwrap().fingerprint();
+    let a = Node::start(
+        NodeIdentity::generate().unwrap(),
+        Trust::pinned([stranger]),
+        loopback(),
+    )
+    .unwrap();
+    // Loopback addresses where nobody listens: each send makes a dialed session.
+    let address = |n: usize| SocketAddr::from(([127, 1, (n / 256) as u8, (n % 256) as u8], 9));
+    for n in 0..PEERS_MAX {
+        a.transport
+            .send(address(n), message(n as u64, 1, true, 1, Vec::new()))
+            .unwrap();
+    }
+    assert_eq!(
+        a.transport
+            .send(address(PEERS_MAX), message(0, 1, true, 1, Vec::new()))
+            .unwrap_err(),
+        Error::TooManyPeers { max: PEERS_MAX }
+    );
+    // A peer that has a session is still served.
+    a.transport
+        .send(address(0), message(1, 1, true, 2, Vec::new()))
+        .unwrap();
+    assert_eq!(
+        a.transport
+            .unacknowledged_messages(&PeerKey::Dialed(address(0))),
+        2
+    );
+    a.transport.shutdown().await;
+    assert_eq!(
+        a.transport
+            .send(address(0), message(2, 1, true, 3, Vec::new()))
+            .unwrap_err(),
+        Error::ShutDown
+    );
 }
 
 #[test]

@@ -446,7 +446,11 @@ async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut delay = RETRY_DELAY_INITIAL;
     while !shared.is_shutting_down() {
-        let reason = match dial(&shared, addr).await {
+        let attempt = tokio::select! {
+            attempt = dial(&shared, addr) => attempt,
+            _ = until_shut_down(&mut shutdown) => break,
+        };
+        let reason = match attempt {
             Ok((connection, send, recv, fingerprint)) => {
                 let guard = peer.driver.lock().await;
                 let outcome = drive(&shared, &peer, connection, send, recv, fingerprint).await;
