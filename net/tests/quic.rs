@@ -53,6 +53,8 @@ struct Seen {
     disconnected: Vec<(PeerKey, String)>,
     refused: Vec<Fingerprint>,
     going_away: usize,
+    /// Broker errors from peers: (session, conversation, code, description).
+    remote_errors: Vec<(PeerKey, [u8; 16], i32, String)>,
 }
 
 impl Seen {
@@ -185,7 +187,15 @@ fn play_engine(
             }
             Event::Acknowledged { id, .. } => *seen.acknowledged.entry(id).or_default() += 1,
             Event::PeerGoingAway => seen.going_away += 1,
-            Event::RemoteError { .. } | Event::Connected { .. } => {}
+            Event::RemoteError {
+                conversation_id,
+                code,
+                description,
+                ..
+            } => seen
+                .remote_errors
+                .push((peer, conversation_id, code, description)),
+            Event::Connected { .. } => {}
         },
     }
 }
@@ -509,6 +519,34 @@ async fn peers_with_certificates_from_a_trusted_ca_connect_and_others_do_not() {
     }
     assert_stored(&b, &to_b, true);
     assert_stored(&a, &to_a, false);
+
+    // A broker error about a received message goes back on the session it came on.
+    b.transport
+        .send_error(
+            &PeerKey::Accepted(a.fingerprint()),
+            [1; 16],
+            false,
+            -8490,
+            "no such service",
+        )
+        .unwrap();
+    a.wait_for("a gets b's error", |seen| !seen.remote_errors.is_empty())
+        .await;
+    assert_eq!(
+        a.seen.lock().remote_errors,
+        [(
+            PeerKey::Dialed(b.addr),
+            [1; 16],
+            -8490,
+            "no such service".to_owned()
+        )]
+    );
+    // A session that never was cannot be acknowledged on.
+    assert!(matches!(
+        b.transport
+            .acknowledge(&PeerKey::Accepted(Fingerprint([7; 32])), [1; 16], true, 1),
+        Err(Error::UnknownPeer { .. })
+    ));
 
     // A self-signed node and one from another CA are refused by the CA-trusting node.
     let other_ca = TestCa::new();
