@@ -18,8 +18,8 @@ use herald_net::identity::{
 };
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
 use herald_net::quic::{
-    CLOSE_PROTOCOL_VIOLATION, PEERS_MAX, PeerKey, Transport, TransportConfig, TransportEvent,
-    client_config,
+    CLOSE_PROTOCOL_VIOLATION, EVENTS_CAPACITY, PEERS_MAX, PeerKey, Transport, TransportConfig,
+    TransportEvent, client_config,
 };
 use parking_lot::Mutex;
 use rustls::pki_types::PrivateKeyDer;
@@ -281,7 +281,10 @@ fn send_many(
 
 /// Every message of `sent` is stored at `node`, once, in order, with its body.
 fn assert_stored(node: &Node, sent: &[(u8, u64, Vec<u8>)], from_initiator: bool) {
-    let seen = node.seen.lock();
+    assert_seen_stored(&node.seen.lock(), sent, from_initiator);
+}
+
+fn assert_seen_stored(seen: &Seen, sent: &[(u8, u64, Vec<u8>)], from_initiator: bool) {
     assert_eq!(seen.gaps, 0, "no message may arrive past a gap");
     let mut expected: HashMap<Direction, Vec<(u64, &[u8])>> = HashMap::new();
     for (conversation, sequence, body) in sent {
@@ -712,6 +715,73 @@ async fn a_trusted_peer_sending_garbage_is_closed_and_others_are_still_served() 
     endpoint.close(0u32.into(), b"done");
     a.transport.shutdown().await;
     b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothing() {
+    init_tracing();
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let (b, mut b_events) = Transport::bind(TransportConfig {
+        listen: loopback(),
+        identity: b_identity,
+        trust: Trust::pinned([a_identity.fingerprint()]),
+    })
+    .unwrap();
+    let b = Arc::new(b);
+    let b_addr = b.local_addr().unwrap();
+    let count = 3 * EVENTS_CAPACITY as u64;
+    let sent = send_many(&a, b_addr, count, 0, true, 0, 0);
+
+    // B's caller takes nothing: the channel fills to its bound and B stops reading.
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        while b_events.len() < EVENTS_CAPACITY {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the event channel fills");
+    assert_eq!(b_events.len(), EVENTS_CAPACITY);
+
+    // B's engine catches up: every message arrives, once, in order, and is acknowledged once.
+    let seen = Mutex::new(Seen::default());
+    let acknowledging = std::sync::atomic::AtomicBool::new(true);
+    let weak = Arc::downgrade(&b);
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        while seen.lock().stored_count() < count as usize {
+            let event = b_events.recv().await.expect("b runs");
+            play_engine(&weak, &seen, &acknowledging, event);
+        }
+    })
+    .await
+    .expect("b stores every message");
+    let engine = tokio::spawn(async move {
+        while let Some(event) = b_events.recv().await {
+            play_engine(&weak, &seen, &acknowledging, event);
+        }
+        seen
+    });
+    a.wait_for("a's messages are acknowledged", |seen| {
+        seen.acknowledged.len() == count as usize
+    })
+    .await;
+    assert_acknowledged_once(&a, 0..count);
+    a.transport.shutdown().await;
+    b.shutdown().await;
+    drop(b);
+    let seen = tokio::time::timeout(TEST_TIMEOUT, engine)
+        .await
+        .expect("b's events end once it is gone")
+        .unwrap();
+    assert_seen_stored(&seen.lock(), &sent, true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

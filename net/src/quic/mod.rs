@@ -176,6 +176,16 @@ impl Events {
     pub fn try_recv(&mut self) -> Option<TransportEvent> {
         self.receiver.try_recv().ok()
     }
+
+    /// Events waiting (at most [`EVENTS_CAPACITY`]).
+    pub fn len(&self) -> usize {
+        self.receiver.len()
+    }
+
+    /// Whether no event is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
 }
 
 /// A node's QUIC endpoint: listens for peers and dials them. See the module documentation.
