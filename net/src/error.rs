@@ -6,6 +6,8 @@
 //! decode once has lost its framing. Errors from `send`, `send_error` and encoding are the local
 //! caller's mistakes (a name too long, a body too large) and leave the session as it was.
 
+use std::path::PathBuf;
+
 use uuid::Uuid;
 
 /// Result of every fallible `herald-net` operation.
@@ -124,6 +126,56 @@ pub enum Error {
     /// unacknowledged messages; the caller keeps the message and offers it again later.
     #[error("send queue holds {max} messages already")]
     SendQueueFull { max: usize },
+
+    /// A local I/O call failed (identity files, binding the UDP socket). Kept as kind and text
+    /// so that the error stays `Clone` and comparable.
+    #[error("{context}: {message}")]
+    Io {
+        context: String,
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+
+    /// A node identity file exists but does not hold what it should: not parseable, or a key
+    /// that does not belong to the certificate. The node refuses to start rather than make a
+    /// new identity its peers do not trust.
+    #[error("identity file {}: {reason}", path.display())]
+    CorruptIdentity { path: PathBuf, reason: String },
+
+    /// Generating a certificate, or building the TLS or QUIC configuration, failed.
+    #[error("{context}: {reason}")]
+    Tls {
+        context: &'static str,
+        reason: String,
+    },
+
+    /// The trust configuration cannot be used: a fingerprint that is not 64 hex digits, a CA
+    /// certificate that does not parse, or nothing trusted at all.
+    #[error("trust configuration: {reason}")]
+    InvalidTrust { reason: String },
+
+    /// The transport has no session with this peer (an inbound peer that never connected).
+    #[error("no session with peer {peer}")]
+    UnknownPeer { peer: String },
+
+    /// The transport already holds [`PEERS_MAX`](crate::quic::PEERS_MAX) peer sessions.
+    #[error("{max} peer sessions exist already")]
+    TooManyPeers { max: usize },
+
+    /// The transport was shut down.
+    #[error("transport is shut down")]
+    ShutDown,
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>, error: &std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
 }
 
 fn direction(from_initiator: bool) -> &'static str {

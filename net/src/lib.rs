@@ -1,18 +1,32 @@
-//! Herald's network layer: node-to-node delivery over QUIC (quinn) and the client protocol.
+//! Herald's network layer: node-to-node delivery over QUIC (quinn) and, later, the client
+//! protocol.
 //!
-//! Built so far: [`proto`], the sans-IO node-to-node wire protocol: frames with hard size
-//! limits and a streaming decoder, fragmentation and bounded reassembly of large messages, and
-//! [`proto::PeerSession`], the per-peer state machine (handshake, in-flight window, cumulative
-//! acknowledgements after durable commit, retransmission with exponential backoff), driven by
-//! `handle_bytes` / `poll_transmit` / `poll_timeout` with time passed in. `PROTOCOL.md` in this
-//! crate documents the wire format byte by byte.
+//! - [`proto`]: the sans-IO node-to-node wire protocol: frames with hard size limits and a
+//!   streaming decoder, fragmentation and bounded reassembly of large messages, and
+//!   [`proto::PeerSession`], the per-peer state machine (handshake, in-flight window,
+//!   cumulative acknowledgements after durable commit, retransmission with exponential backoff),
+//!   driven by `handle_bytes` / `poll_transmit` / `poll_timeout` with time passed in.
+//! - [`identity`]: the node's broker instance id and certificate, generated on first start and
+//!   kept in a directory ([`identity::NodeIdentity::load_or_create`]); certificate
+//!   [`identity::Fingerprint`]s; [`identity::Trust`] (pinned fingerprints and/or CAs).
+//! - [`quic`]: the transport: [`quic::Transport`] drives one `PeerSession` per peer over a
+//!   long-lived quinn connection with mutual TLS 1.3 (rustls on ring), dials on demand,
+//!   reconnects with backoff, and hands the caller [`quic::TransportEvent`]s through a bounded
+//!   channel. The engine's transmission queue hands messages in with
+//!   [`quic::Transport::send`] and acknowledges received ones with
+//!   [`quic::Transport::acknowledge`] once durable.
 //!
-//! Not built yet: `net::quic` (the quinn driver, one connection per peer, mutual TLS), the
-//! bridge to the engine's transmission queue, the node, and the client protocol.
+//! `PROTOCOL.md` in this crate documents the wire format byte by byte and the transport (ALPN,
+//! TLS, streams, reconnection).
+//!
+//! Not built yet: the bridge to the engine's transmission queue, the node, and the client
+//! protocol (its ALPN will be dispatched beside `herald/1` in the accept loop).
 #![deny(unsafe_code)]
 
 mod error;
+pub mod identity;
 pub mod proto;
+pub mod quic;
 
 pub use error::{Error, Result};
 

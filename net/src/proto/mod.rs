@@ -1,5 +1,5 @@
-//! The sans-IO node-to-node wire protocol: no sockets, no runtime, no clock. `net::quic` (not
-//! built yet) will carry its bytes over one long-lived QUIC stream per peer and call it with the
+//! The sans-IO node-to-node wire protocol: no sockets, no runtime, no clock. [`crate::quic`]
+//! carries its bytes over one long-lived QUIC stream per peer connection and calls it with the
 //! time; everything here is a function of its inputs, so it is tested and fuzzed without I/O.
 //!
 //! - [`frame`]: the frames, their limits, and [`FrameDecoder`] for a byte stream.

@@ -1,0 +1,493 @@
+//! A node's identity and whom it trusts.
+//!
+//! - [`NodeIdentity`]: this node's broker instance id (a UUID) and its certificate and private
+//!   key, generated on first start (rcgen, ECDSA P-256, self-signed) and kept in a directory.
+//! - [`Fingerprint`]: SHA-256 of a certificate's DER bytes; a peer's identity after the TLS
+//!   handshake is its end-entity certificate's fingerprint (and its broker id, from its Hello).
+//! - [`Trust`]: the peers this node accepts: pinned fingerprints and/or CA certificates.
+//!
+//! Invariants of the identity directory:
+//!
+//! 1. Every file is written whole or not at all: to a temporary file, synced, renamed over the
+//!    name, and the directory synced. The key file is created with mode 0600 on Unix.
+//! 2. `broker-id` is written last and marks a complete identity: without it, creation never
+//!    finished (nothing ever ran with those files), so they are made anew. With it, the
+//!    certificate and key must be there and parse, and the key must be the certificate's;
+//!    otherwise loading fails with [`Error::CorruptIdentity`] rather than make a new identity
+//!    that the node's peers would not trust.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// File holding the broker instance id, as a hyphenated UUID and a newline.
+pub const BROKER_ID_FILE: &str = "broker-id";
+/// File holding the node's certificate (PEM).
+pub const CERTIFICATE_FILE: &str = "node.crt.pem";
+/// File holding the node's private key (PKCS #8, PEM), mode 0600 on Unix.
+pub const KEY_FILE: &str = "node.key.pem";
+/// Largest identity file read: a certificate chain of a few certificates fits many times over;
+/// anything larger is not an identity file.
+pub const IDENTITY_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// The subject alternative name of generated certificates. Names are not checked between nodes
+/// (a peer is reached by address and known by its certificate), but a certificate needs one.
+pub const CERTIFICATE_NAME: &str = "herald-node";
+
+/// SHA-256 of a certificate's DER encoding: how a node names a peer's certificate.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of a DER-encoded certificate.
+    pub fn of(certificate_der: &[u8]) -> Fingerprint {
+        let digest = ring::digest::digest(&ring::digest::SHA256, certificate_der);
+        let mut bytes = [0; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        Fingerprint(bytes)
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    /// Lowercase hex, 64 digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl FromStr for Fingerprint {
+    type Err = Error;
+
+    /// 64 hex digits, either case; `:` separators (as `openssl x509 -fingerprint` prints) are
+    /// allowed.
+    fn from_str(text: &str) -> Result<Fingerprint> {
+        let digits: Vec<u8> = text.bytes().filter(|&b| b != b':').collect();
+        let invalid = || Error::InvalidTrust {
+            reason: format!("fingerprint {text:?} is not 64 hex digits"),
+        };
+        if digits.len() != 64 {
+            return Err(invalid());
+        }
+        let mut bytes = [0; 32];
+        for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+            let pair = std::str::from_utf8(pair).map_err(|_| invalid())?;
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| invalid())?;
+        }
+        Ok(Fingerprint(bytes))
+    }
+}
+
+/// This node: its broker instance id, its certificate chain (end-entity first) and private key.
+pub struct NodeIdentity {
+    broker_instance: Uuid,
+    certificate_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    fingerprint: Fingerprint,
+}
+
+impl NodeIdentity {
+    /// Loads the identity kept in `dir`, or makes one (a new broker instance id and a
+    /// self-signed certificate) and writes it there if `dir` holds none. See the module
+    /// documentation for what counts as none, and for corrupt files.
+    pub fn load_or_create(dir: &Path) -> Result<NodeIdentity> {
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
+        let broker_id_path = dir.join(BROKER_ID_FILE);
+        match broker_id_path.try_exists() {
+            Ok(true) => NodeIdentity::load(dir),
+            Ok(false) => {
+                let identity = NodeIdentity::generate()?;
+                identity.write(dir)?;
+                tracing::info!(
+                    broker_instance = %identity.broker_instance,
+                    fingerprint = %identity.fingerprint,
+                    dir = %dir.display(),
+                    "created node identity"
+                );
+                Ok(identity)
+            }
+            Err(e) => Err(Error::io(
+                format!("checking {}", broker_id_path.display()),
+                &e,
+            )),
+        }
+    }
+
+    /// A new identity in memory: a random broker instance id and a self-signed ECDSA P-256
+    /// certificate valid for client and server authentication.
+    pub fn generate() -> Result<NodeIdentity> {
+        let broker_instance = Uuid::new_v4();
+        let key = rcgen::KeyPair::generate().map_err(rcgen_error)?;
+        let params = node_certificate_params(&format!("herald node {broker_instance}"))?;
+        let certificate = params.self_signed(&key).map_err(rcgen_error)?;
+        NodeIdentity::from_parts(
+            broker_instance,
+            vec![certificate.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    /// An identity from its parts, such as a certificate issued by the operators' CA. The chain
+    /// starts with the node's own certificate; the key must be that certificate's.
+    pub fn from_parts(
+        broker_instance: Uuid,
+        certificate_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<NodeIdentity> {
+        check_key_matches(&certificate_chain, &key).map_err(|reason| Error::Tls {
+            context: "checking the node's certificate and key",
+            reason,
+        })?;
+        let fingerprint = Fingerprint::of(&certificate_chain[0]);
+        Ok(NodeIdentity {
+            broker_instance,
+            certificate_chain,
+            key,
+            fingerprint,
+        })
+    }
+
+    /// Writes this identity into `dir` (created if missing), each file atomically and
+    /// `broker-id` last, replacing what was there.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
+        let key_pem = pem("PRIVATE KEY", self.key.secret_der());
+        write_atomically(&dir.join(KEY_FILE), key_pem.as_bytes(), true)?;
+        let certificates: String = self
+            .certificate_chain
+            .iter()
+            .map(|certificate| pem("CERTIFICATE", certificate))
+            .collect();
+        write_atomically(&dir.join(CERTIFICATE_FILE), certificates.as_bytes(), false)?;
+        let broker_id = format!("{}\n", self.broker_instance.hyphenated());
+        write_atomically(&dir.join(BROKER_ID_FILE), broker_id.as_bytes(), false)
+    }
+
+    /// This node's broker instance id.
+    pub fn broker_instance(&self) -> Uuid {
+        self.broker_instance
+    }
+
+    /// SHA-256 of this node's certificate (DER): what peers pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// This node's certificate chain, its own certificate first.
+    pub fn certificate_chain(&self) -> &[CertificateDer<'static>] {
+        &self.certificate_chain
+    }
+
+    /// This node's own certificate (DER).
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.certificate_chain[0]
+    }
+
+    /// This node's private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    fn load(dir: &Path) -> Result<NodeIdentity> {
+        let broker_id_path = dir.join(BROKER_ID_FILE);
+        let text = read_identity_file(&broker_id_path)?;
+        let broker_instance = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|text| Uuid::parse_str(text.trim()).ok())
+            .ok_or_else(|| corrupt(&broker_id_path, "not a UUID"))?;
+
+        let certificate_path = dir.join(CERTIFICATE_FILE);
+        let pem_bytes = read_identity_file(&certificate_path)?;
+        let certificate_chain = CertificateDer::pem_slice_iter(&pem_bytes)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(&certificate_path, &format!("not PEM certificates: {e}")))?;
+        if certificate_chain.is_empty() {
+            return Err(corrupt(&certificate_path, "holds no certificate"));
+        }
+
+        let key_path = dir.join(KEY_FILE);
+        let key = PrivateKeyDer::from_pem_slice(&read_identity_file(&key_path)?)
+            .map_err(|e| corrupt(&key_path, &format!("not a PEM private key: {e}")))?;
+
+        check_key_matches(&certificate_chain, &key).map_err(|reason| {
+            corrupt(
+                &key_path,
+                &format!("does not match {CERTIFICATE_FILE}: {reason}"),
+            )
+        })?;
+        let fingerprint = Fingerprint::of(&certificate_chain[0]);
+        Ok(NodeIdentity {
+            broker_instance,
+            certificate_chain,
+            key,
+            fingerprint,
+        })
+    }
+}
+
+impl Clone for NodeIdentity {
+    fn clone(&self) -> NodeIdentity {
+        NodeIdentity {
+            broker_instance: self.broker_instance,
+            certificate_chain: self.certificate_chain.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+impl fmt::Debug for NodeIdentity {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("broker_instance", &self.broker_instance)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The peers this node accepts: a peer is trusted if its end-entity certificate's fingerprint
+/// is pinned, or if its certificate chains to one of the CA certificates (names are not
+/// checked; a CA-issued node certificate needs the clientAuth and serverAuth extended key
+/// usages, or none). Both sides of every connection check the other.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Pinned end-entity certificate fingerprints (self-signed node certificates).
+    pub pinned: Vec<Fingerprint>,
+    /// Trusted CA certificates (DER).
+    pub ca_certificates: Vec<CertificateDer<'static>>,
+}
+
+impl Trust {
+    /// Trusts no one yet.
+    pub fn new() -> Trust {
+        Trust::default()
+    }
+
+    /// Trusts exactly these fingerprints.
+    pub fn pinned(fingerprints: impl IntoIterator<Item = Fingerprint>) -> Trust {
+        Trust {
+            pinned: fingerprints.into_iter().collect(),
+            ca_certificates: Vec::new(),
+        }
+    }
+
+    /// Also trusts a certificate with this fingerprint.
+    pub fn pin(mut self, fingerprint: Fingerprint) -> Trust {
+        self.pinned.push(fingerprint);
+        self
+    }
+
+    /// Also trusts every certificate in `pem` as a CA.
+    pub fn add_ca_pem(mut self, pem: &[u8]) -> Result<Trust> {
+        let certificates = CertificateDer::pem_slice_iter(pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidTrust {
+                reason: format!("CA certificates are not PEM: {e}"),
+            })?;
+        if certificates.is_empty() {
+            return Err(Error::InvalidTrust {
+                reason: "CA PEM holds no certificate".into(),
+            });
+        }
+        self.ca_certificates.extend(certificates);
+        Ok(self)
+    }
+
+    /// Also trusts this CA certificate (DER).
+    pub fn add_ca(mut self, certificate: CertificateDer<'static>) -> Trust {
+        self.ca_certificates.push(certificate);
+        self
+    }
+
+    /// Whether a certificate with this fingerprint is pinned.
+    pub fn is_pinned(&self, fingerprint: &Fingerprint) -> bool {
+        self.pinned.contains(fingerprint)
+    }
+}
+
+/// Certificate parameters of a node certificate: the name [`CERTIFICATE_NAME`], the given
+/// common name, and both client and server authentication (every node is both). Public so that
+/// tests and tools can issue node certificates from a CA with the same parameters.
+pub fn node_certificate_params(common_name: &str) -> Result<rcgen::CertificateParams> {
+    let mut params =
+        rcgen::CertificateParams::new(vec![CERTIFICATE_NAME.to_owned()]).map_err(rcgen_error)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+fn rcgen_error(error: rcgen::Error) -> Error {
+    Error::Tls {
+        context: "generating the node certificate",
+        reason: error.to_string(),
+    }
+}
+
+fn corrupt(path: &Path, reason: &str) -> Error {
+    Error::CorruptIdentity {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Whether `key` is the private key of the chain's first certificate.
+fn check_key_matches(
+    certificate_chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> std::result::Result<(), String> {
+    if certificate_chain.is_empty() {
+        return Err("no certificate".into());
+    }
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certificate_chain.to_vec(), key.clone_key(), &provider)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn read_identity_file(path: &Path) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => corrupt(path, "missing (broker-id exists)"),
+        _ => Error::io(format!("opening {}", path.display()), &e),
+    })?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, IDENTITY_FILE_BYTES_MAX + 1),
+        &mut bytes,
+    )
+    .map_err(|e| Error::io(format!("reading {}", path.display()), &e))?;
+    if bytes.len() as u64 > IDENTITY_FILE_BYTES_MAX {
+        return Err(corrupt(
+            path,
+            &format!("larger than {IDENTITY_FILE_BYTES_MAX} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside it, synced, renamed
+/// over `path`, and the directory synced so the rename survives a crash.
+fn write_atomically(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp: PathBuf = dir.join(format!(".{file_name}.tmp"));
+    let context = |what: &str| format!("{what} {}", temp.display());
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut file = options
+        .open(&temp)
+        .map_err(|e| Error::io(context("creating"), &e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io(context("writing"), &e))?;
+    file.sync_all()
+        .map_err(|e| Error::io(context("syncing"), &e))?;
+    drop(file);
+    fs::rename(&temp, path).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", temp.display(), path.display()),
+            &e,
+        )
+    })?;
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), &e))?;
+    Ok(())
+}
+
+/// PEM armour around DER bytes, 64 base64 characters a line.
+fn pem(label: &str, der: &[u8]) -> String {
+    let encoded = base64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_pads_like_the_rfc() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foob"), "Zm9vYg==");
+    }
+
+    #[test]
+    fn a_fingerprint_prints_and_parses_as_64_hex_digits() {
+        let fingerprint = Fingerprint::of(b"certificate");
+        let text = fingerprint.to_string();
+        assert_eq!(text.len(), 64);
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(text.parse::<Fingerprint>().unwrap(), fingerprint);
+        assert_eq!(
+            text.to_uppercase().parse::<Fingerprint>().unwrap(),
+            fingerprint
+        );
+        assert!(text[..62].parse::<Fingerprint>().is_err());
+        assert!(format!("{}zz", &text[..62]).parse::<Fingerprint>().is_err());
+    }
+}

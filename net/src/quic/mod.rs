@@ -1,0 +1,782 @@
+//! The QUIC transport: drives one [`PeerSession`] per peer over quinn, with mutual TLS 1.3
+//! ([`tls`]). This is the thin I/O half of the protocol; every decision about frames, windows,
+//! acknowledgements and retransmission is `proto`'s.
+//!
+//! # Runtime
+//!
+//! A [`Transport`] runs on the tokio runtime it is bound on ([`Transport::bind`] inside a
+//! runtime, or [`Transport::bind_on`] with a handle): it spawns an accept task and one task per
+//! peer there. [`Transport::send`], [`Transport::acknowledge`] and [`Transport::send_error`] are
+//! plain synchronous calls that never block on the network (they hand the work to the peer's
+//! session under a short lock and wake its task), so an engine thread outside the runtime can
+//! call them; [`Events::recv`] and [`Events::blocking_recv`] serve async and thread callers.
+//!
+//! # Peers and connections
+//!
+//! A peer session is keyed by a [`PeerKey`]:
+//!
+//! - [`PeerKey::Dialed`]`(address)`: the connection this node opens to an address, made on the
+//!   first [`Transport::send`] (or acknowledge, or error) to it and kept open; when it is lost it
+//!   is made again after [`RETRY_DELAY_INITIAL`], doubling to [`RETRY_DELAY_MAX`], for as long
+//!   as the transport runs. Each new connection starts with [`PeerSession::reset`], so every
+//!   unacknowledged message is sent again, in order, first.
+//! - [`PeerKey::Accepted`]`(fingerprint)`: connections a peer opens to this node, keyed by its
+//!   certificate's fingerprint; a new connection from the same certificate replaces the old one
+//!   (which is closed) and continues its session (pending acknowledgements are kept).
+//!
+//! Messages this node sends always go on its dialed connection to the address. Messages it
+//! receives arrive as [`TransportEvent::Session`] with the key of the session they came on,
+//! and their acknowledgements (and broker errors about them) go back on that same session:
+//! pass the event's key to [`Transport::acknowledge`]. So when two nodes each dial the other
+//! (a "simultaneous open"), both connections stay: each carries its own direction's messages
+//! and the acknowledgements of the other's. Nothing needs to decide which one wins.
+//!
+//! # One connection
+//!
+//! The dialing side opens one bidirectional stream; each side writes its `PeerSession`'s frames
+//! on its half, in batches of up to `TRANSMIT_BYTES_MAX` (one write per batch), and a reader task
+//! feeds what arrives to `handle_bytes`. Reading and writing are separate tasks, so a write
+//! blocked on flow control never stops the reads the peer is waiting for. Retransmission timers
+//! (`poll_timeout` / `handle_timeout`) sleep on `tokio::time`. A protocol violation closes the
+//! connection with [`CLOSE_PROTOCOL_VIOLATION`] and the reason.
+//!
+//! # Back-pressure
+//!
+//! Events wait in a channel of [`EVENTS_CAPACITY`]; when it is full, the reader tasks wait for
+//! the caller, which stops reading from the network and lets QUIC's flow control slow the
+//! peers. [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
+//! messages per peer with `Error::SendQueueFull`: the engine keeps them and offers them again.
+
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::identity::{Fingerprint, NodeIdentity, Trust};
+use crate::proto::{Event, OutgoingMessage, PeerSession, RETRY_DELAY_INITIAL, RETRY_DELAY_MAX};
+pub use tls::{ALPN_NODE, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, client_config, server_config};
+
+/// Events buffered for the caller; past it the transport stops reading from its peers until the
+/// caller catches up.
+pub const EVENTS_CAPACITY: usize = 4096;
+
+/// Most peer sessions (dialed and accepted) one transport holds; more are refused.
+pub const PEERS_MAX: usize = 1024;
+
+/// Longest wait for a dialed connection's handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait, after an accepted connection's handshake, for the peer to open its stream.
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest chunk read from a stream at once.
+pub const READ_CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+/// Longest [`Transport::shutdown`] waits for the GoAway to be delivered and the connections to
+/// close before it drops them.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The TLS server name a node dials with. Names are not checked (see [`tls`]), but QUIC needs one.
+pub const SERVER_NAME: &str = crate::identity::CERTIFICATE_NAME;
+
+/// Application close code: the transport is shutting down (after its GoAway).
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
+/// Application close code: the peer broke the protocol (the reason says how).
+pub const CLOSE_PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(1);
+/// Application close code: another connection from the same certificate replaced this one.
+pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(2);
+/// Application close code: the connection's ALPN is not served here.
+pub const CLOSE_UNKNOWN_ALPN: VarInt = VarInt::from_u32(3);
+/// Application close code: the transport holds [`PEERS_MAX`] sessions.
+pub const CLOSE_TOO_MANY_PEERS: VarInt = VarInt::from_u32(4);
+/// Application close code: the protocol stream ended or failed, so the connection has no use.
+pub const CLOSE_STREAM_ENDED: VarInt = VarInt::from_u32(5);
+
+/// Which session a peer's traffic is on. See the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKey {
+    /// The connection this node opens to an address.
+    Dialed(SocketAddr),
+    /// Connections a peer opens to this node, by its certificate's fingerprint.
+    Accepted(Fingerprint),
+}
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerKey::Dialed(addr) => write!(f, "dialed {addr}"),
+            PeerKey::Accepted(fingerprint) => write!(f, "accepted {fingerprint}"),
+        }
+    }
+}
+
+/// What a transport tells its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// A connection is up and the peer's Hello arrived.
+    Connected {
+        peer: PeerKey,
+        addr: SocketAddr,
+        fingerprint: Fingerprint,
+        broker_instance: Uuid,
+    },
+    /// A protocol event of a session (never `Event::Connected`, which becomes
+    /// [`TransportEvent::Connected`]): a received message (acknowledge it with this `peer`), an
+    /// acknowledged one, a remote broker error, a peer going away.
+    Session { peer: PeerKey, event: Event },
+    /// A connection was lost or could not be made; a dialed peer is dialed again after its
+    /// backoff. `reason` is for the operator (the engine's `transmission_status`).
+    Disconnected { peer: PeerKey, reason: String },
+    /// A peer's certificate was refused during a handshake (either side).
+    Refused {
+        fingerprint: Fingerprint,
+        reason: String,
+    },
+}
+
+/// Configuration of a [`Transport`].
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// The UDP address to listen on (port 0: any free port, see [`Transport::local_addr`]).
+    pub listen: SocketAddr,
+    pub identity: NodeIdentity,
+    pub trust: Trust,
+}
+
+/// The receiving end of a transport's events (bounded by [`EVENTS_CAPACITY`]).
+#[derive(Debug)]
+pub struct Events {
+    receiver: mpsc::Receiver<TransportEvent>,
+}
+
+impl Events {
+    /// The next event; `None` once the transport is shut down and every event was taken.
+    pub async fn recv(&mut self) -> Option<TransportEvent> {
+        self.receiver.recv().await
+    }
+
+    /// The next event, blocking the thread (not for use inside the runtime).
+    pub fn blocking_recv(&mut self) -> Option<TransportEvent> {
+        self.receiver.blocking_recv()
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<TransportEvent> {
+        self.receiver.try_recv().ok()
+    }
+
+    /// Events waiting (at most [`EVENTS_CAPACITY`]).
+    pub fn len(&self) -> usize {
+        self.receiver.len()
+    }
+
+    /// Whether no event is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
+}
+
+/// A node's QUIC endpoint: listens for peers and dials them. See the module documentation.
+#[derive(Debug)]
+pub struct Transport {
+    shared: Arc<Shared>,
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting peers on the current tokio runtime (call from
+    /// within one).
+    pub fn bind(config: TransportConfig) -> Result<(Transport, Events)> {
+        let runtime = Handle::try_current().map_err(|e| Error::Tls {
+            context: "binding the QUIC transport (no tokio runtime)",
+            reason: e.to_string(),
+        })?;
+        Transport::bind_on(&runtime, config)
+    }
+
+    /// Binds the endpoint and starts accepting peers on the runtime of `runtime`; callable from
+    /// any thread.
+    pub fn bind_on(runtime: &Handle, config: TransportConfig) -> Result<(Transport, Events)> {
+        let _entered = runtime.enter();
+        let (event_sender, receiver) = mpsc::channel(EVENTS_CAPACITY);
+        let refusals = event_sender.clone();
+        let on_refused: tls::OnRefused = Arc::new(move |fingerprint, reason| {
+            // Best-effort: the refusal is logged either way, and a full channel must not stall
+            // a handshake.
+            let _ = refusals.try_send(TransportEvent::Refused {
+                fingerprint,
+                reason,
+            });
+        });
+        let server_config =
+            tls::server_config_with(&config.identity, &config.trust, on_refused.clone())?;
+        let client_config = tls::client_config_with(&config.identity, &config.trust, on_refused)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|e| Error::io(format!("binding UDP {}", config.listen), &e))?;
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            runtime: runtime.clone(),
+            endpoint,
+            client_config,
+            broker_instance: *config.identity.broker_instance().as_bytes(),
+            identity: config.identity,
+            peers: Mutex::new(HashMap::new()),
+            events: event_sender,
+            shutdown,
+            shut_down: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let accept = runtime.spawn(accept_loop(shared.clone()));
+        shared.tasks.lock().push(accept);
+        tracing::info!(
+            addr = ?shared.endpoint.local_addr().ok(),
+            fingerprint = %shared.identity.fingerprint(),
+            "QUIC transport listening"
+        );
+        Ok((Transport { shared }, Events { receiver }))
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.shared
+            .endpoint
+            .local_addr()
+            .map_err(|e| Error::io("reading the endpoint's address", &e))
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.shared.identity
+    }
+
+    /// Queues a message for the node at `peer`, dialing it if there is no connection yet. The
+    /// message stays queued (and is sent again after each reconnection) until the peer
+    /// acknowledges it ([`Event::Acknowledged`]). Fails as `PeerSession::send` does, or if the
+    /// transport is shut down.
+    pub fn send(&self, peer: SocketAddr, message: OutgoingMessage) -> Result<()> {
+        self.shared
+            .with_session(PeerKey::Dialed(peer), |session| session.send(message))
+    }
+
+    /// Acknowledges, on the session `peer` they arrived on, every message of a conversation
+    /// direction up to `sequence` (call once they are durable; see `PeerSession::acknowledge`).
+    pub fn acknowledge(
+        &self,
+        peer: &PeerKey,
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        sequence: u64,
+    ) -> Result<()> {
+        self.shared.with_session(*peer, |session| {
+            session.acknowledge(conversation_id, from_initiator, sequence);
+            Ok(())
+        })
+    }
+
+    /// Queues a broker-generated error about a conversation on the session `peer`.
+    pub fn send_error(
+        &self,
+        peer: &PeerKey,
+        conversation_id: [u8; 16],
+        from_initiator: bool,
+        code: i32,
+        description: impl Into<String>,
+    ) -> Result<()> {
+        let description = description.into();
+        self.shared.with_session(*peer, |session| {
+            session.send_error(conversation_id, from_initiator, code, description)
+        })
+    }
+
+    /// Messages queued for `peer` and not yet acknowledged (0 for a peer never sent to).
+    pub fn unacknowledged_messages(&self, peer: &PeerKey) -> usize {
+        self.shared
+            .peers
+            .lock()
+            .get(peer)
+            .map_or(0, |p| p.session.lock().unacknowledged_messages())
+    }
+
+    /// Shuts down cleanly: each connection sends its GoAway and what else it has queued
+    /// (acknowledgements), waits for the peer to have it, and closes with [`CLOSE_SHUTDOWN`];
+    /// then the endpoint waits to be idle. Bounded by [`SHUTDOWN_TIMEOUT`] overall; whatever is
+    /// still running then is dropped. Unacknowledged messages are not waited for (they stay the
+    /// engine's, in its transmission queue).
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        if shared.shut_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = shared.shutdown.send(true);
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *shared.tasks.lock());
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        shared.endpoint.close(CLOSE_SHUTDOWN, b"node shutting down");
+        let _ = tokio::time::timeout_at(deadline, shared.endpoint.wait_idle()).await;
+        tracing::info!("QUIC transport shut down");
+    }
+}
+
+impl Drop for Transport {
+    /// Without [`Transport::shutdown`]: stops every task and closes the endpoint at once.
+    fn drop(&mut self) {
+        self.shared.shut_down.store(true, Ordering::SeqCst);
+        let _ = self.shared.shutdown.send(true);
+        for task in self.shared.tasks.lock().drain(..) {
+            task.abort();
+        }
+        self.shared
+            .endpoint
+            .close(CLOSE_SHUTDOWN, b"node shutting down");
+    }
+}
+
+/// What the transport's tasks share.
+struct Shared {
+    runtime: Handle,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    identity: NodeIdentity,
+    broker_instance: [u8; 16],
+    peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+    events: mpsc::Sender<TransportEvent>,
+    /// Becomes true when the transport shuts down; every task watches it.
+    shutdown: watch::Sender<bool>,
+    shut_down: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("identity", &self.identity)
+            .field("peers", &self.peers.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One peer session and what drives it.
+struct Peer {
+    key: PeerKey,
+    session: Mutex<PeerSession>,
+    /// Wakes the writer: new work was queued, or input arrived that may need an answer.
+    wake: Notify,
+    /// Held by the task driving the session over a connection, for as long as it does: one
+    /// connection at a time drives a session.
+    driver: tokio::sync::Mutex<()>,
+    /// The connection driving the session now, to close it when another replaces it.
+    connection: Mutex<Option<quinn::Connection>>,
+}
+
+impl Shared {
+    /// Runs `f` on the session of `key` and wakes its writer; a dialed session is made (and its
+    /// dial task started) on first use.
+    fn with_session<T>(
+        self: &Arc<Self>,
+        key: PeerKey,
+        f: impl FnOnce(&mut PeerSession) -> Result<T>,
+    ) -> Result<T> {
+        if self.shut_down.load(Ordering::SeqCst) {
+            return Err(Error::ShutDown);
+        }
+        let peer = match key {
+            PeerKey::Dialed(addr) => self.peer_or_insert(key, |shared, peer| {
+                let task = shared.runtime.spawn(dial_loop(shared.clone(), peer, addr));
+                shared.tasks.lock().push(task);
+            })?,
+            PeerKey::Accepted(_) => {
+                self.peers
+                    .lock()
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| Error::UnknownPeer {
+                        peer: key.to_string(),
+                    })?
+            }
+        };
+        let result = f(&mut peer.session.lock());
+        peer.wake.notify_one();
+        result
+    }
+
+    /// The peer of `key`, made (and `start`ed) if there is none yet.
+    fn peer_or_insert(
+        self: &Arc<Self>,
+        key: PeerKey,
+        start: impl FnOnce(&Arc<Shared>, Arc<Peer>),
+    ) -> Result<Arc<Peer>> {
+        let mut peers = self.peers.lock();
+        if let Some(peer) = peers.get(&key) {
+            return Ok(peer.clone());
+        }
+        if peers.len() >= PEERS_MAX {
+            return Err(Error::TooManyPeers { max: PEERS_MAX });
+        }
+        let peer = Arc::new(Peer {
+            key,
+            session: Mutex::new(PeerSession::new(self.broker_instance)),
+            wake: Notify::new(),
+            driver: tokio::sync::Mutex::new(()),
+            connection: Mutex::new(None),
+        });
+        peers.insert(key, peer.clone());
+        drop(peers);
+        start(self, peer.clone());
+        Ok(peer)
+    }
+
+    async fn emit(&self, event: TransportEvent) {
+        // Fails only when the caller dropped its `Events`: then nobody is listening.
+        let _ = self.events.send(event).await;
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Dials `addr` and drives the session over each connection, reconnecting with backoff.
+async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut delay = RETRY_DELAY_INITIAL;
+    while !shared.is_shutting_down() {
+        let attempt = tokio::select! {
+            attempt = dial(&shared, addr) => attempt,
+            _ = until_shut_down(&mut shutdown) => break,
+        };
+        let reason = match attempt {
+            Ok((connection, send, recv, fingerprint)) => {
+                let guard = peer.driver.lock().await;
+                let outcome = drive(&shared, &peer, connection, send, recv, fingerprint).await;
+                drop(guard);
+                if outcome.connected {
+                    delay = RETRY_DELAY_INITIAL;
+                }
+                outcome.reason
+            }
+            Err(reason) => reason,
+        };
+        if shared.is_shutting_down() {
+            break;
+        }
+        tracing::debug!(%addr, %reason, retry_in = ?delay, "peer not connected");
+        shared
+            .emit(TransportEvent::Disconnected {
+                peer: peer.key,
+                reason,
+            })
+            .await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = until_shut_down(&mut shutdown) => break,
+        }
+        delay = (delay * 2).min(RETRY_DELAY_MAX);
+    }
+}
+
+/// One connection attempt: handshake, the peer's fingerprint, the stream.
+async fn dial(
+    shared: &Shared,
+    addr: SocketAddr,
+) -> std::result::Result<(quinn::Connection, SendStream, RecvStream, Fingerprint), String> {
+    let connecting = shared
+        .endpoint
+        .connect_with(shared.client_config.clone(), addr, SERVER_NAME)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => return Err(format!("connecting to {addr}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "connecting to {addr}: no handshake within {CONNECT_TIMEOUT:?}"
+            ));
+        }
+    };
+    let fingerprint = tls::peer_fingerprint(&connection)
+        .ok_or_else(|| format!("connecting to {addr}: the peer presented no certificate"))?;
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| format!("opening the stream to {addr}: {e}"))?;
+    Ok((connection, send, recv, fingerprint))
+}
+
+/// Accepts connections and dispatches them on their ALPN.
+async fn accept_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            incoming = shared.endpoint.accept() => incoming,
+            _ = until_shut_down(&mut shutdown) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let task = shared.runtime.spawn(accept_one(shared.clone(), incoming));
+        let mut tasks = shared.tasks.lock();
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
+    }
+}
+
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let addr = incoming.remote_address();
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "incoming handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "incoming handshake timed out");
+            return;
+        }
+    };
+    match tls::negotiated_alpn(&connection).as_deref() {
+        Some(ALPN_NODE) => accept_node(shared, connection).await,
+        // The client protocol's ALPN gets its own arm here.
+        other => {
+            tracing::warn!(%addr, alpn = ?other, "closing a connection with an unknown ALPN");
+            connection.close(CLOSE_UNKNOWN_ALPN, b"unknown ALPN");
+        }
+    }
+}
+
+/// A node connected to us: find or make its session by fingerprint, replace any connection it
+/// had, and drive the session over this one.
+async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
+    let addr = connection.remote_address();
+    let Some(fingerprint) = tls::peer_fingerprint(&connection) else {
+        connection.close(CLOSE_PROTOCOL_VIOLATION, b"no client certificate");
+        return;
+    };
+    let key = PeerKey::Accepted(fingerprint);
+    let peer = match shared.peer_or_insert(key, |_, _| {}) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(%addr, %fingerprint, error = %e, "refusing a connection");
+            connection.close(CLOSE_TOO_MANY_PEERS, b"too many peers");
+            return;
+        }
+    };
+    if let Some(old) = peer.connection.lock().take() {
+        old.close(CLOSE_REPLACED, b"replaced by a new connection");
+    }
+    let mut shutdown = shared.shutdown.subscribe();
+    let streams = tokio::select! {
+        streams = tokio::time::timeout(STREAM_OPEN_TIMEOUT, connection.accept_bi()) => streams,
+        _ = until_shut_down(&mut shutdown) => return,
+    };
+    let (send, recv) = match streams {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "connection closed before its stream opened");
+            return;
+        }
+        Err(_) => {
+            connection.close(CLOSE_PROTOCOL_VIOLATION, b"no stream opened");
+            return;
+        }
+    };
+    let guard = peer.driver.lock().await;
+    let outcome = drive(&shared, &peer, connection, send, recv, fingerprint).await;
+    drop(guard);
+    if !shared.is_shutting_down() {
+        shared
+            .emit(TransportEvent::Disconnected {
+                peer: key,
+                reason: outcome.reason,
+            })
+            .await;
+    }
+}
+
+/// How a connection ended.
+struct Outcome {
+    /// The peer's Hello arrived: the connection worked (the dial backoff starts again).
+    connected: bool,
+    reason: String,
+}
+
+/// Drives `peer`'s session over one connection until it ends.
+async fn drive(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    connection: quinn::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    fingerprint: Fingerprint,
+) -> Outcome {
+    peer.session.lock().reset();
+    *peer.connection.lock() = Some(connection.clone());
+    let connected = AtomicBool::new(false);
+    let ended = tokio::select! {
+        ended = read_loop(shared, peer, &connection, recv, fingerprint, &connected) => ended,
+        ended = write_loop(shared, peer, send) => ended,
+    };
+    let reason = match ended {
+        Ended::Violation(reason) => {
+            tracing::warn!(peer = %peer.key, %fingerprint, %reason, "protocol violation: closing");
+            connection.close(CLOSE_PROTOCOL_VIOLATION, reason.as_bytes());
+            format!("protocol violation: {reason}")
+        }
+        Ended::Lost(reason) => {
+            connection.close(CLOSE_STREAM_ENDED, b"stream ended");
+            reason
+        }
+        Ended::ShutDown => {
+            connection.close(CLOSE_SHUTDOWN, b"node shutting down");
+            "shut down".to_owned()
+        }
+    };
+    {
+        let mut current = peer.connection.lock();
+        if current
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == connection.stable_id())
+        {
+            *current = None;
+        }
+    }
+    peer.session.lock().reset();
+    Outcome {
+        connected: connected.load(Ordering::SeqCst),
+        reason,
+    }
+}
+
+enum Ended {
+    /// The peer broke the protocol.
+    Violation(String),
+    /// The connection or stream is gone.
+    Lost(String),
+    /// This transport shut down (its GoAway was sent).
+    ShutDown,
+}
+
+/// Feeds the peer's bytes to the session and passes its events on.
+async fn read_loop(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    connection: &quinn::Connection,
+    mut recv: RecvStream,
+    fingerprint: Fingerprint,
+    connected: &AtomicBool,
+) -> Ended {
+    let mut events = Vec::new();
+    loop {
+        let chunk = match recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ended::Lost("the peer ended its stream".into()),
+            Err(e) => return Ended::Lost(format!("reading: {e}")),
+        };
+        let handled = {
+            let mut session = peer.session.lock();
+            let handled = session.handle_bytes(Instant::now().into_std(), &chunk.bytes);
+            while let Some(event) = session.poll_event() {
+                events.push(event);
+            }
+            handled
+        };
+        // Input may need an answer (the Hello), and acknowledgements open the window.
+        peer.wake.notify_one();
+        for event in events.drain(..) {
+            let event = match event {
+                Event::Connected {
+                    peer_broker_instance,
+                } => {
+                    connected.store(true, Ordering::SeqCst);
+                    let broker_instance = Uuid::from_bytes(peer_broker_instance);
+                    tracing::info!(peer = %peer.key, %fingerprint, %broker_instance, "peer connected");
+                    TransportEvent::Connected {
+                        peer: peer.key,
+                        addr: connection.remote_address(),
+                        fingerprint,
+                        broker_instance,
+                    }
+                }
+                event => TransportEvent::Session {
+                    peer: peer.key,
+                    event,
+                },
+            };
+            shared.emit(event).await;
+        }
+        if let Err(e) = handled {
+            return Ended::Violation(e.to_string());
+        }
+    }
+}
+
+/// Writes what the session has to send, sleeps until its next timer or a wake-up; on shutdown
+/// sends the GoAway and ends the stream.
+async fn write_loop(shared: &Arc<Shared>, peer: &Arc<Peer>, mut send: SendStream) -> Ended {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        loop {
+            let batch = peer.session.lock().poll_transmit(Instant::now().into_std());
+            let Some(batch) = batch else { break };
+            if let Err(e) = send.write_all(&batch).await {
+                return Ended::Lost(format!("writing: {e}"));
+            }
+        }
+        let timeout = peer.session.lock().poll_timeout();
+        tokio::select! {
+            _ = peer.wake.notified() => {}
+            _ = sleep_until(timeout) => {
+                peer.session.lock().handle_timeout(Instant::now().into_std());
+            }
+            _ = until_shut_down(&mut shutdown) => {
+                return go_away(peer, send).await;
+            }
+        }
+    }
+}
+
+/// Sends the GoAway (and the queued acknowledgements before it), ends the stream and waits,
+/// within [`SHUTDOWN_TIMEOUT`], for the peer to have it all.
+async fn go_away(peer: &Arc<Peer>, mut send: SendStream) -> Ended {
+    let flushed = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
+        peer.session.lock().close();
+        loop {
+            let batch = peer.session.lock().poll_transmit(Instant::now().into_std());
+            let Some(batch) = batch else { break };
+            send.write_all(&batch).await.map_err(|e| e.to_string())?;
+        }
+        send.finish().map_err(|e| e.to_string())?;
+        send.stopped().await.map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    })
+    .await;
+    if let Ok(Err(e)) | Err(e) = flushed.map_err(|_| "timed out".to_owned()) {
+        tracing::debug!(peer = %peer.key, error = %e, "GoAway not delivered");
+    }
+    Ended::ShutDown
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the transport shuts down (or its `Shared` is gone).
+async fn until_shut_down(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await: drop it here.
+    let _ = shutdown.wait_for(|down| *down).await.map(|_| ());
+}

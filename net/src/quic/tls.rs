@@ -1,0 +1,376 @@
+//! Mutual TLS 1.3 between nodes: the certificate verifiers that decide whom a node accepts, and
+//! the rustls and quinn configurations built on them, all on the ring provider (passed
+//! explicitly; no process-wide default is needed).
+//!
+//! Both ends check each other with the same rule ([`Trust`]): the peer's end-entity
+//! certificate is accepted if its SHA-256 fingerprint is pinned, or if it chains to a trusted CA
+//! (rustls's webpki verification; names are not checked, a node is reached by address and
+//! known by its certificate). A pinned self-signed certificate proves possession of its key by
+//! the TLS 1.3 handshake signature, which is checked like any other. Anything else is refused
+//! during the handshake, logged with its fingerprint and reported through `on_refused`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+
+use crate::error::{Error, Result};
+use crate::identity::{Fingerprint, NodeIdentity, Trust};
+
+/// ALPN of node-to-node connections (this protocol, `PROTOCOL.md`).
+pub const ALPN_NODE: &[u8] = b"herald/1";
+
+/// A QUIC connection with no traffic for this long is lost. Keep-alives keep an idle but
+/// healthy connection open; a peer that vanished (no close) is noticed after this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Interval of QUIC keep-alive pings on an otherwise idle connection; well under
+/// [`IDLE_TIMEOUT`] so that a lost ping or two does not close a healthy connection.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Bidirectional streams a peer may open on one connection: the one stream of the node
+/// protocol.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 1;
+
+/// What to do when a peer is refused: `(fingerprint, reason)`.
+pub(crate) type OnRefused = Arc<dyn Fn(Fingerprint, String) + Send + Sync>;
+
+/// The QUIC client configuration a node dials peers with: its certificate as client
+/// certificate, the peer checked against `trust`, ALPN [`ALPN_NODE`], TLS 1.3 only.
+pub fn client_config(identity: &NodeIdentity, trust: &Trust) -> Result<quinn::ClientConfig> {
+    client_config_with(identity, trust, Arc::new(|_, _| {}))
+}
+
+/// The QUIC server configuration a node accepts peers with: client certificates required and
+/// checked against `trust`, ALPN [`ALPN_NODE`], TLS 1.3 only.
+pub fn server_config(identity: &NodeIdentity, trust: &Trust) -> Result<quinn::ServerConfig> {
+    server_config_with(identity, trust, Arc::new(|_, _| {}))
+}
+
+pub(crate) fn client_config_with(
+    identity: &NodeIdentity,
+    trust: &Trust,
+    on_refused: OnRefused,
+) -> Result<quinn::ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier::new(trust, provider.clone(), on_refused)?);
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls("choosing TLS 1.3"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            identity.certificate_chain().to_vec(),
+            identity.key().clone_key(),
+        )
+        .map_err(tls("loading the node certificate"))?;
+    crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
+    let crypto = QuicClientConfig::try_from(crypto).map_err(tls("building the QUIC client"))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config()?);
+    Ok(config)
+}
+
+pub(crate) fn server_config_with(
+    identity: &NodeIdentity,
+    trust: &Trust,
+    on_refused: OnRefused,
+) -> Result<quinn::ServerConfig> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier::new(trust, provider.clone(), on_refused)?);
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls("choosing TLS 1.3"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            identity.certificate_chain().to_vec(),
+            identity.key().clone_key(),
+        )
+        .map_err(tls("loading the node certificate"))?;
+    // The accept loop dispatches on ALPN; the client protocol's ALPN joins this list.
+    crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
+    let crypto = QuicServerConfig::try_from(crypto).map_err(tls("building the QUIC server"))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config()?);
+    Ok(config)
+}
+
+/// The fingerprint of the certificate a connected peer presented.
+pub(crate) fn peer_fingerprint(connection: &quinn::Connection) -> Option<Fingerprint> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain
+        .first()
+        .map(|certificate| Fingerprint::of(certificate))
+}
+
+/// The ALPN protocol a connection agreed on.
+pub(crate) fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = connection.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport_config() -> Result<Arc<quinn::TransportConfig>> {
+    let mut config = quinn::TransportConfig::default();
+    let idle =
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(tls("setting the idle timeout"))?;
+    config
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
+        .max_concurrent_uni_streams(0u32.into());
+    Ok(Arc::new(config))
+}
+
+fn tls<E: fmt::Display>(context: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Tls {
+        context,
+        reason: e.to_string(),
+    }
+}
+
+/// Accepts a peer certificate if it is pinned or chains to a trusted CA; used on both ends.
+struct PeerVerifier {
+    pinned: HashSet<Fingerprint>,
+    /// The CA path, if any CA is trusted.
+    roots: Option<Arc<RootCertStore>>,
+    client_ca: Option<Arc<dyn ClientCertVerifier>>,
+    provider: Arc<CryptoProvider>,
+    on_refused: OnRefused,
+}
+
+impl PeerVerifier {
+    fn new(
+        trust: &Trust,
+        provider: Arc<CryptoProvider>,
+        on_refused: OnRefused,
+    ) -> Result<PeerVerifier> {
+        if trust.pinned.is_empty() && trust.ca_certificates.is_empty() {
+            return Err(Error::InvalidTrust {
+                reason: "no pinned fingerprint and no CA: no peer could connect".into(),
+            });
+        }
+        let (roots, client_ca) = if trust.ca_certificates.is_empty() {
+            (None, None)
+        } else {
+            let mut roots = RootCertStore::empty();
+            for certificate in &trust.ca_certificates {
+                roots
+                    .add(certificate.clone())
+                    .map_err(|e| Error::InvalidTrust {
+                        reason: format!("CA certificate not usable: {e}"),
+                    })?;
+            }
+            let roots = Arc::new(roots);
+            let client_ca =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| Error::InvalidTrust {
+                        reason: format!("CA verifier: {e}"),
+                    })?;
+            (Some(roots), Some(client_ca))
+        };
+        Ok(PeerVerifier {
+            pinned: trust.pinned.iter().copied().collect(),
+            roots,
+            client_ca,
+            provider,
+            on_refused,
+        })
+    }
+
+    /// Whether `end_entity` is trusted; `side` names the peer's role for the log.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        side: Side,
+    ) -> std::result::Result<(), rustls::Error> {
+        let fingerprint = Fingerprint::of(end_entity);
+        if self.pinned.contains(&fingerprint) {
+            return Ok(());
+        }
+        let reason = match (&self.roots, &self.client_ca, side) {
+            (None, _, _) | (_, None, _) => "fingerprint not pinned and no CA trusted".to_owned(),
+            (Some(_), Some(client_ca), Side::Client) => {
+                match client_ca.verify_client_cert(end_entity, intermediates, now) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => format!("fingerprint not pinned; CA path: {e}"),
+                }
+            }
+            (Some(roots), Some(_), Side::Server) => {
+                let chained = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
+                    rustls::client::verify_server_cert_signed_by_trust_anchor(
+                        &parsed,
+                        roots,
+                        intermediates,
+                        now,
+                        self.provider.signature_verification_algorithms.all,
+                    )
+                });
+                match chained {
+                    Ok(()) => return Ok(()),
+                    Err(e) => format!("fingerprint not pinned; CA path: {e}"),
+                }
+            }
+        };
+        tracing::warn!(
+            %fingerprint,
+            peer = side.name(),
+            %reason,
+            "refusing an untrusted peer"
+        );
+        (self.on_refused)(fingerprint, reason);
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            certificate,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// The peer dialed us.
+    Client,
+    /// We dialed the peer.
+    Server,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+impl fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("pinned", &self.pinned)
+            .field("ca", &self.roots.as_ref().map(|roots| roots.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now, Side::Server)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _certificate: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered, so rustls never asks.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify_signature(message, certificate, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a node has exactly one certificate to offer.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now, Side::Client)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _certificate: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify_signature(message, certificate, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

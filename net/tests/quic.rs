@@ -1,0 +1,946 @@
+//! `net::quic` and `net::identity` over real loopback UDP: delivery and acknowledgement of every
+//! message both ways, trust by pinned fingerprint and by CA, refusal of untrusted peers at the
+//! handshake, resending after a peer comes back, the identity files, and a hostile peer.
+//!
+//! Each test plays the engine: it takes every event, stores received messages in order per
+//! conversation direction (dropping duplicates, as the engine does), acknowledges them, and
+//! counts acknowledgements. Every wait is on a condition, bounded by a timeout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use herald_net::Error;
+use herald_net::identity::{
+    BROKER_ID_FILE, CERTIFICATE_FILE, Fingerprint, KEY_FILE, NodeIdentity, Trust,
+    node_certificate_params,
+};
+use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
+use herald_net::quic::{
+    CLOSE_PROTOCOL_VIOLATION, EVENTS_CAPACITY, PEERS_MAX, PeerKey, Transport, TransportConfig,
+    TransportEvent, client_config,
+};
+use parking_lot::Mutex;
+use rustls::pki_types::PrivateKeyDer;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// Bound of every test's waits: far above what the work needs, so that only a hang fails.
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A conversation direction: (conversation id, from initiator).
+type Direction = ([u8; 16], bool);
+
+/// What the engine a test plays has seen.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Stored messages per conversation direction, in order: (sequence, body).
+    stored: HashMap<Direction, Vec<(u64, Vec<u8>)>>,
+    duplicates: usize,
+    /// Sequences that arrived past a gap (must never happen on one connection).
+    gaps: usize,
+    /// How often each sent id was acknowledged.
+    acknowledged: HashMap<u64, usize>,
+    connected: Vec<(PeerKey, Fingerprint, Uuid)>,
+    disconnected: Vec<(PeerKey, String)>,
+    refused: Vec<Fingerprint>,
+    going_away: usize,
+    /// Broker errors from peers: (session, conversation, code, description).
+    remote_errors: Vec<(PeerKey, [u8; 16], i32, String)>,
+}
+
+impl Seen {
+    fn stored_count(&self) -> usize {
+        self.stored.values().map(Vec::len).sum()
+    }
+}
+
+/// A transport and the engine played over it.
+struct Node {
+    transport: Arc<Transport>,
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    changed: Arc<Notify>,
+    /// Whether the engine acknowledges what it stores.
+    acknowledging: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Node {
+    fn start(identity: NodeIdentity, trust: Trust, listen: SocketAddr) -> herald_net::Result<Node> {
+        let (transport, mut events) = Transport::bind(TransportConfig {
+            listen,
+            identity,
+            trust,
+        })?;
+        let transport = Arc::new(transport);
+        let addr = transport.local_addr()?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let changed = Arc::new(Notify::new());
+        let acknowledging = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let weak: Weak<Transport> = Arc::downgrade(&transport);
+        let (task_seen, task_changed, task_ack) =
+            (seen.clone(), changed.clone(), acknowledging.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                play_engine(&weak, &task_seen, &task_ack, event);
+                task_changed.notify_waiters();
+            }
+        });
+        Ok(Node {
+            transport,
+            addr,
+            seen,
+            changed,
+            acknowledging,
+        })
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.transport.identity().fingerprint()
+    }
+
+    /// Waits until `done` holds of what this node has seen.
+    async fn wait_for(&self, what: &str, done: impl Fn(&Seen) -> bool) {
+        let waited = tokio::time::timeout(TEST_TIMEOUT, async {
+            loop {
+                let notified = self.changed.notified();
+                if done(&self.seen.lock()) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            panic!(
+                "timed out waiting for {what}; seen: {:#?}",
+                Summary(&self.seen.lock())
+            );
+        }
+    }
+}
+
+/// `Seen` without the bodies, for failure messages.
+struct Summary<'a>(&'a Seen);
+
+impl std::fmt::Debug for Summary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seen")
+            .field("stored", &self.0.stored_count())
+            .field("duplicates", &self.0.duplicates)
+            .field("gaps", &self.0.gaps)
+            .field("acknowledged", &self.0.acknowledged.len())
+            .field("connected", &self.0.connected)
+            .field("disconnected", &self.0.disconnected)
+            .field("refused", &self.0.refused)
+            .finish()
+    }
+}
+
+fn play_engine(
+    transport: &Weak<Transport>,
+    seen: &Mutex<Seen>,
+    acknowledging: &std::sync::atomic::AtomicBool,
+    event: TransportEvent,
+) {
+    let mut seen = seen.lock();
+    match event {
+        TransportEvent::Connected {
+            peer,
+            fingerprint,
+            broker_instance,
+            ..
+        } => seen.connected.push((peer, fingerprint, broker_instance)),
+        TransportEvent::Disconnected { peer, reason } => seen.disconnected.push((peer, reason)),
+        TransportEvent::Refused { fingerprint, .. } => seen.refused.push(fingerprint),
+        TransportEvent::Session { peer, event } => match event {
+            Event::Received(message) => {
+                let header = &message.header;
+                let key = (header.conversation_id, header.from_initiator);
+                let stored = seen.stored.entry(key).or_default();
+                let highest = stored.last().map_or(0, |(sequence, _)| *sequence);
+                let sequence = header.sequence;
+                if sequence == highest + 1 {
+                    stored.push((sequence, message.body));
+                } else if sequence <= highest {
+                    seen.duplicates += 1;
+                } else {
+                    seen.gaps += 1;
+                    return;
+                }
+                if acknowledging.load(std::sync::atomic::Ordering::SeqCst)
+                    && let Some(transport) = transport.upgrade()
+                {
+                    let highest = sequence.max(highest);
+                    transport
+                        .acknowledge(&peer, key.0, key.1, highest)
+                        .expect("the session the message came on exists");
+                }
+            }
+            Event::Acknowledged { id, .. } => *seen.acknowledged.entry(id).or_default() += 1,
+            Event::PeerGoingAway => seen.going_away += 1,
+            Event::RemoteError {
+                conversation_id,
+                code,
+                description,
+                ..
+            } => seen
+                .remote_errors
+                .push((peer, conversation_id, code, description)),
+            Event::Connected { .. } => {}
+        },
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("a socket address")
+}
+
+/// The body of message `sequence` of `conversation`: `bytes` of a pattern only it has.
+fn body(conversation: u8, sequence: u64, bytes: usize) -> Vec<u8> {
+    (0..bytes)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(sequence * 7 + u64::from(conversation)) as u8
+        })
+        .collect()
+}
+
+fn message(
+    id: u64,
+    conversation: u8,
+    from_initiator: bool,
+    sequence: u64,
+    body: Vec<u8>,
+) -> OutgoingMessage {
+    OutgoingMessage {
+        id,
+        header: MessageHeader {
+            conversation_id: [conversation; 16],
+            from_initiator,
+            sequence,
+            source_service: "//herald/test/initiator".into(),
+            target_service: "//herald/test/target".into(),
+            contract: "//herald/test/contract".into(),
+            message_type: "//herald/test/request".into(),
+            target_broker_instance: None,
+            lifetime_deadline_secs: 0,
+        },
+        body: body.into(),
+    }
+}
+
+/// Sends `count` messages from `from` to `to` over `conversations` conversations, every
+/// `large_every`-th of `large_bytes`, the rest small; ids start at `first_id`. Returns the
+/// (conversation, sequence, body) of each, in send order.
+fn send_many(
+    from: &Node,
+    to: SocketAddr,
+    count: u64,
+    first_id: u64,
+    from_initiator: bool,
+    large_every: u64,
+    large_bytes: usize,
+) -> Vec<(u8, u64, Vec<u8>)> {
+    const CONVERSATIONS: u64 = 10;
+    let mut sent = Vec::new();
+    for n in 0..count {
+        let conversation = (n % CONVERSATIONS) as u8 + 1;
+        let sequence = n / CONVERSATIONS + 1;
+        let bytes = if large_every > 0 && n % large_every == large_every - 1 {
+            large_bytes
+        } else {
+            (n as usize * 37) % 2000
+        };
+        let body = body(conversation, sequence, bytes);
+        from.transport
+            .send(
+                to,
+                message(
+                    first_id + n,
+                    conversation,
+                    from_initiator,
+                    sequence,
+                    body.clone(),
+                ),
+            )
+            .expect("the send queue has room");
+        sent.push((conversation, sequence, body));
+    }
+    sent
+}
+
+/// Every message of `sent` is stored at `node`, once, in order, with its body.
+fn assert_stored(node: &Node, sent: &[(u8, u64, Vec<u8>)], from_initiator: bool) {
+    assert_seen_stored(&node.seen.lock(), sent, from_initiator);
+}
+
+fn assert_seen_stored(seen: &Seen, sent: &[(u8, u64, Vec<u8>)], from_initiator: bool) {
+    assert_eq!(seen.gaps, 0, "no message may arrive past a gap");
+    let mut expected: HashMap<Direction, Vec<(u64, &[u8])>> = HashMap::new();
+    for (conversation, sequence, body) in sent {
+        expected
+            .entry(([*conversation; 16], from_initiator))
+            .or_default()
+            .push((*sequence, body));
+    }
+    for (key, messages) in expected {
+        let stored = seen
+            .stored
+            .get(&key)
+            .expect("the conversation's messages arrived");
+        assert_eq!(stored.len(), messages.len());
+        for ((sequence, body), (want_sequence, want_body)) in stored.iter().zip(messages) {
+            assert_eq!(*sequence, want_sequence);
+            assert!(
+                body.as_slice() == want_body,
+                "body of message {sequence} differs"
+            );
+        }
+    }
+}
+
+/// Every id in `ids` was acknowledged exactly once.
+fn assert_acknowledged_once(node: &Node, ids: std::ops::Range<u64>) {
+    let seen = node.seen.lock();
+    assert_eq!(seen.acknowledged.len(), ids.clone().count());
+    for id in ids {
+        assert_eq!(
+            seen.acknowledged.get(&id),
+            Some(&1),
+            "id {id} acknowledged once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_each_way_arrive_once_in_order_and_are_acknowledged_once() {
+    init_tracing();
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let b = Node::start(
+        b_identity.clone(),
+        Trust::pinned([a_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+
+    const COUNT: u64 = 1000;
+    // Every 100th message is 1 MiB: four fragments, and more than one transmit batch.
+    let to_b = send_many(&a, b.addr, COUNT, 0, true, 100, 1024 * 1024);
+    let to_a = send_many(&b, a.addr, COUNT, 10_000, false, 100, 1024 * 1024);
+
+    for (node, what) in [(&a, "a"), (&b, "b")] {
+        node.wait_for(&format!("{what}: all stored and acknowledged"), |seen| {
+            seen.stored_count() == COUNT as usize && seen.acknowledged.len() == COUNT as usize
+        })
+        .await;
+    }
+    assert_stored(&b, &to_b, true);
+    assert_stored(&a, &to_a, false);
+    assert_acknowledged_once(&a, 0..COUNT);
+    assert_acknowledged_once(&b, 10_000..10_000 + COUNT);
+    assert_eq!(
+        a.transport
+            .unacknowledged_messages(&PeerKey::Dialed(b.addr)),
+        0
+    );
+    // Both dialed: each sees the other's certificate and broker id on both connections.
+    for (node, other) in [(&a, &b_identity), (&b, &a_identity)] {
+        let seen = node.seen.lock();
+        assert!(
+            seen.connected
+                .iter()
+                .any(|(peer, fp, id)| matches!(peer, PeerKey::Dialed(_))
+                    && *fp == other.fingerprint()
+                    && *id == other.broker_instance())
+        );
+        assert!(seen.connected.iter().any(|(peer, fp, id)| *peer
+            == PeerKey::Accepted(other.fingerprint())
+            && *fp == other.fingerprint()
+            && *id == other.broker_instance()));
+    }
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_server_certificate_is_refused_and_nothing_passes() {
+    init_tracing();
+    let (x_identity, y_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let stranger = NodeIdentity::generate().unwrap().fingerprint();
+    // X trusts someone else; Y would accept X.
+    let x = Node::start(x_identity.clone(), Trust::pinned([stranger]), loopback()).unwrap();
+    let y = Node::start(
+        y_identity.clone(),
+        Trust::pinned([x_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    x.transport
+        .send(y.addr, message(1, 1, true, 1, b"hello".to_vec()))
+        .unwrap();
+    x.wait_for("x refuses y's certificate", |seen| {
+        seen.refused.contains(&y_identity.fingerprint()) && !seen.disconnected.is_empty()
+    })
+    .await;
+    assert_nothing_passed(&x, &y);
+    x.transport.shutdown().await;
+    y.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_client_certificate_is_refused_and_nothing_passes() {
+    init_tracing();
+    let (x_identity, y_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let stranger = NodeIdentity::generate().unwrap().fingerprint();
+    // X would accept Y; Y trusts someone else.
+    let x = Node::start(
+        x_identity.clone(),
+        Trust::pinned([y_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let y = Node::start(y_identity.clone(), Trust::pinned([stranger]), loopback()).unwrap();
+    x.transport
+        .send(y.addr, message(1, 1, true, 1, b"hello".to_vec()))
+        .unwrap();
+    y.wait_for("y refuses x's certificate", |seen| {
+        seen.refused.contains(&x_identity.fingerprint())
+    })
+    .await;
+    x.wait_for("x loses the connection", |seen| {
+        !seen.disconnected.is_empty()
+    })
+    .await;
+    assert_nothing_passed(&x, &y);
+    x.transport.shutdown().await;
+    y.transport.shutdown().await;
+}
+
+fn assert_nothing_passed(x: &Node, y: &Node) {
+    for node in [x, y] {
+        let seen = node.seen.lock();
+        assert!(
+            seen.connected.is_empty(),
+            "no session may start: {:?}",
+            seen.connected
+        );
+        assert_eq!(seen.stored_count(), 0);
+        assert!(seen.acknowledged.is_empty());
+    }
+    assert_eq!(
+        x.transport
+            .unacknowledged_messages(&PeerKey::Dialed(y.addr)),
+        1
+    );
+}
+
+/// A CA certificate and a function issuing node identities under it.
+struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    certificate: rcgen::Certificate,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "herald test CA");
+        let certificate = params.self_signed(&key).unwrap();
+        TestCa {
+            params,
+            key,
+            certificate,
+        }
+    }
+
+    fn issue(&self, name: &str) -> NodeIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let certificate = node_certificate_params(name)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        NodeIdentity::from_parts(
+            Uuid::new_v4(),
+            vec![certificate.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap()
+    }
+
+    fn trust(&self) -> Trust {
+        Trust::new().add_ca(self.certificate.der().clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_certificates_from_a_trusted_ca_connect_and_others_do_not() {
+    init_tracing();
+    let ca = TestCa::new();
+    let a = Node::start(ca.issue("node a"), ca.trust(), loopback()).unwrap();
+    let b = Node::start(ca.issue("node b"), ca.trust(), loopback()).unwrap();
+    let to_b = send_many(&a, b.addr, 20, 0, true, 10, 300 * 1024);
+    let to_a = send_many(&b, a.addr, 20, 100, false, 0, 0);
+    for node in [&a, &b] {
+        node.wait_for("all stored and acknowledged", |seen| {
+            seen.stored_count() == 20 && seen.acknowledged.len() == 20
+        })
+        .await;
+    }
+    assert_stored(&b, &to_b, true);
+    assert_stored(&a, &to_a, false);
+
+    // A broker error about a received message goes back on the session it came on.
+    b.transport
+        .send_error(
+            &PeerKey::Accepted(a.fingerprint()),
+            [1; 16],
+            false,
+            -8490,
+            "no such service",
+        )
+        .unwrap();
+    a.wait_for("a gets b's error", |seen| !seen.remote_errors.is_empty())
+        .await;
+    assert_eq!(
+        a.seen.lock().remote_errors,
+        [(
+            PeerKey::Dialed(b.addr),
+            [1; 16],
+            -8490,
+            "no such service".to_owned()
+        )]
+    );
+    // A session that never was cannot be acknowledged on.
+    assert!(matches!(
+        b.transport
+            .acknowledge(&PeerKey::Accepted(Fingerprint([7; 32])), [1; 16], true, 1),
+        Err(Error::UnknownPeer { .. })
+    ));
+
+    // A self-signed node and one from another CA are refused by the CA-trusting node.
+    let other_ca = TestCa::new();
+    for (name, identity) in [
+        ("self-signed", NodeIdentity::generate().unwrap()),
+        ("other CA", other_ca.issue("node c")),
+    ] {
+        let fingerprint = identity.fingerprint();
+        let c = Node::start(identity, ca.trust().pin(b.fingerprint()), loopback()).unwrap();
+        c.transport
+            .send(b.addr, message(1, 9, true, 1, b"let me in".to_vec()))
+            .unwrap();
+        b.wait_for(&format!("b refuses the {name} node"), |seen| {
+            seen.refused.contains(&fingerprint)
+        })
+        .await;
+        c.wait_for("c loses the connection", |seen| {
+            !seen.disconnected.is_empty()
+        })
+        .await;
+        assert!(
+            c.seen.lock().connected.is_empty(),
+            "{name}: no session may start"
+        );
+        c.transport.shutdown().await;
+    }
+    assert_eq!(
+        b.seen.lock().stored_count(),
+        20,
+        "nothing from the refused nodes was stored"
+    );
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_comes_back_gets_the_unacknowledged_messages_again() {
+    init_tracing();
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let b = Node::start(
+        b_identity.clone(),
+        Trust::pinned([a_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    // B stores but does not acknowledge (its commits never became durable) and then goes away.
+    b.acknowledging
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    const COUNT: u64 = 30;
+    let sent = send_many(&a, b.addr, COUNT, 0, true, 10, 400 * 1024);
+    b.wait_for("b stores everything", |seen| {
+        seen.stored_count() == COUNT as usize
+    })
+    .await;
+    let b_addr = b.addr;
+    b.transport.shutdown().await;
+    drop(b);
+    assert!(a.seen.lock().acknowledged.is_empty());
+
+    // The same node again, on the same port: its socket may take a moment to be released.
+    let b = tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            match Node::start(
+                b_identity.clone(),
+                Trust::pinned([a_identity.fingerprint()]),
+                b_addr,
+            ) {
+                Ok(node) => return node,
+                Err(Error::Io { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("restarting b: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("b's port is free again");
+    a.wait_for("a's messages are acknowledged by the new b", |seen| {
+        seen.acknowledged.len() == COUNT as usize
+    })
+    .await;
+    assert_stored(&b, &sent, true);
+    assert_acknowledged_once(&a, 0..COUNT);
+    assert!(
+        a.seen
+            .lock()
+            .disconnected
+            .iter()
+            .any(|(peer, _)| *peer == PeerKey::Dialed(b_addr)),
+        "a saw the connection go"
+    );
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_peer_sending_garbage_is_closed_and_others_are_still_served() {
+    init_tracing();
+    let (a_identity, b_identity, hostile) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint(), hostile.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+
+    // The hostile peer speaks raw QUIC with a trusted certificate and writes a frame header
+    // declaring 4 GiB.
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(
+        client_config(&hostile, &Trust::pinned([a_identity.fingerprint()])).unwrap(),
+    );
+    let connection = endpoint
+        .connect(a.addr, "herald-node")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0xff; 64]).await.unwrap();
+    let closed = tokio::time::timeout(TEST_TIMEOUT, connection.closed())
+        .await
+        .expect("a closes the connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, CLOSE_PROTOCOL_VIOLATION);
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("exceeds the maximum"), "reason: {reason}");
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    a.wait_for("a reports the violation", |seen| {
+        seen.disconnected.iter().any(|(peer, reason)| {
+            *peer == PeerKey::Accepted(hostile.fingerprint())
+                && reason.contains("protocol violation")
+        })
+    })
+    .await;
+
+    // A well-behaved peer is still served.
+    let b = Node::start(
+        b_identity,
+        Trust::pinned([a_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let sent = send_many(&b, a.addr, 10, 0, true, 0, 0);
+    b.wait_for("b's messages are acknowledged", |seen| {
+        seen.acknowledged.len() == 10
+    })
+    .await;
+    assert_stored(&a, &sent, true);
+    endpoint.close(0u32.into(), b"done");
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothing() {
+    init_tracing();
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let (b, mut b_events) = Transport::bind(TransportConfig {
+        listen: loopback(),
+        identity: b_identity,
+        trust: Trust::pinned([a_identity.fingerprint()]),
+    })
+    .unwrap();
+    let b = Arc::new(b);
+    let b_addr = b.local_addr().unwrap();
+    let count = 3 * EVENTS_CAPACITY as u64;
+    let sent = send_many(&a, b_addr, count, 0, true, 0, 0);
+
+    // B's caller takes nothing: the channel fills to its bound and B stops reading.
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        while b_events.len() < EVENTS_CAPACITY {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the event channel fills");
+    assert_eq!(b_events.len(), EVENTS_CAPACITY);
+
+    // B's engine catches up: every message arrives, once, in order, and is acknowledged once.
+    let seen = Mutex::new(Seen::default());
+    let acknowledging = std::sync::atomic::AtomicBool::new(true);
+    let weak = Arc::downgrade(&b);
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        while seen.lock().stored_count() < count as usize {
+            let event = b_events.recv().await.expect("b runs");
+            play_engine(&weak, &seen, &acknowledging, event);
+        }
+    })
+    .await
+    .expect("b stores every message");
+    let engine = tokio::spawn(async move {
+        while let Some(event) = b_events.recv().await {
+            play_engine(&weak, &seen, &acknowledging, event);
+        }
+        seen
+    });
+    a.wait_for("a's messages are acknowledged", |seen| {
+        seen.acknowledged.len() == count as usize
+    })
+    .await;
+    assert_acknowledged_once(&a, 0..count);
+    a.transport.shutdown().await;
+    b.shutdown().await;
+    drop(b);
+    let seen = tokio::time::timeout(TEST_TIMEOUT, engine)
+        .await
+        .expect("b's events end once it is gone")
+        .unwrap();
+    assert_seen_stored(&seen.lock(), &sent, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_holds_at_most_peers_max_sessions() {
+    init_tracing();
+    let stranger = NodeIdentity::generate().unwrap().fingerprint();
+    let a = Node::start(
+        NodeIdentity::generate().unwrap(),
+        Trust::pinned([stranger]),
+        loopback(),
+    )
+    .unwrap();
+    // Loopback addresses where nobody listens: each send makes a dialed session.
+    let address = |n: usize| SocketAddr::from(([127, 1, (n / 256) as u8, (n % 256) as u8], 9));
+    for n in 0..PEERS_MAX {
+        a.transport
+            .send(address(n), message(n as u64, 1, true, 1, Vec::new()))
+            .unwrap();
+    }
+    assert_eq!(
+        a.transport
+            .send(address(PEERS_MAX), message(0, 1, true, 1, Vec::new()))
+            .unwrap_err(),
+        Error::TooManyPeers { max: PEERS_MAX }
+    );
+    // A peer that has a session is still served.
+    a.transport
+        .send(address(0), message(1, 1, true, 2, Vec::new()))
+        .unwrap();
+    assert_eq!(
+        a.transport
+            .unacknowledged_messages(&PeerKey::Dialed(address(0))),
+        2
+    );
+    a.transport.shutdown().await;
+    assert_eq!(
+        a.transport
+            .send(address(0), message(2, 1, true, 3, Vec::new()))
+            .unwrap_err(),
+        Error::ShutDown
+    );
+}
+
+#[test]
+fn the_identity_is_created_once_and_reloaded_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let created = NodeIdentity::load_or_create(dir.path()).unwrap();
+    for file in [BROKER_ID_FILE, CERTIFICATE_FILE, KEY_FILE] {
+        assert!(dir.path().join(file).is_file(), "{file} written");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+    }
+    let files = |dir: &std::path::Path| -> Vec<Vec<u8>> {
+        [BROKER_ID_FILE, CERTIFICATE_FILE, KEY_FILE]
+            .map(|file| std::fs::read(dir.join(file)).unwrap())
+            .to_vec()
+    };
+    let before = files(dir.path());
+    for _ in 0..3 {
+        let reloaded = NodeIdentity::load_or_create(dir.path()).unwrap();
+        assert_eq!(reloaded.broker_instance(), created.broker_instance());
+        assert_eq!(reloaded.fingerprint(), created.fingerprint());
+        assert_eq!(reloaded.certificate(), created.certificate());
+        assert_eq!(reloaded.key().secret_der(), created.key().secret_der());
+    }
+    assert_eq!(files(dir.path()), before, "reloading writes nothing");
+    let fingerprint = created.fingerprint().to_string();
+    assert_eq!(fingerprint.len(), 64);
+    assert_eq!(fingerprint, fingerprint.to_lowercase());
+}
+
+#[test]
+fn a_corrupt_identity_file_is_a_typed_error_naming_the_file() {
+    let corrupt_with = |file: &str, bytes: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        NodeIdentity::load_or_create(dir.path()).unwrap();
+        std::fs::write(dir.path().join(file), bytes).unwrap();
+        match NodeIdentity::load_or_create(dir.path()) {
+            Err(Error::CorruptIdentity { path, reason }) => {
+                assert_eq!(path, dir.path().join(file), "{reason}");
+                reason
+            }
+            other => panic!("{file}: expected CorruptIdentity, got {other:?}"),
+        }
+    };
+    corrupt_with(BROKER_ID_FILE, b"not a uuid\n");
+    corrupt_with(CERTIFICATE_FILE, b"garbage");
+    corrupt_with(CERTIFICATE_FILE, b"-----BEGIN CERTIFICATE-----\nAAAA\n");
+    corrupt_with(
+        KEY_FILE,
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    corrupt_with(KEY_FILE, b"");
+    // Half of a certificate: the key no longer matches what is left, or nothing parses.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        NodeIdentity::load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(CERTIFICATE_FILE);
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        assert!(matches!(
+            NodeIdentity::load_or_create(dir.path()),
+            Err(Error::CorruptIdentity { .. })
+        ));
+    }
+    // Another node's key beside this node's certificate.
+    let other = tempfile::tempdir().unwrap();
+    NodeIdentity::load_or_create(other.path()).unwrap();
+    let other_key = std::fs::read(other.path().join(KEY_FILE)).unwrap();
+    let reason = corrupt_with(KEY_FILE, &other_key);
+    assert!(reason.contains("does not match"), "{reason}");
+    // A missing certificate when broker-id says the identity is complete.
+    let dir = tempfile::tempdir().unwrap();
+    NodeIdentity::load_or_create(dir.path()).unwrap();
+    std::fs::remove_file(dir.path().join(CERTIFICATE_FILE)).unwrap();
+    assert!(matches!(
+        NodeIdentity::load_or_create(dir.path()),
+        Err(Error::CorruptIdentity { .. })
+    ));
+}
+
+#[test]
+fn an_identity_whose_creation_never_finished_is_made_anew() {
+    // Creation writes broker-id last: a crash before it leaves files nobody ever used.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(CERTIFICATE_FILE), b"half-written").unwrap();
+    let identity = NodeIdentity::load_or_create(dir.path()).unwrap();
+    let reloaded = NodeIdentity::load_or_create(dir.path()).unwrap();
+    assert_eq!(identity.fingerprint(), reloaded.fingerprint());
+}
+
+#[test]
+fn an_identity_file_over_its_bound_is_refused() {
+    use herald_net::identity::IDENTITY_FILE_BYTES_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let identity = NodeIdentity::load_or_create(dir.path()).unwrap();
+    let path = dir.path().join(CERTIFICATE_FILE);
+    // At the bound: the PEM padded with trailing newlines still loads.
+    let mut pem = std::fs::read(&path).unwrap();
+    pem.resize(IDENTITY_FILE_BYTES_MAX as usize, b'\n');
+    std::fs::write(&path, &pem).unwrap();
+    assert_eq!(
+        NodeIdentity::load_or_create(dir.path())
+            .unwrap()
+            .fingerprint(),
+        identity.fingerprint()
+    );
+    // One byte more is refused.
+    pem.push(b'\n');
+    std::fs::write(&path, &pem).unwrap();
+    assert!(matches!(
+        NodeIdentity::load_or_create(dir.path()),
+        Err(Error::CorruptIdentity { reason, .. }) if reason.contains("larger than")
+    ));
+}
