@@ -94,7 +94,42 @@ pub struct Outbound {
     pub route: RouteChoice,
 }
 
+/// Waits for the transmission queue to grow (for the network's sender). While one exists,
+/// every commit that adds to the transmission queue signals it.
+#[derive(Debug)]
+pub struct OutboundWaiter<'b> {
+    waiter: crate::signal::Waiter<'b>,
+    clock: &'b dyn crate::clock::Clock,
+}
+
+impl OutboundWaiter<'_> {
+    /// The current generation: read it before listing `outbound`, then wait past it.
+    pub fn generation(&self) -> u64 {
+        self.waiter.signal.generation()
+    }
+
+    /// Sleeps until the transmission queue changed after `seen`, or `timeout` passed (on the
+    /// broker's clock); returns whether it changed.
+    pub fn wait_past(&self, seen: u64, timeout: std::time::Duration) -> bool {
+        let deadline = crate::clock::deadline_after(self.clock, timeout);
+        self.waiter.signal.wait_past(seen, deadline, self.clock)
+    }
+}
+
 impl BrokerCore {
+    /// A waiter on the transmission queue (see `OutboundWaiter`).
+    pub fn outbound_waiter(&self) -> OutboundWaiter<'_> {
+        OutboundWaiter {
+            waiter: self.signals.wait_on(crate::state::TRANSMISSION_SIGNAL),
+            clock: self.clock(),
+        }
+    }
+
+    /// Wakes every `OutboundWaiter` (a route changed, or the caller is stopping).
+    pub fn wake_outbound(&self) {
+        self.signals.notify(crate::state::TRANSMISSION_SIGNAL);
+    }
+
     /// Up to `max` messages of the transmission queue with ids above `after` (all with `None`),
     /// in the order they must go.
     pub fn outbound(&self, after: Option<u64>, max: usize) -> Vec<Outbound> {

@@ -640,6 +640,10 @@ impl State {
                 self.poison_rollbacks.remove(name);
                 self.touched.push(name.clone());
             }
+            if let Op::CreateRoute(_) | Op::AlterRoute(_) = op {
+                // Messages waiting for a route may have one now.
+                self.touched.push(TRANSMISSION_SIGNAL.to_owned());
+            }
             return result;
         }
         let body_at = |range: &std::ops::Range<usize>| -> Result<(RecordBytes, BodyLocation)> {

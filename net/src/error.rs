@@ -165,6 +165,34 @@ pub enum Error {
     /// The transport was shut down.
     #[error("transport is shut down")]
     ShutDown,
+
+    /// The node's broker refused or failed an operation.
+    #[error("broker: {0}")]
+    Engine(EngineError),
+}
+
+/// An engine error inside this crate's (cloneable, comparable) `Error`.
+#[derive(Debug, Clone)]
+pub struct EngineError(pub std::sync::Arc<herald_engine::Error>);
+
+impl PartialEq for EngineError {
+    fn eq(&self, other: &EngineError) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for EngineError {}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<herald_engine::Error> for Error {
+    fn from(error: herald_engine::Error) -> Error {
+        Error::Engine(EngineError(std::sync::Arc::new(error)))
+    }
 }
 
 impl Error {

@@ -25,10 +25,12 @@
 
 mod error;
 pub mod identity;
+pub mod node;
 pub mod proto;
 pub mod quic;
 
 pub use error::{Error, Result};
+pub use node::{Node, NodeConfig};
 
 /// Entry points for fuzzing and corpus replay (`fuzz/`); not part of the stable API.
 #[doc(hidden)]

@@ -1,0 +1,483 @@
+//! A node: a [`Broker`] and its QUIC endpoint, joined. Two threads bridge them:
+//!
+//! - the **sender** lists the broker's transmission queue (`outbound`), routes each message
+//!   (`Catalog::route`), and hands it to the transport, which keeps it until the far node
+//!   acknowledges it (and sends it again after each reconnection); it wakes on every commit
+//!   that adds to the transmission queue or changes a route, and looks again every
+//!   [`ROUTE_RECHECK_INTERVAL`] for messages that had no route;
+//! - the **receiver** takes the transport's events: messages that arrived go to the broker in
+//!   batches (`accept_arrivals`, one local transaction each) and are acknowledged only after
+//!   that commit returned (durable under the default durability); acknowledgements remove
+//!   messages from the transmission queue (`transmitted`, which pins the dialog to the far
+//!   broker); errors from far brokers put their dialogs in ERROR (`remote_failed`).
+//!
+//! Which local services a trusted peer may reach is decided by its certificate
+//! ([`NodeConfig::restricted_peers`]): a message for another service is answered with an
+//! Error (−8494) on its dialog.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use herald_engine::remote::{Arrival, ArrivalOutcome, codes};
+use herald_engine::{Broker, BrokerInstanceId, ConversationId, RouteAddress, RouteChoice};
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::identity::{Fingerprint, NodeIdentity, Trust};
+use crate::proto::{Event, MessageHeader, OutgoingMessage};
+use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent};
+
+/// How often the sender looks again at messages that had no route (or whose address did not
+/// resolve), besides waking on every commit that adds to the transmission queue.
+pub const ROUTE_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Messages the sender takes from the transmission queue per pass.
+pub const SENDER_BATCH_MESSAGES_MAX: usize = 4096;
+/// Transport events the receiver handles per batch (arrivals become one local transaction).
+pub const RECEIVER_BATCH_EVENTS_MAX: usize = 1024;
+/// Directory (inside the data directory) holding the node's certificate and key.
+pub const IDENTITY_DIR: &str = "identity";
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint (port 0: any free port, see [`Node::local_addr`]).
+    pub listen: SocketAddr,
+    pub broker: herald_engine::Options,
+    /// Peers this node accepts (and dials): pinned fingerprints or CAs.
+    pub trust: Trust,
+    /// Peers that may reach only the listed local services. A trusted peer not listed here may
+    /// reach any service.
+    pub restricted_peers: HashMap<Fingerprint, HashSet<String>>,
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] stops it without the clean steps.
+#[derive(Debug)]
+pub struct Node {
+    broker: Arc<Broker>,
+    transport: Arc<Transport>,
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What the sender and receiver threads share.
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    /// Wakes the receiver when the node stops (its event channel stays open meanwhile).
+    stopped: tokio::sync::Notify,
+    /// Transmissions handed to the transport (which keeps them until acknowledged), by id,
+    /// with the address they went to.
+    dispatched: Mutex<HashMap<u64, SocketAddr>>,
+    /// The certificate behind each dialed peer, once connected.
+    dialed: Mutex<HashMap<SocketAddr, Fingerprint>>,
+    restricted_peers: HashMap<Fingerprint, HashSet<String>>,
+}
+
+impl Node {
+    /// Opens the broker in `config.data_dir` (creating it, its broker instance id and the
+    /// node's certificate on first start), binds the QUIC endpoint and starts delivering.
+    pub fn start(config: NodeConfig) -> Result<Node> {
+        let broker = Arc::new(Broker::open(&config.data_dir, config.broker.clone())?);
+        let identity = load_identity(&config.data_dir, broker.broker_instance())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("herald-net")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the network runtime", &e))?;
+        let (transport, events) = Transport::bind_on(
+            runtime.handle(),
+            TransportConfig {
+                listen: config.listen,
+                identity,
+                trust: config.trust.clone(),
+            },
+        )?;
+        let transport = Arc::new(transport);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            stopped: tokio::sync::Notify::new(),
+            dispatched: Mutex::new(HashMap::new()),
+            dialed: Mutex::new(HashMap::new()),
+            restricted_peers: config.restricted_peers,
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|e| Error::io(format!("starting thread {name}"), &e))
+        };
+        {
+            let (broker, transport, shared) = (broker.clone(), transport.clone(), shared.clone());
+            threads.push(spawn(
+                "herald-sender",
+                Box::new(move || run_sender(&broker, &transport, &shared)),
+            )?);
+        }
+        {
+            let (broker, transport, shared) = (broker.clone(), transport.clone(), shared.clone());
+            let runtime = runtime.handle().clone();
+            threads.push(spawn(
+                "herald-receiver",
+                Box::new(move || run_receiver(&broker, &transport, &shared, &runtime, events)),
+            )?);
+        }
+        tracing::info!(
+            dir = %config.data_dir.display(),
+            addr = ?transport.local_addr().ok(),
+            broker_instance = %broker.broker_instance(),
+            fingerprint = %transport.identity().fingerprint(),
+            "node started"
+        );
+        Ok(Node {
+            broker,
+            transport,
+            runtime: Some(runtime),
+            shared,
+            threads,
+        })
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.transport.local_addr()
+    }
+
+    /// The node's certificate fingerprint (what peers pin).
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.transport.identity().fingerprint()
+    }
+
+    /// Stops cleanly: no new work is taken, connections close with a GoAway (what is not
+    /// acknowledged stays in the transmission queue for the next start), the broker takes a
+    /// checkpoint and syncs and closes its log.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_threads();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(crate::quic::SHUTDOWN_TIMEOUT);
+        }
+        let broker = self.broker.clone();
+        // The threads are joined: once `self` goes, this is the broker's last holder.
+        drop(self);
+        match Arc::try_unwrap(broker) {
+            Ok(broker) => broker.close().map_err(Error::from),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn stop_threads(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stopped.notify_one();
+        self.broker.wake_outbound();
+        if let Some(runtime) = &self.runtime {
+            runtime.block_on(self.transport.shutdown());
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop_threads();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(crate::quic::SHUTDOWN_TIMEOUT);
+        }
+    }
+}
+
+/// The node's certificate and key, created on first start, carrying the broker's instance id
+/// (the one routes name and dialogs are pinned to).
+fn load_identity(data_dir: &std::path::Path, broker: BrokerInstanceId) -> Result<NodeIdentity> {
+    let dir = data_dir.join(IDENTITY_DIR);
+    let identity = NodeIdentity::load_or_create(&dir)?;
+    let wanted = Uuid::from_u128(broker.0);
+    if identity.broker_instance() == wanted {
+        return Ok(identity);
+    }
+    let identity = NodeIdentity::from_parts(
+        wanted,
+        identity.certificate_chain().to_vec(),
+        identity.key().clone_key(),
+    )?;
+    identity.write(&dir)?;
+    Ok(identity)
+}
+
+fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
+    let waiter = broker.outbound_waiter();
+    let mut resolved: HashMap<(String, u16), SocketAddr> = HashMap::new();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let seen = waiter.generation();
+        let waiting = broker.outbound(None, SENDER_BATCH_MESSAGES_MAX);
+        for message in waiting {
+            if shared.dispatched.lock().contains_key(&message.id) {
+                continue;
+            }
+            let (host, port) = match &message.route {
+                RouteChoice::Remote {
+                    address: RouteAddress::Quic { host, port },
+                    ..
+                } => (host.clone(), *port),
+                // No route: `transmission_queue` says so; the next pass looks again.
+                RouteChoice::NoRoute => continue,
+                RouteChoice::Remote {
+                    address: RouteAddress::Local,
+                    ..
+                }
+                | RouteChoice::Local => {
+                    broker.set_transmission_status(
+                        &[message.id],
+                        "the route says LOCAL, but the dialog's far side is not on this broker",
+                    );
+                    continue;
+                }
+            };
+            let addr = match resolved.get(&(host.clone(), port)) {
+                Some(addr) => *addr,
+                None => match (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|mut a| a.next())
+                {
+                    Ok(Some(addr)) => {
+                        resolved.insert((host.clone(), port), addr);
+                        addr
+                    }
+                    Ok(None) | Err(_) => {
+                        broker.set_transmission_status(
+                            &[message.id],
+                            &format!("cannot resolve {host}:{port}"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let outgoing = OutgoingMessage {
+                id: message.id,
+                header: MessageHeader {
+                    conversation_id: message.conversation_id.0.to_be_bytes(),
+                    from_initiator: message.from_initiator,
+                    sequence: message.sequence,
+                    source_service: message.from_service.clone(),
+                    target_service: message.to_service.clone(),
+                    contract: message.contract.clone(),
+                    message_type: message.message_type.clone(),
+                    target_broker_instance: message.to_broker_instance.map(|b| b.0.to_be_bytes()),
+                    lifetime_deadline_secs: message.expires_at_ms.div_ceil(1000),
+                },
+                body: Arc::from(&message.body[..]),
+            };
+            match transport.send(addr, outgoing) {
+                Ok(()) => {
+                    shared.dispatched.lock().insert(message.id, addr);
+                    broker.set_transmission_status(
+                        &[message.id],
+                        &format!("sent to {addr}; waiting for its acknowledgement"),
+                    );
+                }
+                Err(e) => {
+                    broker.set_transmission_status(&[message.id], &format!("not sent: {e}"));
+                }
+            }
+        }
+        waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
+    }
+}
+
+fn run_receiver(
+    broker: &Broker,
+    transport: &Transport,
+    shared: &Shared,
+    runtime: &tokio::runtime::Handle,
+    mut events: crate::quic::Events,
+) {
+    let next = |events: &mut crate::quic::Events| {
+        runtime.block_on(async {
+            tokio::select! {
+                event = events.recv() => event,
+                () = shared.stopped.notified() => None,
+            }
+        })
+    };
+    while let Some(first) = next(&mut events) {
+        let mut batch = vec![first];
+        while batch.len() < RECEIVER_BATCH_EVENTS_MAX {
+            match events.try_recv() {
+                Some(event) => batch.push(event),
+                None => break,
+            }
+        }
+        let mut arrivals: Vec<(PeerKey, Arrival)> = Vec::new();
+        let mut acknowledged: HashMap<[u8; 16], Vec<u64>> = HashMap::new();
+        for event in batch {
+            match event {
+                TransportEvent::Connected {
+                    peer, fingerprint, ..
+                } => {
+                    if let PeerKey::Dialed(addr) = peer {
+                        shared.dialed.lock().insert(addr, fingerprint);
+                    }
+                }
+                TransportEvent::Session { peer, event } => match event {
+                    Event::Received(message) => {
+                        let header = message.header;
+                        let arrival = Arrival {
+                            conversation_id: ConversationId(u128::from_be_bytes(
+                                header.conversation_id,
+                            )),
+                            from_initiator: header.from_initiator,
+                            sequence: header.sequence,
+                            from_service: header.source_service,
+                            to_service: header.target_service,
+                            contract: header.contract,
+                            message_type: header.message_type,
+                            body: message.body,
+                            source_broker: BrokerInstanceId(u128::from_be_bytes(
+                                message.source_broker_instance,
+                            )),
+                            expires_at_ms: header.lifetime_deadline_secs.saturating_mul(1000),
+                        };
+                        if let Some(refusal) = refused_by_access(shared, &peer, &arrival) {
+                            reply_error(transport, &peer, &arrival, codes::NO_PERMISSION, &refusal);
+                            continue;
+                        }
+                        arrivals.push((peer, arrival));
+                    }
+                    Event::Acknowledged {
+                        id,
+                        far_broker_instance,
+                    } => acknowledged
+                        .entry(far_broker_instance)
+                        .or_default()
+                        .push(id),
+                    Event::RemoteError {
+                        conversation_id,
+                        from_initiator,
+                        code,
+                        description,
+                    } => {
+                        let conversation = ConversationId(u128::from_be_bytes(conversation_id));
+                        if let Err(e) =
+                            broker.remote_failed(conversation, from_initiator, code, &description)
+                        {
+                            tracing::error!(error = %e, "recording a far broker's error failed");
+                        }
+                    }
+                    Event::Connected { .. } | Event::PeerGoingAway => {}
+                },
+                TransportEvent::Disconnected { peer, reason } => {
+                    if let PeerKey::Dialed(addr) = peer {
+                        let ids: Vec<u64> = shared
+                            .dispatched
+                            .lock()
+                            .iter()
+                            .filter(|(_, a)| **a == addr)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        broker.set_transmission_status(
+                            &ids,
+                            &format!("{addr} unreachable ({reason}); retrying"),
+                        );
+                    }
+                }
+                TransportEvent::Refused {
+                    fingerprint,
+                    reason,
+                } => tracing::warn!(%fingerprint, %reason, "peer refused"),
+            }
+        }
+        for (far, ids) in acknowledged {
+            let far = BrokerInstanceId(u128::from_be_bytes(far));
+            match broker.transmitted(&ids, Some(far)) {
+                Ok(()) => {
+                    let mut dispatched = shared.dispatched.lock();
+                    for id in ids {
+                        dispatched.remove(&id);
+                    }
+                }
+                // The messages stay queued: sent again after the next restart.
+                Err(e) => tracing::error!(error = %e, "recording acknowledgements failed"),
+            }
+        }
+        if !arrivals.is_empty() {
+            deliver(broker, transport, arrivals);
+        }
+    }
+}
+
+/// Commits a batch of arrivals, then acknowledges what is durably here and answers refusals.
+fn deliver(broker: &Broker, transport: &Transport, arrivals: Vec<(PeerKey, Arrival)>) {
+    let batch: Vec<Arrival> = arrivals.iter().map(|(_, a)| a.clone()).collect();
+    let outcomes = match broker.accept_arrivals(&batch) {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            // Nothing is acknowledged: the senders send again.
+            tracing::error!(error = %e, "storing arrived messages failed");
+            return;
+        }
+    };
+    for ((peer, arrival), outcome) in arrivals.iter().zip(outcomes) {
+        match outcome {
+            ArrivalOutcome::Accepted | ArrivalOutcome::Duplicate => {
+                let _ = transport.acknowledge(
+                    peer,
+                    arrival.conversation_id.0.to_be_bytes(),
+                    arrival.from_initiator,
+                    arrival.sequence,
+                );
+            }
+            ArrivalOutcome::Gap => {}
+            ArrivalOutcome::Refused { code, description } => {
+                reply_error(transport, peer, arrival, code, &description);
+            }
+        }
+    }
+}
+
+fn reply_error(transport: &Transport, peer: &PeerKey, arrival: &Arrival, code: i32, text: &str) {
+    let mut description = text.to_owned();
+    description.truncate(crate::proto::DESCRIPTION_BYTES_MAX.min(description.len()));
+    while !description.is_char_boundary(description.len()) {
+        description.pop();
+    }
+    if let Err(e) = transport.send_error(
+        peer,
+        arrival.conversation_id.0.to_be_bytes(),
+        arrival.from_initiator,
+        code,
+        description,
+    ) {
+        tracing::warn!(error = %e, "could not answer a refused message");
+    }
+}
+
+/// Why `peer` may not send `arrival` (its certificate may reach only some services), if so.
+fn refused_by_access(shared: &Shared, peer: &PeerKey, arrival: &Arrival) -> Option<String> {
+    let fingerprint = match peer {
+        PeerKey::Accepted(fingerprint) => *fingerprint,
+        PeerKey::Dialed(addr) => *shared.dialed.lock().get(addr)?,
+    };
+    let allowed = shared.restricted_peers.get(&fingerprint)?;
+    (!allowed.contains(&arrival.to_service)).then(|| {
+        format!(
+            "the sending node ({fingerprint}) may not reach service {:?}",
+            arrival.to_service
+        )
+    })
+}
