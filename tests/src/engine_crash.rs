@@ -47,6 +47,10 @@ pub const LIFE_TARGET_SERVICE: &str = "//crash/LifeTarget";
 /// and rolls back until the queue is disabled, then enables again.
 pub const POISON_QUEUE: &str = "crash_poison_queue";
 pub const POISON_SERVICE: &str = "//crash/Poison";
+/// The body of the requests sent on life-cycle dialogs.
+pub const LIFE_BODY: &[u8] = b"life";
+/// Requests a life-cycle dialog carries at most (sent when it begins).
+pub const LIFE_REQUESTS_MAX: u64 = 2;
 /// Conversation timers the writer sets time out after this long (on the system clock).
 pub const LIFE_TIMER_MS: std::ops::RangeInclusive<u64> = 10..=200;
 
@@ -223,8 +227,12 @@ pub enum TxOp {
         sequence: u64,
         body: BodyId,
     },
-    /// A life-cycle dialog was begun; `handle` is the initiator's.
-    LifeBegin { handle: ConversationHandle },
+    /// A life-cycle dialog was begun; `handle` is the initiator's, which sent `requests`
+    /// requests with body [`LIFE_BODY`] on it, in the same transaction.
+    LifeBegin {
+        handle: ConversationHandle,
+        requests: u64,
+    },
     /// Life-cycle initiator `handle` was ended, plainly or WITH ERROR = `error`.
     End {
         handle: ConversationHandle,
@@ -279,7 +287,9 @@ impl fmt::Display for TxOp {
                 sequence,
                 body: id,
             } => write!(f, "recv={:032x}/{sequence}/{}", handle.0, body(id)),
-            TxOp::LifeBegin { handle } => write!(f, "life={:032x}", handle.0),
+            TxOp::LifeBegin { handle, requests } => {
+                write!(f, "life={:032x}/{requests}", handle.0)
+            }
             TxOp::End {
                 handle,
                 error: None,
@@ -380,8 +390,10 @@ fn parse_op(op: &str) -> Option<TxOp> {
         });
     }
     if name == "life" {
+        let (handle, requests) = value.split_once('/')?;
         return Some(TxOp::LifeBegin {
-            handle: parse_handle(value)?,
+            handle: parse_handle(handle)?,
+            requests: requests.parse().ok()?,
         });
     }
     let mut parts = value.split('/');
@@ -514,6 +526,7 @@ mod tests {
                 },
                 TxOp::LifeBegin {
                     handle: ConversationHandle(7),
+                    requests: 2,
                 },
                 TxOp::End {
                     handle: ConversationHandle(8),

@@ -27,8 +27,9 @@
 //! - life-cycle dialogs (their own services and queues, which nobody receives from): each
 //!   committed dialog's endpoints exist, and none of an uncommitted one; an ended initiator is
 //!   closed with nothing queued (END purges its side), and its target got exactly one EndDialog
-//!   (state DI, the EndDialog its only message, at sequence 0) or exactly one Error with the
-//!   code and description sent (state ER); once the target ended too, both endpoints are gone;
+//!   (state DI, after the dialog's requests, in sequence, and nothing after it) or exactly one
+//!   Error with the code and description sent (state ER, ahead of the requests); once the
+//!   target ended too, both endpoints are gone;
 //!   a dialog with a committed conversation timer either still has it pending with a deadline
 //!   within what the writer saw and after the time the test opened the broker at, or has
 //!   exactly one DialogTimer message queued and no timer pending, and once fired it stays so
@@ -63,10 +64,10 @@ use herald_engine::{
     Error, ManualClock, Options, Receive, SystemClock, system,
 };
 use herald_tests::engine_crash::{
-    BodyId, BodyKind, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_INITIATOR_QUEUE,
+    BodyId, BodyKind, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_BODY, LIFE_INITIATOR_QUEUE,
     LIFE_INITIATOR_SERVICE, LIFE_TARGET_QUEUE, LIFE_TARGET_SERVICE, POISON_QUEUE, Phase,
-    TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options, error_description,
-    parse_lines, verify_body,
+    REQUEST_TYPE, TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options,
+    error_description, parse_lines, verify_body,
 };
 use herald_tests::kill::{Kill, crash_seed, run_until_killed};
 use rand::rngs::SmallRng;
@@ -228,6 +229,8 @@ struct Model {
 /// A committed life-cycle dialog, as the committed transactions left it.
 #[derive(Debug, Default)]
 struct LifeDialog {
+    /// Requests sent (sequences 0..requests) when it began.
+    requests: u64,
     /// The initiator ended: plainly (`None`) or WITH ERROR = code.
     ended: Option<Option<i32>>,
     /// The target (this handle) ended too: both endpoints are gone.
@@ -615,12 +618,12 @@ fn decide<'t>(
                 TxOp::Receive { body, .. } => {
                     Some((!queued.contains(body), format!("the receive of {body}")))
                 }
-                TxOp::LifeBegin { handle } | TxOp::End { handle, .. }
+                TxOp::LifeBegin { handle, .. } | TxOp::End { handle, .. }
                     if target_ended.contains(handle) =>
                 {
                     None
                 }
-                TxOp::LifeBegin { handle } => Some((
+                TxOp::LifeBegin { handle, .. } => Some((
                     life.endpoints.contains_key(handle),
                     format!("the life-cycle dialog {handle}"),
                 )),
@@ -717,8 +720,17 @@ fn apply(round: u32, committed: &[&Tx], model: &mut Model) -> HashSet<Conversati
                 model.initiators.insert(*handle),
                 "round {round}: {tx} began dialog {handle} a second time"
             ),
-            TxOp::LifeBegin { handle } => assert!(
-                model.life.insert(*handle, LifeDialog::default()).is_none(),
+            TxOp::LifeBegin { handle, requests } => assert!(
+                model
+                    .life
+                    .insert(
+                        *handle,
+                        LifeDialog {
+                            requests: *requests,
+                            ..LifeDialog::default()
+                        }
+                    )
+                    .is_none(),
                 "round {round}: {tx} began dialog {handle} a second time"
             ),
             TxOp::End { handle, error } => {
@@ -1066,6 +1078,12 @@ fn check_life(round: u32, model: &mut Model, life: &LifeFound, opened_ms: u64, s
             );
         };
         let target_queued = life.queued(&t.handle);
+        let requests: Vec<(String, u64, Vec<u8>)> = (0..dialog.requests)
+            .map(|sequence| (REQUEST_TYPE.to_string(), sequence, LIFE_BODY.to_vec()))
+            .collect();
+        let summary = |queued: &[(String, u64, Vec<u8>)]| -> Vec<(String, u64)> {
+            queued.iter().map(|m| (m.0.clone(), m.1)).collect()
+        };
         match dialog.ended {
             Some(error) => {
                 assert!(
@@ -1078,43 +1096,50 @@ fn check_life(round: u32, model: &mut Model, life: &LifeFound, opened_ms: u64, s
                     i.dialog_timer_ms,
                     life.queued(handle).len()
                 );
+                // EndDialog after the requests, in sequence; an Error ahead of them.
                 let (state, expected) = match error {
-                    None => (
-                        EndpointState::DisconnectedInbound,
-                        (system::END_DIALOG.to_string(), 0, Vec::new()),
-                    ),
-                    Some(code) => (
-                        EndpointState::Error,
-                        (
-                            system::ERROR.to_string(),
-                            0,
-                            system::error_body(code, &error_description(code)),
-                        ),
-                    ),
+                    None => {
+                        let mut expected = requests.clone();
+                        expected.push((
+                            system::END_DIALOG.to_string(),
+                            dialog.requests,
+                            Vec::new(),
+                        ));
+                        (EndpointState::DisconnectedInbound, expected)
+                    }
+                    Some(code) => {
+                        let body = system::error_body(code, &error_description(code));
+                        let mut expected = vec![(system::ERROR.to_string(), 0, body)];
+                        expected.extend(requests.iter().cloned());
+                        (EndpointState::Error, expected)
+                    }
                 };
                 assert!(
-                    t.state == state && target_queued == [expected.clone()],
+                    t.state == state && target_queued == expected,
                     "round {round}: the target of {handle} (ended with {error:?}) is {} holding \
-                     {:?}; expected {} holding only {:?}",
+                     {:?}; expected {} holding {:?}",
                     t.state.code(),
-                    target_queued
-                        .iter()
-                        .map(|m| (&m.0, m.1))
-                        .collect::<Vec<_>>(),
+                    summary(target_queued),
                     state.code(),
-                    expected.0
+                    summary(&expected)
                 );
             }
             None => {
+                let initiator_state = if dialog.requests == 0 {
+                    EndpointState::StartedOutbound
+                } else {
+                    EndpointState::Conversing
+                };
                 assert!(
-                    i.state == EndpointState::StartedOutbound
+                    i.state == initiator_state
                         && t.state == EndpointState::Conversing
-                        && target_queued.is_empty(),
-                    "round {round}: open dialog {handle} is ({}, {}) with {} messages for the \
-                     target",
+                        && target_queued == requests,
+                    "round {round}: open dialog {handle} with {} requests is ({}, {}), the target \
+                     holding {:?}",
+                    dialog.requests,
                     i.state.code(),
                     t.state.code(),
-                    target_queued.len()
+                    summary(target_queued)
                 );
                 let queued = life.queued(handle);
                 assert!(

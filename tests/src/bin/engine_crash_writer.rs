@@ -10,7 +10,8 @@
 //!   replying on some of the conversations; now and then they roll back instead, which puts the
 //!   batch back.
 //! - Reply consumers RECEIVE the replies from the initiator queue and commit.
-//! - The life-cycle thread begins dialogs between the life-cycle services, setting a
+//! - The life-cycle thread begins dialogs between the life-cycle services, sending up to two
+//!   requests on each and setting a
 //!   conversation timer (10–200 ms, on the system clock) in the same transaction on half of
 //!   them, and ends the others: the initiator plainly or WITH ERROR, and later, sometimes, the
 //!   target too (which removes both endpoints). Each dialog gets one timer or one end, never
@@ -44,9 +45,9 @@ use herald_engine::{
 };
 use herald_tests::crash_record::{ROUND_MAX, RecordId};
 use herald_tests::engine_crash::{
-    BodyKind, CONTRACT, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_INITIATOR_SERVICE,
-    LIFE_TARGET_SERVICE, LIFE_TIMER_MS, POISON_QUEUE, Phase, REPLY_TYPE, REQUEST_TYPE,
-    TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options, create_catalog,
+    BodyKind, CONTRACT, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_BODY, LIFE_INITIATOR_SERVICE,
+    LIFE_REQUESTS_MAX, LIFE_TARGET_SERVICE, LIFE_TIMER_MS, POISON_QUEUE, Phase, REPLY_TYPE,
+    REQUEST_TYPE, TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options, create_catalog,
     error_description, message_body, verify_body,
 };
 use rand::rngs::SmallRng;
@@ -405,7 +406,12 @@ fn life_cycle(shared: &Shared, thread: u8) -> Result<(), String> {
                     DialogOptions::default(),
                 )
                 .map_err(|e| failed("beginning a life-cycle dialog", e))?;
-            ops.push(TxOp::LifeBegin { handle });
+            let requests = rng.gen_range(0..=LIFE_REQUESTS_MAX);
+            for _ in 0..requests {
+                tx.send(handle, REQUEST_TYPE, LIFE_BODY)
+                    .map_err(|e| failed("sending on a life-cycle dialog", e))?;
+            }
+            ops.push(TxOp::LifeBegin { handle, requests });
             let timed = rng.gen_ratio(1, 2);
             if timed {
                 let timeout_ms = rng.gen_range(LIFE_TIMER_MS);
