@@ -15,7 +15,9 @@
 
 use std::fmt;
 
-use herald_engine::{ConversationHandle, Options, QueueOptions, SentBy, Transaction, Validation};
+use herald_engine::{
+    ConversationHandle, DialogOptions, Options, QueueOptions, SentBy, Transaction, Validation,
+};
 
 use crate::crash_record::{RecordId, mix, pattern_word};
 
@@ -34,6 +36,28 @@ pub const INITIATOR_QUEUE: &str = "crash_initiator_queue";
 pub const TARGET_QUEUE: &str = "crash_target_queue";
 pub const INITIATOR_SERVICE: &str = "//crash/Initiator";
 pub const TARGET_SERVICE: &str = "//crash/Target";
+/// The life-cycle dialogs (END CONVERSATION, timers) run between these two services, on their
+/// own queues, which nobody receives from: what the broker puts there (EndDialog, Error,
+/// DialogTimer) stays for the test to count.
+pub const LIFE_INITIATOR_QUEUE: &str = "crash_life_initiator_queue";
+pub const LIFE_TARGET_QUEUE: &str = "crash_life_target_queue";
+pub const LIFE_INITIATOR_SERVICE: &str = "//crash/LifeInitiator";
+pub const LIFE_TARGET_SERVICE: &str = "//crash/LifeTarget";
+/// A queue with poison-message protection on, holding one message that a writer thread receives
+/// and rolls back until the queue is disabled, then enables again.
+pub const POISON_QUEUE: &str = "crash_poison_queue";
+pub const POISON_SERVICE: &str = "//crash/Poison";
+/// The body of the requests sent on life-cycle dialogs.
+pub const LIFE_BODY: &[u8] = b"life";
+/// Requests a life-cycle dialog carries at most (sent when it begins).
+pub const LIFE_REQUESTS_MAX: u64 = 2;
+/// Conversation timers the writer sets time out after this long (on the system clock).
+pub const LIFE_TIMER_MS: std::ops::RangeInclusive<u64> = 10..=200;
+
+/// The description END CONVERSATION WITH ERROR sends with `code`.
+pub fn error_description(code: i32) -> String {
+    format!("crash error {code}")
+}
 
 /// Options the writer and the test both open the crash broker with (durability `Sync`).
 pub fn crash_broker_options() -> Options {
@@ -65,7 +89,20 @@ pub fn create_catalog(tx: &mut Transaction<'_>) -> herald_engine::Result<()> {
     tx.create_queue(INITIATOR_QUEUE, queue)?;
     tx.create_queue(TARGET_QUEUE, queue)?;
     tx.create_service(INITIATOR_SERVICE, INITIATOR_QUEUE, &[])?;
-    tx.create_service(TARGET_SERVICE, TARGET_QUEUE, &[CONTRACT])
+    tx.create_service(TARGET_SERVICE, TARGET_QUEUE, &[CONTRACT])?;
+    tx.create_queue(LIFE_INITIATOR_QUEUE, queue)?;
+    tx.create_queue(LIFE_TARGET_QUEUE, queue)?;
+    tx.create_service(LIFE_INITIATOR_SERVICE, LIFE_INITIATOR_QUEUE, &[])?;
+    tx.create_service(LIFE_TARGET_SERVICE, LIFE_TARGET_QUEUE, &[CONTRACT])?;
+    tx.create_queue(POISON_QUEUE, QueueOptions::default())?;
+    tx.create_service(POISON_SERVICE, POISON_QUEUE, &[CONTRACT])?;
+    let poison = tx.begin_dialog(
+        LIFE_INITIATOR_SERVICE,
+        POISON_SERVICE,
+        CONTRACT,
+        DialogOptions::default(),
+    )?;
+    tx.send(poison, REQUEST_TYPE, b"poison")
 }
 
 /// Who sent a body: the round (one writer process per round), the writer thread, and the
@@ -190,6 +227,35 @@ pub enum TxOp {
         sequence: u64,
         body: BodyId,
     },
+    /// A life-cycle dialog was begun; `handle` is the initiator's, which sent `requests`
+    /// requests with body [`LIFE_BODY`] on it, in the same transaction.
+    LifeBegin {
+        handle: ConversationHandle,
+        requests: u64,
+    },
+    /// Life-cycle initiator `handle` was ended, plainly or WITH ERROR = `error`.
+    End {
+        handle: ConversationHandle,
+        error: Option<i32>,
+    },
+    /// The target `handle` of life-cycle dialog `initiator` was ended (plainly), after the
+    /// initiator: both endpoints are removed.
+    EndTarget {
+        handle: ConversationHandle,
+        initiator: ConversationHandle,
+    },
+    /// A conversation timer was set on life-cycle initiator `handle`; its deadline (ms since
+    /// the UNIX epoch) is in `lo_ms..=hi_ms` (the system clock read before and after the call,
+    /// plus the timeout).
+    Timer {
+        handle: ConversationHandle,
+        lo_ms: u64,
+        hi_ms: u64,
+    },
+    /// The fifth rollback in a row of a receive from the poison queue: it disabled the queue.
+    Disable,
+    /// ALTER QUEUE enabled the poison queue again.
+    Enable,
 }
 
 /// A `pending` or `commit` line: `<phase> <round> <thread> <tx> <op>…`, where an op is `catalog`,
@@ -221,6 +287,27 @@ impl fmt::Display for TxOp {
                 sequence,
                 body: id,
             } => write!(f, "recv={:032x}/{sequence}/{}", handle.0, body(id)),
+            TxOp::LifeBegin { handle, requests } => {
+                write!(f, "life={:032x}/{requests}", handle.0)
+            }
+            TxOp::End {
+                handle,
+                error: None,
+            } => write!(f, "end={:032x}/plain", handle.0),
+            TxOp::End {
+                handle,
+                error: Some(code),
+            } => write!(f, "end={:032x}/error{code}", handle.0),
+            TxOp::EndTarget { handle, initiator } => {
+                write!(f, "endtarget={:032x}/{:032x}", handle.0, initiator.0)
+            }
+            TxOp::Timer {
+                handle,
+                lo_ms,
+                hi_ms,
+            } => write!(f, "timer={:032x}/{lo_ms}/{hi_ms}", handle.0),
+            TxOp::Disable => write!(f, "disable"),
+            TxOp::Enable => write!(f, "enable"),
         }
     }
 }
@@ -290,8 +377,11 @@ pub fn parse_lines(output: &[u8]) -> Result<Vec<TxLine>, String> {
 }
 
 fn parse_op(op: &str) -> Option<TxOp> {
-    if op == "catalog" {
-        return Some(TxOp::Catalog);
+    match op {
+        "catalog" => return Some(TxOp::Catalog),
+        "disable" => return Some(TxOp::Disable),
+        "enable" => return Some(TxOp::Enable),
+        _ => {}
     }
     let (name, value) = op.split_once('=')?;
     if name == "begin" {
@@ -299,8 +389,45 @@ fn parse_op(op: &str) -> Option<TxOp> {
             handle: parse_handle(value)?,
         });
     }
+    if name == "life" {
+        let (handle, requests) = value.split_once('/')?;
+        return Some(TxOp::LifeBegin {
+            handle: parse_handle(handle)?,
+            requests: requests.parse().ok()?,
+        });
+    }
     let mut parts = value.split('/');
     let handle = parse_handle(parts.next()?)?;
+    match name {
+        "end" => {
+            let how = parts.next()?;
+            let error = match how {
+                "plain" => None,
+                _ => Some(how.strip_prefix("error")?.parse().ok()?),
+            };
+            return parts
+                .next()
+                .is_none()
+                .then_some(TxOp::End { handle, error });
+        }
+        "endtarget" => {
+            let initiator = parse_handle(parts.next()?)?;
+            return parts
+                .next()
+                .is_none()
+                .then_some(TxOp::EndTarget { handle, initiator });
+        }
+        "timer" => {
+            let lo_ms = parts.next()?.parse().ok()?;
+            let hi_ms = parts.next()?.parse().ok()?;
+            return parts.next().is_none().then_some(TxOp::Timer {
+                handle,
+                lo_ms,
+                hi_ms,
+            });
+        }
+        _ => {}
+    }
     let sequence = parts.next()?.parse().ok()?;
     let body = parse_body_id(parts.next()?)?;
     if parts.next().is_some() {
@@ -397,6 +524,29 @@ mod tests {
                     sequence: 17,
                     body,
                 },
+                TxOp::LifeBegin {
+                    handle: ConversationHandle(7),
+                    requests: 2,
+                },
+                TxOp::End {
+                    handle: ConversationHandle(8),
+                    error: None,
+                },
+                TxOp::End {
+                    handle: ConversationHandle(9),
+                    error: Some(42),
+                },
+                TxOp::EndTarget {
+                    handle: ConversationHandle(10),
+                    initiator: ConversationHandle(11),
+                },
+                TxOp::Timer {
+                    handle: ConversationHandle(12),
+                    lo_ms: 1_700_000_000_010,
+                    hi_ms: 1_700_000_000_013,
+                },
+                TxOp::Disable,
+                TxOp::Enable,
             ],
         };
         let mut output = line.to_line().into_bytes();

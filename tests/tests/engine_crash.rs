@@ -1,7 +1,8 @@
 //! Crash test of the engine with real processes: round after round, a writer process
-//! (`engine_crash_writer`) runs SEND and RECEIVE transactions on one broker directory from several
-//! threads and is killed with SIGKILL at a random moment; the test then reopens the broker and
-//! checks what it recovered against what the writer acknowledged.
+//! (`engine_crash_writer`) runs SEND and RECEIVE transactions, END CONVERSATIONs, conversation
+//! timers and poison-message rollbacks on one broker directory from several threads and is
+//! killed with SIGKILL at a random moment; the test then reopens the broker and checks what it
+//! recovered against what the writer acknowledged.
 //!
 //! The writer prints a `pending` line before each commit and a `commit` line after it returned
 //! (`herald_tests::engine_crash`). A transaction with a `commit` line must have committed; one
@@ -22,7 +23,23 @@
 //! - the recovered conversation endpoints are exactly those of the committed dialogs, each with
 //!   its far side, and with the send and receive sequence numbers its committed sends and
 //!   receives left (so they continue where they were);
-//! - the catalog exists once its transaction committed.
+//! - the catalog exists once its transaction committed;
+//! - life-cycle dialogs (their own services and queues, which nobody receives from): each
+//!   committed dialog's endpoints exist, and none of an uncommitted one; an ended initiator is
+//!   closed with nothing queued (END purges its side), and its target got exactly one EndDialog
+//!   (state DI, after the dialog's requests, in sequence, and nothing after it) or exactly one
+//!   Error with the code and description sent (state ER, ahead of the requests); once the
+//!   target ended too, both endpoints are gone;
+//!   a dialog with a committed conversation timer either still has it pending with a deadline
+//!   within what the writer saw and after the time the test opened the broker at, or has
+//!   exactly one DialogTimer message queued and no timer pending, and once fired it stays so
+//!   (nothing fires twice); a pending END or timer shows all of its effects or none;
+//! - the poison queue is disabled exactly when the last committed (acknowledged, or pending
+//!   and evidently committed) change of its status was a disabling fifth rollback: the status
+//!   is a logged catalog change and survives the kill.
+//!
+//! The test opens the broker on a `ManualClock` set to the system clock's time just before it
+//! opens: timers due by then fire as it opens, and none fires while it inspects.
 //!
 //! The broker checkpoints every 256 KiB of log (and releases and compacts segments), so kills
 //! land in those too and recovery starts from a checkpoint; in some rounds the test also takes a
@@ -43,11 +60,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald_engine::{
-    Broker, ConversationEndpoint, ConversationGroupId, ConversationHandle, Error, Receive,
+    Broker, Clock, ConversationEndpoint, ConversationGroupId, ConversationHandle, EndpointState,
+    Error, ManualClock, Options, Receive, SystemClock, system,
 };
 use herald_tests::engine_crash::{
-    BodyId, BodyKind, INITIATOR_QUEUE, Phase, TARGET_QUEUE, TxLine, TxOp, crash_broker_options,
-    parse_lines, verify_body,
+    BodyId, BodyKind, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_BODY, LIFE_INITIATOR_QUEUE,
+    LIFE_INITIATOR_SERVICE, LIFE_TARGET_QUEUE, LIFE_TARGET_SERVICE, POISON_QUEUE, Phase,
+    REQUEST_TYPE, TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options,
+    error_description, parse_lines, verify_body,
 };
 use herald_tests::kill::{Kill, crash_seed, run_until_killed};
 use rand::rngs::SmallRng;
@@ -113,6 +133,22 @@ fn run_crash_rounds(rounds: u32) {
         stats.log_bytes_max / 1024,
         stats.log_bytes_last / 1024,
     );
+    eprintln!(
+        "engine_crash: life cycle: {} dialogs; acknowledged {} plain ends, {} ends with error, {} \
+         target ends, {} timers, {} poison disables and {} enables; timer checks found {} \
+         pending and {} fired; {} pending life-cycle or poison transactions had committed, {} had not",
+        model.life.len(),
+        stats.ends_plain_acked,
+        stats.ends_error_acked,
+        stats.target_ends_acked,
+        stats.timers_acked,
+        stats.disables_acked,
+        stats.enables_acked,
+        stats.timers_pending_seen,
+        stats.timers_fired_seen,
+        stats.life_pending_committed,
+        stats.life_pending_not_committed,
+    );
     // A run that acknowledged nothing checked nothing.
     assert!(
         stats.sends_acked > 0 && stats.receives_acked > 0,
@@ -120,6 +156,23 @@ fn run_crash_rounds(rounds: u32) {
         stats.sends_acked,
         stats.receives_acked
     );
+    for (count, what) in [
+        (stats.ends_plain_acked, "plain END"),
+        (stats.ends_error_acked, "END WITH ERROR"),
+        (
+            stats.target_ends_acked,
+            "END of a target (removing the dialog)",
+        ),
+        (stats.timers_acked, "conversation timer"),
+        (stats.timers_fired_seen, "fired timer seen"),
+        (stats.disables_acked, "poison disable"),
+        (stats.enables_acked, "poison queue re-enable"),
+    ] {
+        assert!(
+            count > 0,
+            "seed {seed}: no {what} in {rounds} rounds: {stats:?}"
+        );
+    }
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +188,17 @@ struct Stats {
     test_checkpoints: u32,
     log_bytes_max: u64,
     log_bytes_last: u64,
+    ends_plain_acked: u64,
+    ends_error_acked: u64,
+    target_ends_acked: u64,
+    timers_acked: u64,
+    disables_acked: u64,
+    enables_acked: u64,
+    /// Checks that found a committed timer pending, or fired.
+    timers_pending_seen: u64,
+    timers_fired_seen: u64,
+    life_pending_committed: u64,
+    life_pending_not_committed: u64,
 }
 
 /// Everything committed so far, as far as the test knows.
@@ -156,6 +220,43 @@ struct Model {
     /// The conversation group of each receiving endpoint found with queued messages: it never
     /// changes.
     groups: HashMap<ConversationHandle, ConversationGroupId>,
+    /// The committed life-cycle dialogs, by initiator handle.
+    life: HashMap<ConversationHandle, LifeDialog>,
+    /// Whether the last committed change of the poison queue's status disabled it.
+    poison_disabled: bool,
+}
+
+/// A committed life-cycle dialog, as the committed transactions left it.
+#[derive(Debug, Default)]
+struct LifeDialog {
+    /// Requests sent (sequences 0..requests) when it began.
+    requests: u64,
+    /// The initiator ended: plainly (`None`) or WITH ERROR = code.
+    ended: Option<Option<i32>>,
+    /// The target (this handle) ended too: both endpoints are gone.
+    target_ended: Option<ConversationHandle>,
+    /// The conversation timer: its deadline is within these bounds.
+    timer: Option<(u64, u64)>,
+    /// A check found the timer fired.
+    fired: bool,
+}
+
+/// The life-cycle dialogs and the poison queue as recovered.
+#[derive(Debug)]
+struct LifeFound {
+    /// Every endpoint, by handle.
+    endpoints: HashMap<ConversationHandle, ConversationEndpoint>,
+    /// The messages queued in the life-cycle queues, per receiving endpoint, in receive order:
+    /// (type, sequence, body).
+    messages: HashMap<ConversationHandle, Vec<(String, u64, Vec<u8>)>>,
+    /// The poison queue's status, if it exists.
+    poison_enabled: Option<bool>,
+}
+
+impl LifeFound {
+    fn queued(&self, handle: &ConversationHandle) -> &[(String, u64, Vec<u8>)] {
+        self.messages.get(handle).map_or(&[], Vec::as_slice)
+    }
 }
 
 #[derive(Debug)]
@@ -237,10 +338,21 @@ fn run_round(
     let lines = run_writer_until_killed(dir, round, kill);
     stats.blind_kills += u32::from(matches!(kill, Kill::Blind(_)));
     let txs = transactions(round, &lines);
-    let broker = Broker::open(dir, crash_broker_options())
+    // Time stands still at `opened_ms` while the test inspects: what was due fired at open.
+    let opened_ms = SystemClock.now_ms();
+    let options = Options {
+        clock: ManualClock::new(opened_ms),
+        ..crash_broker_options()
+    };
+    let broker = Broker::open(dir, options)
         .unwrap_or_else(|e| panic!("round {round}: reopening the broker failed: {e}"));
     let (catalog, found) = inspect(&broker, round);
-    let endpoints = broker.conversation_endpoints();
+    let life = inspect_life(&broker, round);
+    let endpoints: Vec<ConversationEndpoint> = broker
+        .conversation_endpoints()
+        .into_iter()
+        .filter(|e| [INITIATOR_SERVICE, TARGET_SERVICE].contains(&e.service.as_str()))
+        .collect();
     if checkpoint {
         broker
             .checkpoint()
@@ -251,11 +363,17 @@ fn run_round(
     stats.log_bytes_max = stats.log_bytes_max.max(stats.log_bytes_last);
     drop(broker);
 
-    let committed = decide(round, &txs, catalog, &found, stats);
+    let committed = decide(round, &txs, catalog, &found, &life, stats);
     let touched = apply(round, &committed, model);
     if model.catalog {
         assert!(catalog, "round {round}: the committed catalog is gone");
+        assert_eq!(
+            life.poison_enabled,
+            Some(!model.poison_disabled),
+            "round {round}: the poison queue's status is not the last committed one"
+        );
     }
+    check_life(round, model, &life, opened_ms, stats);
     compare(round, model, &found);
     for sender in touched {
         check_conversation(round, model, sender);
@@ -272,7 +390,13 @@ fn run_round(
                     }
                 }
                 TxOp::Receive { .. } => stats.receives_acked += 1,
-                TxOp::Catalog | TxOp::Begin { .. } => {}
+                TxOp::End { error: None, .. } => stats.ends_plain_acked += 1,
+                TxOp::End { error: Some(_), .. } => stats.ends_error_acked += 1,
+                TxOp::EndTarget { .. } => stats.target_ends_acked += 1,
+                TxOp::Timer { .. } => stats.timers_acked += 1,
+                TxOp::Disable => stats.disables_acked += 1,
+                TxOp::Enable => stats.enables_acked += 1,
+                TxOp::Catalog | TxOp::Begin { .. } | TxOp::LifeBegin { .. } => {}
             }
         }
     }
@@ -446,6 +570,7 @@ fn decide<'t>(
     txs: &'t [Tx],
     catalog: bool,
     found: &[Found],
+    life: &LifeFound,
     stats: &mut Stats,
 ) -> Vec<&'t Tx> {
     let queued: HashSet<BodyId> = found.iter().map(|f| f.body).collect();
@@ -457,8 +582,29 @@ fn decide<'t>(
             _ => None,
         })
         .collect();
+    // Life-cycle dialogs whose target this round ended: their endpoints may be gone since the
+    // (then acknowledged) transactions that began or ended the initiator.
+    let target_ended: HashSet<ConversationHandle> = txs
+        .iter()
+        .flat_map(|tx| &tx.ops)
+        .filter_map(|op| match op {
+            TxOp::EndTarget { initiator, .. } => Some(*initiator),
+            _ => None,
+        })
+        .collect();
+    // The poison queue's status shows only the last change of it (all by one thread).
+    let last_status_change = txs
+        .iter()
+        .filter(|tx| {
+            tx.ops
+                .iter()
+                .any(|op| matches!(op, TxOp::Disable | TxOp::Enable))
+        })
+        .map(|tx| (tx.thread, tx.number))
+        .max();
     let mut committed = Vec::new();
     for tx in txs {
+        let last_change = last_status_change == Some((tx.thread, tx.number));
         let evidence: Vec<(bool, String)> = tx
             .ops
             .iter()
@@ -472,10 +618,52 @@ fn decide<'t>(
                 TxOp::Receive { body, .. } => {
                     Some((!queued.contains(body), format!("the receive of {body}")))
                 }
+                TxOp::LifeBegin { handle, .. } | TxOp::End { handle, .. }
+                    if target_ended.contains(handle) =>
+                {
+                    None
+                }
+                TxOp::LifeBegin { handle, .. } => Some((
+                    life.endpoints.contains_key(handle),
+                    format!("the life-cycle dialog {handle}"),
+                )),
+                TxOp::End { handle, .. } => Some((
+                    life.endpoints
+                        .get(handle)
+                        .is_some_and(|e| e.state == EndpointState::Closed),
+                    format!("the end of {handle}"),
+                )),
+                TxOp::EndTarget { handle, .. } => Some((
+                    !life.endpoints.contains_key(handle),
+                    format!("the end of target {handle}"),
+                )),
+                TxOp::Timer { handle, .. } => Some((
+                    life.endpoints
+                        .get(handle)
+                        .is_some_and(|e| e.dialog_timer_ms.is_some())
+                        || !life.queued(handle).is_empty(),
+                    format!("the timer of {handle}"),
+                )),
+                TxOp::Disable | TxOp::Enable if !last_change => None,
+                TxOp::Disable => Some((
+                    life.poison_enabled == Some(false),
+                    "the poison queue's disabling".to_string(),
+                )),
+                TxOp::Enable => Some((
+                    life.poison_enabled == Some(true),
+                    "the poison queue's enabling".to_string(),
+                )),
             })
             .collect();
         let Some((first, _)) = evidence.first() else {
-            panic!("round {round}: {tx} changes nothing the test can see: {tx:?}");
+            // Only a transaction followed by another of its thread, so acknowledged, may have
+            // had its evidence changed since.
+            assert!(
+                tx.acked,
+                "round {round}: {tx} changes nothing the test can see: {tx:?}"
+            );
+            committed.push(tx);
+            continue;
         };
         let did_commit = tx.acked || *first;
         let wrong: Vec<&str> = evidence
@@ -496,10 +684,17 @@ fn decide<'t>(
             tx.ops
         );
         if !tx.acked {
-            if did_commit {
-                stats.pending_committed += 1;
-            } else {
-                stats.pending_not_committed += 1;
+            let life_cycle = tx.ops.iter().any(|op| {
+                !matches!(
+                    op,
+                    TxOp::Catalog | TxOp::Begin { .. } | TxOp::Send { .. } | TxOp::Receive { .. }
+                )
+            });
+            match (life_cycle, did_commit) {
+                (false, true) => stats.pending_committed += 1,
+                (false, false) => stats.pending_not_committed += 1,
+                (true, true) => stats.life_pending_committed += 1,
+                (true, false) => stats.life_pending_not_committed += 1,
             }
         }
         if did_commit {
@@ -525,7 +720,33 @@ fn apply(round: u32, committed: &[&Tx], model: &mut Model) -> HashSet<Conversati
                 model.initiators.insert(*handle),
                 "round {round}: {tx} began dialog {handle} a second time"
             ),
-            _ => {}
+            TxOp::LifeBegin { handle, requests } => assert!(
+                model
+                    .life
+                    .insert(
+                        *handle,
+                        LifeDialog {
+                            requests: *requests,
+                            ..LifeDialog::default()
+                        }
+                    )
+                    .is_none(),
+                "round {round}: {tx} began dialog {handle} a second time"
+            ),
+            TxOp::End { handle, error } => {
+                life_dialog(round, tx, model, handle).ended = Some(*error)
+            }
+            TxOp::EndTarget { handle, initiator } => {
+                life_dialog(round, tx, model, initiator).target_ended = Some(*handle);
+            }
+            TxOp::Timer {
+                handle,
+                lo_ms,
+                hi_ms,
+            } => life_dialog(round, tx, model, handle).timer = Some((*lo_ms, *hi_ms)),
+            TxOp::Disable => model.poison_disabled = true,
+            TxOp::Enable => model.poison_disabled = false,
+            TxOp::Send { .. } | TxOp::Receive { .. } => {}
         }
     }
     let mut touched = HashSet::new();
@@ -596,6 +817,18 @@ fn apply(round: u32, committed: &[&Tx], model: &mut Model) -> HashSet<Conversati
         }
     }
     touched
+}
+
+/// The committed life-cycle dialog `handle` that `tx` changes.
+fn life_dialog<'m>(
+    round: u32,
+    tx: &Tx,
+    model: &'m mut Model,
+    handle: &ConversationHandle,
+) -> &'m mut LifeDialog {
+    model.life.get_mut(handle).unwrap_or_else(|| {
+        panic!("round {round}: {tx} used {handle}, which no committed transaction began")
+    })
 }
 
 /// The messages found queued must be exactly the committed ones not yet received, each where
@@ -735,6 +968,222 @@ fn check_endpoints(round: u32, model: &Model, endpoints: &[ConversationEndpoint]
             endpoint.send_sequence,
             endpoint.receive_sequence
         );
+    }
+}
+
+/// Receives everything queued in the life-cycle queues, in a transaction it rolls back; then
+/// does it again and checks the rollback put back exactly the same messages.
+fn inspect_life(broker: &Broker, round: u32) -> LifeFound {
+    let first = receive_life(broker, round);
+    let second = receive_life(broker, round);
+    assert!(
+        first == second,
+        "round {round}: receiving the life-cycle queues again after a rollback found other \
+         messages"
+    );
+    LifeFound {
+        endpoints: broker
+            .conversation_endpoints()
+            .into_iter()
+            .map(|e| (e.handle, e))
+            .collect(),
+        messages: first,
+        poison_enabled: broker
+            .queues()
+            .into_iter()
+            .find(|q| q.name == POISON_QUEUE)
+            .map(|q| q.options.enabled),
+    }
+}
+
+type Queued = HashMap<ConversationHandle, Vec<(String, u64, Vec<u8>)>>;
+
+fn receive_life(broker: &Broker, round: u32) -> Queued {
+    let mut tx = broker.begin();
+    let mut messages: Queued = HashMap::new();
+    for queue in [LIFE_INITIATOR_QUEUE, LIFE_TARGET_QUEUE] {
+        loop {
+            let batch = match tx.receive(queue, Receive::top(INSPECT_TOP)) {
+                Ok(batch) => batch,
+                Err(Error::UnknownQueue(_)) => break,
+                Err(e) => panic!("round {round}: receiving from {queue}: {e}"),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                messages.entry(m.conversation_handle).or_default().push((
+                    m.message_type.to_string(),
+                    m.sequence,
+                    m.body().to_vec(),
+                ));
+            }
+        }
+    }
+    tx.rollback();
+    messages
+}
+
+/// The life-cycle dialogs are the committed ones, each as its committed ENDs and timer left it
+/// (see the module documentation); `opened_ms` is the time the broker was opened at.
+fn check_life(round: u32, model: &mut Model, life: &LifeFound, opened_ms: u64, stats: &mut Stats) {
+    let is_life = |e: &ConversationEndpoint| {
+        matches!(
+            (e.service.as_str(), e.far_service.as_str()),
+            (LIFE_INITIATOR_SERVICE, LIFE_TARGET_SERVICE)
+                | (LIFE_TARGET_SERVICE, LIFE_INITIATOR_SERVICE)
+        )
+    };
+    let mut targets: HashMap<ConversationHandle, &ConversationEndpoint> = HashMap::new();
+    for e in life.endpoints.values().filter(|e| is_life(e)) {
+        let initiator = match (e.is_initiator, e.far_handle) {
+            (true, _) => e.handle,
+            (false, Some(far)) => far,
+            (false, None) => panic!(
+                "round {round}: life-cycle target {} lost its far side",
+                e.handle
+            ),
+        };
+        assert!(
+            model.life.contains_key(&initiator),
+            "round {round}: endpoint {} ({}) belongs to life-cycle dialog {initiator}, which no \
+             committed transaction began",
+            e.handle,
+            e.state.code()
+        );
+        if !e.is_initiator {
+            targets.insert(initiator, e);
+        }
+    }
+    for (handle, dialog) in &mut model.life {
+        let initiator = life.endpoints.get(handle);
+        let target = targets.get(handle);
+        if let Some(target_handle) = dialog.target_ended {
+            assert!(
+                initiator.is_none() && target.is_none(),
+                "round {round}: both sides of {handle} ended, but an endpoint remains"
+            );
+            assert!(
+                life.queued(handle).is_empty() && life.queued(&target_handle).is_empty(),
+                "round {round}: both sides of {handle} ended, but messages remain"
+            );
+            continue;
+        }
+        let (Some(i), Some(t)) = (initiator, target) else {
+            panic!(
+                "round {round}: life-cycle dialog {handle} lost an endpoint: initiator {:?}, \
+                 target {:?}",
+                initiator.map(|e| e.state),
+                target.map(|e| e.state)
+            );
+        };
+        let target_queued = life.queued(&t.handle);
+        let requests: Vec<(String, u64, Vec<u8>)> = (0..dialog.requests)
+            .map(|sequence| (REQUEST_TYPE.to_string(), sequence, LIFE_BODY.to_vec()))
+            .collect();
+        let summary = |queued: &[(String, u64, Vec<u8>)]| -> Vec<(String, u64)> {
+            queued.iter().map(|m| (m.0.clone(), m.1)).collect()
+        };
+        match dialog.ended {
+            Some(error) => {
+                assert!(
+                    i.state == EndpointState::Closed
+                        && i.dialog_timer_ms.is_none()
+                        && life.queued(handle).is_empty(),
+                    "round {round}: ended initiator {handle} is {} with timer {:?} and {} \
+                     messages",
+                    i.state.code(),
+                    i.dialog_timer_ms,
+                    life.queued(handle).len()
+                );
+                // EndDialog after the requests, in sequence; an Error ahead of them.
+                let (state, expected) = match error {
+                    None => {
+                        let mut expected = requests.clone();
+                        expected.push((
+                            system::END_DIALOG.to_string(),
+                            dialog.requests,
+                            Vec::new(),
+                        ));
+                        (EndpointState::DisconnectedInbound, expected)
+                    }
+                    Some(code) => {
+                        let body = system::error_body(code, &error_description(code));
+                        let mut expected = vec![(system::ERROR.to_string(), 0, body)];
+                        expected.extend(requests.iter().cloned());
+                        (EndpointState::Error, expected)
+                    }
+                };
+                assert!(
+                    t.state == state && target_queued == expected,
+                    "round {round}: the target of {handle} (ended with {error:?}) is {} holding \
+                     {:?}; expected {} holding {:?}",
+                    t.state.code(),
+                    summary(target_queued),
+                    state.code(),
+                    summary(&expected)
+                );
+            }
+            None => {
+                let initiator_state = if dialog.requests == 0 {
+                    EndpointState::StartedOutbound
+                } else {
+                    EndpointState::Conversing
+                };
+                assert!(
+                    i.state == initiator_state
+                        && t.state == EndpointState::Conversing
+                        && target_queued == requests,
+                    "round {round}: open dialog {handle} with {} requests is ({}, {}), the target \
+                     holding {:?}",
+                    dialog.requests,
+                    i.state.code(),
+                    t.state.code(),
+                    summary(target_queued)
+                );
+                let queued = life.queued(handle);
+                assert!(
+                    queued
+                        .iter()
+                        .all(|m| m.0 == system::DIALOG_TIMER && m.1 == 0 && m.2.is_empty()),
+                    "round {round}: initiator {handle} holds {:?}",
+                    queued.iter().map(|m| &m.0).collect::<Vec<_>>()
+                );
+                match (dialog.timer, i.dialog_timer_ms, queued.len()) {
+                    (None, None, 0) => {}
+                    (Some((lo, hi)), Some(deadline), 0) => {
+                        assert!(
+                            !dialog.fired,
+                            "round {round}: the timer of {handle} fired, and is pending again"
+                        );
+                        assert!(
+                            (lo..=hi).contains(&deadline),
+                            "round {round}: the timer of {handle} is due at {deadline}, set for \
+                             {lo}..={hi}"
+                        );
+                        assert!(
+                            deadline > opened_ms,
+                            "round {round}: the timer of {handle} was due at {deadline}, before \
+                             the broker opened at {opened_ms}, and did not fire"
+                        );
+                        stats.timers_pending_seen += 1;
+                    }
+                    (Some((lo, _)), None, 1) => {
+                        assert!(
+                            lo <= opened_ms,
+                            "round {round}: the timer of {handle} fired before {lo}, the \
+                             earliest it was due"
+                        );
+                        dialog.fired = true;
+                        stats.timers_fired_seen += 1;
+                    }
+                    (timer, pending, fired) => panic!(
+                        "round {round}: dialog {handle} with committed timer {timer:?} has a \
+                         timer pending at {pending:?} and {fired} DialogTimer messages"
+                    ),
+                }
+            }
+        }
     }
 }
 

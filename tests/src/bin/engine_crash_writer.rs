@@ -10,6 +10,16 @@
 //!   replying on some of the conversations; now and then they roll back instead, which puts the
 //!   batch back.
 //! - Reply consumers RECEIVE the replies from the initiator queue and commit.
+//! - The life-cycle thread begins dialogs between the life-cycle services, sending up to two
+//!   requests on each and setting a
+//!   conversation timer (10–200 ms, on the system clock) in the same transaction on half of
+//!   them, and ends the others: the initiator plainly or WITH ERROR, and later, sometimes, the
+//!   target too (which removes both endpoints). Each dialog gets one timer or one end, never
+//!   both, so that what the test finds is the timer's or the end's doing alone.
+//! - The poison thread receives the poison queue's message and rolls back, until the fifth
+//!   rollback in a row disables the queue (announced as a `disable` transaction, acknowledged
+//!   once the rollback returned and the queue shows disabled), then enables it again with ALTER
+//!   QUEUE (an `enable` transaction).
 //!
 //! Every third round runs no request consumers, so that a backlog of requests builds up and
 //! meets several crashes and recoveries before a later round receives it.
@@ -29,12 +39,16 @@ use std::process::ExitCode;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use herald_engine::{Broker, ConversationHandle, DialogOptions, Error, Message, Receive};
+use herald_engine::{
+    Broker, Clock, ConversationHandle, DialogOptions, Error, Message, POISON_ROLLBACKS_MAX,
+    QueueOptions, Receive, SystemClock,
+};
 use herald_tests::crash_record::{ROUND_MAX, RecordId};
 use herald_tests::engine_crash::{
-    BodyKind, CONTRACT, INITIATOR_QUEUE, INITIATOR_SERVICE, Phase, REPLY_TYPE, REQUEST_TYPE,
-    TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options, create_catalog, message_body,
-    verify_body,
+    BodyKind, CONTRACT, INITIATOR_QUEUE, INITIATOR_SERVICE, LIFE_BODY, LIFE_INITIATOR_SERVICE,
+    LIFE_REQUESTS_MAX, LIFE_TARGET_SERVICE, LIFE_TIMER_MS, POISON_QUEUE, Phase, REPLY_TYPE,
+    REQUEST_TYPE, TARGET_QUEUE, TARGET_SERVICE, TxLine, TxOp, crash_broker_options, create_catalog,
+    error_description, message_body, verify_body,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -55,6 +69,10 @@ const RECEIVE_TOP_MAX: usize = 8;
 const EMPTY_QUEUE_WAIT: Duration = Duration::from_millis(50);
 /// A bound on a writer nobody killed (its parent died without killing it, say).
 const RUN_SECONDS_MAX: u64 = 120;
+/// Life-cycle dialogs one round begins at most (the test checks every one after every round).
+const LIFE_DIALOGS_PER_ROUND_MAX: usize = 16;
+/// Times one round disables the poison queue at most.
+const POISON_DISABLES_PER_ROUND_MAX: u32 = 8;
 
 fn main() -> ExitCode {
     let print_panic = std::panic::take_hook();
@@ -113,6 +131,9 @@ fn run() -> Result<(), String> {
         for thread in first..first + REPLY_CONSUMERS {
             scope.spawn(move || or_fail(consume(shared, thread, BodyKind::Reply)));
         }
+        let life_thread = first + REPLY_CONSUMERS;
+        scope.spawn(move || or_fail(life_cycle(shared, life_thread)));
+        scope.spawn(move || or_fail(poison(shared, life_thread + 1)));
     });
     Ok(())
 }
@@ -345,6 +366,178 @@ fn consume(shared: &Shared, thread: u8, kind: BodyKind) -> Result<(), String> {
             shared.replies_sent.bump();
         }
         tx_number += 1;
+    }
+    Ok(())
+}
+
+/// A life-cycle dialog of this round.
+struct LifeDialog {
+    handle: ConversationHandle,
+    /// It got a timer (and is never ended).
+    timed: bool,
+    ended: bool,
+    target_ended: bool,
+}
+
+/// Begins life-cycle dialogs (half with a timer), ends the others' initiators (plainly or WITH
+/// ERROR) and then, sometimes, their targets.
+fn life_cycle(shared: &Shared, thread: u8) -> Result<(), String> {
+    let round = shared.round;
+    let mut rng = thread_rng(round, thread);
+    let mut dialogs: Vec<LifeDialog> = Vec::new();
+    let mut tx_number = 0u64;
+    while Instant::now() < shared.deadline {
+        let endable: Vec<usize> = (0..dialogs.len())
+            .filter(|i| !dialogs[*i].timed && !dialogs[*i].ended)
+            .collect();
+        let target_endable: Vec<usize> = (0..dialogs.len())
+            .filter(|i| dialogs[*i].ended && !dialogs[*i].target_ended)
+            .collect();
+        let choice = rng.gen_range(0..4);
+        let mut tx = shared.broker.begin();
+        let mut ops = Vec::new();
+        let failed = |what: &str, e: Error| format!("thread {thread}: {what}: {e}");
+        if dialogs.len() < LIFE_DIALOGS_PER_ROUND_MAX && (endable.is_empty() || choice == 0) {
+            let handle = tx
+                .begin_dialog(
+                    LIFE_INITIATOR_SERVICE,
+                    LIFE_TARGET_SERVICE,
+                    CONTRACT,
+                    DialogOptions::default(),
+                )
+                .map_err(|e| failed("beginning a life-cycle dialog", e))?;
+            let requests = rng.gen_range(0..=LIFE_REQUESTS_MAX);
+            for _ in 0..requests {
+                tx.send(handle, REQUEST_TYPE, LIFE_BODY)
+                    .map_err(|e| failed("sending on a life-cycle dialog", e))?;
+            }
+            ops.push(TxOp::LifeBegin { handle, requests });
+            let timed = rng.gen_ratio(1, 2);
+            if timed {
+                let timeout_ms = rng.gen_range(LIFE_TIMER_MS);
+                let lo_ms = SystemClock.now_ms() + timeout_ms;
+                tx.begin_conversation_timer(handle, Duration::from_millis(timeout_ms))
+                    .map_err(|e| failed("setting a timer", e))?;
+                let hi_ms = SystemClock.now_ms() + timeout_ms;
+                ops.push(TxOp::Timer {
+                    handle,
+                    lo_ms,
+                    hi_ms,
+                });
+            }
+            dialogs.push(LifeDialog {
+                handle,
+                timed,
+                ended: false,
+                target_ended: false,
+            });
+        } else if !target_endable.is_empty() && (choice == 1 || endable.is_empty()) {
+            let dialog = &mut dialogs[target_endable[rng.gen_range(0..target_endable.len())]];
+            let initiator = dialog.handle;
+            let handle = shared
+                .broker
+                .conversation_endpoint(initiator)
+                .and_then(|e| e.far_handle)
+                .ok_or_else(|| format!("thread {thread}: ended dialog {initiator} is gone"))?;
+            tx.end_conversation(handle)
+                .map_err(|e| failed("ending a target", e))?;
+            ops.push(TxOp::EndTarget { handle, initiator });
+            dialog.target_ended = true;
+        } else if !endable.is_empty() {
+            let dialog = &mut dialogs[endable[rng.gen_range(0..endable.len())]];
+            let handle = dialog.handle;
+            let error = rng.gen_ratio(1, 2).then(|| rng.gen_range(1..=1000));
+            match error {
+                None => tx.end_conversation(handle),
+                Some(code) => {
+                    tx.end_conversation_with_error(handle, code, &error_description(code))
+                }
+            }
+            .map_err(|e| failed("ending an initiator", e))?;
+            ops.push(TxOp::End { handle, error });
+            dialog.ended = true;
+        } else {
+            // Every dialog of the round began, timed or ended on both sides.
+            return Ok(());
+        }
+        commit_and_print(&shared.printer, tx, round, thread, tx_number, ops)?;
+        tx_number += 1;
+    }
+    Ok(())
+}
+
+/// Receives the poison queue's message and rolls back, until the queue is disabled; enables it.
+fn poison(shared: &Shared, thread: u8) -> Result<(), String> {
+    let round = shared.round;
+    let mut tx_number = 0u64;
+    // Rollbacks in a row since this process opened the broker (the broker's count is in memory,
+    // so it starts at 0 too), of this thread, the only one receiving from the queue.
+    let mut rollbacks = 0u32;
+    let mut disables = 0u32;
+    while Instant::now() < shared.deadline && disables < POISON_DISABLES_PER_ROUND_MAX {
+        let enabled = shared
+            .broker
+            .queues()
+            .into_iter()
+            .find(|q| q.name == POISON_QUEUE)
+            .is_some_and(|q| q.options.enabled);
+        if !enabled {
+            let mut tx = shared.broker.begin();
+            tx.alter_queue(POISON_QUEUE, QueueOptions::default())
+                .map_err(|e| format!("thread {thread}: enabling {POISON_QUEUE}: {e}"))?;
+            commit_and_print(
+                &shared.printer,
+                tx,
+                round,
+                thread,
+                tx_number,
+                vec![TxOp::Enable],
+            )?;
+            tx_number += 1;
+            rollbacks = 0;
+            continue;
+        }
+        let mut tx = shared.broker.begin();
+        let got = tx
+            .receive(POISON_QUEUE, Receive::top(1))
+            .map_err(|e| format!("thread {thread}: receiving from {POISON_QUEUE}: {e}"))?;
+        if got.len() != 1 {
+            return Err(format!(
+                "thread {thread}: {POISON_QUEUE} gave {} messages, not its one",
+                got.len()
+            ));
+        }
+        rollbacks += 1;
+        if rollbacks < POISON_ROLLBACKS_MAX {
+            tx.rollback();
+            continue;
+        }
+        let mut line = TxLine {
+            phase: Phase::Pending,
+            round,
+            thread,
+            tx: tx_number,
+            ops: vec![TxOp::Disable],
+        };
+        shared.printer.print(&line)?;
+        // The rollback logs the queue's new status (durably) before it returns.
+        tx.rollback();
+        let disabled = shared
+            .broker
+            .queues()
+            .into_iter()
+            .find(|q| q.name == POISON_QUEUE)
+            .is_some_and(|q| !q.options.enabled);
+        if !disabled {
+            return Err(format!(
+                "thread {thread}: {POISON_QUEUE} is still enabled after {rollbacks} rollbacks in \
+                 a row"
+            ));
+        }
+        line.phase = Phase::Commit;
+        shared.printer.print(&line)?;
+        tx_number += 1;
+        disables += 1;
     }
     Ok(())
 }
