@@ -560,8 +560,20 @@ impl<'b> Transaction<'b> {
         for handle in handles {
             self.lock_endpoint_group(*handle)?;
         }
+        // Taking a lock re-reads endpoints other transactions may have changed meanwhile (ended
+        // them, or removed them): check again, with nothing recorded yet.
         for handle in handles {
-            let endpoint = self.endpoints.get_mut(handle).expect("loaded above");
+            let endpoint = self.loaded_endpoint(*handle)?;
+            if !endpoint.state.can_send() {
+                return Err(Error::ConversationClosed {
+                    handle: *handle,
+                    state: endpoint.state.code(),
+                    operation: "SEND",
+                });
+            }
+        }
+        for handle in handles {
+            let endpoint = self.endpoints.get_mut(handle).expect("checked above");
             self.record
                 .push_send(*handle, message_type, endpoint.send_sequence, body);
             endpoint.send_sequence += 1;

@@ -849,7 +849,17 @@ impl Model {
         for e in &endpoints {
             self.lock_endpoint(slot, *e)?;
         }
-        let stale = endpoints.iter().any(|e| !self.tx(slot).view[e].can_send());
+        // Locking re-read the copies: the engine checks them again (an endpoint ended by
+        // another transaction since this one took its copy is refused).
+        if let Some(stale) = endpoints
+            .iter()
+            .find(|e| !self.tx(slot).view[*e].can_send())
+        {
+            return Err(Refusal::ConversationClosed(
+                self.tx(slot).view[stale].code(),
+            ));
+        }
+        let stale = false;
         for e in endpoints {
             let committed = self.endpoints[e].send_sequence;
             let tx = self.tx(slot);
@@ -2336,12 +2346,11 @@ fn committed_dialog(broker: &Broker) -> (ConversationHandle, ConversationHandle)
     (h, far)
 }
 
-/// Engine bug: a transaction that ended a conversation and then received its messages logs
+/// Regression test for a fixed engine bug: a transaction that ended a conversation and then received its messages logs
 /// `EndConversation` before `Receive`; when the END removes the endpoint (WITH CLEANUP, or the
 /// far side had ended), applying the `Receive` finds no endpoint, the commit fails with
 /// `Corruption` after its record was logged, and every later commit and every reopen fail.
 #[test]
-#[ignore = "engine bug: RECEIVE after END CONVERSATION in one transaction corrupts the broker"]
 fn a_receive_after_end_conversation_in_one_transaction_commits() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(dir.path(), options()).unwrap();
@@ -2352,8 +2361,8 @@ fn a_receive_after_end_conversation_in_one_transaction_commits() {
     let got = tx
         .receive(QUEUES[1], Receive::top(10).conversation(target))
         .unwrap();
-    // The engine hands out the messages of the conversation this transaction just ended.
-    assert_eq!(got.len(), 1);
+    // A conversation this transaction ended has no messages left for it.
+    assert!(got.is_empty());
     tx.commit().expect("the commit of END then RECEIVE");
     invariants::check_idle(&broker).unwrap();
     let mut tx = broker.begin();
@@ -2364,14 +2373,12 @@ fn a_receive_after_end_conversation_in_one_transaction_commits() {
     Broker::open(dir.path(), options()).expect("reopen");
 }
 
-/// Engine bug: a transaction holding a conversation group keeps its copy of a closed endpoint
+/// Regression test for a fixed engine bug: a transaction holding a conversation group keeps its copy of a closed endpoint
 /// after another transaction ended the far side (which removed both endpoints without taking
 /// this group's lock); END CONVERSATION WITH CLEANUP on that stale copy is accepted, and its
 /// commit fails with `Corruption` ("end of unknown conversation") after being logged, breaking
 /// the broker for every later commit and every reopen.
 #[test]
-#[ignore = "engine bug: END WITH CLEANUP of an endpoint removed since the transaction loaded it \
-            corrupts the broker"]
 fn cleanup_of_an_endpoint_removed_under_a_held_group_lock_is_refused_or_harmless() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(dir.path(), options()).unwrap();
@@ -2407,11 +2414,10 @@ fn cleanup_of_an_endpoint_removed_under_a_held_group_lock_is_refused_or_harmless
     Broker::open(dir.path(), options()).expect("reopen");
 }
 
-/// Engine bug: WITH CLEANUP is accepted on an endpoint this transaction already ended (its copy
+/// Regression test for a fixed engine bug: WITH CLEANUP is accepted on an endpoint this transaction already ended (its copy
 /// is closed, which CLEANUP allows); the first END removes the endpoint when the record is
 /// applied, the second finds none, and the commit fails with `Corruption` after being logged.
 #[test]
-#[ignore = "engine bug: END CONVERSATION WITH CLEANUP twice in one transaction corrupts the broker"]
 fn end_conversation_with_cleanup_twice_in_one_transaction_commits() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(dir.path(), options()).unwrap();
@@ -2676,15 +2682,13 @@ fn poison_protection_matches_its_model() {
     );
 }
 
-/// Engine bug: SEND checks the state of the transaction's copy of the endpoint before it locks
+/// Regression test for a fixed engine bug: SEND checks the state of the transaction's copy of the endpoint before it locks
 /// the conversation group, and locking re-reads the copy without checking again. A transaction
 /// that loaded an endpoint (here through a SEND refused by validation), then SENDs on it after
 /// another transaction ended it, is accepted; its commit delivers the message to the far side
 /// after the EndDialog, and fails with `Corruption` ("send on unknown conversation") when the
 /// same record ended the far side first, which removed both endpoints.
 #[test]
-#[ignore = "engine bug: SEND on an endpoint ended since the transaction's copy was taken is \
-            accepted"]
 fn a_send_on_an_endpoint_ended_since_its_copy_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(dir.path(), options()).unwrap();
