@@ -1340,3 +1340,94 @@ fn result_rows_max_at_the_edge() {
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].sequence, sql::RESULT_ROWS_MAX as u64);
 }
+
+// ---- no input panics ----
+
+mod generated {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Statements, right and wrong, over a small set of names and variables, so that generated
+    /// scripts reach deep into the executor (a WAITFOR always has a TIMEOUT of 0: a script must
+    /// not wait for ever).
+    const STATEMENTS: &[&str] = &[
+        "CREATE QUEUE Q",
+        "CREATE QUEUE Q WITH STATUS = OFF",
+        "ALTER QUEUE Q WITH STATUS = ON, RETENTION = ON",
+        "ALTER QUEUE Missing WITH STATUS = ON",
+        "CREATE SERVICE S ON QUEUE Q ([DEFAULT])",
+        "CREATE ROUTE R WITH ADDRESS = 'LOCAL', LIFETIME = 1",
+        "ALTER ROUTE R WITH SERVICE_NAME = 'S'",
+        "CREATE BROKER PRIORITY P FOR CONVERSATION SET (PRIORITY_LEVEL = 2)",
+        "DROP ROUTE R",
+        "DROP BROKER PRIORITY P",
+        "DROP SERVICE S",
+        "DROP QUEUE Q",
+        "BEGIN DIALOG @h FROM SERVICE S TO SERVICE 'S'",
+        "BEGIN DIALOG @h FROM SERVICE S TO SERVICE 'S' WITH RELATED_CONVERSATION_GROUP = @g, LIFETIME = @i",
+        "BEGIN DIALOG @t FROM SERVICE S TO SERVICE 'S' WITH RELATED_CONVERSATION = @h",
+        "SEND ON CONVERSATION @h (@t)",
+        "SEND ON CONVERSATION (@h, @t) (0xFF00)",
+        "SEND ON CONVERSATION @h (CAST(@i AS VARBINARY(3)))",
+        "RECEIVE * FROM Q",
+        "RECEIVE TOP (@i) @t = message_body, @h = conversation_handle FROM Q",
+        "RECEIVE CAST(message_body AS NVARCHAR(2)) AS b FROM Q WHERE conversation_handle = @h",
+        "WAITFOR (RECEIVE CONVERT(INT, message_body) FROM Q WHERE conversation_group_id = @g), TIMEOUT 0",
+        "WAITFOR (GET CONVERSATION GROUP @g FROM Q), TIMEOUT 0",
+        "GET CONVERSATION GROUP @t FROM Q",
+        "MOVE CONVERSATION @h TO @g",
+        "END CONVERSATION @h",
+        "END CONVERSATION @t WITH ERROR = @i DESCRIPTION = @t",
+        "END CONVERSATION @h WITH CLEANUP",
+        "BEGIN CONVERSATION TIMER (@h) TIMEOUT = @i",
+        "BEGIN TRAN",
+        "COMMIT",
+        "ROLLBACK",
+        "SET @i = @t",
+        "SET @t = @h",
+        "SET @g = @t",
+        "SET @i = -1",
+        "SET @i = 2147483647",
+        "SET @t = CAST(@g AS VARBINARY(MAX))",
+        "SELECT @i AS i, @t AS t, @h AS h, @g AS g",
+        "SELECT @t = @i",
+        "SELECT * FROM sys.conversation_endpoints WHERE state = @t AND priority = @i",
+        "SELECT * FROM sys.conversation_groups",
+        "SELECT * FROM sys.transmission_queue",
+        "SELECT name FROM sys.service_queues WHERE is_receive_enabled = @t",
+        "SELECT * FROM sys.routes WHERE lifetime = @g",
+        "SELECT * FROM Q WHERE message_body = @t",
+        "IF @i = @t SET @i = 1 ELSE SET @i = 2",
+        "IF @h IS NULL BEGIN SET @t = 'x' SET @i = @@ROWCOUNT END",
+        "USE db",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn generated_scripts_never_panic(
+            picks in proptest::collection::vec(0..STATEMENTS.len(), 1..24),
+            split in 1usize..6,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (broker, _clock) = open(dir.path());
+            let mut session = Session::new(&broker);
+            session
+                .execute(
+                    "DECLARE @h UNIQUEIDENTIFIER, @t NVARCHAR(40), @g UNIQUEIDENTIFIER, @i INT;
+                     CREATE QUEUE Q; CREATE SERVICE S ON QUEUE Q ([DEFAULT]);
+                     BEGIN DIALOG @h FROM SERVICE S TO SERVICE 'S'; SEND ON CONVERSATION @h (N'1');
+                     SET @i = 1; SET @t = N'2'; SET @g = '00000000-0000-0000-0000-00000000000a';",
+                )
+                .unwrap();
+            for chunk in picks.chunks(split) {
+                let script: Vec<&str> = chunk.iter().map(|i| STATEMENTS[*i]).collect();
+                // Errors are fine; a panic or a hang is not.
+                let outcome = session.execute_script(&script.join(";\n"));
+                prop_assert!(outcome.results.len() <= chunk.len() * 2);
+            }
+            drop(session);
+            herald_engine::invariants::check_idle(&broker).unwrap();
+        }
+    }
+}

@@ -751,7 +751,13 @@ impl<'b> Session<'b> {
             let messages = tx.receive(&queue, what)?;
             // From here on a failure must not leave the messages taken and unseen.
             session.doomed = !messages.is_empty();
-            let rows = message_rows(session.broker, &messages);
+            let mut builder = MessageRows::new(session.broker, session.result_bytes);
+            let mut rows = Vec::with_capacity(messages.len());
+            for message in &messages {
+                let row = builder.row(message);
+                builder.charge(&row)?;
+                rows.push(row);
+            }
             let count = rows.len() as u64;
             let output = session.project(&projection, rows)?;
             Ok((count, output))
@@ -819,39 +825,56 @@ impl<'b> Session<'b> {
     }
 
     fn select(&mut self, s: &ast::Select, kind: &'static str) -> Result<StatementResult> {
-        let (columns, rows): (&[&str], Vec<Vec<Value>>) = match &s.from {
+        // Queue rows are built one message at a time (a body is copied only into a row that is
+        // kept), so memory stays within the result limits however long the queue is.
+        let (columns, messages, view) = match &s.from {
             SelectSource::Queue(name) => {
                 let messages = self.broker.peek(&queue_name(name))?;
-                (MESSAGE_COLUMNS, message_rows(self.broker, &messages))
+                (MESSAGE_COLUMNS, messages, Vec::new())
             }
-            SelectSource::View(view) => view_rows(self.broker, *view),
+            SelectSource::View(view) => {
+                let (columns, rows) = view_rows(self.broker, *view);
+                (columns, Vec::new(), rows)
+            }
         };
+        let projection = self.projection(&s.columns, columns)?;
         let mut filters = Vec::new();
         for condition in &s.filter {
             let index = column_index(columns, &condition.column)?;
             filters.push((index, self.eval(&condition.value)?));
         }
-        let mut kept = Vec::new();
-        for row in rows {
-            let mut keep = true;
+        let keep = |row: &[Value]| -> Result<bool> {
             for (index, value) in &filters {
                 if !equals(&row[*index], value)? {
-                    keep = false;
-                    break;
+                    return Ok(false);
                 }
             }
-            if keep {
-                kept.push(row);
+            Ok(true)
+        };
+        let mut builder = MessageRows::new(self.broker, self.result_bytes);
+        let mut kept = Vec::new();
+        let (mut view, mut messages) = (view.into_iter(), messages.iter());
+        loop {
+            let row = if let Some(row) = view.next() {
+                row
+            } else if let Some(message) = messages.next() {
+                builder.row(message)
+            } else {
+                break;
+            };
+            if !keep(&row)? {
+                continue;
             }
+            if kept.len() == RESULT_ROWS_MAX {
+                return Err(Error::Limit {
+                    what: "rows of a SELECT",
+                    len: RESULT_ROWS_MAX + 1,
+                    max: RESULT_ROWS_MAX,
+                });
+            }
+            builder.charge(&row)?;
+            kept.push(row);
         }
-        if kept.len() > RESULT_ROWS_MAX {
-            return Err(Error::Limit {
-                what: "rows of a SELECT",
-                len: kept.len(),
-                max: RESULT_ROWS_MAX,
-            });
-        }
-        let projection = self.projection(&s.columns, columns)?;
         let count = kept.len() as u64;
         let output = self.project(&projection, kept)?;
         Ok(self.finish(kind, count, output))
@@ -1445,28 +1468,60 @@ fn collect_declarations<'s>(statement: &'s Statement, into: &mut Vec<&'s ast::Va
     }
 }
 
-/// Full rows of [`MESSAGE_COLUMNS`] for `messages`. Service and contract names come from the
+/// Builds rows of [`MESSAGE_COLUMNS`], one message at a time, and keeps the bytes of the rows
+/// kept within what is left of [`RESULT_BYTES_MAX`]. Service and contract names come from the
 /// committed endpoint (NULL for a conversation begun by the still-open transaction).
-fn message_rows(broker: &Broker, messages: &[Message]) -> Vec<Vec<Value>> {
-    let mut endpoints: HashMap<ConversationHandle, Option<Endpoint>> = HashMap::new();
-    let mut catalog: Option<Catalog> = None;
-    let mut rows = Vec::with_capacity(messages.len());
-    for message in messages {
-        let endpoint = endpoints
+struct MessageRows<'a> {
+    broker: &'a Broker,
+    endpoints: HashMap<ConversationHandle, Option<Endpoint>>,
+    catalog: Option<Catalog>,
+    bytes_used: usize,
+}
+
+impl<'a> MessageRows<'a> {
+    fn new(broker: &'a Broker, bytes_used: usize) -> MessageRows<'a> {
+        MessageRows {
+            broker,
+            endpoints: HashMap::new(),
+            catalog: None,
+            bytes_used,
+        }
+    }
+
+    /// Counts a row that is kept; fails once the rows kept exceed [`RESULT_BYTES_MAX`] with the
+    /// results before them.
+    fn charge(&mut self, row: &[Value]) -> Result<()> {
+        let bytes: usize = row.iter().map(Value::cost_bytes).sum();
+        self.bytes_used = self.bytes_used.saturating_add(bytes);
+        if self.bytes_used > RESULT_BYTES_MAX {
+            return Err(Error::Limit {
+                what: "bytes of result sets of one script",
+                len: self.bytes_used,
+                max: RESULT_BYTES_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    fn row(&mut self, message: &Message) -> Vec<Value> {
+        let broker = self.broker;
+        let endpoint = self
+            .endpoints
             .entry(message.conversation_handle)
             .or_insert_with(|| broker.conversation_endpoint(message.conversation_handle));
         let message_type = &*message.message_type;
         let validation = match message_type {
             system::END_DIALOG | system::DIALOG_TIMER => "E",
             system::ERROR => "X",
-            name => catalog
+            name => self
+                .catalog
                 .get_or_insert_with(|| broker.catalog())
                 .message_types
                 .get(name)
                 .map_or("N", |t| validation_code(t.validation)),
         };
         let text = |s: Option<&String>| s.map_or(Value::Null, |s| Value::Text(s.clone()));
-        rows.push(vec![
+        vec![
             Value::Int(message.status as i64),
             endpoint
                 .as_ref()
@@ -1480,9 +1535,8 @@ fn message_rows(broker: &Broker, messages: &[Message]) -> Vec<Vec<Value>> {
             Value::Text(message_type.to_owned()),
             Value::Text(validation.to_owned()),
             Value::Binary(message.body().to_vec()),
-        ]);
+        ]
     }
-    rows
 }
 
 fn int(n: u64) -> Value {

@@ -175,7 +175,8 @@
 //!
 //! # Limits
 //! The executor: [`RESULT_ROWS_MAX`] rows per statement (a longer SELECT fails with
-//! `Error::Limit`), [`RESULT_BYTES_MAX`] bytes of results per `execute`, [`VARIABLES_MAX`]
+//! `Error::Limit`), [`RESULT_BYTES_MAX`] bytes of results per `execute` (a RECEIVE whose rows
+//! would pass it fails and is rolled back: bound big bodies with TOP), [`VARIABLES_MAX`]
 //! variables per session, [`VALUE_BYTES_MAX`] bytes per value (the largest message body),
 //! [`TRANSACTION_NESTING_MAX`] levels of BEGIN TRAN.
 //!
