@@ -121,6 +121,31 @@ pub enum Error {
         column: u32,
         message: String,
     },
+    /// A statement of a T-SQL script that parsed but failed to run (`sql::Session`): the
+    /// 1-based line and column where the top-level statement holding it starts, the failing
+    /// statement's kind (`SEND`, or the statement inside an IF or BEGIN … END), and why.
+    #[error("line {line}, column {column}: {statement}: {source}")]
+    Statement {
+        line: u32,
+        column: u32,
+        statement: &'static str,
+        source: Box<Error>,
+    },
+    /// A T-SQL statement the executor cannot carry out: an undeclared variable, a conversion
+    /// that fails, a COMMIT with no transaction.
+    #[error("{0}")]
+    Sql(String),
+    /// A T-SQL feature that parses but that Herald does not run (activation procedures,
+    /// mirror addresses, table variables).
+    #[error("{0} is not supported by Herald")]
+    Unsupported(String),
+    /// A T-SQL session limit (`sql::RESULT_ROWS_MAX` and friends).
+    #[error("{what} of {len} exceeds the maximum of {max}")]
+    Limit {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,7 +1,7 @@
 //! Herald's T-SQL: a hand-written lexer and recursive-descent parser for Service Broker's
-//! statements, producing a typed syntax tree ([`Statement`]). It only parses: executing the tree
-//! against a [`Broker`](crate::Broker) is the executor's job, which may still reject what parses
-//! (an ACTIVATION, a route, a variable of the wrong type).
+//! statements, producing a typed syntax tree ([`Statement`]), and [`Session`], which runs a
+//! script against a [`Broker`](crate::Broker) and may still reject what parses (an ACTIVATION
+//! procedure, a mirror address, a variable of the wrong type).
 //!
 //! ```
 //! use herald_engine::sql::{self, Statement};
@@ -78,7 +78,7 @@
 //! type: NAME [( n | MAX [, scale] )]
 //! ```
 //!
-//! # How it differs from T-SQL
+//! # How the parser differs from T-SQL
 //! - Simpler: expressions have no operators or function calls (only CAST / CONVERT); IF takes
 //!   one comparison (no AND / OR / NOT, no parentheses around the condition, no EXISTS);
 //!   SELECT … WHERE takes only `column = value` joined by AND; no TOP in SELECT; names are at
@@ -100,18 +100,102 @@
 //! - Not kept in the tree: spelling (case, brackets or quotes, noise words, parentheses);
 //!   `Display` prints one canonical form that parses back to the same tree.
 //!
+//! # Running scripts
+//! ```
+//! # let dir = tempfile::tempdir().unwrap();
+//! use herald_engine::{Broker, Options, sql::{Session, Value}};
+//! let broker = Broker::open(dir.path(), Options::default())?;
+//! let mut session = Session::new(&broker);
+//! session.execute("CREATE QUEUE Q; CREATE SERVICE S ON QUEUE Q ([DEFAULT]);
+//!     DECLARE @h UNIQUEIDENTIFIER;
+//!     BEGIN DIALOG @h FROM SERVICE S TO SERVICE 'S';
+//!     SEND ON CONVERSATION @h (N'hello');")?;
+//! let results = session.execute("RECEIVE CAST(message_body AS NVARCHAR(MAX)) AS body FROM Q")?;
+//! let rows = &results[0].result.as_ref().unwrap().rows;
+//! assert_eq!(rows[0][0], Value::Text("hello".into()));
+//! # Ok::<(), herald_engine::Error>(())
+//! ```
+//! A [`Session`] is one connection's state: its variables (kept across `execute` calls), its
+//! explicit transaction, the database `USE` named. Its rules:
+//! - The whole script is parsed, and its DECLAREs checked, before anything runs: a syntax error,
+//!   a variable declared twice in one script, or an unknown data type runs nothing.
+//! - Outside `BEGIN TRAN` each statement runs in a transaction of its own, committed if it
+//!   succeeds and rolled back if it fails (autocommit). `BEGIN TRAN` nests (`@@TRANCOUNT`);
+//!   only the outermost `COMMIT` commits; `ROLLBACK` rolls everything back. Dropping a session
+//!   rolls back its open transaction.
+//! - A runtime error stops the script at that statement: [`Error::Statement`](crate::Error)
+//!   with the line and column of the top-level statement (an IF or BEGIN … END holding it) and
+//!   the kind of the statement that failed. Inside an explicit transaction the transaction
+//!   stays open with the work before the failed statement (which changed nothing), as SQL
+//!   Server leaves it for most errors; the one exception is a RECEIVE that took messages and
+//!   then could not return them (a CAST of its rows failed, or a limit was hit): it rolls the
+//!   transaction back, so that no message is consumed unseen. `Session::transaction_count`
+//!   tells which. [`Session::execute_script`] keeps the results of the statements that ran.
+//! - Results: one [`StatementResult`] per statement run (the statements inside IF and
+//!   BEGIN … END, not the IF or block themselves); RECEIVE and SELECT return a [`ResultSet`]
+//!   unless they assign variables (`@v = column`, from the last row; no rows leaves the
+//!   variables as they were). `@@ROWCOUNT` is the last statement's row count.
+//! - Values ([`Value`]): integers (INT, BIGINT, SMALLINT, TINYINT, BIT), text (NVARCHAR,
+//!   VARCHAR, NCHAR, CHAR, SYSNAME, XML, NTEXT, TEXT), binary (VARBINARY, BINARY, IMAGE),
+//!   UNIQUEIDENTIFIER. Text and binary values longer than their type are cut to it, as in T-SQL
+//!   (a length defaults to 1 in DECLARE and 30 in CAST, as in T-SQL).
+//! - Statement mapping: BEGIN DIALOG's `'CURRENT DATABASE'` is this broker; LIFETIME, TIMER and
+//!   route LIFETIME are seconds on the broker's clock; SEND's MESSAGE TYPE and BEGIN DIALOG's
+//!   ON CONTRACT default to DEFAULT; WAITFOR without TIMEOUT or with −1 waits forever. Queue
+//!   names drop their database and a `dbo` schema (`dbo.Q` is `Q`); another schema stays part
+//!   of the name (`sales.Q`). SELECT … FROM a queue reads without locking or consuming.
+//!
+//! # How the executor differs from SQL Server
+//! - Text is UTF-8: NVARCHAR → VARBINARY (a SEND body) gives UTF-8 bytes, not UTF-16, and
+//!   VARBINARY → NVARCHAR (`CAST(message_body AS NVARCHAR(MAX))`) reads UTF-8 (an error if the
+//!   bytes are not); lengths count characters. XML is text: its well-formedness is checked by
+//!   the message type's VALIDATION at SEND, not by a CAST. Comparisons are exact (a binary
+//!   collation: case counts in values); variable and column names are case-insensitive.
+//! - Variables live for the session, not the batch: a later script may use them; a script
+//!   that DECLAREs one again starts it over as NULL.
+//! - Not supported (an error naming it): ACTIVATION with PROCEDURE_NAME (activation is the Rust
+//!   API, `Broker::activate`; other ACTIVATION options, meaningless without a procedure, are
+//!   ignored), MIRROR_ADDRESS, RECEIVE … INTO a table variable, data types other than the above,
+//!   system functions other than `@@ROWCOUNT` and `@@TRANCOUNT`.
+//! - Accepted and ignored: ENCRYPTION (Herald encrypts links between nodes with TLS, for every
+//!   dialog), AUTHORIZATION and EXECUTE AS (Herald has no principals), `ON filegroup`, the
+//!   database in `USE` (recorded: `Session::database`).
+//! - Catalog views and queues show committed state: inside an explicit transaction a SELECT
+//!   does not see the transaction's own changes, and RECEIVE's `priority`, `service_name` and
+//!   `service_contract_name` are NULL for a conversation the open transaction began. Views
+//!   name objects (`service_name`, `queue_name`, `service_contract_name`) where SQL Server has
+//!   ids, times are milliseconds since the UNIX epoch (`lifetime`, `dialog_timer`), and
+//!   `sys.transmission_queue` has `message_body_bytes` instead of `message_body`. Herald adds
+//!   counts to `sys.service_queues` (`messages`, `groups_with_messages`, `retained_messages`)
+//!   and `sys.conversation_groups` (`conversations`, `messages`, `is_locked`).
+//! - RECEIVE returns `status, priority, queuing_order, conversation_group_id,
+//!   conversation_handle, message_sequence_number, service_name, service_contract_name,
+//!   message_type_name, validation, message_body` (no `*_id` columns, no enqueue time); it takes
+//!   at most [`RESULT_ROWS_MAX`] messages (the rest stay queued), where SQL Server has no cap.
+//!
 //! # Limits
-//! [`SCRIPT_BYTES_MAX`] bounds a script, [`STATEMENTS_MAX`] its statements, [`LIST_ITEMS_MAX`]
+//! The executor: [`RESULT_ROWS_MAX`] rows per statement (a longer SELECT fails with
+//! `Error::Limit`), [`RESULT_BYTES_MAX`] bytes of results per `execute` (a RECEIVE whose rows
+//! would pass it fails and is rolled back: bound big bodies with TOP), [`VARIABLES_MAX`]
+//! variables per session, [`VALUE_BYTES_MAX`] bytes per value (the largest message body),
+//! [`TRANSACTION_NESTING_MAX`] levels of BEGIN TRAN.
+//!
+//! The parser: [`SCRIPT_BYTES_MAX`] bounds a script, [`STATEMENTS_MAX`] its statements, [`LIST_ITEMS_MAX`]
 //! the items of its lists, [`NAME_BYTES_MAX`] every name and variable,
 //! [`EXPRESSION_DEPTH_MAX`] the nesting of expressions, and [`BLOCK_DEPTH_MAX`] the nesting of
 //! IF and BEGIN … END, so that no input can exhaust memory or the stack.
 
 mod ast;
 mod display;
+mod exec;
 mod lexer;
 mod parser;
 
 pub use ast::*;
+pub use exec::{
+    RESULT_BYTES_MAX, RESULT_ROWS_MAX, ResultSet, ScriptOutcome, Session, StatementResult,
+    TRANSACTION_NESTING_MAX, VALUE_BYTES_MAX, VARIABLES_MAX, Value,
+};
 
 use crate::error::{Error, Result};
 
