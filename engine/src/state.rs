@@ -966,6 +966,8 @@ impl State {
                     return Ok(());
                 }
                 endpoint.state = EndpointState::Error;
+                // What never reached the far side will not now: the dialog has failed.
+                self.drop_transmissions(*handle);
                 self.events.push(Event::DialogError {
                     handle: *handle,
                     code: system::ERROR_LIFETIME_EXPIRED,

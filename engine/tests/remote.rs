@@ -398,3 +398,49 @@ fn the_transmission_queue_and_remote_endpoints_survive_restarts() {
         invariants::check_idle(&b).unwrap();
     }
 }
+
+#[test]
+fn an_expired_lifetime_drops_what_never_left() {
+    let clock = herald_engine::ManualClock::new(1_700_000_000_000);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Define both catalogs, then reopen A on the manual clock.
+    drop(pair(a_dir.path(), b_dir.path()));
+    let a = Broker::open(
+        a_dir.path(),
+        Options {
+            clock: clock.clone(),
+            ..options()
+        },
+    )
+    .unwrap();
+    let mut tx = a.begin();
+    let h = tx
+        .begin_dialog(
+            "//t/Client",
+            "//t/Server",
+            CONTRACT,
+            DialogOptions {
+                lifetime: Some(std::time::Duration::from_secs(60)),
+                ..DialogOptions::default()
+            },
+        )
+        .unwrap();
+    tx.send(h, ASK, b"too late").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(a.transmission_queue().len(), 1);
+    clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Error
+    );
+    assert!(
+        a.transmission_queue().is_empty(),
+        "the failed dialog's messages are dropped"
+    );
+    let got = receive_all(&a, "Client");
+    assert_eq!(
+        system::parse_error_body(&got[0].2).unwrap().0,
+        system::ERROR_LIFETIME_EXPIRED
+    );
+    invariants::check_idle(&a).unwrap();
+}
