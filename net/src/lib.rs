@@ -16,11 +16,15 @@
 //!   [`quic::Transport::send`] and acknowledges received ones with
 //!   [`quic::Transport::acknowledge`] once durable.
 //!
+//! - [`node`]: [`Node`], a broker and its transport joined: the broker's transmission queue goes
+//!   out by its routes, arrivals are committed in batches and acknowledged once durable,
+//!   acknowledgements and far brokers' errors come back into the broker.
+//!
 //! `PROTOCOL.md` in this crate documents the wire format byte by byte and the transport (ALPN,
 //! TLS, streams, reconnection).
 //!
-//! Not built yet: the bridge to the engine's transmission queue, the node, and the client
-//! protocol (its ALPN will be dispatched beside `herald/1` in the accept loop).
+//! Not built yet: the client protocol (its ALPN will be dispatched beside `herald/1` in the
+//! accept loop).
 #![deny(unsafe_code)]
 
 mod error;
