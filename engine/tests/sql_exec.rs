@@ -84,138 +84,17 @@ fn with_definitions(broker: &Broker) -> Session<'_> {
     session
 }
 
-// ---- the tutorial, verbatim (the scripts of `sql_parse.rs`) ----
+// ---- the tutorial, verbatim (`tests/tutorial/*.sql`, shared with `sql_parse.rs`) ----
 
-const TUTORIAL_OBJECTS: &str = r"USE AdventureWorks2008R2;
-GO
-CREATE MESSAGE TYPE
-       [//AWDB/1DBSample/RequestMessage]
-       VALIDATION = WELL_FORMED_XML;
-CREATE MESSAGE TYPE
-       [//AWDB/1DBSample/ReplyMessage]
-       VALIDATION = WELL_FORMED_XML;
-GO
+const TUTORIAL_OBJECTS: &str = include_str!("tutorial/1-objects.sql");
 
-CREATE CONTRACT [//AWDB/1DBSample/SampleContract]
-      ([//AWDB/1DBSample/RequestMessage]
-       SENT BY INITIATOR,
-       [//AWDB/1DBSample/ReplyMessage]
-       SENT BY TARGET
-      );
-GO
+const TUTORIAL_BEGIN: &str = include_str!("tutorial/2-begin.sql");
 
-CREATE QUEUE TargetQueue1DB;
+const TUTORIAL_REPLY: &str = include_str!("tutorial/3-reply.sql");
 
-CREATE SERVICE
-       [//AWDB/1DBSample/TargetService]
-       ON QUEUE TargetQueue1DB
-       ([//AWDB/1DBSample/SampleContract]);
-GO
+const TUTORIAL_END: &str = include_str!("tutorial/4-end.sql");
 
-CREATE QUEUE InitiatorQueue1DB;
-
-CREATE SERVICE
-       [//AWDB/1DBSample/InitiatorService]
-       ON QUEUE InitiatorQueue1DB;
-GO
-";
-
-const TUTORIAL_BEGIN: &str = r"DECLARE @InitDlgHandle UNIQUEIDENTIFIER;
-DECLARE @RequestMsg NVARCHAR(100);
-
-BEGIN TRANSACTION;
-
-BEGIN DIALOG @InitDlgHandle
-     FROM SERVICE
-      [//AWDB/1DBSample/InitiatorService]
-     TO SERVICE
-      N'//AWDB/1DBSample/TargetService'
-     ON CONTRACT
-      [//AWDB/1DBSample/SampleContract]
-     WITH
-         ENCRYPTION = OFF;
-
-SELECT @RequestMsg =
-       N'<RequestMsg>Message for Target service.</RequestMsg>';
-
-SEND ON CONVERSATION (@InitDlgHandle)
-     MESSAGE TYPE
-     [//AWDB/1DBSample/RequestMessage]
-     (@RequestMsg);
-
-SELECT @RequestMsg AS SentRequestMsg;
-
-COMMIT TRANSACTION;
-GO
-";
-
-const TUTORIAL_REPLY: &str = r"DECLARE @RecvReqDlgHandle UNIQUEIDENTIFIER;
-DECLARE @RecvReqMsg NVARCHAR(100);
-DECLARE @RecvReqMsgName sysname;
-
-BEGIN TRANSACTION;
-
-WAITFOR
-( RECEIVE TOP(1)
-    @RecvReqDlgHandle = conversation_handle,
-    @RecvReqMsg = message_body,
-    @RecvReqMsgName = message_type_name
-  FROM TargetQueue1DB
-), TIMEOUT 1000;
-
-SELECT @RecvReqMsg AS ReceivedRequestMsg;
-
-IF @RecvReqMsgName =
-   N'//AWDB/1DBSample/RequestMessage'
-BEGIN
-     DECLARE @ReplyMsg NVARCHAR(100);
-     SELECT @ReplyMsg =
-     N'<ReplyMsg>Message for Initiator service.</ReplyMsg>';
-
-     SEND ON CONVERSATION @RecvReqDlgHandle
-          MESSAGE TYPE
-          [//AWDB/1DBSample/ReplyMessage]
-          (@ReplyMsg);
-
-     END CONVERSATION @RecvReqDlgHandle;
-END
-
-SELECT @ReplyMsg AS SentReplyMsg;
-
-COMMIT TRANSACTION;
-GO
-";
-
-const TUTORIAL_END: &str = r"DECLARE @RecvReplyMsg NVARCHAR(100);
-DECLARE @RecvReplyDlgHandle UNIQUEIDENTIFIER;
-
-BEGIN TRANSACTION;
-
-WAITFOR
-( RECEIVE TOP(1)
-    @RecvReplyDlgHandle = conversation_handle,
-    @RecvReplyMsg = message_body
-  FROM InitiatorQueue1DB
-), TIMEOUT 1000;
-
-END CONVERSATION @RecvReplyDlgHandle;
-
--- Display recieved request.
-SELECT @RecvReplyMsg AS ReceivedReplyMsg;
-
-COMMIT TRANSACTION;
-GO
-";
-
-const TUTORIAL_DROP: &str = r"DROP SERVICE [//AWDB/1DBSample/TargetService];
-DROP QUEUE TargetQueue1DB;
-DROP SERVICE [//AWDB/1DBSample/InitiatorService];
-DROP QUEUE InitiatorQueue1DB;
-DROP CONTRACT [//AWDB/1DBSample/SampleContract];
-DROP MESSAGE TYPE [//AWDB/1DBSample/RequestMessage];
-DROP MESSAGE TYPE [//AWDB/1DBSample/ReplyMessage];
-GO
-";
+const TUTORIAL_DROP: &str = include_str!("tutorial/5-drop.sql");
 
 const REQUEST: &str = "<RequestMsg>Message for Target service.</RequestMsg>";
 const REPLY: &str = "<ReplyMsg>Message for Initiator service.</ReplyMsg>";
