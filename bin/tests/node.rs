@@ -10,7 +10,7 @@ use std::time::Duration;
 /// Starts `herald node` on `data_dir` and waits (bounded) for the line saying it is up.
 fn start_node(data_dir: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["node", "--data-dir"])
+        .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -64,7 +64,7 @@ fn node_reports_its_log_and_shuts_down_cleanly_on_sigterm() {
 
     // A second node on the same directory is refused, with the reason.
     let second = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["node", "--data-dir"])
+        .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data_dir)
         .output()
         .expect("running a second herald node");
@@ -94,4 +94,49 @@ fn node_reports_its_log_and_shuts_down_cleanly_on_sigterm() {
     let (child, _lines) = start_node(&data_dir);
     send_sigterm(&child);
     assert!(child.wait_with_output().unwrap().status.success());
+}
+
+#[test]
+fn print_config_shows_the_effective_configuration_and_bad_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:5000\"\ndurability = \"batched-5\"\n[[peers]]\nfingerprint = \"\
+         00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"\nservices = [\"//a\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "node",
+            "--print-config",
+            "--data-dir",
+            "/tmp/elsewhere",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "listen = \"127.0.0.1:5000\"",
+        "durability = \"batched-5\"",
+        "data_dir = \"/tmp/elsewhere\"",
+        "services = [\"//a\"]",
+    ] {
+        assert!(printed.contains(expected), "{expected} in {printed}");
+    }
+    std::fs::write(&config, "listen = \"127.0.0.1:5000\"\nlisten_twice = 1\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["node", "--print-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("listen_twice"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
