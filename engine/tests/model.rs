@@ -25,9 +25,11 @@
 //! sequence), the sends discarded because the far side ended or failed, and the refusals on
 //! closed endpoints. It also keeps the engine's per-transaction copy of each endpoint, which
 //! another transaction's END of the far side or an expiry does not update until the
-//! transaction first locks the endpoint's group. A step that would hit an engine bug pinned by
-//! one of the ignored tests at the end of this file is skipped, or its transaction rolled back
-//! instead of committed (and counted: `skipped_known_bugs`).
+//! transaction first locks the endpoint's group. A step that would meet one of the engine bugs
+//! found by this model (fixed since; their regression tests are at the end of this file) is
+//! skipped, or its transaction rolled back instead of committed (counted: `skipped_known_bugs`):
+//! the model does not predict the engine's answer there yet (an op on an endpoint removed
+//! meanwhile is a no-op; RECEIVE skips conversations its own transaction ended).
 //!
 //! Every run is a function of one seed (printed on failure; `HERALD_MODEL_SEED` replays it), and
 //! the run fails if, over all cases, it did not commit, receive, contend, refuse, checkpoint,
