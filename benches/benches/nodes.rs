@@ -1,0 +1,615 @@
+//! Benchmarks of two nodes (`herald_net::Node`: a broker and its QUIC endpoint) on loopback, each
+//! beside its floor measured in the same run.
+//!
+//! Driven by `cargo bench -p herald-benches --bench nodes`:
+//!
+//! - `nodes/bulk_1KiB/{sync,none}`: node A sends N messages of 1 KiB over 64 dialogs to node B,
+//!   committing 100 sends per transaction (round-robin over the dialogs); on B one thread drains
+//!   the target queue with WAITFOR receives of up to 1000, committing each. Timed from the first
+//!   send until B has received all N and A's transmission queue is empty (every message
+//!   acknowledged after B's commit of its arrival). Both brokers use the named durability.
+//!   Floor `floor/quinn_stream_1KiB`: the same body bytes written on one raw quinn stream
+//!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
+//!   timed until the receiver has read them all and answered one byte; its messages/s is
+//!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
+//!   First figures (2-CPU VM): sync 25k msg/s (0.08×), none 5.1k msg/s (0.01×). `None` is
+//!   slower than `Sync` once more than `herald_net::node::SENDER_BATCH_MESSAGES_MAX` (4096)
+//!   messages wait: with 3000 messages per round it runs at ~50k msg/s, with 8000 at ~6k. The
+//!   sender lists the transmission queue from its start on every wake-up (each commit), so
+//!   4096 sent-but-unacknowledged rows at the front are listed and skipped again and again and
+//!   nothing behind them goes until acknowledgements remove them (net/src/node.rs `run_sender`,
+//!   `outbound(None, ..)`).
+//! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
+//!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
+//!   of the reply commits. A round trip is timed from before A's send until A's receive
+//!   returned; p50 and p99 over `HERALD_BENCH_NODES_ROUND_TRIPS` (2000) round trips. Three
+//!   durable commits per round trip, the two on the critical path one after the other, so the
+//!   floor is twice the time of one 4 KiB `pwrite` + `fdatasync` (`floors::OverwriteSync`),
+//!   measured just before (loopback network not included). Target p50 ≤ 1 ms.
+//!
+//! Under `cargo test --benches` everything runs once on tiny sizes as a smoke test. Sizes by
+//! environment variable, see [`Settings::from_env`]; a filter argument selects by name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use herald_benches::floors::{OverwriteSync, pattern};
+use herald_benches::measure::si;
+use herald_benches::report::{Figure, Report, Target};
+use herald_benches::scratch::{self, bench_root, filesystem_type};
+use herald_benches::settings::{Invocation, env_u64};
+use herald_engine::{
+    Broker, ConversationHandle, DialogOptions, Durability, QueueOptions, Receive, Route,
+    RouteAddress, SentBy, Validation,
+};
+use herald_net::identity::{NodeIdentity, Trust};
+use herald_net::node::IDENTITY_DIR;
+use herald_net::quic::{client_config, server_config};
+use herald_net::{Node, NodeConfig};
+use tempfile::TempDir;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BODY_BYTES: usize = 1024;
+const DIALOGS: usize = 64;
+const SENDS_PER_TRANSACTION: usize = 100;
+const REQUEST: &str = "//bench/Request";
+const REPLY: &str = "//bench/Reply";
+const CONTRACT: &str = "//bench/Contract";
+/// Bound of any one wait: only a hang reaches it.
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn main() {
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("bench settings: {e}");
+            std::process::exit(2);
+        }
+    };
+    if settings.invocation.list {
+        for name in [
+            bulk_name(Durability::Sync),
+            bulk_name(Durability::None),
+            RTT_NAME.to_owned(),
+        ] {
+            println!("{name}: benchmark");
+        }
+        return;
+    }
+    if let Err(e) = run(&settings) {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+const RTT_NAME: &str = "nodes/request_reply/sync";
+
+fn bulk_name(durability: Durability) -> String {
+    format!("nodes/bulk_1KiB/{}", durability_name(durability))
+}
+
+fn durability_name(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Sync => "sync",
+        Durability::None => "none",
+        Durability::Batched { .. } => "batched",
+    }
+}
+
+fn run(settings: &Settings) -> BenchResult<()> {
+    let root = bench_root()?;
+    println!(
+        "herald-benches nodes: {} mode, writing in {} ({}), {} CPUs; bulk {} (sync) / {} (none) \
+         messages of {BODY_BYTES} B over {DIALOGS} dialogs, {} interleaved rounds; {} round trips",
+        if settings.invocation.bench {
+            "bench"
+        } else {
+            "test (tiny sizes)"
+        },
+        root.display(),
+        filesystem_type(&root).unwrap_or_else(|| "unknown filesystem".into()),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        settings.sync_messages,
+        settings.none_messages,
+        settings.rounds,
+        settings.round_trips,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let floor = runtime.block_on(RawStream::connect())?;
+    let mut report = Report::new();
+    for (durability, messages) in [
+        (Durability::Sync, settings.sync_messages),
+        (Durability::None, settings.none_messages),
+    ] {
+        if settings.invocation.selected(&bulk_name(durability)) {
+            bulk(
+                settings,
+                &root,
+                &runtime,
+                &floor,
+                durability,
+                messages,
+                &mut report,
+            )?;
+        }
+    }
+    runtime.block_on(floor.close());
+    if settings.invocation.selected(RTT_NAME) {
+        request_reply(settings, &root, &mut report)?;
+    }
+    report.print_table();
+    if !settings.invocation.bench {
+        println!("(test mode: one tiny pass of each)");
+    }
+    Ok(())
+}
+
+fn spread(rates: &[f64]) -> String {
+    let low = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = rates.iter().copied().fold(0.0, f64::max);
+    format!("{}–{}", si(low), si(high))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two nodes
+
+/// Nodes A (initiator services) and B (target services) in their own directories, trusting
+/// each other, with routes both ways.
+struct Pair {
+    a: Node,
+    b: Node,
+    _dirs: (TempDir, TempDir),
+}
+
+impl Pair {
+    fn start(root: &Path, durability: Durability) -> BenchResult<Pair> {
+        let (a_dir, b_dir) = (
+            scratch::temp_dir(root, "nodes-a-")?,
+            scratch::temp_dir(root, "nodes-b-")?,
+        );
+        let (a_identity, b_identity) = (NodeIdentity::generate()?, NodeIdentity::generate()?);
+        a_identity.write(&a_dir.path().join(IDENTITY_DIR))?;
+        b_identity.write(&b_dir.path().join(IDENTITY_DIR))?;
+        let start = |dir: &Path, trusted: &NodeIdentity| {
+            Node::start(NodeConfig {
+                data_dir: dir.to_path_buf(),
+                listen: loopback(),
+                broker: herald_engine::Options {
+                    durability,
+                    ..herald_engine::Options::default()
+                },
+                trust: Trust::pinned([trusted.fingerprint()]),
+                restricted_peers: HashMap::new(),
+            })
+        };
+        let a = start(a_dir.path(), &b_identity)?;
+        let b = start(b_dir.path(), &a_identity)?;
+        let (a_addr, b_addr) = (a.local_addr()?, b.local_addr()?);
+        define(
+            a.broker(),
+            &[
+                ("Initiator", "//bench/Initiator"),
+                ("RttClient", "//bench/RttClient"),
+            ],
+            &[("//bench/Target", b_addr), ("//bench/RttServer", b_addr)],
+        )?;
+        define(
+            b.broker(),
+            &[
+                ("Target", "//bench/Target"),
+                ("RttServer", "//bench/RttServer"),
+            ],
+            &[("//bench/Initiator", a_addr), ("//bench/RttClient", a_addr)],
+        )?;
+        Ok(Pair {
+            a,
+            b,
+            _dirs: (a_dir, b_dir),
+        })
+    }
+
+    fn shutdown(self) -> BenchResult<()> {
+        self.a.shutdown()?;
+        self.b.shutdown()?;
+        Ok(())
+    }
+
+    /// Waits until A's transmission queue is empty (everything acknowledged).
+    fn wait_acknowledged(&self) -> BenchResult<()> {
+        let started = Instant::now();
+        while !self.a.broker().transmission_queue().is_empty() {
+            if started.elapsed() > TIMEOUT {
+                return Err("A's transmission queue did not empty".into());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
+    }
+}
+
+fn define(
+    broker: &Broker,
+    services: &[(&str, &str)],
+    routes: &[(&str, SocketAddr)],
+) -> BenchResult<()> {
+    let mut tx = broker.begin();
+    tx.create_message_type(REQUEST, Validation::None)?;
+    tx.create_message_type(REPLY, Validation::None)?;
+    tx.create_contract(
+        CONTRACT,
+        &[(REQUEST, SentBy::Initiator), (REPLY, SentBy::Target)],
+    )?;
+    for (queue, service) in services {
+        tx.create_queue(queue, QueueOptions::default())?;
+        tx.create_service(service, queue, &[CONTRACT])?;
+    }
+    for (service, addr) in routes {
+        tx.create_route(Route {
+            name: format!("to {service}"),
+            service_name: Some((*service).into()),
+            broker_instance: None,
+            address: RouteAddress::parse(&format!("quic://{addr}"))?,
+            expires_at_ms: None,
+        })?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Receives (WAITFOR, committing) from `queue` until `count` messages came; with `reply`, answers
+/// each in the same transaction.
+fn drain(broker: &Broker, queue: &str, count: u64, reply: Option<&[u8]>) -> BenchResult<()> {
+    let started = Instant::now();
+    let mut got = 0u64;
+    while got < count {
+        if started.elapsed() > TIMEOUT {
+            return Err(format!("only {got} of {count} messages reached {queue}").into());
+        }
+        let mut tx = broker.begin();
+        let batch = tx.receive(queue, Receive::top(1000).wait(Duration::from_secs(1)))?;
+        if let Some(body) = reply {
+            for m in &batch {
+                tx.send(m.conversation_handle, REPLY, body)?;
+            }
+        }
+        tx.commit()?;
+        got += batch.len() as u64;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk transfer over 64 dialogs
+
+fn bulk(
+    settings: &Settings,
+    root: &Path,
+    runtime: &tokio::runtime::Runtime,
+    floor: &RawStream,
+    durability: Durability,
+    messages: u64,
+    report: &mut Report,
+) -> BenchResult<()> {
+    let bench = bulk_name(durability);
+    let pair = Pair::start(root, durability)?;
+    let body = pattern(BODY_BYTES);
+    // Untimed: the dialogs, the connection and the pinning by one message each.
+    let mut tx = pair.a.broker().begin();
+    let mut dialogs = Vec::with_capacity(DIALOGS);
+    for _ in 0..DIALOGS {
+        let h = tx.begin_dialog(
+            "//bench/Initiator",
+            "//bench/Target",
+            CONTRACT,
+            DialogOptions::default(),
+        )?;
+        tx.send(h, REQUEST, &body)?;
+        dialogs.push(h);
+    }
+    tx.commit()?;
+    drain(pair.b.broker(), "Target", DIALOGS as u64, None)?;
+    pair.wait_acknowledged()?;
+
+    let volume = messages * BODY_BYTES as u64;
+    let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
+    let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
+    for _ in 0..settings.rounds {
+        let elapsed = runtime.block_on(floor.transfer(volume))?;
+        floor_secs += elapsed.as_secs_f64();
+        floor_rates.push(messages as f64 / elapsed.as_secs_f64());
+        let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
+        figure_secs += elapsed.as_secs_f64();
+        figure_rates.push(messages as f64 / elapsed.as_secs_f64());
+    }
+    pair.shutdown()?;
+    let total = messages as f64 * f64::from(settings.rounds);
+    let floor_name = format!("floor/quinn_stream_1KiB ({bench})");
+    let floor_figure = Figure::per_sec("1 KiB", total / floor_secs);
+    report.floor(&floor_name, &floor_figure);
+    println!(
+        "{floor_name}: {}B/s of body bytes; rounds {} /s",
+        si(volume as f64 * f64::from(settings.rounds) / floor_secs),
+        spread(&floor_rates)
+    );
+    report.compare(
+        &bench,
+        &Figure::per_sec("msg", total / figure_secs),
+        Some(("quinn stream floor", &floor_figure)),
+        settings.target(Target::Ratio(0.5)),
+    );
+    println!("{bench}: rounds {} msg/s", spread(&figure_rates));
+    Ok(())
+}
+
+/// One timed bulk transfer: A sends `messages` (100 per commit, round-robin over `dialogs`), B
+/// drains them; done when B has them all and A's transmission queue is empty.
+fn bulk_round(
+    pair: &Pair,
+    dialogs: &[ConversationHandle],
+    body: &[u8],
+    messages: u64,
+) -> BenchResult<Duration> {
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let receiver =
+            s.spawn(|| drain(pair.b.broker(), "Target", messages, None).map_err(|e| e.to_string()));
+        let mut sent = 0u64;
+        let mut next = 0usize;
+        while sent < messages {
+            let mut tx = pair.a.broker().begin();
+            let batch = (messages - sent).min(SENDS_PER_TRANSACTION as u64);
+            for _ in 0..batch {
+                tx.send(dialogs[next % dialogs.len()], REQUEST, body)?;
+                next += 1;
+            }
+            tx.commit()?;
+            sent += batch;
+        }
+        receiver.join().map_err(|_| "receiver panicked")??;
+        pair.wait_acknowledged()
+    })?;
+    Ok(started.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request/reply across nodes, durable
+
+fn request_reply(settings: &Settings, root: &Path, report: &mut Report) -> BenchResult<()> {
+    let pair = Pair::start(root, Durability::Sync)?;
+    let body = pattern(256);
+    let mut tx = pair.a.broker().begin();
+    let h = tx.begin_dialog(
+        "//bench/RttClient",
+        "//bench/RttServer",
+        CONTRACT,
+        DialogOptions::default(),
+    )?;
+    tx.commit()?;
+
+    let floor_dir = scratch::temp_dir(root, "nodes-fdatasync-")?;
+    let mut fdatasync = OverwriteSync::new(floor_dir.path(), 4096, 64 << 20)?;
+    let floor = fdatasync.run(settings.fdatasync_run)?;
+    drop(fdatasync);
+    floor_dir.close()?;
+
+    // Warm-up (connection, pinning), then the samples.
+    let warm_up = 20u64.min(settings.round_trips);
+    let total = warm_up + settings.round_trips;
+    let mut samples = Vec::with_capacity(settings.round_trips as usize);
+    std::thread::scope(|s| -> BenchResult<()> {
+        let server = s.spawn(|| {
+            drain(pair.b.broker(), "RttServer", total, Some(&body)).map_err(|e| e.to_string())
+        });
+        for i in 0..total {
+            let t0 = Instant::now();
+            let mut tx = pair.a.broker().begin();
+            tx.send(h, REQUEST, &body)?;
+            tx.commit()?;
+            let mut tx = pair.a.broker().begin();
+            let reply = tx.receive("RttClient", Receive::top(1).wait(TIMEOUT))?;
+            tx.commit()?;
+            if reply.len() != 1 {
+                return Err("no reply".into());
+            }
+            if i >= warm_up {
+                samples.push(t0.elapsed());
+            }
+        }
+        server.join().map_err(|_| "server panicked")??;
+        Ok(())
+    })?;
+    pair.shutdown()?;
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let (p50, p99) = (at(0.5), at(0.99));
+    let floor_rtt = floor.per_op() * 2;
+    let floor_figure = Figure::seconds("2 × fdatasync", floor_rtt.as_secs_f64());
+    report.floor("floor/2×fdatasync_4KiB", &floor_figure);
+    println!(
+        "floor/2×fdatasync_4KiB: {} fdatasync/s ({:.2?} each); loopback network not included",
+        si(floor.ops_per_sec()),
+        floor.per_op()
+    );
+    report.compare(
+        &format!("{RTT_NAME} p50"),
+        &Figure::seconds("round trip", p50.as_secs_f64()),
+        Some(("2 × fdatasync", &floor_figure)),
+        settings.target(Target::AtMost(1e-3)),
+    );
+    report.compare(
+        &format!("{RTT_NAME} p99"),
+        &Figure::seconds("round trip", p99.as_secs_f64()),
+        Some(("2 × fdatasync", &floor_figure)),
+        None,
+    );
+    println!(
+        "{RTT_NAME}: {} round trips; min {:.2?}, p50 {p50:.2?}, p99 {p99:.2?}, max {:.2?}",
+        samples.len(),
+        samples[0],
+        samples[samples.len() - 1]
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor: raw bytes on one quinn stream
+
+/// Raw bytes on one quinn stream, same TLS and transport configuration as the nodes.
+struct RawStream {
+    client: quinn::Endpoint,
+    server: quinn::Endpoint,
+    connection: quinn::Connection,
+    accepted: tokio::sync::Mutex<quinn::Connection>,
+}
+
+impl RawStream {
+    async fn connect() -> BenchResult<RawStream> {
+        let (client_identity, server_identity) =
+            (NodeIdentity::generate()?, NodeIdentity::generate()?);
+        let server = quinn::Endpoint::server(
+            server_config(
+                &server_identity,
+                &Trust::pinned([client_identity.fingerprint()]),
+            )?,
+            loopback(),
+        )?;
+        let mut client = quinn::Endpoint::client(loopback())?;
+        client.set_default_client_config(client_config(
+            &client_identity,
+            &Trust::pinned([server_identity.fingerprint()]),
+        )?);
+        let server_addr = server.local_addr()?;
+        let (connection, accepted) = tokio::join!(
+            async {
+                client
+                    .connect(server_addr, herald_net::quic::SERVER_NAME)?
+                    .await
+                    .map_err(Box::<dyn std::error::Error>::from)
+            },
+            async {
+                let incoming = server.accept().await.ok_or("server endpoint closed")?;
+                incoming.await.map_err(Box::<dyn std::error::Error>::from)
+            }
+        );
+        Ok(RawStream {
+            client,
+            server,
+            connection: connection?,
+            accepted: tokio::sync::Mutex::new(accepted?),
+        })
+    }
+
+    /// Writes `volume` bytes on a new stream in 1 KiB writes; the receiver reads them all and
+    /// answers one byte.
+    async fn transfer(&self, volume: u64) -> BenchResult<Duration> {
+        let chunk = pattern(BODY_BYTES);
+        let accepted = self.accepted.lock().await;
+        let start = Instant::now();
+        let receiver = async {
+            let (mut send, mut recv) = accepted.accept_bi().await?;
+            let mut received = 0u64;
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                received += chunk.bytes.len() as u64;
+            }
+            send.write_all(&[1]).await?;
+            send.finish()?;
+            Ok::<u64, Box<dyn std::error::Error>>(received)
+        };
+        let sender = async {
+            let (mut send, mut recv) = self.connection.open_bi().await?;
+            let mut left = volume;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                send.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+            send.finish()?;
+            let answer = recv.read_to_end(1).await?;
+            Ok::<usize, Box<dyn std::error::Error>>(answer.len())
+        };
+        let (received, answered) =
+            tokio::time::timeout(TIMEOUT, async { tokio::join!(receiver, sender) }).await?;
+        if received? != volume || answered? != 1 {
+            return Err("the floor's stream lost bytes".into());
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        self.client.wait_idle().await;
+        self.server.close(0u32.into(), b"done");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+/// What to run and how big: from the command line (mode, filter) and the environment.
+#[derive(Debug)]
+struct Settings {
+    invocation: Invocation,
+    sync_messages: u64,
+    none_messages: u64,
+    rounds: u32,
+    round_trips: u64,
+    fdatasync_run: Duration,
+}
+
+impl Settings {
+    /// | variable | default | |
+    /// |---|---|---|
+    /// | `HERALD_BENCH_NODES_SYNC_MESSAGES` | 20000 | bulk messages per round, `Sync` |
+    /// | `HERALD_BENCH_NODES_NONE_MESSAGES` | 50000 | bulk messages per round, `None` |
+    /// | `HERALD_BENCH_ROUNDS` | 3 | rounds, each figure interleaved with its floor |
+    /// | `HERALD_BENCH_NODES_ROUND_TRIPS` | 2000 | request/reply samples |
+    ///
+    /// Without `--bench` (test mode): 200 messages, one round, 20 round trips.
+    fn from_env() -> BenchResult<Settings> {
+        let invocation = Invocation::from_args();
+        let bench = invocation.bench;
+        let settings = Settings {
+            sync_messages: env_u64(
+                "HERALD_BENCH_NODES_SYNC_MESSAGES",
+                if bench { 20_000 } else { 200 },
+            )?,
+            none_messages: env_u64(
+                "HERALD_BENCH_NODES_NONE_MESSAGES",
+                if bench { 50_000 } else { 200 },
+            )?,
+            rounds: env_u64("HERALD_BENCH_ROUNDS", if bench { 3 } else { 1 })?.try_into()?,
+            round_trips: env_u64(
+                "HERALD_BENCH_NODES_ROUND_TRIPS",
+                if bench { 2000 } else { 20 },
+            )?,
+            fdatasync_run: if bench {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_millis(20)
+            },
+            invocation,
+        };
+        if settings.rounds == 0
+            || settings.sync_messages == 0
+            || settings.none_messages == 0
+            || settings.round_trips == 0
+        {
+            return Err("rounds, message counts and round trips must be positive".into());
+        }
+        Ok(settings)
+    }
+
+    fn target(&self, target: Target) -> Option<Target> {
+        self.invocation.bench.then_some(target)
+    }
+}

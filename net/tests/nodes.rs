@@ -1,0 +1,673 @@
+//! More nodes in one process on 127.0.0.1 (each with its own data directory and port, QUIC with
+//! mutual TLS and pinned certificates):
+//!
+//! - three nodes talking at once (A to B and to C, B to C), replies flowing back, plain END and
+//!   END WITH ERROR crossing nodes, every endpoint gone and every transmission queue empty at
+//!   the end;
+//! - a route created after the messages were sent (they wait with "no route", then go);
+//! - the sending node restarted with messages in its transmission queue;
+//! - a sending node whose certificate the receiver does not pin (nothing arrives, the
+//!   transmission queue says why), then trusted;
+//! - a dialog whose lifetime passes while the target node is down.
+//!
+//! Every wait is bounded by [`WAIT`]; nothing asserts on elapsed time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use herald_engine::{
+    Broker, ConversationHandle, DialogOptions, Durability, QueueOptions, Receive, Route,
+    RouteAddress, SentBy, Validation, system,
+};
+use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
+use herald_net::node::IDENTITY_DIR;
+use herald_net::{Node, NodeConfig};
+
+// Names of 8 bytes or more: see `a_checkpoint_with_short_message_type_names_in_the_transmission_queue_reopens`.
+const ASK: &str = "//nodes/Ask";
+const TELL: &str = "//nodes/Tell";
+/// A message type whose name is shorter than 8 bytes.
+const SHORT: &str = "//t/Q";
+const CONTRACT: &str = "//t/Talk";
+/// Every wait in these tests ends by this (a hang is a failure, not a slow pass).
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A data directory with an identity made in advance, so peers can pin it before it starts.
+fn prepare(dir: &Path) -> Fingerprint {
+    let identity = NodeIdentity::generate().unwrap();
+    identity.write(&dir.join(IDENTITY_DIR)).unwrap();
+    identity.fingerprint()
+}
+
+fn start(dir: &Path, listen: SocketAddr, trusted: &[Fingerprint], durability: Durability) -> Node {
+    Node::start(NodeConfig {
+        data_dir: dir.to_path_buf(),
+        listen,
+        broker: herald_engine::Options {
+            durability,
+            segment_bytes: 1024 * 1024,
+            ..herald_engine::Options::default()
+        },
+        trust: Trust::pinned(trusted.iter().copied()),
+        restricted_peers: HashMap::new(),
+    })
+    .unwrap()
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn route(service: &str, addr: SocketAddr) -> Route {
+    Route {
+        name: format!("to {service}"),
+        service_name: Some(service.into()),
+        broker_instance: None,
+        address: RouteAddress::parse(&format!("quic://{addr}")).unwrap(),
+        expires_at_ms: None,
+    }
+}
+
+/// The catalog of one node: the message types and contract, `(queue, service)` pairs (each
+/// service accepts the contract), and routes `(far service, far node)`.
+fn define(node: &Node, services: &[(&str, &str)], routes: &[(&str, SocketAddr)]) {
+    let broker = node.broker();
+    let mut tx = broker.begin();
+    if !broker.catalog().contracts.contains_key(CONTRACT) {
+        tx.create_message_type(ASK, Validation::None).unwrap();
+        tx.create_message_type(TELL, Validation::None).unwrap();
+        tx.create_message_type(SHORT, Validation::None).unwrap();
+        tx.create_contract(
+            CONTRACT,
+            &[
+                (ASK, SentBy::Initiator),
+                (TELL, SentBy::Any),
+                (SHORT, SentBy::Initiator),
+            ],
+        )
+        .unwrap();
+    }
+    for (queue, service) in services {
+        tx.create_queue(queue, QueueOptions::default()).unwrap();
+        tx.create_service(service, queue, &[CONTRACT]).unwrap();
+    }
+    for (service, addr) in routes {
+        tx.create_route(route(service, *addr)).unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+fn begin(broker: &Broker, from: &str, to: &str, options: DialogOptions) -> ConversationHandle {
+    let mut tx = broker.begin();
+    let h = tx.begin_dialog(from, to, CONTRACT, options).unwrap();
+    tx.commit().unwrap();
+    h
+}
+
+/// Sends requests numbered `numbers` on `h`, `per_tx` to a transaction.
+fn send_numbered(
+    broker: &Broker,
+    h: ConversationHandle,
+    numbers: std::ops::Range<u32>,
+    per_tx: usize,
+) {
+    let numbers: Vec<u32> = numbers.collect();
+    for chunk in numbers.chunks(per_tx) {
+        let mut tx = broker.begin();
+        for i in chunk {
+            tx.send(h, ASK, &i.to_le_bytes()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+}
+
+fn number(body: &[u8]) -> u32 {
+    u32::from_le_bytes(body[..4].try_into().unwrap())
+}
+
+/// One received message: its conversation, type and body.
+type Got = (ConversationHandle, String, Vec<u8>);
+
+/// Receives (WAITFOR, committing) until `count` messages came from `queue`, or fails after
+/// `WAIT`. With `reply`, each request is answered with a TELL of the same body in the
+/// transaction that received it.
+fn receive_on(broker: &Broker, queue: &str, count: usize, reply: bool) -> Vec<Got> {
+    let mut got = Vec::new();
+    let started = std::time::Instant::now();
+    while got.len() < count {
+        assert!(
+            started.elapsed() < WAIT,
+            "only {} of {count} messages arrived in {queue}: {:?}",
+            got.len(),
+            got.iter().map(|(_, t, _)| t).collect::<Vec<_>>()
+        );
+        let mut tx = broker.begin();
+        let batch = tx
+            .receive(
+                queue,
+                Receive::top(count - got.len()).wait(Duration::from_millis(500)),
+            )
+            .unwrap();
+        for m in &batch {
+            if reply && &*m.message_type == ASK {
+                tx.send(m.conversation_handle, TELL, m.body()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        got.extend(batch.iter().map(|m| {
+            (
+                m.conversation_handle,
+                m.message_type.to_string(),
+                m.body().to_vec(),
+            )
+        }));
+    }
+    got
+}
+
+fn receive(node: &Node, queue: &str, count: usize) -> Vec<Got> {
+    receive_on(node.broker(), queue, count, false)
+}
+
+/// The numbers of `got`'s messages of type `message_type`, all on one conversation (returned).
+fn numbers_of(got: &[Got], message_type: &str) -> (ConversationHandle, Vec<u32>) {
+    let h = got[0].0;
+    assert!(
+        got.iter().all(|(c, _, _)| *c == h),
+        "one conversation expected"
+    );
+    let numbers = got
+        .iter()
+        .filter(|(_, t, _)| t == message_type)
+        .map(|(_, _, body)| number(body))
+        .collect();
+    (h, numbers)
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < WAIT, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The transmission statuses of `node`, for messages.
+fn statuses(node: &Node) -> Vec<String> {
+    node.broker()
+        .transmission_queue()
+        .into_iter()
+        .map(|row| row.transmission_status)
+        .collect()
+}
+
+fn ended_and_drained(node: &Node) -> bool {
+    node.broker().conversation_endpoints().is_empty()
+        && node.broker().transmission_queue().is_empty()
+}
+
+#[test]
+fn three_nodes_talk_at_once_end_both_ways_and_clean_up() {
+    const N: u32 = 120;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let prints: Vec<_> = dirs.iter().map(|d| prepare(d.path())).collect();
+    let others =
+        |i: usize| -> Vec<Fingerprint> { (0..3).filter(|j| *j != i).map(|j| prints[j]).collect() };
+    let a = start(dirs[0].path(), loopback(), &others(0), Durability::Sync);
+    let b = start(dirs[1].path(), loopback(), &others(1), Durability::Sync);
+    let c = start(dirs[2].path(), loopback(), &others(2), Durability::Sync);
+    let (a_addr, b_addr, c_addr) = (
+        a.local_addr().unwrap(),
+        b.local_addr().unwrap(),
+        c.local_addr().unwrap(),
+    );
+    define(
+        &a,
+        &[("AtoB", "//t/A1"), ("AtoC", "//t/A2")],
+        &[("//t/B1", b_addr), ("//t/C1", c_addr)],
+    );
+    define(
+        &b,
+        &[("BfromA", "//t/B1"), ("BtoC", "//t/B2")],
+        &[("//t/A1", a_addr), ("//t/C2", c_addr)],
+    );
+    define(
+        &c,
+        &[("CfromA", "//t/C1"), ("CfromB", "//t/C2")],
+        &[("//t/A2", a_addr), ("//t/B2", b_addr)],
+    );
+    let all: Vec<u32> = (0..N).collect();
+    std::thread::scope(|s| {
+        // A → B: B answers everything, then ends; A receives the END and ends too.
+        s.spawn(|| {
+            let h = begin(a.broker(), "//t/A1", "//t/B1", DialogOptions::default());
+            send_numbered(a.broker(), h, 0..N, 7);
+            let got = receive(&a, "AtoB", N as usize + 1);
+            let (on, replies) = numbers_of(&got, TELL);
+            assert_eq!(on, h);
+            assert_eq!(replies, all, "A's replies from B: exactly once, in order");
+            assert_eq!(got.last().unwrap().1, system::END_DIALOG);
+            let mut tx = a.broker().begin();
+            tx.end_conversation(h).unwrap();
+            tx.commit().unwrap();
+            assert!(a.broker().conversation_endpoint(h).is_none());
+        });
+        s.spawn(|| {
+            let got = receive_on(b.broker(), "BfromA", N as usize, true);
+            let (target, requests) = numbers_of(&got, ASK);
+            assert_eq!(requests, all, "B's requests from A: exactly once, in order");
+            let mut tx = b.broker().begin();
+            tx.end_conversation(target).unwrap();
+            tx.commit().unwrap();
+        });
+        // A → C: A ends WITH ERROR after the replies; C receives the Error and ends.
+        s.spawn(|| {
+            let h = begin(a.broker(), "//t/A2", "//t/C1", DialogOptions::default());
+            send_numbered(a.broker(), h, 0..N, 11);
+            let got = receive(&a, "AtoC", N as usize);
+            assert_eq!(numbers_of(&got, TELL), (h, all.clone()));
+            let mut tx = a.broker().begin();
+            tx.end_conversation_with_error(h, 4242, "A has had enough")
+                .unwrap();
+            tx.commit().unwrap();
+        });
+        s.spawn(|| {
+            let got = receive_on(c.broker(), "CfromA", N as usize, true);
+            let (target, requests) = numbers_of(&got, ASK);
+            assert_eq!(requests, all, "C's requests from A: exactly once, in order");
+            let error = receive(&c, "CfromA", 1);
+            assert_eq!((error[0].0, error[0].1.as_str()), (target, system::ERROR));
+            let (code, description) = system::parse_error_body(&error[0].2).unwrap();
+            assert_eq!((code, description.as_str()), (4242, "A has had enough"));
+            let mut tx = c.broker().begin();
+            tx.end_conversation(target).unwrap();
+            tx.commit().unwrap();
+        });
+        // B → C: B (the initiator) ends first; C receives the END and ends.
+        s.spawn(|| {
+            let h = begin(b.broker(), "//t/B2", "//t/C2", DialogOptions::default());
+            send_numbered(b.broker(), h, 0..N, 5);
+            let got = receive(&b, "BtoC", N as usize);
+            assert_eq!(numbers_of(&got, TELL), (h, all.clone()));
+            let mut tx = b.broker().begin();
+            tx.end_conversation(h).unwrap();
+            tx.commit().unwrap();
+        });
+        s.spawn(|| {
+            let got = receive_on(c.broker(), "CfromB", N as usize + 1, true);
+            let (target, requests) = numbers_of(&got, ASK);
+            assert_eq!(requests, all, "C's requests from B: exactly once, in order");
+            assert_eq!(got.last().unwrap().1, system::END_DIALOG);
+            let mut tx = c.broker().begin();
+            tx.end_conversation(target).unwrap();
+            tx.commit().unwrap();
+        });
+    });
+    for (name, node) in [("A", &a), ("B", &b), ("C", &c)] {
+        wait_until(
+            &format!("{name}'s endpoints are gone and its transmission queue is empty"),
+            || ended_and_drained(node),
+        );
+    }
+    for queue in ["AtoB", "AtoC"] {
+        assert!(a.broker().peek(queue).unwrap().is_empty());
+    }
+    for queue in ["BfromA", "BtoC"] {
+        assert!(b.broker().peek(queue).unwrap().is_empty());
+    }
+    for queue in ["CfromA", "CfromB"] {
+        assert!(c.broker().peek(queue).unwrap().is_empty());
+    }
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+    c.shutdown().unwrap();
+}
+
+#[test]
+fn messages_wait_for_a_route_created_after_they_were_sent() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::None);
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::None);
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    define(&a, &[("Client", "//t/Client")], &[]);
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..30, 10);
+    let rows = a.broker().transmission_queue();
+    assert_eq!(rows.len(), 30);
+    assert!(
+        rows.iter()
+            .all(|r| r.conversation_handle == h && r.transmission_status.contains("no route")),
+        "{:?}",
+        statuses(&a)
+    );
+    // The sender has looked at them (it wakes on each commit and on its recheck) and must
+    // have left them: the status still says "no route", and B has nothing.
+    std::thread::sleep(herald_net::node::ROUTE_RECHECK_INTERVAL + Duration::from_millis(200));
+    assert!(
+        statuses(&a).iter().all(|s| s.contains("no route")),
+        "{:?}",
+        statuses(&a)
+    );
+    assert_eq!(a.broker().transmission_queue().len(), 30);
+    assert!(b.broker().peek("Server").unwrap().is_empty());
+
+    let mut tx = a.broker().begin();
+    tx.create_route(route("//t/Server", b_addr)).unwrap();
+    tx.commit().unwrap();
+    let got = receive(&b, "Server", 30);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..30).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+#[test]
+fn a_sender_restarted_with_a_full_transmission_queue_delivers_everything_once_in_order() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    // B is started once to learn its port and make its catalog, then stopped.
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::Sync);
+    let b_addr = b.local_addr().unwrap();
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
+    let a_addr = a.local_addr().unwrap();
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    b.shutdown().unwrap();
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..40, 8);
+    wait_until("A tried B and failed", || {
+        statuses(&a).iter().any(|s| s.contains("unreachable"))
+    });
+    assert_eq!(a.broker().transmission_queue().len(), 40);
+    a.shutdown().unwrap();
+
+    // B is back first (so the restarted A cannot have delivered before its restart), then A.
+    let b = start(b_dir.path(), b_addr, &[a_print], Durability::Sync);
+    let a = start(a_dir.path(), a_addr, &[b_print], Durability::Sync);
+    assert_eq!(
+        a.broker().transmission_queue().len(),
+        40,
+        "survived the restart"
+    );
+    send_numbered(a.broker(), h, 40..60, 8);
+    let got = receive(&b, "Server", 60);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..60).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    assert_eq!(
+        a.broker()
+            .conversation_endpoint(h)
+            .unwrap()
+            .far_broker_instance,
+        Some(b.broker().broker_instance())
+    );
+    assert!(
+        b.broker().peek("Server").unwrap().is_empty(),
+        "no duplicate"
+    );
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+#[test]
+fn an_untrusted_sender_delivers_nothing_until_the_receiver_trusts_it() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let stranger = NodeIdentity::generate().unwrap().fingerprint();
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::None);
+    // B pins someone else, not A.
+    let b = start(b_dir.path(), loopback(), &[stranger], Durability::None);
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..25, 5);
+    wait_until("A's transmission queue says why nothing goes", || {
+        let s = statuses(&a);
+        s.len() == 25 && s.iter().all(|s| s.contains("unreachable"))
+    });
+    let status = statuses(&a)[0].clone();
+    assert!(status.contains(&b_addr.to_string()), "{status}");
+    assert!(b.broker().peek("Server").unwrap().is_empty());
+    assert!(b.broker().conversation_endpoints().is_empty());
+    assert_eq!(a.broker().transmission_queue().len(), 25);
+    b.shutdown().unwrap();
+
+    let b = start(b_dir.path(), b_addr, &[stranger, a_print], Durability::None);
+    let got = receive(&b, "Server", 25);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..25).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+/// A dialog with a 2 s lifetime from A to B, B down (started once for its port and catalog):
+/// A's requests wait in its transmission queue until the lifetime passes and A receives
+/// the −8489 Error. Returns the nodes' directories, fingerprints, B's address and A.
+fn expire_while_target_down() -> Expired {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::None);
+    let b_addr = b.local_addr().unwrap();
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::None);
+    let a_addr = a.local_addr().unwrap();
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    b.shutdown().unwrap();
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions {
+            lifetime: Some(Duration::from_secs(2)),
+            ..DialogOptions::default()
+        },
+    );
+    send_numbered(a.broker(), h, 0..10, 5);
+    let got = receive(&a, "Client", 1);
+    assert_eq!((got[0].0, got[0].1.as_str()), (h, system::ERROR));
+    assert_eq!(
+        system::parse_error_body(&got[0].2).unwrap().0,
+        system::ERROR_LIFETIME_EXPIRED
+    );
+    assert_eq!(
+        a.broker().conversation_endpoint(h).unwrap().state,
+        herald_engine::EndpointState::Error
+    );
+    Expired {
+        a,
+        h,
+        a_print,
+        b_dir,
+        b_addr,
+        _a_dir: a_dir,
+    }
+}
+
+struct Expired {
+    a: Node,
+    h: ConversationHandle,
+    a_print: Fingerprint,
+    b_dir: tempfile::TempDir,
+    b_addr: SocketAddr,
+    _a_dir: tempfile::TempDir,
+}
+
+/// The initiator of a dialog expired while its target node was down gets the −8489 Error
+/// (above); ending it removes its endpoint and its messages from the transmission queue.
+#[test]
+fn a_dialog_expired_while_its_target_was_down_errors_at_the_initiator() {
+    let expired = expire_while_target_down();
+    let (a, h) = (&expired.a, expired.h);
+    let mut tx = a.broker().begin();
+    tx.end_conversation(h).unwrap();
+    tx.commit().unwrap();
+    assert!(a.broker().conversation_endpoint(h).is_none());
+    assert!(
+        a.broker().transmission_queue().is_empty(),
+        "ending the expired dialog drops its messages: {:?}",
+        statuses(a)
+    );
+    expired.a.shutdown().unwrap();
+}
+
+/// After the expired dialog's initiator ended it, B comes back: the expired dialog's messages
+/// must not reach it. A fresh dialog sent after them (same connection, same stream: in order)
+/// shows when anything sent earlier would have arrived.
+#[test]
+#[ignore = "bug: messages already handed to the transport stay there (and are retransmitted) after the engine dropped them from the transmission queue (lifetime expired, then END), and the receiving engine accepts arrivals whose lifetime has passed"]
+fn messages_of_a_dialog_expired_and_ended_while_its_target_was_down_never_arrive() {
+    let Expired {
+        a,
+        h,
+        a_print,
+        b_dir,
+        b_addr,
+        _a_dir,
+    } = expire_while_target_down();
+    let mut tx = a.broker().begin();
+    tx.end_conversation(h).unwrap();
+    tx.commit().unwrap();
+    assert!(a.broker().transmission_queue().is_empty());
+
+    let b = start(b_dir.path(), b_addr, &[a_print], Durability::None);
+    let fresh = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), fresh, 100..103, 3);
+    wait_until("the fresh dialog is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    let queued = b.broker().peek("Server").unwrap();
+    let got: Vec<(String, Vec<u8>)> = queued
+        .iter()
+        .map(|m| (m.message_type.to_string(), m.body().to_vec()))
+        .collect();
+    assert!(
+        queued
+            .iter()
+            .all(|m| m.conversation_handle == queued[0].conversation_handle)
+            && got.len() == 3,
+        "only the fresh dialog's 3 messages should reach B; B's queue holds {} ({:?}), B has {} \
+         endpoints",
+        got.len(),
+        got.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+        b.broker().conversation_endpoints().len()
+    );
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+/// SQL Server drops an expired dialog's messages from the transmission queue when its lifetime
+/// passes (the dialog is in ERROR and can send nothing more).
+#[test]
+#[ignore = "bug: a dialog's lifetime expiring (Op::Expire) leaves its messages in the transmission queue until the application ends it"]
+fn an_expired_dialog_leaves_the_transmission_queue_at_once() {
+    let expired = expire_while_target_down();
+    let left: Vec<_> = expired
+        .a
+        .broker()
+        .transmission_queue()
+        .into_iter()
+        .filter(|row| row.conversation_handle == expired.h)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{} messages of the expired dialog still wait: {:?}",
+        left.len(),
+        left.iter()
+            .map(|r| &r.transmission_status)
+            .collect::<Vec<_>>()
+    );
+    expired.a.shutdown().unwrap();
+}
+
+/// The checkpoint reader bounds the transmission queue's count with 62 bytes per row (16 for
+/// the id), but a row is 8 (id) + 16 + 8 + 2 + name + 20 bytes: 54 + the message type's name.
+/// With names under 8 bytes and enough rows, the checkpoint the node's clean shutdown wrote
+/// cannot be read: the broker does not open again ("count N beyond the end").
+#[test]
+#[ignore = "bug: engine/src/checkpoint.rs reads the transmission queue count with item_bytes 16+16+8+2+20 (id counted as 16 bytes, it is 8); a checkpoint holding rows whose message type name is < 8 bytes fails to load: Corruption(\"CHECKPOINT: count N beyond the end\")"]
+fn a_checkpoint_with_short_message_type_names_in_the_transmission_queue_reopens() {
+    let (a_dir, b_print) = (
+        tempfile::tempdir().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    prepare(a_dir.path());
+    let a = start(
+        a_dir.path(),
+        loopback(),
+        &[b_print.fingerprint()],
+        Durability::None,
+    );
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", nowhere)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    let mut tx = a.broker().begin();
+    for i in 0..40u32 {
+        tx.send(h, SHORT, &i.to_le_bytes()).unwrap();
+    }
+    tx.commit().unwrap();
+    a.shutdown().unwrap();
+    let reopened = Node::start(NodeConfig {
+        data_dir: a_dir.path().to_path_buf(),
+        listen: loopback(),
+        broker: herald_engine::Options {
+            durability: Durability::None,
+            segment_bytes: 1024 * 1024,
+            ..herald_engine::Options::default()
+        },
+        trust: Trust::pinned([b_print.fingerprint()]),
+        restricted_peers: HashMap::new(),
+    });
+    let a = match reopened {
+        Ok(a) => a,
+        Err(e) => panic!("the broker does not open after a clean shutdown: {e}"),
+    };
+    assert_eq!(a.broker().transmission_queue().len(), 40);
+    a.shutdown().unwrap();
+}
