@@ -437,7 +437,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
         }
         groups.push((id, queue, conversations));
     }
-    let transmission_count = r.count(16 + 16 + 8 + 2 + 20)?;
+    // Each row takes at least: id, handle, sequence, a type name's length, a body location.
+    let transmission_count = r.count(8 + 16 + 8 + 2 + 20)?;
     let mut transmission = Vec::with_capacity(transmission_count);
     for _ in 0..transmission_count {
         transmission.push((

@@ -213,6 +213,7 @@ impl BrokerCore {
     /// Takes messages that arrived from other brokers, in one local transaction (see the module
     /// documentation); returns what became of each, in order, once that transaction committed.
     pub fn accept_arrivals(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
+        let now = self.clock().now_ms();
         let mut tx = self.begin();
         let mut outcomes = Vec::with_capacity(arrivals.len());
         // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
@@ -237,8 +238,15 @@ impl BrokerCore {
                     }
                 }
             };
+            let expired = arrival.expires_at_ms != 0 && arrival.expires_at_ms <= now;
             let (handle, next) = match known {
                 Some(known) => known,
+                // A dialog whose lifetime passed before it got here never begins: acknowledge
+                // and drop, so its sender stops sending it.
+                None if expired => {
+                    outcomes.push(ArrivalOutcome::Duplicate);
+                    continue;
+                }
                 // A reply for an initiator this broker no longer has: nothing to deliver to.
                 None if !arrival.from_initiator => {
                     outcomes.push(ArrivalOutcome::Duplicate);

@@ -223,9 +223,22 @@ fn load_identity(data_dir: &std::path::Path, broker: BrokerInstanceId) -> Result
 fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
     let waiter = broker.outbound_waiter();
     let mut resolved: HashMap<(String, u16), SocketAddr> = HashMap::new();
+    // Passes continue after the last message listed (new ones only); every
+    // `ROUTE_RECHECK_INTERVAL` a pass starts from the beginning again, for messages that had no
+    // route (or whose address did not resolve) before.
+    let mut cursor: Option<u64> = None;
+    let mut last_full_pass = std::time::Instant::now();
     while !shared.stop.load(Ordering::SeqCst) {
         let seen = waiter.generation();
-        let waiting = broker.outbound(None, SENDER_BATCH_MESSAGES_MAX);
+        if last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL {
+            cursor = None;
+            last_full_pass = std::time::Instant::now();
+        }
+        let waiting = broker.outbound(cursor, SENDER_BATCH_MESSAGES_MAX);
+        let more = waiting.len() == SENDER_BATCH_MESSAGES_MAX;
+        if let Some(last) = waiting.last() {
+            cursor = Some(last.id);
+        }
         for message in waiting {
             if shared.dispatched.lock().contains_key(&message.id) {
                 continue;
@@ -296,7 +309,9 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
                 }
             }
         }
-        waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
+        if !more {
+            waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
+        }
     }
 }
 
