@@ -155,7 +155,7 @@ impl Running {
 
 #[test]
 fn nodes_killed_mid_stream_deliver_every_message_once_in_order() {
-    run(16);
+    run(12);
 }
 
 #[test]
@@ -201,13 +201,19 @@ fn run(rounds: u32) {
     std::thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
     let kill_phase = started.elapsed();
     sender.finish(SENDER_STOP_TIMEOUT);
+    let drain = started.elapsed() - kill_phase;
     receiver.finish(RECEIVER_STOP_TIMEOUT);
+    // Receivers killed after committing a receive (so, most likely, while messages arrived).
+    let receiving_kills = receiver.outputs[..receiver.outputs.len() - 1]
+        .iter()
+        .filter(|o| complete_lines(o).iter().any(|l| l.starts_with("recv ")))
+        .count();
     let stats = check(&setup, &sender, &receiver);
     eprintln!(
-        "node_crash: {rounds} rounds ({} sender kills, {} receiver kills, {startup_kills} of them \
-         while starting), {} messages sent on {} dialogs in {} committed sends ({} acknowledged), \
+        "node_crash: {rounds} rounds ({} sender kills, {} receiver kills ({receiving_kills} of \
+         them after it had received), {startup_kills} kills while starting), {} messages sent on {} dialogs in {} committed sends ({} acknowledged), \
          {} committed receives ({} printed before a kill); kills took {kill_phase:?}, \
-         all {:?}",
+         the drain {drain:?}, all {:?}",
         sender.kills,
         receiver.kills,
         stats.messages,
