@@ -253,10 +253,13 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
         left.len(),
         left.first()
     );
-    let sent: BTreeMap<String, u64> = sender_broker
+    let sender_endpoints: Vec<_> = sender_broker
         .conversation_endpoints()
         .into_iter()
         .filter(|e| e.service == SENDER_SERVICE && e.is_initiator)
+        .collect();
+    let sent: BTreeMap<String, u64> = sender_endpoints
+        .iter()
         .map(|e| (e.conversation_id.to_string(), e.send_sequence))
         .collect();
     sender_broker.close().unwrap();
@@ -324,13 +327,29 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
             (dialog.to_string(), number, m.sequence)
         })
         .collect();
-    let arrived: BTreeMap<String, u64> = receiver_broker
+    // Each target endpoint: the next sequence it expects to arrive, and to be received.
+    let targets: BTreeMap<String, (u64, u64)> = receiver_broker
         .conversation_endpoints()
         .into_iter()
         .filter(|e| e.service == RECEIVER_SERVICE)
-        .map(|e| (e.conversation_id.to_string(), e.arrived_sequence))
+        .map(|e| {
+            (
+                e.conversation_id.to_string(),
+                (e.arrived_sequence, e.receive_sequence),
+            )
+        })
         .collect();
+    let receiver_instance = receiver_broker.broker_instance();
     receiver_broker.close().unwrap();
+    // The receiver's acknowledgements pinned every dialog to its broker.
+    for e in &sender_endpoints {
+        assert_eq!(
+            e.far_broker_instance,
+            Some(receiver_instance),
+            "dialog {} is not pinned to the receiver's broker",
+            e.conversation_id
+        );
+    }
     stats.receives = log.len();
 
     // Per dialog: what committed receives took, then what is queued, is 0, 1, 2, … up to what
@@ -340,6 +359,10 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
         let (dialog, numbers) = parse_recv(entry).unwrap_or_else(|e| panic!("log: {e}"));
         received.entry(dialog).or_default().extend(numbers);
     }
+    let taken: BTreeMap<String, u64> = received
+        .iter()
+        .map(|(dialog, numbers)| (dialog.clone(), numbers.len() as u64))
+        .collect();
     for (dialog, number, sequence) in &queued {
         assert_eq!(
             number, sequence,
@@ -366,10 +389,12 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
                 twice.is_empty() && missing.is_empty()
             );
         }
+        let received_by_receive = taken.get(dialog).copied().unwrap_or(0);
         assert_eq!(
-            arrived.get(dialog).copied(),
-            Some(next),
-            "{dialog}: the receiver's endpoint expects the wrong next sequence"
+            targets.get(dialog).copied(),
+            Some((next, received_by_receive)),
+            "{dialog}: the receiver's endpoint should expect sequence {next} to arrive and \
+             {received_by_receive} to be received next (arrived, received)"
         );
     }
 
