@@ -1,9 +1,10 @@
 //! Two real node processes on 127.0.0.1 — a sender streaming numbered messages on a few dialogs
 //! and a receiver receiving them — one of them SIGKILLed at a random moment each round
-//! (alternately) and restarted on the same directory and port; then the kills stop, the sender
-//! drains its transmission queue, both stop cleanly, and the test checks, from what they
-//! printed and from their brokers opened afterwards, that every message was received exactly
-//! once, per dialog in order, with no gaps (see `herald_tests::node_crash`).
+//! (alternately; now and then both, or again while it starts) and restarted on the same
+//! directory and port; then the kills stop, the sender drains its transmission queue, both
+//! stop cleanly, and the test checks, from what they printed and from their brokers opened
+//! afterwards, that every message was received exactly once, per dialog in order, with no gaps
+//! (see `herald_tests::node_crash`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
@@ -176,14 +177,31 @@ fn run(rounds: u32) {
     sender.peer().wait_for_line("ready", READY_TIMEOUT);
     let first_victim: u32 = rng.gen_range(0..2);
     let mut startup_kills = 0;
+    let mut double_kills = 0;
     for round in 0..rounds {
-        let victim = if (round + first_victim).is_multiple_of(2) {
-            &mut sender
+        let (victim, other) = if (round + first_victim).is_multiple_of(2) {
+            (&mut sender, &mut receiver)
         } else {
-            &mut receiver
+            (&mut receiver, &mut sender)
         };
         std::thread::sleep(Duration::from_millis(rng.gen_range(150..1200)));
         victim.kill();
+        // Now and then both go down together (a power cut), and come back in either order.
+        if rng.gen_bool(0.15) {
+            other.kill();
+            double_kills += 1;
+            if rng.gen_bool(0.5) {
+                other.restart(&setup, &mut rng);
+            } else {
+                victim.restart(&setup, &mut rng);
+                victim.peer().wait_for_line("ready", READY_TIMEOUT);
+                other.restart(&setup, &mut rng);
+            }
+            other.peer().wait_for_line("ready", READY_TIMEOUT);
+            if victim.peer.is_some() {
+                continue;
+            }
+        }
         if rng.gen_bool(0.3) {
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
         }
@@ -211,7 +229,8 @@ fn run(rounds: u32) {
     let stats = check(&setup, &sender, &receiver);
     eprintln!(
         "node_crash: {rounds} rounds ({} sender kills, {} receiver kills ({receiving_kills} of \
-         them after it had received), {startup_kills} kills while starting), {} messages sent on {} dialogs in {} committed sends ({} acknowledged), \
+         them after it had received), {startup_kills} kills while starting, {double_kills} \
+         times both together), {} messages sent on {} dialogs in {} committed sends ({} acknowledged), \
          {} committed receives ({} printed before a kill); kills took {kill_phase:?}, \
          the drain {drain:?}, all {:?}",
         sender.kills,
