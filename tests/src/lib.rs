@@ -4,3 +4,4 @@
 pub mod crash_record;
 pub mod engine_crash;
 pub mod kill;
+pub mod node_crash;
