@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use herald_benches::floors::{OverwriteSync, pattern};
 use herald_benches::measure::si;
+use herald_benches::quic_floor::RawQuicStream;
 use herald_benches::report::{Figure, Report, Target};
 use herald_benches::scratch::{self, bench_root, filesystem_type};
 use herald_benches::settings::{Invocation, env_u64};
@@ -46,7 +47,6 @@ use herald_engine::{
 };
 use herald_net::identity::{NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
-use herald_net::quic::{client_config, server_config};
 use herald_net::{Node, NodeConfig};
 use tempfile::TempDir;
 
@@ -121,7 +121,7 @@ fn run(settings: &Settings) -> BenchResult<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let floor = runtime.block_on(RawStream::connect())?;
+    let floor = runtime.block_on(RawQuicStream::connect())?;
     let mut report = Report::new();
     for (durability, messages) in [
         (Durability::Sync, settings.sync_messages),
@@ -295,7 +295,7 @@ fn bulk(
     settings: &Settings,
     root: &Path,
     runtime: &tokio::runtime::Runtime,
-    floor: &RawStream,
+    floor: &RawQuicStream,
     durability: Durability,
     messages: u64,
     report: &mut Report,
@@ -324,7 +324,7 @@ fn bulk(
     let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
     let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
     for _ in 0..settings.rounds {
-        let elapsed = runtime.block_on(floor.transfer(volume))?;
+        let elapsed = runtime.block_on(floor.transfer(volume, BODY_BYTES, TIMEOUT))?;
         floor_secs += elapsed.as_secs_f64();
         floor_rates.push(messages as f64 / elapsed.as_secs_f64());
         let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
@@ -459,97 +459,6 @@ fn request_reply(settings: &Settings, root: &Path, report: &mut Report) -> Bench
         samples[samples.len() - 1]
     );
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The floor: raw bytes on one quinn stream
-
-/// Raw bytes on one quinn stream, same TLS and transport configuration as the nodes.
-struct RawStream {
-    client: quinn::Endpoint,
-    server: quinn::Endpoint,
-    connection: quinn::Connection,
-    accepted: tokio::sync::Mutex<quinn::Connection>,
-}
-
-impl RawStream {
-    async fn connect() -> BenchResult<RawStream> {
-        let (client_identity, server_identity) =
-            (NodeIdentity::generate()?, NodeIdentity::generate()?);
-        let server = quinn::Endpoint::server(
-            server_config(
-                &server_identity,
-                &Trust::pinned([client_identity.fingerprint()]),
-            )?,
-            loopback(),
-        )?;
-        let mut client = quinn::Endpoint::client(loopback())?;
-        client.set_default_client_config(client_config(
-            &client_identity,
-            &Trust::pinned([server_identity.fingerprint()]),
-        )?);
-        let server_addr = server.local_addr()?;
-        let (connection, accepted) = tokio::join!(
-            async {
-                client
-                    .connect(server_addr, herald_net::quic::SERVER_NAME)?
-                    .await
-                    .map_err(Box::<dyn std::error::Error>::from)
-            },
-            async {
-                let incoming = server.accept().await.ok_or("server endpoint closed")?;
-                incoming.await.map_err(Box::<dyn std::error::Error>::from)
-            }
-        );
-        Ok(RawStream {
-            client,
-            server,
-            connection: connection?,
-            accepted: tokio::sync::Mutex::new(accepted?),
-        })
-    }
-
-    /// Writes `volume` bytes on a new stream in 1 KiB writes; the receiver reads them all and
-    /// answers one byte.
-    async fn transfer(&self, volume: u64) -> BenchResult<Duration> {
-        let chunk = pattern(BODY_BYTES);
-        let accepted = self.accepted.lock().await;
-        let start = Instant::now();
-        let receiver = async {
-            let (mut send, mut recv) = accepted.accept_bi().await?;
-            let mut received = 0u64;
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                received += chunk.bytes.len() as u64;
-            }
-            send.write_all(&[1]).await?;
-            send.finish()?;
-            Ok::<u64, Box<dyn std::error::Error>>(received)
-        };
-        let sender = async {
-            let (mut send, mut recv) = self.connection.open_bi().await?;
-            let mut left = volume;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                send.write_all(&chunk[..n]).await?;
-                left -= n as u64;
-            }
-            send.finish()?;
-            let answer = recv.read_to_end(1).await?;
-            Ok::<usize, Box<dyn std::error::Error>>(answer.len())
-        };
-        let (received, answered) =
-            tokio::time::timeout(TIMEOUT, async { tokio::join!(receiver, sender) }).await?;
-        if received? != volume || answered? != 1 {
-            return Err("the floor's stream lost bytes".into());
-        }
-        Ok(start.elapsed())
-    }
-
-    async fn close(self) {
-        self.connection.close(0u32.into(), b"done");
-        self.client.wait_idle().await;
-        self.server.close(0u32.into(), b"done");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

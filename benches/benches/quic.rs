@@ -27,13 +27,12 @@ use std::time::{Duration, Instant};
 
 use herald_benches::floors::pattern;
 use herald_benches::measure::{CpuSnapshot, si};
+use herald_benches::quic_floor::RawQuicStream;
 use herald_benches::report::{Figure, Report};
 use herald_benches::settings::{Invocation, env_f64, env_u64};
 use herald_net::identity::{NodeIdentity, Trust};
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage, TRANSMIT_BYTES_MAX};
-use herald_net::quic::{
-    Events, PeerKey, Transport, TransportConfig, TransportEvent, client_config, server_config,
-};
+use herald_net::quic::{Events, PeerKey, Transport, TransportConfig, TransportEvent};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -109,7 +108,7 @@ async fn run(settings: &Settings) -> BenchResult<()> {
             })),
     );
     let mut report = Report::new();
-    let floor = RawStream::connect().await?;
+    let floor = RawQuicStream::connect().await?;
     let pair = Pair::connect().await?;
     for body_bytes in BODY_BYTES {
         let name = name(body_bytes);
@@ -121,7 +120,9 @@ async fn run(settings: &Settings) -> BenchResult<()> {
         let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
         let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
         for _ in 0..settings.rounds {
-            let elapsed = floor.transfer(volume).await?;
+            let elapsed = floor
+                .transfer(volume, TRANSMIT_BYTES_MAX, ROUND_TIMEOUT)
+                .await?;
             floor_secs += elapsed.as_secs_f64();
             floor_rates.push(volume as f64 / elapsed.as_secs_f64());
             let elapsed = pair.transfer(body_bytes, count).await?;
@@ -293,94 +294,6 @@ impl Pair {
     async fn shutdown(self) {
         self.a.shutdown().await;
         self.b.shutdown().await;
-    }
-}
-
-/// The floor: raw bytes on one quinn stream, same TLS and transport configuration.
-struct RawStream {
-    client: quinn::Endpoint,
-    server: quinn::Endpoint,
-    connection: quinn::Connection,
-    accepted: tokio::sync::Mutex<quinn::Connection>,
-}
-
-impl RawStream {
-    async fn connect() -> BenchResult<RawStream> {
-        let (client_identity, server_identity) =
-            (NodeIdentity::generate()?, NodeIdentity::generate()?);
-        let server = quinn::Endpoint::server(
-            server_config(
-                &server_identity,
-                &Trust::pinned([client_identity.fingerprint()]),
-            )?,
-            loopback(),
-        )?;
-        let mut client = quinn::Endpoint::client(loopback())?;
-        client.set_default_client_config(client_config(
-            &client_identity,
-            &Trust::pinned([server_identity.fingerprint()]),
-        )?);
-        let server_addr = server.local_addr()?;
-        let (connection, accepted) = tokio::join!(
-            async {
-                client
-                    .connect(server_addr, herald_net::quic::SERVER_NAME)?
-                    .await
-                    .map_err(Box::<dyn std::error::Error>::from)
-            },
-            async {
-                let incoming = server.accept().await.ok_or("server endpoint closed")?;
-                incoming.await.map_err(Box::<dyn std::error::Error>::from)
-            }
-        );
-        Ok(RawStream {
-            client,
-            server,
-            connection: connection?,
-            accepted: tokio::sync::Mutex::new(accepted?),
-        })
-    }
-
-    /// Writes `volume` bytes on a new stream in `TRANSMIT_BYTES_MAX` writes; the receiver reads
-    /// them all and answers one byte.
-    async fn transfer(&self, volume: u64) -> BenchResult<Duration> {
-        let chunk = pattern(TRANSMIT_BYTES_MAX);
-        let accepted = self.accepted.lock().await;
-        let start = Instant::now();
-        let receiver = async {
-            let (mut send, mut recv) = accepted.accept_bi().await?;
-            let mut received = 0u64;
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                received += chunk.bytes.len() as u64;
-            }
-            send.write_all(&[1]).await?;
-            send.finish()?;
-            Ok::<u64, Box<dyn std::error::Error>>(received)
-        };
-        let sender = async {
-            let (mut send, mut recv) = self.connection.open_bi().await?;
-            let mut left = volume;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                send.write_all(&chunk[..n]).await?;
-                left -= n as u64;
-            }
-            send.finish()?;
-            let answer = recv.read_to_end(1).await?;
-            Ok::<usize, Box<dyn std::error::Error>>(answer.len())
-        };
-        let (received, answered) =
-            tokio::time::timeout(ROUND_TIMEOUT, async { tokio::join!(receiver, sender) }).await?;
-        if received? != volume || answered? != 1 {
-            return Err("the floor's stream lost bytes".into());
-        }
-        Ok(start.elapsed())
-    }
-
-    async fn close(self) {
-        self.connection.close(0u32.into(), b"done");
-        self.client.wait_idle().await;
-        self.server.close(0u32.into(), b"done");
     }
 }
 

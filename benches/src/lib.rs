@@ -9,6 +9,7 @@
 
 pub mod floors;
 pub mod measure;
+pub mod quic_floor;
 pub mod report;
 pub mod scratch;
 pub mod settings;
