@@ -582,6 +582,17 @@ impl BrokerCore {
             .collect()
     }
 
+    /// Drops the status text of transmissions that are gone (acknowledged).
+    pub(crate) fn forget_transmission_status(&self, ids: &[u64]) {
+        let mut statuses = self.transmission_status.lock();
+        if statuses.is_empty() {
+            return;
+        }
+        for id in ids {
+            statuses.remove(id);
+        }
+    }
+
     /// Records why transmissions `ids` have not gone (shown by `transmission_queue`; not
     /// logged: it describes the network's state, not the data's).
     pub fn set_transmission_status(&self, ids: &[u64], status: &str) {

@@ -177,8 +177,9 @@ impl BrokerCore {
             ids: ids.to_vec(),
             far_broker_instance: far,
         };
-        self.log_and_apply(&crate::record::encode(&[op]))
-            .map(|_| ())
+        self.log_and_apply(&crate::record::encode(&[op]))?;
+        self.forget_transmission_status(ids);
+        Ok(())
     }
 
     /// The far broker answered this broker's side (`is_initiator`) of `conversation_id` with an

@@ -239,6 +239,8 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
         if let Some(last) = waiting.last() {
             cursor = Some(last.id);
         }
+        // Handed to the transport in this pass, by address: one status update per address.
+        let mut sent: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
         for message in waiting {
             if shared.dispatched.lock().contains_key(&message.id) {
                 continue;
@@ -299,15 +301,18 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
             match transport.send(addr, outgoing) {
                 Ok(()) => {
                     shared.dispatched.lock().insert(message.id, addr);
-                    broker.set_transmission_status(
-                        &[message.id],
-                        &format!("sent to {addr}; waiting for its acknowledgement"),
-                    );
+                    sent.entry(addr).or_default().push(message.id);
                 }
                 Err(e) => {
                     broker.set_transmission_status(&[message.id], &format!("not sent: {e}"));
                 }
             }
+        }
+        for (addr, ids) in sent {
+            broker.set_transmission_status(
+                &ids,
+                &format!("sent to {addr}; waiting for its acknowledgement"),
+            );
         }
         if !more {
             waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
