@@ -21,49 +21,21 @@ type PResult<T> = Result<T, SyntaxError>;
 /// Largest value of T-SQL's `int`, the type of lifetimes, timeouts and error codes.
 const INT_MAX: i64 = i32::MAX as i64;
 
-/// Words that start a statement, supported or not: after a statement, one of these (or `;`,
-/// `GO`, the end) must follow, which is how T-SQL lets statements follow without a `;`.
+/// Words that start a statement Herald runs. With `UNSUPPORTED_STATEMENTS`, the words that start
+/// any statement: after a statement, one of these (or `;`, `GO`, the end) must follow, which is
+/// how T-SQL lets statements follow without a `;`.
 const STATEMENT_WORDS: &[&str] = &[
-    "ALTER",
-    "BEGIN",
-    "COMMIT",
-    "CREATE",
-    "DECLARE",
-    "DROP",
-    "ELSE",
-    "END",
-    "GET",
-    "GO",
-    "IF",
-    "MOVE",
-    "RECEIVE",
-    "ROLLBACK",
-    "SELECT",
-    "SEND",
-    "SET",
-    "USE",
-    "WAITFOR",
-    "BREAK",
-    "CONTINUE",
-    "DELETE",
-    "DENY",
-    "EXEC",
-    "EXECUTE",
-    "GOTO",
-    "GRANT",
-    "INSERT",
-    "MERGE",
-    "PRINT",
-    "RAISERROR",
-    "RETURN",
-    "REVOKE",
-    "SAVE",
-    "THROW",
-    "TRUNCATE",
-    "UPDATE",
-    "WHILE",
-    "WITH",
+    "ALTER", "BEGIN", "COMMIT", "CREATE", "DECLARE", "DROP", "ELSE", "END", "GET", "GO", "IF",
+    "MOVE", "RECEIVE", "ROLLBACK", "SELECT", "SEND", "SET", "USE", "WAITFOR",
 ];
+
+/// Whether `word` starts a statement, supported or not.
+fn starts_statement(word: &str) -> bool {
+    STATEMENT_WORDS
+        .iter()
+        .chain(UNSUPPORTED_STATEMENTS)
+        .any(|w| word.eq_ignore_ascii_case(w))
+}
 
 /// T-SQL statements Herald knows but does not run.
 const UNSUPPORTED_STATEMENTS: &[&str] = &[
@@ -237,9 +209,7 @@ impl Parser<'_> {
         let token = self.peek();
         let ok = match &token.kind {
             TokenKind::Eof | TokenKind::Go | TokenKind::Symbol(Symbol::Semicolon) => true,
-            TokenKind::Word => STATEMENT_WORDS
-                .iter()
-                .any(|w| self.word_text(token).eq_ignore_ascii_case(w)),
+            TokenKind::Word => starts_statement(self.word_text(token)),
             _ => false,
         };
         if ok {
@@ -1982,6 +1952,7 @@ impl Parser<'_> {
         RESERVED
             .iter()
             .chain(STATEMENT_WORDS)
+            .chain(UNSUPPORTED_STATEMENTS)
             .any(|w| self.keyword_at(index, w))
     }
 
