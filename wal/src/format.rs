@@ -213,7 +213,7 @@ pub fn decode_record(
     {
         return Err(RecordError::BadLength { payload_len });
     }
-    let kind = header[20];
+    let kind = header[RECORD_KIND_AT];
     if kind == 0 {
         return Err(RecordError::BadKind);
     }
@@ -248,7 +248,43 @@ pub fn could_prove_durable(bytes: &[u8], missing: Lsn, lsn_bound: Lsn) -> bool {
     }
     let lsn = read_u64(bytes, 8);
     let gap = read_u32(bytes, 16) as u64;
-    bytes[20] != 0 && lsn > missing.0 && lsn <= lsn_bound.0 && lsn.saturating_sub(gap) >= missing.0
+    bytes[RECORD_KIND_AT] != 0
+        && lsn > missing.0
+        && lsn <= lsn_bound.0
+        && lsn.saturating_sub(gap) >= missing.0
+}
+
+/// Where a record header's kind lies: never 0, so every record has a non-zero byte there.
+pub const RECORD_KIND_AT: usize = 20;
+
+/// Bytes compared with zeros at a time by [`first_nonzero`] and [`last_nonzero`].
+const ZERO_RUN_BYTES: usize = 4096;
+static ZEROS: [u8; ZERO_RUN_BYTES] = [0; ZERO_RUN_BYTES];
+
+/// Index of the first non-zero byte of `bytes`. Recovery looks past the end of the log on every
+/// open, over the never-written rest of a segment (64 MiB by default): whole runs are compared
+/// with zeros (`memcmp`), which stays fast even in unoptimized builds.
+pub fn first_nonzero(bytes: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    for run in bytes.chunks(ZERO_RUN_BYTES) {
+        if run != &ZEROS[..run.len()] {
+            return run.iter().position(|&b| b != 0).map(|i| start + i);
+        }
+        start += run.len();
+    }
+    None
+}
+
+/// Index of the last non-zero byte of `bytes` (see [`first_nonzero`]).
+pub fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    let mut end = bytes.len();
+    for run in bytes.rchunks(ZERO_RUN_BYTES) {
+        end -= run.len();
+        if run != &ZEROS[..run.len()] {
+            return run.iter().rposition(|&b| b != 0).map(|i| end + i);
+        }
+    }
+    None
 }
 
 /// CRC-32 over the length field, the rest of the header after the CRC field, and the payload.
@@ -272,6 +308,35 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonzero_search_agrees_with_a_byte_scan_at_run_edges() {
+        let len = 3 * ZERO_RUN_BYTES + 5;
+        assert_eq!(first_nonzero(&[]), None);
+        assert_eq!(last_nonzero(&[]), None);
+        assert_eq!(first_nonzero(&vec![0; len]), None);
+        assert_eq!(last_nonzero(&vec![0; len]), None);
+        let edges = [
+            0,
+            1,
+            ZERO_RUN_BYTES - 1,
+            ZERO_RUN_BYTES,
+            2 * ZERO_RUN_BYTES + 1,
+            len - 1,
+        ];
+        for &at in &edges {
+            let mut bytes = vec![0u8; len];
+            bytes[at] = 7;
+            assert_eq!(first_nonzero(&bytes), Some(at), "one byte at {at}");
+            assert_eq!(last_nonzero(&bytes), Some(at), "one byte at {at}");
+            for &other in &edges {
+                let mut two = bytes.clone();
+                two[other] = 1;
+                assert_eq!(first_nonzero(&two), Some(at.min(other)));
+                assert_eq!(last_nonzero(&two), Some(at.max(other)));
+            }
+        }
+    }
 
     #[test]
     fn record_round_trips_with_padding() {

@@ -297,6 +297,17 @@ impl Recovery {
             };
             while candidate + RECORD_HEADER_BYTES <= segment.segment_bytes {
                 let bytes = view.from(candidate);
+                // A candidate needs a non-zero kind byte (`RECORD_KIND_AT`): jump over zeros (the
+                // untouched rest of a segment, on every open) to the first candidate that can
+                // reach the next non-zero byte.
+                let Some(nonzero) = format::first_nonzero(bytes) else {
+                    break;
+                };
+                let reach = (nonzero as u64).saturating_sub(format::RECORD_KIND_AT as u64);
+                if reach >= RECORD_ALIGN_BYTES {
+                    candidate += reach - reach % RECORD_ALIGN_BYTES;
+                    continue;
+                }
                 if format::could_prove_durable(bytes, expected, Lsn(lsn_bound))
                     && let Ok(header) = format::decode_record(bytes, payload_max, None)
                 {
@@ -320,10 +331,7 @@ impl Recovery {
         let last_nonzero_end = {
             let view = segment.scan_view(offset)?;
             let bytes = view.from(offset);
-            bytes
-                .iter()
-                .rposition(|&b| b != 0)
-                .map(|i| offset + i as u64 + 1)
+            format::last_nonzero(bytes).map(|i| offset + i as u64 + 1)
         };
         // Nothing was handed out past `offset`; from here on the log writes there.
         segment.retract_readable_end(offset);
