@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, NodeIdentity, Trust};
 use crate::proto::{Event, MessageHeader, OutgoingMessage};
-use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent};
+use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent, TransportOptions};
 
 /// How often the sender looks again at messages that had no route (or whose address did not
 /// resolve), besides waking on every commit that adds to the transmission queue.
@@ -85,6 +85,11 @@ impl Node {
     /// Opens the broker in `config.data_dir` (creating it, its broker instance id and the
     /// node's certificate on first start), binds the QUIC endpoint and starts delivering.
     pub fn start(config: NodeConfig) -> Result<Node> {
+        Node::start_with(config, TransportOptions::default())
+    }
+
+    /// [`Node::start`] with transport options other than the defaults.
+    pub fn start_with(config: NodeConfig, options: TransportOptions) -> Result<Node> {
         let broker = Arc::new(Broker::open(&config.data_dir, config.broker.clone())?);
         let identity = load_identity(&config.data_dir, broker.broker_instance())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -93,13 +98,14 @@ impl Node {
             .enable_all()
             .build()
             .map_err(|e| Error::io("starting the network runtime", &e))?;
-        let (transport, events) = Transport::bind_on(
+        let (transport, events) = Transport::bind_on_with(
             runtime.handle(),
             TransportConfig {
                 listen: config.listen,
                 identity,
                 trust: config.trust.clone(),
             },
+            options,
         )?;
         let transport = Arc::new(transport);
         let shared = Arc::new(Shared {
@@ -154,6 +160,34 @@ impl Node {
     /// The address the node listens on.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.transport.local_addr()
+    }
+
+    /// The node's QUIC transport.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Messages handed to the transport and neither acknowledged nor withdrawn yet.
+    pub fn dispatched(&self) -> usize {
+        self.shared.dispatched.lock().len()
+    }
+
+    /// Stops at once, as if the process died: the network runtime is dropped with its
+    /// connections unclosed (peers get no GoAway and no CONNECTION_CLOSE), the broker without a
+    /// checkpoint. For tests of what peers do when a node vanishes; what was committed is
+    /// durable as its durability says.
+    pub fn abandon(mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stopped.notify_one();
+        self.broker.wake_outbound();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        // Every task (the QUIC drivers among them) is dropped before the transport is, so the
+        // transport's close on drop has nothing left to send it.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(crate::quic::SHUTDOWN_TIMEOUT);
+        }
     }
 
     /// The node's certificate fingerprint (what peers pin).
