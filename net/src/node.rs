@@ -262,8 +262,14 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
     // route (or whose address did not resolve) before.
     let mut cursor: Option<u64> = None;
     let mut last_full_pass = std::time::Instant::now();
+    let mut drops_seen = broker.transmission_drops();
     while !shared.stop.load(Ordering::SeqCst) {
         let seen = waiter.generation();
+        let drops = broker.transmission_drops();
+        if drops != drops_seen {
+            drops_seen = drops;
+            withdraw_dropped(broker, transport, shared);
+        }
         if last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL {
             cursor = None;
             last_full_pass = std::time::Instant::now();
@@ -352,6 +358,28 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
             waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
         }
     }
+}
+
+/// Takes back from the transport what it holds for transmissions the engine dropped
+/// unacknowledged (END WITH ERROR or CLEANUP, lifetime passed), so they stop going out and
+/// neither `dispatched` nor the status texts keep them.
+fn withdraw_dropped(broker: &Broker, transport: &Transport, shared: &Shared) {
+    let ids: Vec<u64> = shared.dispatched.lock().keys().copied().collect();
+    let gone = broker.transmissions_gone(&ids);
+    let mut by_addr: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
+    {
+        let mut dispatched = shared.dispatched.lock();
+        for id in gone {
+            if let Some(addr) = dispatched.remove(&id) {
+                by_addr.entry(addr).or_default().push(id);
+            }
+        }
+    }
+    for (addr, ids) in by_addr {
+        let withdrawn = transport.withdraw(addr, &ids);
+        tracing::debug!(%addr, withdrawn, "withdrew transmissions the engine dropped");
+    }
+    broker.prune_transmission_statuses();
 }
 
 fn run_receiver(

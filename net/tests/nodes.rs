@@ -23,7 +23,7 @@ use herald_engine::{
 };
 use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
-use herald_net::quic::TransportOptions;
+use herald_net::quic::{PeerKey, TransportOptions};
 use herald_net::{Node, NodeConfig};
 
 // Names of 8 bytes or more: see `a_checkpoint_with_short_message_type_names_in_the_transmission_queue_reopens`.
@@ -514,6 +514,54 @@ fn a_receiver_back_after_a_crash_gets_new_messages_without_an_idle_timeout() {
     });
     a.shutdown().unwrap();
     b.shutdown().unwrap();
+}
+
+/// Messages the engine drops from its transmission queue after the node handed them to the
+/// transport (END WITH CLEANUP here, while their target is unreachable) are withdrawn from the
+/// transport, so they are never sent, and nothing about them stays in the node's memory.
+#[test]
+fn messages_the_engine_dropped_are_withdrawn_from_the_transport() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let b_print = prepare(b_dir.path());
+    prepare(a_dir.path());
+    // An address nothing listens on.
+    let b_addr = std::net::UdpSocket::bind(loopback())
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    let kept = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    let dropped = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), kept, 0..3, 3);
+    send_numbered(a.broker(), dropped, 0..5, 5);
+    let peer = PeerKey::Dialed(b_addr);
+    wait_until("all 8 are handed to the transport", || {
+        a.dispatched() == 8 && a.transport().unacknowledged_messages(&peer) == 8
+    });
+
+    let mut tx = a.broker().begin();
+    tx.end_conversation_with_cleanup(dropped).unwrap();
+    tx.commit().unwrap();
+    wait_until("the 5 dropped ones are withdrawn", || {
+        a.dispatched() == 3 && a.transport().unacknowledged_messages(&peer) == 3
+    });
+    assert_eq!(a.broker().transmission_queue_len(), 3);
+    assert!(
+        a.broker().transmission_statuses_held() <= 3,
+        "no status text of a dropped message stays"
+    );
+    a.shutdown().unwrap();
 }
 
 #[test]

@@ -311,6 +311,18 @@ impl Transport {
             .with_session(PeerKey::Dialed(peer), |session| session.send(message))
     }
 
+    /// Takes back messages queued for `peer` that the engine dropped unacknowledged (see
+    /// `PeerSession::withdraw`): they stop being sent. Returns how many were still queued.
+    pub fn withdraw(&self, peer: SocketAddr, ids: &[u64]) -> usize {
+        let peer = self
+            .shared
+            .peers
+            .lock()
+            .get(&PeerKey::Dialed(peer))
+            .cloned();
+        peer.map_or(0, |peer| peer.session.lock().withdraw(ids))
+    }
+
     /// Acknowledges, on the session `peer` they arrived on, every message of a conversation
     /// direction up to `sequence` (call once they are durable; see `PeerSession::acknowledge`).
     pub fn acknowledge(
