@@ -76,6 +76,11 @@ struct Shared {
     /// Transmissions handed to the transport (which keeps them until acknowledged), by id,
     /// with the address they went to.
     dispatched: Mutex<HashMap<u64, SocketAddr>>,
+    /// Set by the sender when a transport send queue was full; the receiver then wakes it after
+    /// the next acknowledgements (which make room).
+    send_queue_full: Mutex<bool>,
+    /// Signalled when `send_queue_full` is cleared (or the node stops).
+    room: parking_lot::Condvar,
     /// The certificate behind each dialed peer, once connected.
     dialed: Mutex<HashMap<SocketAddr, Fingerprint>>,
     restricted_peers: HashMap<Fingerprint, HashSet<String>>,
@@ -112,6 +117,8 @@ impl Node {
             stop: AtomicBool::new(false),
             stopped: tokio::sync::Notify::new(),
             dispatched: Mutex::new(HashMap::new()),
+            send_queue_full: Mutex::new(false),
+            room: parking_lot::Condvar::new(),
             dialed: Mutex::new(HashMap::new()),
             restricted_peers: config.restricted_peers,
         });
@@ -216,6 +223,7 @@ impl Node {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopped.notify_one();
         self.broker.wake_outbound();
+        self.shared.room.notify_one();
         if let Some(runtime) = &self.runtime {
             runtime.block_on(self.transport.shutdown());
         }
@@ -279,12 +287,16 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
         if let Some(last) = waiting.last() {
             cursor = Some(last.id);
         }
-        // Handed to the transport in this pass, by address: one status update per address.
-        let mut sent: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
+        let waiting = {
+            let dispatched = shared.dispatched.lock();
+            let mut waiting = waiting;
+            waiting.retain(|message| !dispatched.contains_key(&message.id));
+            waiting
+        };
+        // What goes in this pass, by address, in order: one hand-over and one status update per
+        // address.
+        let mut batches: HashMap<SocketAddr, Vec<OutgoingMessage>> = HashMap::new();
         for message in waiting {
-            if shared.dispatched.lock().contains_key(&message.id) {
-                continue;
-            }
             let (host, port) = match &message.route {
                 RouteChoice::Remote {
                     address: RouteAddress::Quic { host, port },
@@ -338,26 +350,87 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
                 },
                 body: Arc::from(&message.body[..]),
             };
-            match transport.send(addr, outgoing) {
-                Ok(()) => {
-                    shared.dispatched.lock().insert(message.id, addr);
-                    sent.entry(addr).or_default().push(message.id);
-                }
-                Err(e) => {
-                    broker.set_transmission_status(&[message.id], &format!("not sent: {e}"));
-                }
+            batches.entry(addr).or_default().push(outgoing);
+        }
+        // The first message a full send queue refused: the next pass starts there again (and
+        // not only at the next full pass), once acknowledgements have made room.
+        let mut refused_from: Option<u64> = None;
+        for (addr, messages) in batches {
+            if let Some(id) = hand_over(broker, transport, shared, addr, messages) {
+                refused_from = Some(refused_from.map_or(id, |first| first.min(id)));
             }
         }
-        for (addr, ids) in sent {
-            broker.set_transmission_status(
-                &ids,
-                &format!("sent to {addr}; waiting for its acknowledgement"),
-            );
-        }
-        if !more {
+        if let Some(first) = refused_from {
+            cursor = first.checked_sub(1);
+            // Not on the transmission queue's signal, which every SEND commit raises: listing
+            // again before acknowledgements made room would only be refused again.
+            let mut full = shared.send_queue_full.lock();
+            *full = true;
+            while *full && !shared.stop.load(Ordering::SeqCst) {
+                if shared
+                    .room
+                    .wait_for(&mut full, ROUTE_RECHECK_INTERVAL)
+                    .timed_out()
+                {
+                    break;
+                }
+            }
+            *full = false;
+        } else if !more {
             waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
         }
     }
+}
+
+/// Hands messages for `addr` to the transport, recorded in `dispatched` first (so that an
+/// acknowledgement arriving at once finds them there), and says so in their status. Returns
+/// the first message the transport refused because its send queue was full.
+fn hand_over(
+    broker: &Broker,
+    transport: &Transport,
+    shared: &Shared,
+    addr: SocketAddr,
+    messages: Vec<OutgoingMessage>,
+) -> Option<u64> {
+    let mut ids: Vec<u64> = messages.iter().map(|m| m.id).collect();
+    {
+        let mut dispatched = shared.dispatched.lock();
+        dispatched.extend(ids.iter().map(|id| (*id, addr)));
+    }
+    let results = transport.send_all(addr, messages);
+    // Past a full send queue nothing more was taken: those are simply not sent yet.
+    let refused_at = results
+        .iter()
+        .position(|r| matches!(r, Err(Error::SendQueueFull { .. })));
+    let queue_full = refused_at.map(|at| ids[at]);
+    if let Some(at) = refused_at {
+        let mut dispatched = shared.dispatched.lock();
+        for id in ids.drain(at..) {
+            dispatched.remove(&id);
+        }
+    }
+    let failed: Vec<(u64, Error)> = ids
+        .iter()
+        .zip(results)
+        .filter_map(|(id, result)| result.err().map(|e| (*id, e)))
+        .collect();
+    if !failed.is_empty() {
+        let mut dispatched = shared.dispatched.lock();
+        for (id, _) in &failed {
+            dispatched.remove(id);
+        }
+        drop(dispatched);
+        for (id, e) in &failed {
+            broker.set_transmission_status(&[*id], &format!("not sent: {e}"));
+        }
+        let failed: HashSet<u64> = failed.into_iter().map(|(id, _)| id).collect();
+        ids.retain(|id| !failed.contains(id));
+    }
+    broker.set_transmission_status(
+        &ids,
+        &format!("sent to {addr}; waiting for its acknowledgement"),
+    );
+    queue_full
 }
 
 /// Takes back from the transport what it holds for transmissions the engine dropped
@@ -492,6 +565,12 @@ fn run_receiver(
                     for id in ids {
                         dispatched.remove(&id);
                     }
+                    drop(dispatched);
+                    let mut full = shared.send_queue_full.lock();
+                    if *full {
+                        *full = false;
+                        shared.room.notify_one();
+                    }
                 }
                 // The messages stay queued: sent again after the next restart.
                 Err(e) => tracing::error!(error = %e, "recording acknowledgements failed"),
@@ -504,8 +583,11 @@ fn run_receiver(
 }
 
 /// Commits a batch of arrivals, then acknowledges what is durably here and answers refusals.
+/// Acks are cumulative, so each conversation direction of each peer gets one, for the highest
+/// sequence accepted (or repeated): the ones below it are either accepted in this batch or
+/// already here.
 fn deliver(broker: &Broker, transport: &Transport, arrivals: Vec<(PeerKey, Arrival)>) {
-    let batch: Vec<Arrival> = arrivals.iter().map(|(_, a)| a.clone()).collect();
+    let (peers, batch): (Vec<PeerKey>, Vec<Arrival>) = arrivals.into_iter().unzip();
     let outcomes = match broker.accept_arrivals(&batch) {
         Ok(outcomes) => outcomes,
         Err(e) => {
@@ -514,21 +596,23 @@ fn deliver(broker: &Broker, transport: &Transport, arrivals: Vec<(PeerKey, Arriv
             return;
         }
     };
-    for ((peer, arrival), outcome) in arrivals.iter().zip(outcomes) {
+    let mut acks: HashMap<(PeerKey, u128, bool), u64> = HashMap::new();
+    for ((peer, arrival), outcome) in peers.iter().zip(&batch).zip(outcomes) {
         match outcome {
             ArrivalOutcome::Accepted | ArrivalOutcome::Duplicate => {
-                let _ = transport.acknowledge(
-                    peer,
-                    arrival.conversation_id.0.to_be_bytes(),
-                    arrival.from_initiator,
-                    arrival.sequence,
-                );
+                let highest = acks
+                    .entry((*peer, arrival.conversation_id.0, arrival.from_initiator))
+                    .or_insert(arrival.sequence);
+                *highest = (*highest).max(arrival.sequence);
             }
             ArrivalOutcome::Gap => {}
             ArrivalOutcome::Refused { code, description } => {
                 reply_error(transport, peer, arrival, code, &description);
             }
         }
+    }
+    for ((peer, conversation, from_initiator), sequence) in acks {
+        let _ = transport.acknowledge(&peer, conversation.to_be_bytes(), from_initiator, sequence);
     }
 }
 

@@ -311,6 +311,33 @@ impl Transport {
             .with_session(PeerKey::Dialed(peer), |session| session.send(message))
     }
 
+    /// [`Transport::send`] of several messages to one peer, in order, under one lock and with
+    /// one wake-up: the result of each, in the same order.
+    pub fn send_all(&self, peer: SocketAddr, messages: Vec<OutgoingMessage>) -> Vec<Result<()>> {
+        let count = messages.len();
+        let sent = self.shared.with_session(PeerKey::Dialed(peer), |session| {
+            let mut full = None;
+            Ok(messages
+                .into_iter()
+                .map(|message| {
+                    // Once the queue is full, the rest cannot go either: not even encoded.
+                    if let Some(e) = &full {
+                        return Err(Clone::clone(e));
+                    }
+                    let result = session.send(message);
+                    if let Err(e @ Error::SendQueueFull { .. }) = &result {
+                        full = Some(e.clone());
+                    }
+                    result
+                })
+                .collect::<Vec<_>>())
+        });
+        match sent {
+            Ok(results) => results,
+            Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
     /// Takes back messages queued for `peer` that the engine dropped unacknowledged (see
     /// `PeerSession::withdraw`): they stop being sent. Returns how many were still queued.
     pub fn withdraw(&self, peer: SocketAddr, ids: &[u64]) -> usize {
