@@ -4,7 +4,10 @@
 //!   (`Catalog::route`), and hands it to the transport, which keeps it until the far node
 //!   acknowledges it (and sends it again after each reconnection); it wakes on every commit
 //!   that adds to the transmission queue or changes a route, and looks again every
-//!   [`ROUTE_RECHECK_INTERVAL`] for messages that had no route;
+//!   [`ROUTE_RECHECK_INTERVAL`] for messages that had no route; messages the engine drops from
+//!   its transmission queue unacknowledged (END WITH ERROR or CLEANUP, expiry) are withdrawn
+//!   from the transport (`Transport::withdraw`), so they stop going out and nothing about them
+//!   stays in memory;
 //! - the **receiver** takes the transport's events: messages that arrived go to the broker in
 //!   batches (`accept_arrivals`, one local transaction each) and are acknowledged only after
 //!   that commit returned (durable under the default durability); acknowledgements remove
@@ -348,10 +351,10 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
                     conversation_id: message.conversation_id.0.to_be_bytes(),
                     from_initiator: message.from_initiator,
                     sequence: message.sequence,
-                    source_service: message.from_service.clone(),
-                    target_service: message.to_service.clone(),
-                    contract: message.contract.clone(),
-                    message_type: message.message_type.clone(),
+                    source_service: message.from_service,
+                    target_service: message.to_service,
+                    contract: message.contract,
+                    message_type: message.message_type,
                     target_broker_instance: message.to_broker_instance.map(|b| b.0.to_be_bytes()),
                     lifetime_deadline_secs: message.expires_at_ms.div_ceil(1000),
                 },
