@@ -194,9 +194,7 @@ impl Node {
     /// checkpoint. For tests of what peers do when a node vanishes; what was committed is
     /// durable as its durability says.
     pub fn abandon(mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.stopped.notify_one();
-        self.broker.wake_outbound();
+        self.signal_stop();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -229,11 +227,17 @@ impl Node {
         }
     }
 
-    fn stop_threads(&mut self) {
+    /// Tells the sender and receiver threads to stop, waking them wherever they wait.
+    fn signal_stop(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopped.notify_one();
         self.broker.wake_outbound();
+        let _full = self.shared.send_queue_full.lock();
         self.shared.room.notify_one();
+    }
+
+    fn stop_threads(&mut self) {
+        self.signal_stop();
         if let Some(runtime) = &self.runtime {
             runtime.block_on(self.transport.shutdown());
         }
