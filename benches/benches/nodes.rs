@@ -193,6 +193,10 @@ impl Pair {
         };
         let a = start(a_dir.path(), &b_identity)?;
         let b = start(b_dir.path(), &a_identity)?;
+        // A new log zero-fills its first spare segment (64 MiB) in the background; timing
+        // during that would measure the start-up, not the transfer.
+        wait_spare_ready(a_dir.path())?;
+        wait_spare_ready(b_dir.path())?;
         let (a_addr, b_addr) = (a.local_addr()?, b.local_addr()?);
         define(
             a.broker(),
@@ -233,6 +237,28 @@ impl Pair {
             std::thread::sleep(Duration::from_micros(500));
         }
         Ok(())
+    }
+}
+
+/// Waits until the log in node directory `dir` has a spare segment ready (`wal/*.spare`) and
+/// none being prepared (`wal/*.zeroing`).
+fn wait_spare_ready(dir: &Path) -> BenchResult<()> {
+    let started = Instant::now();
+    loop {
+        let (mut ready, mut preparing) = (false, false);
+        for entry in std::fs::read_dir(dir.join("wal"))? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            ready |= name.ends_with(".spare");
+            preparing |= name.ends_with(".zeroing");
+        }
+        if ready && !preparing {
+            return Ok(());
+        }
+        if started.elapsed() > TIMEOUT {
+            return Err(format!("no spare segment ready in {}", dir.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
