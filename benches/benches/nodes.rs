@@ -12,13 +12,15 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   First figures (2-CPU VM): sync 25k msg/s (0.08×), none 5.1k msg/s (0.01×). `None` is
-//!   slower than `Sync` once more than `herald_net::node::SENDER_BATCH_MESSAGES_MAX` (4096)
-//!   messages wait: with 3000 messages per round it runs at ~50k msg/s, with 8000 at ~6k. The
-//!   sender lists the transmission queue from its start on every wake-up (each commit), so
-//!   4096 sent-but-unacknowledged rows at the front are listed and skipped again and again and
-//!   nothing behind them goes until acknowledgements remove them (net/src/node.rs `run_sender`,
-//!   `outbound(None, ..)`).
+//!   Figures (2-CPU VM, quiet, 30 s rests between runs; the runs slow down to ~40–60k when
+//!   other work shares the disk): sync 121–135k msg/s (0.22–0.25×), none 132–138k (0.22–0.24×).
+//!   Where the time goes, measured by timing the phases of a round: with `Sync`, A's sending
+//!   thread (100 SENDs and a durable commit per transaction) finishes only ~10 ms before B has
+//!   everything, and the same sends without the network take a third of the time (20000 in
+//!   55–68 ms, ~320k/s): the limit is the CPU the two nodes' delivery takes from it on two
+//!   CPUs (quinn's two endpoints, the senders, receivers and their commits, the log's
+//!   background zero-filling of spare segments — ~20% of all samples in `perf record`).
+//!   With `None` the sends take ~80 ms and delivery ~360 ms: the receiving side is the limit.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
