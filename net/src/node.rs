@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, NodeIdentity, Trust};
-use crate::proto::{Event, MessageHeader, OutgoingMessage};
+use crate::proto::{Event, MessageHeader, OutgoingMessage, SEND_QUEUE_MESSAGES_MAX};
 use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent, TransportOptions};
 
 /// How often the sender looks again at messages that had no route (or whose address did not
@@ -285,6 +285,8 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
     let mut cursor: Option<u64> = None;
     let mut last_full_pass = std::time::Instant::now();
     let mut drops_seen = broker.transmission_drops();
+    // The peer whose full send queue refused a message in the last pass.
+    let mut refused_by: Option<SocketAddr> = None;
     while !shared.stop.load(Ordering::SeqCst) {
         let seen = waiter.generation();
         let drops = broker.transmission_drops();
@@ -296,17 +298,26 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
             cursor = None;
             last_full_pass = std::time::Instant::now();
         }
-        let waiting = broker.outbound(cursor, SENDER_BATCH_MESSAGES_MAX);
-        let more = waiting.len() == SENDER_BATCH_MESSAGES_MAX;
+        // After a full send queue, take no more than it has room for now: listing (and
+        // building) more would only be refused again.
+        let batch = match refused_by.take() {
+            Some(addr) => {
+                let queued = transport.unacknowledged_messages(&PeerKey::Dialed(addr));
+                SEND_QUEUE_MESSAGES_MAX
+                    .saturating_sub(queued)
+                    .clamp(1, SENDER_BATCH_MESSAGES_MAX)
+            }
+            None => SENDER_BATCH_MESSAGES_MAX,
+        };
+        // What the transport already holds is skipped in the listing, without being copied.
+        let waiting = {
+            let dispatched = shared.dispatched.lock();
+            broker.outbound_where(cursor, batch, |id| !dispatched.contains_key(&id))
+        };
+        let more = waiting.len() == batch;
         if let Some(last) = waiting.last() {
             cursor = Some(last.id);
         }
-        let waiting = {
-            let dispatched = shared.dispatched.lock();
-            let mut waiting = waiting;
-            waiting.retain(|message| !dispatched.contains_key(&message.id));
-            waiting
-        };
         // What goes in this pass, by address, in order: one hand-over and one status update per
         // address.
         let mut batches: HashMap<SocketAddr, Vec<OutgoingMessage>> = HashMap::new();
@@ -370,8 +381,11 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
         // not only at the next full pass), once acknowledgements have made room.
         let mut refused_from: Option<u64> = None;
         for (addr, messages) in batches {
-            if let Some(id) = hand_over(broker, transport, shared, addr, messages) {
-                refused_from = Some(refused_from.map_or(id, |first| first.min(id)));
+            if let Some(id) = hand_over(broker, transport, shared, addr, messages)
+                && refused_from.is_none_or(|first| id < first)
+            {
+                refused_from = Some(id);
+                refused_by = Some(addr);
             }
         }
         if let Some(first) = refused_from {
