@@ -158,8 +158,8 @@ pub struct BrokerCore {
     /// Keeps this broker subscribed to a manual clock (see `ManualClock::advance`).
     clock_listener: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     broker_id: crate::ids::BrokerInstanceId,
-    /// `transmission_queue`'s status text by transmission id.
-    transmission_status: Mutex<std::collections::HashMap<u64, String>>,
+    /// `transmission_queue`'s status texts.
+    transmission_status: Mutex<TransmissionStatuses>,
     _lock: File,
 }
 
@@ -167,6 +167,25 @@ impl std::ops::Deref for Broker {
     type Target = BrokerCore;
     fn deref(&self) -> &BrokerCore {
         &self.core
+    }
+}
+
+/// Why transmissions have not gone, for `transmission_queue` (network state, not logged).
+#[derive(Debug, Default)]
+struct TransmissionStatuses {
+    /// Status text by transmission id; one text is shared by every id it was set for at once.
+    by_id: std::collections::HashMap<u64, Arc<str>>,
+    /// `State::transmissions_dropped` when texts of dropped transmissions were last forgotten.
+    pruned_at: u64,
+}
+
+/// Forgets the texts of transmissions dropped since the last time (a no-op if none were).
+fn prune_statuses(state: &crate::state::State, statuses: &mut TransmissionStatuses) {
+    if statuses.pruned_at != state.transmissions_dropped {
+        statuses.pruned_at = state.transmissions_dropped;
+        statuses
+            .by_id
+            .retain(|id, _| state.transmission.contains_key(id));
     }
 }
 
@@ -542,9 +561,11 @@ impl BrokerCore {
     /// The transmission queue (`sys.transmission_queue`): messages waiting to leave for other
     /// brokers, in the order they go, each with why it has not gone yet.
     pub fn transmission_queue(&self) -> Vec<TransmissionQueueRow> {
-        let statuses = self.transmission_status.lock().clone();
         let now = self.clock().now_ms();
+        // Lock order: state, then the statuses.
         let state = self.state.lock();
+        let statuses = self.transmission_status.lock();
+        let statuses = &statuses.by_id;
         state
             .transmission
             .iter()
@@ -561,7 +582,7 @@ impl BrokerCore {
                     (_, crate::catalog::RouteChoice::NoRoute) => {
                         format!("no route to service {:?} yet", endpoint.far_service)
                     }
-                    (Some(status), _) => status.clone(),
+                    (Some(status), _) => status.to_string(),
                     (None, _) => String::new(),
                 };
                 Some(TransmissionQueueRow {
@@ -585,21 +606,61 @@ impl BrokerCore {
     /// Drops the status text of transmissions that are gone (acknowledged).
     pub(crate) fn forget_transmission_status(&self, ids: &[u64]) {
         let mut statuses = self.transmission_status.lock();
-        if statuses.is_empty() {
+        if statuses.by_id.is_empty() {
             return;
         }
         for id in ids {
-            statuses.remove(id);
+            statuses.by_id.remove(id);
         }
     }
 
     /// Records why transmissions `ids` have not gone (shown by `transmission_queue`; not
-    /// logged: it describes the network's state, not the data's).
+    /// logged: it describes the network's state, not the data's). Ids no longer in the
+    /// transmission queue are ignored, and texts of transmissions it dropped since the last
+    /// call are forgotten: the texts held never outnumber the queue's messages.
     pub fn set_transmission_status(&self, ids: &[u64], status: &str) {
+        let status: Arc<str> = Arc::from(status);
+        let state = self.state.lock();
         let mut statuses = self.transmission_status.lock();
+        prune_statuses(&state, &mut statuses);
         for id in ids {
-            statuses.insert(*id, status.to_owned());
+            if state.transmission.contains_key(id) {
+                statuses.by_id.insert(*id, status.clone());
+            }
         }
+    }
+
+    /// Forgets the status texts of transmissions the queue dropped unacknowledged (done by
+    /// every `set_transmission_status` too).
+    pub fn prune_transmission_statuses(&self) {
+        let state = self.state.lock();
+        prune_statuses(&state, &mut self.transmission_status.lock());
+    }
+
+    /// Status texts held (at most one per message in the transmission queue).
+    pub fn transmission_statuses_held(&self) -> usize {
+        self.transmission_status.lock().by_id.len()
+    }
+
+    /// Messages in the transmission queue (`transmission_queue().len()` without building rows).
+    pub fn transmission_queue_len(&self) -> usize {
+        self.state.lock().transmission.len()
+    }
+
+    /// Grows each time messages leave the transmission queue without being acknowledged (their
+    /// dialog ended with an error or cleanup, or its lifetime passed): when it changed, those
+    /// handed to the network should be withdrawn (see `transmissions_gone`).
+    pub fn transmission_drops(&self) -> u64 {
+        self.state.lock().transmissions_dropped
+    }
+
+    /// Those of `ids` that are no longer in the transmission queue (acknowledged or dropped).
+    pub fn transmissions_gone(&self, ids: &[u64]) -> Vec<u64> {
+        let state = self.state.lock();
+        ids.iter()
+            .copied()
+            .filter(|id| !state.transmission.contains_key(id))
+            .collect()
     }
 
     /// All conversation endpoints, as committed.

@@ -133,12 +133,25 @@ impl BrokerCore {
     /// Up to `max` messages of the transmission queue with ids above `after` (all with `None`),
     /// in the order they must go.
     pub fn outbound(&self, after: Option<u64>, max: usize) -> Vec<Outbound> {
+        self.outbound_where(after, max, |_| true)
+    }
+
+    /// `outbound` of only the messages whose id `wanted` accepts (called under the broker's
+    /// state lock: it must not call the broker). Messages it refuses cost no copy and do not
+    /// count towards `max`, so a sender can skip what it already handed on cheaply.
+    pub fn outbound_where(
+        &self,
+        after: Option<u64>,
+        max: usize,
+        mut wanted: impl FnMut(u64) -> bool,
+    ) -> Vec<Outbound> {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
         state
             .transmission
             .range(from..)
+            .filter(|(id, _)| wanted(**id))
             .filter_map(|(id, t)| {
                 let endpoint = state.endpoints.get(&t.handle)?;
                 Some(Outbound {

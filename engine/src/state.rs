@@ -561,6 +561,10 @@ pub struct State {
     /// The transmission queue, by id (the queuing order it got when its SEND committed):
     /// messages for far sides on other brokers, until acknowledged.
     pub(crate) transmission: BTreeMap<u64, Transmission>,
+    /// How many times messages left the transmission queue unacknowledged (their dialog ended
+    /// with an error or cleanup, or its lifetime passed): the network's sender compares it to
+    /// know when to withdraw what it handed to its transport. In memory only.
+    pub(crate) transmissions_dropped: u64,
     /// Endpoints by (conversation id, is initiator): how messages from other brokers find
     /// their conversation.
     pub(crate) by_conversation: HashMap<(ConversationId, bool), ConversationHandle>,
@@ -1353,7 +1357,15 @@ impl State {
 
     /// Drops `handle`'s messages from the transmission queue.
     fn drop_transmissions(&mut self, handle: ConversationHandle) {
+        let before = self.transmission.len();
         self.transmission.retain(|_, t| t.handle != handle);
+        if self.transmission.len() != before {
+            self.transmissions_dropped += 1;
+            // Wakes the network's sender, which withdraws what it handed to its transport.
+            if self.touched.last().map(String::as_str) != Some(TRANSMISSION_SIGNAL) {
+                self.touched.push(TRANSMISSION_SIGNAL.to_owned());
+            }
+        }
     }
 
     /// Removes an endpoint with its messages and deadlines, and its group if that was the

@@ -444,3 +444,41 @@ fn an_expired_lifetime_drops_what_never_left() {
     );
     invariants::check_idle(&a).unwrap();
 }
+
+/// Status texts are kept only for messages still in the transmission queue: those of messages
+/// the queue dropped unacknowledged (END WITH CLEANUP here) go, and a late status for them is
+/// ignored, so a long-running node's texts never outnumber its queue.
+#[test]
+fn status_texts_of_dropped_transmissions_are_forgotten() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let kept = begin(&a, &["k1", "k2"]);
+    let dropped = begin(&a, &["d1", "d2", "d3"]);
+    let ids: Vec<u64> = a.transmission_queue().iter().map(|row| row.id).collect();
+    assert_eq!(ids.len(), 5);
+    let drops = a.transmission_drops();
+    a.set_transmission_status(&ids, "sent; waiting for its acknowledgement");
+    assert_eq!(a.transmission_statuses_held(), 5);
+
+    let mut tx = a.begin();
+    tx.end_conversation_with_cleanup(dropped).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(a.transmission_queue_len(), 2);
+    assert_ne!(
+        a.transmission_drops(),
+        drops,
+        "the drop is visible to the network"
+    );
+    let gone = a.transmissions_gone(&ids);
+    assert_eq!(gone.len(), 3, "the dropped ones are gone: {gone:?}");
+
+    // The next status update (here a late one for every id) forgets the dropped ones' texts.
+    a.set_transmission_status(&ids, "unreachable; retrying");
+    assert_eq!(a.transmission_statuses_held(), 2);
+    let rows = a.transmission_queue();
+    assert!(rows.iter().all(|row| row.conversation_handle == kept));
+    assert!(
+        rows.iter()
+            .all(|row| row.transmission_status == "unreachable; retrying")
+    );
+}

@@ -23,6 +23,7 @@ use herald_engine::{
 };
 use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
+use herald_net::quic::{PeerKey, TransportOptions};
 use herald_net::{Node, NodeConfig};
 
 // Names of 8 bytes or more: see `a_checkpoint_with_short_message_type_names_in_the_transmission_queue_reopens`.
@@ -54,6 +55,31 @@ fn start(dir: &Path, listen: SocketAddr, trusted: &[Fingerprint], durability: Du
         restricted_peers: HashMap::new(),
     })
     .unwrap()
+}
+
+/// [`start`] with an idle timeout far above [`WAIT`]: a connection to a vanished peer can end
+/// within a test only by a stateless reset, never by idling out.
+fn start_never_idle(
+    dir: &Path,
+    listen: SocketAddr,
+    trusted: &[Fingerprint],
+) -> herald_net::Result<Node> {
+    Node::start_with(
+        NodeConfig {
+            data_dir: dir.to_path_buf(),
+            listen,
+            broker: herald_engine::Options {
+                durability: Durability::Sync,
+                segment_bytes: 1024 * 1024,
+                ..herald_engine::Options::default()
+            },
+            trust: Trust::pinned(trusted.iter().copied()),
+            restricted_peers: HashMap::new(),
+        },
+        TransportOptions {
+            idle_timeout: WAIT * 10,
+        },
+    )
 }
 
 fn loopback() -> SocketAddr {
@@ -432,6 +458,110 @@ fn a_sender_restarted_with_a_full_transmission_queue_delivers_everything_once_in
     );
     a.shutdown().unwrap();
     b.shutdown().unwrap();
+}
+
+/// The receiving node dies (no GoAway, no CONNECTION_CLOSE) and comes back on its address: its
+/// first answer to the sender's old connection is a stateless reset the sender accepts (the
+/// reset key comes from the node's private key), so the sender dials again at once instead of
+/// idling out. The idle timeout here is ten times the test's bound, so only that can pass.
+#[test]
+fn a_receiver_back_after_a_crash_gets_new_messages_without_an_idle_timeout() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let b = start_never_idle(b_dir.path(), loopback(), &[a_print]).unwrap();
+    let b_addr = b.local_addr().unwrap();
+    let a = start_never_idle(a_dir.path(), loopback(), &[b_print]).unwrap();
+    define(
+        &b,
+        &[("Server", "//t/Server")],
+        &[("//t/Client", a.local_addr().unwrap())],
+    );
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..10, 5);
+    assert_eq!(
+        numbers_of(&receive(&b, "Server", 10), ASK).1,
+        (0..10).collect::<Vec<_>>()
+    );
+    wait_until("A's first messages are acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+
+    b.abandon();
+    let started = std::time::Instant::now();
+    let b = loop {
+        match start_never_idle(b_dir.path(), b_addr, &[a_print]) {
+            Ok(node) => break node,
+            Err(herald_net::Error::Io { .. }) if started.elapsed() < WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("restarting B: {e}"),
+        }
+    };
+    send_numbered(a.broker(), h, 10..20, 5);
+    assert_eq!(
+        numbers_of(&receive(&b, "Server", 10), ASK).1,
+        (10..20).collect::<Vec<_>>(),
+        "the rest, once, in order"
+    );
+    wait_until("A's other messages are acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+/// Messages the engine drops from its transmission queue after the node handed them to the
+/// transport (END WITH CLEANUP here, while their target is unreachable) are withdrawn from the
+/// transport, so they are never sent, and nothing about them stays in the node's memory.
+#[test]
+fn messages_the_engine_dropped_are_withdrawn_from_the_transport() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let b_print = prepare(b_dir.path());
+    prepare(a_dir.path());
+    // An address nothing listens on.
+    let b_addr = std::net::UdpSocket::bind(loopback())
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    let kept = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    let dropped = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), kept, 0..3, 3);
+    send_numbered(a.broker(), dropped, 0..5, 5);
+    let peer = PeerKey::Dialed(b_addr);
+    wait_until("all 8 are handed to the transport", || {
+        a.dispatched() == 8 && a.transport().unacknowledged_messages(&peer) == 8
+    });
+
+    let mut tx = a.broker().begin();
+    tx.end_conversation_with_cleanup(dropped).unwrap();
+    tx.commit().unwrap();
+    wait_until("the 5 dropped ones are withdrawn", || {
+        a.dispatched() == 3 && a.transport().unacknowledged_messages(&peer) == 3
+    });
+    assert_eq!(a.broker().transmission_queue_len(), 3);
+    assert!(
+        a.broker().transmission_statuses_held() <= 3,
+        "no status text of a dropped message stays"
+    );
+    a.shutdown().unwrap();
 }
 
 #[test]

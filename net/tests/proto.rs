@@ -1725,3 +1725,58 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn withdrawn_messages_are_never_sent_again_nor_reported_acknowledged() {
+    let now = Instant::now();
+    let mut s = PeerSession::new(A);
+    s.handle(now, hello(B)).expect("hello");
+    for seq in 1..=3 {
+        s.send(outgoing(seq * 10, 1, seq, 100)).expect("queued");
+    }
+    s.send(outgoing(40, 2, 1, 7))
+        .expect("queued, not yet transmitted below");
+    assert_eq!(sequences(&transmit(&mut s, now)), [1, 2, 3, 1]);
+    assert_eq!(s.in_flight_bytes(), 307);
+
+    // 20 (in flight) and 40, and an unknown id: the unknown one is ignored.
+    assert_eq!(s.withdraw(&[20, 40, 12345]), 2);
+    assert_eq!(s.withdraw(&[20]), 0, "already withdrawn");
+    assert_eq!(s.unacknowledged_messages(), 2);
+    assert_eq!(s.in_flight_bytes(), 200);
+
+    // Retransmission: only what was not withdrawn.
+    let later = now + RETRY_DELAY_INITIAL;
+    s.handle_timeout(later);
+    assert_eq!(sequences(&transmit(&mut s, later)), [1, 3]);
+    // After a reconnection too.
+    s.reset();
+    s.handle(later, hello(B)).expect("hello");
+    let frames = transmit(&mut s, later);
+    assert_eq!(sequences(&frames), [1, 3]);
+    assert!(frames.iter().all(|f| match f {
+        Frame::Message(m) => m.header.conversation_id == [1; 16],
+        _ => true,
+    }));
+    // An Ack covering everything reports only what stayed; the sequence may be sent again.
+    events(&mut s);
+    s.handle(
+        later,
+        Frame::Ack(Ack {
+            conversation_id: [1; 16],
+            from_initiator: true,
+            sequence: 3,
+            broker_instance: B,
+        }),
+    )
+    .expect("ack");
+    let acked = |id| Event::Acknowledged {
+        id,
+        far_broker_instance: B,
+    };
+    assert_eq!(events(&mut s), [acked(10), acked(30)]);
+    assert_eq!(s.unacknowledged_messages(), 0);
+    assert_eq!(s.in_flight_bytes(), 0);
+    s.send(outgoing(41, 2, 1, 7))
+        .expect("a withdrawn (conversation, sequence) is free again");
+}

@@ -19,7 +19,7 @@ use herald_net::identity::{
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
 use herald_net::quic::{
     CLOSE_PROTOCOL_VIOLATION, EVENTS_CAPACITY, PEERS_MAX, PeerKey, Transport, TransportConfig,
-    TransportEvent, client_config,
+    TransportEvent, TransportOptions, client_config,
 };
 use parking_lot::Mutex;
 use rustls::pki_types::PrivateKeyDer;
@@ -75,11 +75,32 @@ struct Node {
 
 impl Node {
     fn start(identity: NodeIdentity, trust: Trust, listen: SocketAddr) -> herald_net::Result<Node> {
-        let (transport, mut events) = Transport::bind(TransportConfig {
-            listen,
+        Node::start_on(
+            &tokio::runtime::Handle::current(),
+            TransportOptions::default(),
             identity,
             trust,
-        })?;
+            listen,
+        )
+    }
+
+    /// A node whose transport and engine run on `runtime`.
+    fn start_on(
+        runtime: &tokio::runtime::Handle,
+        options: TransportOptions,
+        identity: NodeIdentity,
+        trust: Trust,
+        listen: SocketAddr,
+    ) -> herald_net::Result<Node> {
+        let (transport, mut events) = Transport::bind_on_with(
+            runtime,
+            TransportConfig {
+                listen,
+                identity,
+                trust,
+            },
+            options,
+        )?;
         let transport = Arc::new(transport);
         let addr = transport.local_addr()?;
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -88,7 +109,7 @@ impl Node {
         let weak: Weak<Transport> = Arc::downgrade(&transport);
         let (task_seen, task_changed, task_ack) =
             (seen.clone(), changed.clone(), acknowledging.clone());
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             while let Some(event) = events.recv().await {
                 play_engine(&weak, &task_seen, &task_ack, event);
                 task_changed.notify_waiters();
@@ -650,6 +671,111 @@ async fn a_peer_that_comes_back_gets_the_unacknowledged_messages_again() {
     );
     a.transport.shutdown().await;
     b.transport.shutdown().await;
+}
+
+/// A node that vanished without closing its connections (its runtime dropped, as a crash does)
+/// and came back on the same address answers the old connection's packets with a stateless
+/// reset its peer accepts, because its reset key comes from its private key: the peer drops
+/// the connection at once ("reset by peer") and dials again. Both sides idle out only after an
+/// hour, so nothing else can end the old connection within the test's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_on_its_address_after_a_crash_resets_the_old_connection() {
+    init_tracing();
+    let options = TransportOptions {
+        idle_timeout: Duration::from_secs(3600),
+    };
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start_on(
+        &tokio::runtime::Handle::current(),
+        options.clone(),
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let b_runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let runtime = b_runtime();
+    let b = Node::start_on(
+        runtime.handle(),
+        options.clone(),
+        b_identity.clone(),
+        Trust::pinned([a_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let b_addr = b.addr;
+    a.transport
+        .send(b_addr, message(0, 1, true, 1, body(1, 1, 1000)))
+        .unwrap();
+    a.wait_for("the first message is acknowledged", |seen| {
+        seen.acknowledged.len() == 1
+    })
+    .await;
+
+    // B crashes: its tasks are dropped where they are, and only then its transport (whose
+    // close then has no task left to send anything); its socket closes.
+    tokio::task::spawn_blocking(move || runtime.shutdown_timeout(TEST_TIMEOUT))
+        .await
+        .unwrap();
+    drop(b);
+    let runtime = b_runtime();
+    let b = tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            match Node::start_on(
+                runtime.handle(),
+                options.clone(),
+                b_identity.clone(),
+                Trust::pinned([a_identity.fingerprint()]),
+                b_addr,
+            ) {
+                Ok(node) => return node,
+                Err(Error::Io { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("restarting b: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("b's port is free again");
+    // Goes out on the old connection first: the new B resets it.
+    a.transport
+        .send(b_addr, message(1, 2, true, 1, body(2, 1, 1000)))
+        .unwrap();
+    a.wait_for("the second message is acknowledged by the new b", |seen| {
+        seen.acknowledged.len() == 2
+    })
+    .await;
+    let reasons: Vec<String> = a
+        .seen
+        .lock()
+        .disconnected
+        .iter()
+        .filter(|(peer, _)| *peer == PeerKey::Dialed(b_addr))
+        .map(|(_, reason)| reason.clone())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|reason| reason.contains("reset by peer")),
+        "the old connection ended by a stateless reset: {reasons:?}"
+    );
+    assert_eq!(
+        b.seen.lock().stored_count(),
+        1,
+        "the new b got the second message"
+    );
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+    drop(b);
+    runtime.shutdown_background();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,9 @@ enum GoAway {
 #[derive(Debug)]
 struct Pending {
     id: u64,
+    /// (conversation id, from initiator) and sequence: its entry in `by_conversation`.
+    conversation: ([u8; 16], bool),
+    sequence: u64,
     /// The Message frame's header fields, encoded once for all fragments.
     header: Vec<u8>,
     body: Arc<[u8]>,
@@ -224,6 +227,8 @@ impl PeerSession {
             order,
             Pending {
                 id: message.id,
+                conversation,
+                sequence,
                 header,
                 body: message.body,
                 next_offset: 0,
@@ -234,6 +239,45 @@ impl PeerSession {
         );
         self.ready.insert(order);
         Ok(())
+    }
+
+    /// Takes back messages given to `send` that the engine no longer wants sent (it dropped
+    /// them unacknowledged: their dialog ended with an error or cleanup, or its lifetime
+    /// passed): they are never transmitted again and never reported acknowledged. Unknown ids
+    /// (acknowledged meanwhile, or never sent) are ignored. Returns how many were withdrawn.
+    /// A message withdrawn in the middle of its fragments leaves a partial message at the
+    /// peer, which its reassembly budget drops in time (nothing of it was acknowledged).
+    pub fn withdraw(&mut self, ids: &[u64]) -> usize {
+        if ids.is_empty() || self.messages.is_empty() {
+            return 0;
+        }
+        let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let orders: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, pending)| ids.contains(&pending.id))
+            .map(|(order, _)| *order)
+            .collect();
+        for &order in &orders {
+            let Some(pending) = self.messages.remove(&order) else {
+                continue;
+            };
+            self.ready.remove(&order);
+            if let Some(at) = pending.retry_at {
+                self.timers.remove(&(at, order));
+            }
+            if pending.in_flight {
+                self.in_flight_bytes -= pending.body.len();
+            }
+            let key = pending.conversation;
+            if let Some(seqs) = self.by_conversation.get_mut(&key) {
+                seqs.remove(&pending.sequence);
+                if seqs.is_empty() {
+                    self.by_conversation.remove(&key);
+                }
+            }
+        }
+        orders.len()
     }
 
     /// Queues a cumulative Ack: every message of this conversation direction up to `sequence`

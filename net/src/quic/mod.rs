@@ -155,6 +155,22 @@ pub struct TransportConfig {
     pub trust: Trust,
 }
 
+/// Settings of a [`Transport`] that nodes leave at their defaults; tests change them.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// A connection with no traffic for this long is lost (the smaller of both sides' values
+    /// applies). Default [`IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportOptions {
+    fn default() -> TransportOptions {
+        TransportOptions {
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The receiving end of a transport's events (bounded by [`EVENTS_CAPACITY`]).
 #[derive(Debug)]
 pub struct Events {
@@ -208,6 +224,15 @@ impl Transport {
     /// Binds the endpoint and starts accepting peers on the runtime of `runtime`; callable from
     /// any thread.
     pub fn bind_on(runtime: &Handle, config: TransportConfig) -> Result<(Transport, Events)> {
+        Transport::bind_on_with(runtime, config, TransportOptions::default())
+    }
+
+    /// [`Transport::bind_on`] with options other than the defaults.
+    pub fn bind_on_with(
+        runtime: &Handle,
+        config: TransportConfig,
+        options: TransportOptions,
+    ) -> Result<(Transport, Events)> {
         let _entered = runtime.enter();
         let (event_sender, receiver) = mpsc::channel(EVENTS_CAPACITY);
         let refusals = event_sender.clone();
@@ -219,11 +244,28 @@ impl Transport {
                 reason,
             });
         });
-        let server_config =
-            tls::server_config_with(&config.identity, &config.trust, on_refused.clone())?;
-        let client_config = tls::client_config_with(&config.identity, &config.trust, on_refused)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|e| Error::io(format!("binding UDP {}", config.listen), &e))?;
+        let server_config = tls::server_config_with(
+            &config.identity,
+            &config.trust,
+            options.idle_timeout,
+            on_refused.clone(),
+        )?;
+        let client_config = tls::client_config_with(
+            &config.identity,
+            &config.trust,
+            options.idle_timeout,
+            on_refused,
+        )?;
+        let bind_error =
+            |e: &std::io::Error| Error::io(format!("binding UDP {}", config.listen), e);
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(|e| bind_error(&e))?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&config.identity),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| bind_error(&e))?;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             runtime: runtime.clone(),
@@ -267,6 +309,45 @@ impl Transport {
     pub fn send(&self, peer: SocketAddr, message: OutgoingMessage) -> Result<()> {
         self.shared
             .with_session(PeerKey::Dialed(peer), |session| session.send(message))
+    }
+
+    /// [`Transport::send`] of several messages to one peer, in order, under one lock and with
+    /// one wake-up: the result of each, in the same order.
+    pub fn send_all(&self, peer: SocketAddr, messages: Vec<OutgoingMessage>) -> Vec<Result<()>> {
+        let count = messages.len();
+        let sent = self.shared.with_session(PeerKey::Dialed(peer), |session| {
+            let mut full = None;
+            Ok(messages
+                .into_iter()
+                .map(|message| {
+                    // Once the queue is full, the rest cannot go either: not even encoded.
+                    if let Some(e) = &full {
+                        return Err(Clone::clone(e));
+                    }
+                    let result = session.send(message);
+                    if let Err(e @ Error::SendQueueFull { .. }) = &result {
+                        full = Some(e.clone());
+                    }
+                    result
+                })
+                .collect::<Vec<_>>())
+        });
+        match sent {
+            Ok(results) => results,
+            Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// Takes back messages queued for `peer` that the engine dropped unacknowledged (see
+    /// `PeerSession::withdraw`): they stop being sent. Returns how many were still queued.
+    pub fn withdraw(&self, peer: SocketAddr, ids: &[u64]) -> usize {
+        let peer = self
+            .shared
+            .peers
+            .lock()
+            .get(&PeerKey::Dialed(peer))
+            .cloned();
+        peer.map_or(0, |peer| peer.session.lock().withdraw(ids))
     }
 
     /// Acknowledges, on the session `peer` they arrived on, every message of a conversation
@@ -635,6 +716,12 @@ async fn drive(
             format!("protocol violation: {reason}")
         }
         Ended::Lost(reason) => {
+            // The stream's error says only "connection lost"; the connection's says why (timed
+            // out, reset by peer, closed by the peer with a code…).
+            let reason = match connection.close_reason() {
+                Some(why) => format!("{reason}: {why}"),
+                None => reason,
+            };
             connection.close(CLOSE_STREAM_ENDED, b"stream ended");
             reason
         }

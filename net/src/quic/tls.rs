@@ -46,18 +46,19 @@ pub(crate) type OnRefused = Arc<dyn Fn(Fingerprint, String) + Send + Sync>;
 /// The QUIC client configuration a node dials peers with: its certificate as client
 /// certificate, the peer checked against `trust`, ALPN [`ALPN_NODE`], TLS 1.3 only.
 pub fn client_config(identity: &NodeIdentity, trust: &Trust) -> Result<quinn::ClientConfig> {
-    client_config_with(identity, trust, Arc::new(|_, _| {}))
+    client_config_with(identity, trust, IDLE_TIMEOUT, Arc::new(|_, _| {}))
 }
 
 /// The QUIC server configuration a node accepts peers with: client certificates required and
 /// checked against `trust`, ALPN [`ALPN_NODE`], TLS 1.3 only.
 pub fn server_config(identity: &NodeIdentity, trust: &Trust) -> Result<quinn::ServerConfig> {
-    server_config_with(identity, trust, Arc::new(|_, _| {}))
+    server_config_with(identity, trust, IDLE_TIMEOUT, Arc::new(|_, _| {}))
 }
 
 pub(crate) fn client_config_with(
     identity: &NodeIdentity,
     trust: &Trust,
+    idle_timeout: Duration,
     on_refused: OnRefused,
 ) -> Result<quinn::ClientConfig> {
     let provider = provider();
@@ -75,13 +76,14 @@ pub(crate) fn client_config_with(
     crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
     let crypto = QuicClientConfig::try_from(crypto).map_err(tls("building the QUIC client"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config()?);
+    config.transport_config(transport_config(idle_timeout)?);
     Ok(config)
 }
 
 pub(crate) fn server_config_with(
     identity: &NodeIdentity,
     trust: &Trust,
+    idle_timeout: Duration,
     on_refused: OnRefused,
 ) -> Result<quinn::ServerConfig> {
     let provider = provider();
@@ -99,7 +101,7 @@ pub(crate) fn server_config_with(
     crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
     let crypto = QuicServerConfig::try_from(crypto).map_err(tls("building the QUIC server"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config()?);
+    config.transport_config(transport_config(idle_timeout)?);
     Ok(config)
 }
 
@@ -125,10 +127,65 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport_config() -> Result<Arc<quinn::TransportConfig>> {
+/// The endpoint configuration: its stateless-reset key ([`stateless_reset_key`]) and the key
+/// its connection ids are made with ([`connection_id_key`]) both derived from the node's private
+/// key, so that after a restart the node still recognises the ids of connections it had (a
+/// random key makes it drop their packets unanswered) and answers them with a stateless reset
+/// its peers accept.
+pub(crate) fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::new(Arc::new(stateless_reset_key(identity)));
+    let cid_key = connection_id_key(identity);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
+/// The key of the check value a node's connection ids carry (quinn's
+/// `HashedConnectionIdGenerator`), derived like [`stateless_reset_key`].
+pub fn connection_id_key(identity: &NodeIdentity) -> u64 {
+    let mut key = [0u8; 8];
+    derive(identity, CONNECTION_ID_INFO, &mut key);
+    u64::from_le_bytes(key)
+}
+
+/// The key a node's stateless-reset tokens are made with (HMAC-SHA256 of the connection id),
+/// derived with HKDF-SHA256 from its private key, so it is the same after a restart and secret
+/// like the key. With a random key per endpoint (quinn's default) a restarted node's resets
+/// carry tokens its peers do not know, so they ignore them and keep the dead connection until
+/// [`IDLE_TIMEOUT`]; with this one they close it at the first packet and dial again.
+pub fn stateless_reset_key(identity: &NodeIdentity) -> ring::hmac::Key {
+    let mut key = [0u8; 32];
+    derive(identity, STATELESS_RESET_INFO, &mut key);
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key)
+}
+
+/// Fills `out` with HKDF-SHA256 of the node's private key for the use `info`.
+fn derive(identity: &NodeIdentity, info: &[u8], out: &mut [u8]) {
+    /// Output length for `hkdf::Prk::expand`.
+    struct Len(usize);
+    impl ring::hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
+        .extract(identity.key().secret_der())
+        .expand(&[info], Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .expect("8 and 32 bytes are valid HKDF-SHA256 output lengths");
+}
+
+/// HKDF salt and infos of the keys derived from a node's private key: they separate these uses
+/// of it from each other and from any other.
+const DERIVATION_SALT: &[u8] = b"herald node";
+const STATELESS_RESET_INFO: &[u8] = b"quic stateless reset key v1";
+const CONNECTION_ID_INFO: &[u8] = b"quic connection id key v1";
+
+fn transport_config(idle_timeout: Duration) -> Result<Arc<quinn::TransportConfig>> {
     let mut config = quinn::TransportConfig::default();
     let idle =
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(tls("setting the idle timeout"))?;
+        quinn::IdleTimeout::try_from(idle_timeout).map_err(tls("setting the idle timeout"))?;
     config
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
