@@ -702,3 +702,28 @@ fn a_connection_lost_during_a_waitfor_ends_the_wait_and_rolls_back() {
     drop(client);
     node.shutdown().unwrap();
 }
+
+#[test]
+fn send_many_sends_on_every_conversation_or_on_none() {
+    let (_dir, node, mut client) = node_with_services();
+    let mut tx = client.begin().unwrap();
+    let options = DialogOptions::default;
+    let a = tx
+        .begin_dialog("//t/Client", "//t/Server", "//t/Talk", options())
+        .unwrap();
+    let b = tx
+        .begin_dialog("//t/Client", "//t/Server", "//t/Talk", options())
+        .unwrap();
+    tx.send_many(&[a, b], "//t/Ask", b"both").unwrap();
+    // A type the contract does not allow: refused on both, nothing sent on either.
+    match tx.send_many(&[a, b], "DEFAULT", b"neither") {
+        Err(Error::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::ContractViolation, "{e}"),
+        other => panic!("expected a contract violation, got {other:?}"),
+    }
+    tx.commit().unwrap();
+    let queued = node.broker().peek("AskQueue").unwrap();
+    assert_eq!(queued.len(), 2);
+    assert!(queued.iter().all(|m| m.body() == b"both"));
+    drop(client);
+    node.shutdown().unwrap();
+}

@@ -459,8 +459,20 @@ impl ClientTransaction<'_> {
         message_type: &str,
         body: &[u8],
     ) -> Result<()> {
+        self.send_many(&[handle], message_type, body)
+    }
+
+    /// SEND one message on each of `handles`, atomically (`Transaction::send_many`): if any
+    /// conversation refuses it, nothing is sent on any. At most
+    /// [`proto::CLIENT_SEND_HANDLES_MAX`] handles.
+    pub fn send_many(
+        &mut self,
+        handles: &[ConversationHandle],
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
         self.client.ok(&Request::Send {
-            handle: handle.0,
+            handles: handles.iter().map(|h| h.0).collect(),
             message_type: message_type.to_owned(),
             body: body.to_vec(),
         })

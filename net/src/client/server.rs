@@ -524,12 +524,13 @@ fn structured(session: &mut sql::Session<'_>, request: Request) -> herald_engine
             Ok(Response::Dialog { handle: handle.0 })
         }
         Request::Send {
-            handle,
+            handles,
             message_type,
             body,
         } => {
-            session
-                .with_transaction(|tx| tx.send(ConversationHandle(handle), &message_type, &body))?;
+            let handles: Vec<ConversationHandle> =
+                handles.into_iter().map(ConversationHandle).collect();
+            session.with_transaction(|tx| tx.send_many(&handles, &message_type, &body))?;
             Ok(Response::Ok)
         }
         Request::GetConversationGroup { queue, wait_ms } => {
