@@ -727,3 +727,72 @@ fn send_many_sends_on_every_conversation_or_on_none() {
     drop(client);
     node.shutdown().unwrap();
 }
+
+/// Round trips of the client protocol on loopback, printed (no assertion on time: speed is a
+/// bench's to judge). Run with
+/// `cargo test --release -p herald-net --test client -- --ignored --nocapture round_trip`.
+#[test]
+#[ignore = "prints figures; run by hand in release mode"]
+fn round_trip_figures() {
+    const ROUNDS: usize = 2000;
+    let (_dir, node, mut client) = node_with_services();
+    let handle = {
+        let mut tx = client.begin().unwrap();
+        let handle = tx
+            .begin_dialog(
+                "//t/Client",
+                "//t/Server",
+                "//t/Talk",
+                DialogOptions::default(),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        handle
+    };
+    let mut report = |what: &str, f: &mut dyn FnMut(&mut Client)| {
+        let mut micros: Vec<u128> = (0..ROUNDS)
+            .map(|_| {
+                let started = Instant::now();
+                f(&mut client);
+                started.elapsed().as_micros()
+            })
+            .collect();
+        micros.sort_unstable();
+        let total: u128 = micros.iter().sum();
+        println!(
+            "{what:<48} p50 {:>5} µs  p99 {:>5} µs  {:>7.0}/s (one client, {ROUNDS} rounds)",
+            micros[ROUNDS / 2],
+            micros[ROUNDS * 99 / 100],
+            ROUNDS as f64 / (total as f64 / 1e6)
+        );
+    };
+    report("status()", &mut |c| {
+        c.status().unwrap();
+    });
+    report("execute(\"SELECT 1\")", &mut |c| {
+        c.execute("SELECT 1").unwrap();
+    });
+    report("begin, send 100 B, commit (durability None)", &mut |c| {
+        let mut tx = c.begin().unwrap();
+        tx.send(handle, "//t/Ask", &[7; 100]).unwrap();
+        tx.commit().unwrap();
+    });
+    report(
+        "execute(SEND 100 B) autocommit (durability None)",
+        &mut |c| {
+            c.execute(&format!(
+                "SEND ON CONVERSATION '{}' MESSAGE TYPE [//t/Ask] (0x{})",
+                uuid::Uuid::from_u128(handle.0),
+                "07".repeat(100)
+            ))
+            .unwrap();
+        },
+    );
+    report("begin, receive top 1, commit", &mut |c| {
+        let mut tx = c.begin().unwrap();
+        assert_eq!(tx.receive("AskQueue", Receive::top(1)).unwrap().len(), 1);
+        tx.commit().unwrap();
+    });
+    drop(client);
+    node.shutdown().unwrap();
+}
