@@ -522,20 +522,34 @@ fn hostile_frames_close_the_connection_and_the_node_serves_on() {
     .unwrap();
     let mut oversized = ((CLIENT_FRAME_BYTES_MAX) as u32).to_le_bytes().to_vec();
     oversized.push(2);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", b"\xff\xff\xff\x00\x00garbage".to_vec()),
-        ("oversized", [hello.clone(), oversized].concat()),
-        ("no hello", Request::Status.to_bytes().unwrap()),
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            b"\xff\xff\xff\x00\x00garbage".to_vec(),
+            "unknown frame kind 0",
+        ),
+        (
+            "oversized",
+            [hello.clone(), oversized].concat(),
+            "exceeds the maximum",
+        ),
+        (
+            "no hello",
+            Request::Status.to_bytes().unwrap(),
+            "expected a hello",
+        ),
         (
             "unknown kind",
             [hello.clone(), vec![0, 0, 0, 0, 200]].concat(),
+            "unknown frame kind 200",
         ),
         (
             "bad utf-8",
-            [hello.clone(), vec![2, 0, 0, 0, 2, 0xff, 0xfe]].concat(),
+            [hello.clone(), vec![6, 0, 0, 0, 2, 2, 0, 0, 0, 0xff, 0xfe]].concat(),
+            "not valid UTF-8",
         ),
     ];
-    for (what, bytes) in cases {
+    for (what, bytes, reason) in cases {
         let closed = runtime.block_on(async {
             let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             let connection = endpoint
@@ -553,6 +567,7 @@ fn hostile_frames_close_the_connection_and_the_node_serves_on() {
                 &closed,
                 quinn::ConnectionError::ApplicationClosed(close)
                     if close.error_code == herald_net::quic::CLOSE_PROTOCOL_VIOLATION
+                        && String::from_utf8_lossy(&close.reason).contains(reason)
             ),
             "{what}: {closed}"
         );
