@@ -168,7 +168,13 @@ fn a_script_defines_services_begins_a_dialog_sends_receives_and_ends_it() {
         text(&results[0], "message_type_name"),
         ["http://schemas.microsoft.com/SQL/ServiceBroker/EndDialog"]
     );
-    drop(client);
+    // An open transaction is rolled back by the node once the client has closed.
+    client
+        .execute("BEGIN TRANSACTION; CREATE QUEUE Uncommitted;")
+        .unwrap();
+    client.close();
+    wait_for_sessions(&node, 0);
+    assert!(!node.broker().catalog().queues.contains_key("Uncommitted"));
     node.shutdown().unwrap();
 }
 
@@ -781,6 +787,22 @@ fn round_trip_figures() {
             ROUNDS as f64 / (total as f64 / 1e6)
         );
     };
+    {
+        let (mut connecting, mut dropping) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..20 {
+            let started = Instant::now();
+            let client = local(_dir.path(), &node);
+            connecting += started.elapsed();
+            let started = Instant::now();
+            drop(client);
+            dropping += started.elapsed();
+        }
+        println!(
+            "connect_local: {:?}, drop: {:?} (mean of 20)",
+            connecting / 20,
+            dropping / 20
+        );
+    }
     report("status()", &mut |c| {
         c.status().unwrap();
     });
