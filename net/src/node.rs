@@ -246,7 +246,9 @@ fn serve_clients(
             (broker.clone(), Arc::downgrade(transport), shared.clone());
         Arc::new(move || status_report(&broker, transport.upgrade().as_deref(), &shared))
     };
-    let clients = crate::client::server::ClientService::new(broker.clone(), status);
+    // A peer allowed only some services must not get a session that can do anything.
+    let not_clients = shared.restricted_peers.keys().copied().collect();
+    let clients = crate::client::server::ClientService::new(broker.clone(), status, not_clients);
     transport.serve_clients(admin.fingerprint(), clients.clone())?;
     Ok(clients)
 }

@@ -835,3 +835,33 @@ fn round_trip_figures() {
     drop(client);
     node.shutdown().unwrap();
 }
+
+#[test]
+fn a_peer_restricted_to_some_services_may_not_open_a_client_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = NodeIdentity::load_or_create(&dir.path().join(IDENTITY_DIR))
+        .unwrap()
+        .fingerprint();
+    let peer = ClientIdentity::generate("restricted peer").unwrap();
+    let node = Node::start(NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        broker: herald_engine::Options {
+            durability: Durability::None,
+            ..herald_engine::Options::default()
+        },
+        trust: Trust::pinned([own, peer.fingerprint()]),
+        restricted_peers: [(peer.fingerprint(), ["//t/Server".to_owned()].into())].into(),
+    })
+    .unwrap();
+    let pin = Trust::pinned([node.fingerprint()]);
+    match Client::connect(node.local_addr().unwrap(), &peer, &pin) {
+        Err(Error::Refused { reason }) => {
+            assert!(reason.contains("may not open client sessions"), "{reason}")
+        }
+        other => panic!("expected the restricted peer refused, got {other:?}"),
+    }
+    assert_eq!(node.client_sessions(), 0);
+    local(dir.path(), &node).close();
+    node.shutdown().unwrap();
+}

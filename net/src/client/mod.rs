@@ -55,6 +55,10 @@ pub const CLIENT_SESSIONS_MAX: usize = 64;
 /// Application close code: the node serves [`CLIENT_SESSIONS_MAX`] sessions already.
 pub const CLOSE_TOO_MANY_SESSIONS: VarInt = VarInt::from_u32(6);
 
+/// Application close code: the client's certificate is trusted, but only as a peer restricted
+/// to some services (`NodeConfig::restricted_peers`), which may not open client sessions.
+pub const CLOSE_CLIENT_NOT_ALLOWED: VarInt = VarInt::from_u32(7);
+
 /// Application close code a client closes its connection with when it is done.
 pub const CLOSE_CLIENT_DONE: VarInt = VarInt::from_u32(0);
 

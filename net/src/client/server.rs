@@ -15,10 +15,12 @@
 //!   back its open transaction: received messages return to their queues.
 //! - At most [`CLIENT_SESSIONS_MAX`] sessions exist; a connection beyond it is closed with
 //!   [`CLOSE_TOO_MANY_SESSIONS`] right after its handshake, before a thread is made.
+//! - A certificate the node trusts only for some services (`NodeConfig::restricted_peers`)
+//!   opens no session ([`CLOSE_CLIENT_NOT_ALLOWED`]): a session can do anything.
 //! - [`ClientService::shutdown`] ends every session and joins its thread, so the node's broker
 //!   has no other holder when it is closed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -34,7 +36,8 @@ use super::proto::{
     ReceiveRequest, ReceivedMessage, RemoteError, RemoteErrorKind, Request, Response, StatusReport,
     VALUES_FRAME_BYTES_TARGET, WAIT_FOREVER_MS, value_bytes,
 };
-use super::{CLIENT_SESSIONS_MAX, CLOSE_TOO_MANY_SESSIONS};
+use super::{CLIENT_SESSIONS_MAX, CLOSE_CLIENT_NOT_ALLOWED, CLOSE_TOO_MANY_SESSIONS};
+use crate::identity::Fingerprint;
 use crate::quic::{
     CLOSE_PROTOCOL_VIOLATION, CLOSE_SHUTDOWN, CLOSE_STREAM_ENDED, READ_CHUNK_BYTES_MAX,
     STREAM_OPEN_TIMEOUT,
@@ -51,6 +54,8 @@ pub(crate) type StatusSource = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 pub(crate) struct ClientService {
     broker: Arc<Broker>,
     status: StatusSource,
+    /// Trusted certificates that may not open sessions (peers restricted to some services).
+    not_clients: HashSet<Fingerprint>,
     sessions: Mutex<HashMap<u64, SessionEntry>>,
     /// Signalled whenever a session is removed (`shutdown` waits for none to be left).
     session_ended: Condvar,
@@ -73,10 +78,15 @@ impl std::fmt::Debug for ClientService {
 }
 
 impl ClientService {
-    pub(crate) fn new(broker: Arc<Broker>, status: StatusSource) -> Arc<ClientService> {
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        status: StatusSource,
+        not_clients: HashSet<Fingerprint>,
+    ) -> Arc<ClientService> {
         Arc::new(ClientService {
             broker,
             status,
+            not_clients,
             sessions: Mutex::new(HashMap::new()),
             session_ended: Condvar::new(),
             next_id: AtomicU64::new(1),
@@ -93,6 +103,17 @@ impl ClientService {
     /// ends.
     pub(crate) async fn accept(self: &Arc<Self>, connection: quinn::Connection) {
         let addr = connection.remote_address();
+        match crate::quic::tls::peer_fingerprint(&connection) {
+            Some(fingerprint) if !self.not_clients.contains(&fingerprint) => {}
+            fingerprint => {
+                tracing::warn!(%addr, ?fingerprint, "refusing a client: a restricted peer's certificate");
+                connection.close(
+                    CLOSE_CLIENT_NOT_ALLOWED,
+                    b"this certificate may not open client sessions",
+                );
+                return;
+            }
+        }
         let interrupt = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
