@@ -759,7 +759,7 @@ fn send_many_sends_on_every_conversation_or_on_none() {
 /// None): connect_local 2.0 ms, drop 6 µs; status() p50 85 µs p99 299 µs; execute("SELECT 1")
 /// p50 94 µs p99 240 µs; begin + send 100 B + commit (3 round trips) p50 303 µs p99 614 µs;
 /// execute(SEND) autocommit p50 114 µs p99 181 µs; begin + receive 1 + commit p50 321 µs. The
-/// raw quinn 100 B round trip on this machine kind is p50 ~92 µs (`/work/shared/DESIGN.md`).
+/// raw quinn 100 B round trip on this machine kind is p50 ~92 µs (the design notes' floors table).
 #[test]
 #[ignore = "prints figures; run by hand in release mode"]
 fn round_trip_figures() {
