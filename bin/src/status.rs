@@ -74,27 +74,37 @@ pub fn render_status(status: &Status) -> String {
         rows: status
             .conversations
             .iter()
-            .map(|(state, desc, n)| vec![text(state), text(desc), int(*n)])
+            .map(|(state, n)| vec![text(state), text(target::state_desc(state)), int(*n)])
             .collect(),
     };
     let transmission = ResultSet {
-        columns: ["transmission_status", "messages", "body_bytes"]
+        columns: ["transmission_status", "messages"]
             .map(String::from)
             .to_vec(),
         rows: status
             .transmission
             .iter()
-            .map(|(s, n, bytes)| vec![text(s), int(*n), int(*bytes)])
+            .map(|(s, n)| {
+                let s = if s.is_empty() { NOT_TRIED } else { s };
+                vec![text(s), int(*n)]
+            })
             .collect(),
     };
     let peers = ResultSet {
-        columns: ["address", "fingerprint", "state"]
+        columns: ["address", "connected", "unacknowledged", "fingerprint"]
             .map(String::from)
             .to_vec(),
         rows: status
             .peers
             .iter()
-            .map(|p| vec![text(&p.address), text(&p.fingerprint), text(&p.state)])
+            .map(|p| {
+                vec![
+                    text(&p.address),
+                    text(if p.connected { "yes" } else { "no" }),
+                    int(p.unacknowledged_messages),
+                    p.fingerprint.as_deref().map_or(Value::Null, text),
+                ]
+            })
             .collect(),
     };
     let mut out = String::new();
@@ -113,8 +123,16 @@ pub fn render_status(status: &Status) -> String {
             out.push('\n');
         }
     }
+    if status.truncated {
+        out.push_str(
+            "(some lists were longer than the node sends: only their first rows are shown)\n",
+        );
+    }
     out
 }
+
+/// How an empty transmission status (the message was not tried yet) is shown.
+const NOT_TRIED: &str = "(not tried yet)";
 
 fn status_json(status: &Status) -> serde_json::Value {
     serde_json::json!({
@@ -125,15 +143,19 @@ fn status_json(status: &Status) -> serde_json::Value {
             "groups_with_messages": q.groups_with_messages,
             "retained_messages": q.retained_messages,
         })).collect::<Vec<_>>(),
-        "conversations": status.conversations.iter().map(|(state, desc, n)| serde_json::json!({
-            "state": state, "state_desc": desc, "endpoints": n,
+        "conversations": status.conversations.iter().map(|(state, n)| serde_json::json!({
+            "state": state, "state_desc": target::state_desc(state), "endpoints": n,
         })).collect::<Vec<_>>(),
-        "transmission_queue": status.transmission.iter().map(|(s, n, bytes)| serde_json::json!({
-            "transmission_status": s, "messages": n, "body_bytes": bytes,
+        "transmission_queue": status.transmission.iter().map(|(s, n)| serde_json::json!({
+            "transmission_status": s, "messages": n,
         })).collect::<Vec<_>>(),
         "peers": status.peers.iter().map(|p| serde_json::json!({
-            "address": p.address, "fingerprint": p.fingerprint, "state": p.state,
+            "address": p.address,
+            "fingerprint": p.fingerprint,
+            "connected": p.connected,
+            "unacknowledged_messages": p.unacknowledged_messages,
         })).collect::<Vec<_>>(),
+        "truncated": status.truncated,
     })
 }
 
@@ -152,9 +174,10 @@ mod tests {
                 groups_with_messages: 2,
                 retained_messages: 0,
             }],
-            conversations: vec![("CO".into(), "CONVERSING".into(), 4)],
+            conversations: vec![("CO".into(), 4)],
             transmission: Vec::new(),
             peers: Vec::new(),
+            truncated: false,
         };
         let text = render_status(&status);
         assert!(

@@ -72,12 +72,14 @@ impl ScriptError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     pub queues: Vec<QueueStatus>,
-    /// (state code, description, endpoints), in Service Broker's state order.
-    pub conversations: Vec<(String, String, u64)>,
-    /// (transmission status, messages, body bytes), by status text.
-    pub transmission: Vec<(String, u64, u64)>,
+    /// (state code, endpoints), in Service Broker's state order.
+    pub conversations: Vec<(String, u64)>,
+    /// (transmission status, messages), by status text.
+    pub transmission: Vec<(String, u64)>,
     /// The node's peers; empty for an embedded broker.
     pub peers: Vec<PeerStatus>,
+    /// A list was longer than the node sends, and only its first rows are here.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,9 +94,13 @@ pub struct QueueStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStatus {
+    /// `host:port` as a route names it, or a connection's address.
     pub address: String,
-    pub fingerprint: String,
-    pub state: String,
+    /// The certificate it presented (hex), once it connected.
+    pub fingerprint: Option<String>,
+    pub connected: bool,
+    /// Messages sent to it and not acknowledged yet.
+    pub unacknowledged_messages: u64,
 }
 
 /// A session on a broker this process opened (the data directory of a node that is not
@@ -144,24 +150,19 @@ pub fn broker_status(broker: &Broker) -> Status {
     let endpoints = broker.conversation_endpoints();
     let conversations = ENDPOINT_STATES
         .iter()
-        .filter_map(|(state, desc)| {
+        .filter_map(|(state, _)| {
             let count = endpoints.iter().filter(|e| e.state == *state).count() as u64;
-            (count > 0).then(|| (state.code().to_owned(), (*desc).to_owned(), count))
+            (count > 0).then(|| (state.code().to_owned(), count))
         })
         .collect();
-    let mut transmission: Vec<(String, u64, u64)> = Vec::new();
+    let mut transmission: Vec<(String, u64)> = Vec::new();
     for row in broker.transmission_queue() {
-        let status = if row.transmission_status.is_empty() {
-            "(not attempted yet)".to_owned()
-        } else {
-            row.transmission_status
-        };
-        match transmission.iter_mut().find(|(s, _, _)| *s == status) {
-            Some(entry) => {
-                entry.1 += 1;
-                entry.2 += row.body_bytes;
-            }
-            None => transmission.push((status, 1, row.body_bytes)),
+        match transmission
+            .iter_mut()
+            .find(|(s, _)| *s == row.transmission_status)
+        {
+            Some(entry) => entry.1 += 1,
+            None => transmission.push((row.transmission_status, 1)),
         }
     }
     transmission.sort();
@@ -170,7 +171,16 @@ pub fn broker_status(broker: &Broker) -> Status {
         conversations,
         transmission,
         peers: Vec::new(),
+        truncated: false,
     }
+}
+
+/// `sys.conversation_endpoints`' `state_desc` of a state code (`CO`: `CONVERSING`).
+pub fn state_desc(code: &str) -> &'static str {
+    ENDPOINT_STATES
+        .iter()
+        .find(|(state, _)| state.code() == code)
+        .map_or("", |(_, desc)| desc)
 }
 
 /// The endpoint states in Service Broker's order, with `sys.conversation_endpoints`'
