@@ -409,6 +409,12 @@ impl BrokerCore {
         self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Wakes every WAITFOR on every queue to look again: waits whose transaction's interrupt
+    /// flag is set end (`Transaction::interrupt_waits_on`); the others wait on.
+    pub fn wake_waiters(&self) {
+        self.signals.wake_all();
+    }
+
     /// Subscribes to broker events (queue disabled, activation, conversation errors).
     pub fn subscribe(&self) -> crate::events::Subscription {
         self.events.subscribe()

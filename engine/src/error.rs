@@ -146,6 +146,11 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    /// A WAITFOR (RECEIVE or GET CONVERSATION GROUP) ended early because its transaction's
+    /// interrupt flag was set (`Transaction::interrupt_waits_on`): the session it served is
+    /// ending (its client went away, or the node is shutting down).
+    #[error("the wait was interrupted: the session is ending")]
+    Interrupted,
     #[error("{context}: {source}")]
     Io {
         context: String,

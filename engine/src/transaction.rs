@@ -13,6 +13,7 @@
 //! state.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use herald_wal::RecordBytes;
@@ -175,6 +176,9 @@ pub struct Transaction<'b> {
     created: IdSet<ConversationHandle>,
     /// Contract checks already made by this transaction's SENDs.
     send_rules: Vec<SendRule>,
+    /// When set, WAITFOR waits of this transaction end with `Error::Interrupted` (see
+    /// `interrupt_waits_on`).
+    interrupt: Option<Arc<AtomicBool>>,
     finished: bool,
 }
 
@@ -202,8 +206,24 @@ impl<'b> Transaction<'b> {
             received_from: Vec::new(),
             created: IdSet::default(),
             send_rules: Vec::new(),
+            interrupt: None,
             finished: false,
         }
+    }
+
+    /// Makes this transaction's WAITFOR waits (`receive` with `Receive::wait`,
+    /// `get_conversation_group_wait`) end with [`Error::Interrupted`] once `flag` is set and the
+    /// waiters are woken ([`BrokerCore::wake_waiters`]): how a server ends a session's wait
+    /// when its client goes away or the node shuts down. A wait that already has messages
+    /// returns them.
+    pub fn interrupt_waits_on(&mut self, flag: Arc<AtomicBool>) {
+        self.interrupt = Some(flag);
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
     }
 
     fn lock_timeout(&self) -> Duration {
@@ -611,6 +631,9 @@ impl<'b> Transaction<'b> {
             if group.is_some() || self.broker.is_closing() {
                 return Ok(group);
             }
+            if self.interrupted() {
+                return Err(Error::Interrupted);
+            }
             if !held_catalog {
                 self.release_catalog_lock();
             }
@@ -667,7 +690,17 @@ impl<'b> Transaction<'b> {
             return self.receive_once(queue, what);
         };
         let deadline = clock::deadline_after(self.broker.clock(), timeout);
-        self.receive_until(queue, what, deadline, &|| false)
+        let interrupt = self.interrupt.clone();
+        let interrupted = || {
+            interrupt
+                .as_ref()
+                .is_some_and(|flag| flag.load(Ordering::SeqCst))
+        };
+        let batch = self.receive_until(queue, what, deadline, &interrupted)?;
+        if batch.is_empty() && interrupted() {
+            return Err(Error::Interrupted);
+        }
+        Ok(batch)
     }
 
     /// A WAITFOR receive until `deadline_ms`, ending early (empty) when `stop` says so or the

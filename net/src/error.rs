@@ -169,6 +169,36 @@ pub enum Error {
     /// The node's broker refused or failed an operation.
     #[error("broker: {0}")]
     Engine(EngineError),
+
+    /// A length-prefixed field of a client frame (a script, a message body, a value, an error
+    /// message) is longer than its limit.
+    #[error("{field} of {bytes} bytes exceeds the maximum of {max} bytes")]
+    FieldTooLong {
+        field: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+
+    /// The node ran a client's request and it failed there: a statement or syntax error (with
+    /// its line and column), or an engine error, keeping its kind.
+    #[error("{0}")]
+    Remote(crate::client::RemoteError),
+
+    /// The node refused the client: its certificate is not trusted, the node has
+    /// [`CLIENT_SESSIONS_MAX`](crate::client::CLIENT_SESSIONS_MAX) sessions already, it speaks
+    /// another protocol version, or it is shutting down.
+    #[error("refused by the node: {reason}")]
+    Refused { reason: String },
+
+    /// The client's connection to the node is gone (its open transaction was rolled back by the
+    /// node); the client cannot be used any more.
+    #[error("connection to the node lost: {reason}")]
+    ConnectionLost { reason: String },
+
+    /// The other side of a client connection broke the client protocol (the reason says how);
+    /// the connection is closed.
+    #[error("client protocol violation: {reason}")]
+    ProtocolViolation { reason: String },
 }
 
 /// An engine error inside this crate's (cloneable, comparable) `Error`.

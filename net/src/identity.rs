@@ -37,6 +37,14 @@ pub const KEY_FILE: &str = "node.key.pem";
 /// Largest identity file read: a certificate chain of a few certificates fits many times over;
 /// anything larger is not an identity file.
 pub const IDENTITY_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// File (in the node's identity directory) holding the local admin client certificate (PEM),
+/// which the node always trusts for the client protocol (never for node-to-node), so that a
+/// client on the same machine (`herald exec`) needs no certificate handling.
+pub const ADMIN_CLIENT_CERTIFICATE_FILE: &str = "admin-client.crt.pem";
+/// File holding the admin client certificate's private key (PKCS #8, PEM), mode 0600 on Unix.
+pub const ADMIN_CLIENT_KEY_FILE: &str = "admin-client.key.pem";
+/// The subject alternative name of generated client certificates.
+pub const CLIENT_CERTIFICATE_NAME: &str = "herald-client";
 /// The subject alternative name of generated certificates. Names are not checked between nodes
 /// (a peer is reached by address and known by its certificate), but a certificate needs one.
 pub const CERTIFICATE_NAME: &str = "herald-node";
@@ -180,6 +188,18 @@ impl NodeIdentity {
         write_atomically(&dir.join(BROKER_ID_FILE), broker_id.as_bytes(), false)
     }
 
+    /// The fingerprint of the node certificate kept in identity directory `dir`, read without
+    /// loading (or making) the rest: what a local client pins.
+    pub fn fingerprint_in(dir: &Path) -> Result<Fingerprint> {
+        let path = dir.join(CERTIFICATE_FILE);
+        let pem_bytes = read_pem_file(&path)?;
+        let first = CertificateDer::pem_slice_iter(&pem_bytes)
+            .next()
+            .ok_or_else(|| corrupt(&path, "holds no certificate"))?
+            .map_err(|e| corrupt(&path, &format!("not a PEM certificate: {e}")))?;
+        Ok(Fingerprint::of(&first))
+    }
+
     /// This node's broker instance id.
     pub fn broker_instance(&self) -> Uuid {
         self.broker_instance
@@ -258,6 +278,147 @@ impl fmt::Debug for NodeIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeIdentity")
             .field("broker_instance", &self.broker_instance)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client's certificate chain (its own certificate first) and private key: what a client of
+/// the client protocol presents to a node ([`crate::client::Client::connect`]).
+///
+/// The node's local admin client identity lives beside the node's own, in the identity
+/// directory: [`ADMIN_CLIENT_CERTIFICATE_FILE`] and [`ADMIN_CLIENT_KEY_FILE`], written the same
+/// way (each file atomically; the key first, the certificate last, so a certificate file marks a
+/// complete pair).
+pub struct ClientIdentity {
+    certificate_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    fingerprint: Fingerprint,
+}
+
+impl ClientIdentity {
+    /// A new self-signed ECDSA P-256 client certificate with `common_name`.
+    pub fn generate(common_name: &str) -> Result<ClientIdentity> {
+        let key = rcgen::KeyPair::generate().map_err(rcgen_error)?;
+        let mut params = rcgen::CertificateParams::new(vec![CLIENT_CERTIFICATE_NAME.to_owned()])
+            .map_err(rcgen_error)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let certificate = params.self_signed(&key).map_err(rcgen_error)?;
+        ClientIdentity::from_parts(
+            vec![certificate.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    /// An identity from its parts (a certificate issued by the operators' CA, say); the key
+    /// must be the chain's first certificate's.
+    pub fn from_parts(
+        certificate_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<ClientIdentity> {
+        check_key_matches(&certificate_chain, &key).map_err(|reason| Error::Tls {
+            context: "checking the client certificate and key",
+            reason,
+        })?;
+        let fingerprint = Fingerprint::of(&certificate_chain[0]);
+        Ok(ClientIdentity {
+            certificate_chain,
+            key,
+            fingerprint,
+        })
+    }
+
+    /// Loads a certificate chain and key from PEM files.
+    pub fn load(certificate_path: &Path, key_path: &Path) -> Result<ClientIdentity> {
+        let pem_bytes = read_pem_file(certificate_path)?;
+        let certificate_chain = CertificateDer::pem_slice_iter(&pem_bytes)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(certificate_path, &format!("not PEM certificates: {e}")))?;
+        if certificate_chain.is_empty() {
+            return Err(corrupt(certificate_path, "holds no certificate"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read_pem_file(key_path)?)
+            .map_err(|e| corrupt(key_path, &format!("not a PEM private key: {e}")))?;
+        check_key_matches(&certificate_chain, &key).map_err(|reason| {
+            corrupt(
+                key_path,
+                &format!("does not match the certificate: {reason}"),
+            )
+        })?;
+        let fingerprint = Fingerprint::of(&certificate_chain[0]);
+        Ok(ClientIdentity {
+            certificate_chain,
+            key,
+            fingerprint,
+        })
+    }
+
+    /// The node's local admin client identity in identity directory `dir`, made and written
+    /// there on first use ([`ADMIN_CLIENT_CERTIFICATE_FILE`], [`ADMIN_CLIENT_KEY_FILE`]).
+    pub fn load_or_create_admin(dir: &Path) -> Result<ClientIdentity> {
+        let certificate_path = dir.join(ADMIN_CLIENT_CERTIFICATE_FILE);
+        let key_path = dir.join(ADMIN_CLIENT_KEY_FILE);
+        match certificate_path.try_exists() {
+            Ok(true) => ClientIdentity::load(&certificate_path, &key_path),
+            Ok(false) => {
+                fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
+                let identity = ClientIdentity::generate("herald local admin")?;
+                let key_pem = pem("PRIVATE KEY", identity.key.secret_der());
+                write_atomically(&key_path, key_pem.as_bytes(), true)?;
+                let certificates: String = identity
+                    .certificate_chain
+                    .iter()
+                    .map(|certificate| pem("CERTIFICATE", certificate))
+                    .collect();
+                write_atomically(&certificate_path, certificates.as_bytes(), false)?;
+                tracing::info!(
+                    fingerprint = %identity.fingerprint,
+                    dir = %dir.display(),
+                    "created the local admin client certificate"
+                );
+                Ok(identity)
+            }
+            Err(e) => Err(Error::io(
+                format!("checking {}", certificate_path.display()),
+                &e,
+            )),
+        }
+    }
+
+    /// SHA-256 of the client's certificate: what a node pins to trust it.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// The certificate chain, the client's own certificate first.
+    pub fn certificate_chain(&self) -> &[CertificateDer<'static>] {
+        &self.certificate_chain
+    }
+
+    /// The private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> ClientIdentity {
+        ClientIdentity {
+            certificate_chain: self.certificate_chain.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
@@ -365,6 +526,18 @@ fn check_key_matches(
     rustls::sign::CertifiedKey::from_der(certificate_chain.to_vec(), key.clone_key(), &provider)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// A PEM file of at most [`IDENTITY_FILE_BYTES_MAX`]; missing is an I/O error (not corrupt).
+fn read_pem_file(path: &Path) -> Result<Vec<u8>> {
+    match read_identity_file(path) {
+        Err(Error::CorruptIdentity { .. }) if !path.exists() => Err(Error::Io {
+            context: format!("opening {}", path.display()),
+            kind: std::io::ErrorKind::NotFound,
+            message: "not found".into(),
+        }),
+        other => other,
+    }
 }
 
 fn read_identity_file(path: &Path) -> Result<Vec<u8>> {

@@ -23,16 +23,19 @@
 //! `PROTOCOL.md` in this crate documents the wire format byte by byte and the transport (ALPN,
 //! TLS, streams, reconnection).
 //!
-//! Not built yet: the client protocol (its ALPN will be dispatched beside `herald/1` in the
-//! accept loop).
+//! - [`client`]: the client protocol (`herald-client/1`, on the node's endpoint beside
+//!   `herald/1`): [`Client`], a blocking Rust client that runs T-SQL scripts and the engine's
+//!   transaction operations in a session on a node, and the node's side of it.
 #![deny(unsafe_code)]
 
+pub mod client;
 mod error;
 pub mod identity;
 pub mod node;
 pub mod proto;
 pub mod quic;
 
+pub use client::{Client, ClientTransaction};
 pub use error::{Error, Result};
 pub use node::{Node, NodeConfig};
 

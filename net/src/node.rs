@@ -62,6 +62,8 @@ pub struct NodeConfig {
 pub struct Node {
     broker: Arc<Broker>,
     transport: Arc<Transport>,
+    /// The client protocol's sessions.
+    clients: Arc<crate::client::server::ClientService>,
     runtime: Option<tokio::runtime::Runtime>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -109,6 +111,7 @@ impl Node {
             dialed: Mutex::new(HashMap::new()),
             restricted_peers: config.restricted_peers,
         });
+        let clients = serve_clients(&config.data_dir, &broker, &transport, &shared)?;
         let mut threads = Vec::new();
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -141,6 +144,7 @@ impl Node {
         Ok(Node {
             broker,
             transport,
+            clients,
             runtime: Some(runtime),
             shared,
             threads,
@@ -154,6 +158,11 @@ impl Node {
     /// The address the node listens on.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.transport.local_addr()
+    }
+
+    /// Client sessions open now (client protocol connections being served).
+    pub fn client_sessions(&self) -> usize {
+        self.clients.session_count()
     }
 
     /// The node's certificate fingerprint (what peers pin).
@@ -179,6 +188,9 @@ impl Node {
     }
 
     fn stop_threads(&mut self) {
+        // Client sessions first, while the runtime still drives their connections: their
+        // waits end and their transactions roll back.
+        self.clients.shutdown();
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopped.notify_one();
         self.broker.wake_outbound();
@@ -218,6 +230,114 @@ fn load_identity(data_dir: &std::path::Path, broker: BrokerInstanceId) -> Result
     )?;
     identity.write(&dir)?;
     Ok(identity)
+}
+
+/// Writes (on first start) the local admin client certificate and serves the client protocol.
+fn serve_clients(
+    data_dir: &std::path::Path,
+    broker: &Arc<Broker>,
+    transport: &Arc<Transport>,
+    shared: &Arc<Shared>,
+) -> Result<Arc<crate::client::server::ClientService>> {
+    let admin =
+        crate::identity::ClientIdentity::load_or_create_admin(&data_dir.join(IDENTITY_DIR))?;
+    let status: crate::client::server::StatusSource = {
+        let (broker, transport, shared) =
+            (broker.clone(), Arc::downgrade(transport), shared.clone());
+        Arc::new(move || status_report(&broker, transport.upgrade().as_deref(), &shared))
+    };
+    let clients = crate::client::server::ClientService::new(broker.clone(), status);
+    transport.serve_clients(admin.fingerprint(), clients.clone())?;
+    Ok(clients)
+}
+
+/// The node's status for `herald status` (`Request::Status`).
+fn status_report(
+    broker: &Broker,
+    transport: Option<&Transport>,
+    shared: &Shared,
+) -> crate::client::StatusReport {
+    use crate::client::proto::{STATUS_ROWS_MAX, STATUS_TEXT_BYTES_MAX, cut};
+    use crate::client::{PeerStatus, QueueStatus};
+    let mut truncated = false;
+    let mut limit = |len: usize| {
+        truncated |= len > STATUS_ROWS_MAX;
+        len.min(STATUS_ROWS_MAX)
+    };
+    let mut queues: Vec<QueueStatus> = broker
+        .queues()
+        .into_iter()
+        .map(|q| QueueStatus {
+            name: q.name,
+            enabled: q.options.enabled,
+            retention: q.options.retention,
+            poison_message_handling: q.options.poison_message_handling,
+            messages: q.messages,
+            groups_with_messages: q.groups_with_messages,
+            retained_messages: q.retained_messages,
+        })
+        .collect();
+    queues.sort_by(|a, b| a.name.cmp(&b.name));
+    queues.truncate(limit(queues.len()));
+    let mut states: std::collections::BTreeMap<String, u64> = Default::default();
+    for endpoint in broker.conversation_endpoints() {
+        *states.entry(endpoint.state.code().to_owned()).or_default() += 1;
+    }
+    let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
+    for row in broker.transmission_queue() {
+        let text = cut(row.transmission_status, STATUS_TEXT_BYTES_MAX);
+        *statuses.entry(text).or_default() += 1;
+    }
+    let mut peers: Vec<PeerStatus> = Vec::new();
+    if let Some(transport) = transport {
+        let dialed = shared.dialed.lock().clone();
+        for (key, remote, unacknowledged) in transport.peers() {
+            let (address, fingerprint) = match key {
+                PeerKey::Dialed(addr) => (addr.to_string(), dialed.get(&addr).copied()),
+                PeerKey::Accepted(fingerprint) => (
+                    remote.map_or_else(|| "(inbound)".to_owned(), |a| a.to_string()),
+                    Some(fingerprint),
+                ),
+            };
+            peers.push(PeerStatus {
+                address,
+                fingerprint: fingerprint.map(|f| f.0),
+                connected: remote.is_some(),
+                unacknowledged_messages: unacknowledged as u64,
+            });
+        }
+    }
+    // Peers routes name that this node has not dialed yet.
+    for route in broker.catalog().routes.values() {
+        if let RouteAddress::Quic { host, port } = &route.address {
+            let address = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            if !peers.iter().any(|p| p.address == address) {
+                peers.push(PeerStatus {
+                    address: cut(address, STATUS_TEXT_BYTES_MAX),
+                    fingerprint: None,
+                    connected: false,
+                    unacknowledged_messages: 0,
+                });
+            }
+        }
+    }
+    peers.sort_by(|a, b| a.address.cmp(&b.address));
+    peers.truncate(limit(peers.len()));
+    let endpoints_by_state: Vec<(String, u64)> = states.into_iter().collect();
+    let mut transmission_by_status: Vec<(String, u64)> = statuses.into_iter().collect();
+    transmission_by_status.truncate(limit(transmission_by_status.len()));
+    crate::client::StatusReport {
+        broker_instance: broker.broker_instance().0,
+        queues,
+        endpoints_by_state,
+        transmission_by_status,
+        peers,
+        truncated,
+    }
 }
 
 fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {

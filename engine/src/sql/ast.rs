@@ -93,6 +93,48 @@ impl Statement {
     }
 }
 
+/// Every [`Statement::kind`], so that a kind that travelled as text (the client protocol) can be
+/// had back as the `&'static str` [`StatementResult`](super::StatementResult) holds.
+pub const STATEMENT_KINDS: &[&str] = &[
+    "CREATE MESSAGE TYPE",
+    "CREATE CONTRACT",
+    "CREATE QUEUE",
+    "ALTER QUEUE",
+    "CREATE SERVICE",
+    "CREATE ROUTE",
+    "ALTER ROUTE",
+    "CREATE BROKER PRIORITY",
+    "DROP MESSAGE TYPE",
+    "DROP CONTRACT",
+    "DROP QUEUE",
+    "DROP SERVICE",
+    "DROP ROUTE",
+    "DROP BROKER PRIORITY",
+    "BEGIN DIALOG",
+    "SEND",
+    "WAITFOR RECEIVE",
+    "RECEIVE",
+    "WAITFOR GET CONVERSATION GROUP",
+    "GET CONVERSATION GROUP",
+    "MOVE CONVERSATION",
+    "END CONVERSATION",
+    "BEGIN CONVERSATION TIMER",
+    "BEGIN TRANSACTION",
+    "COMMIT",
+    "ROLLBACK",
+    "DECLARE",
+    "SET",
+    "SELECT",
+    "USE",
+    "IF",
+    "BEGIN … END",
+];
+
+/// The [`STATEMENT_KINDS`] entry equal to `kind`, if there is one.
+pub fn statement_kind(kind: &str) -> Option<&'static str> {
+    STATEMENT_KINDS.iter().copied().find(|k| *k == kind)
+}
+
 /// A statement of a script with the position of its first token (1-based, as in
 /// [`Error::Syntax`](crate::Error::Syntax)), so that an executor can say where a statement that
 /// parsed but failed to run is.

@@ -186,6 +186,8 @@ pub struct Session<'b> {
     result_bytes: usize,
     /// Set while a RECEIVE holds taken messages it has not returned yet.
     doomed: bool,
+    /// Given to every transaction this session begins (`Session::set_interrupt`).
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,7 +215,49 @@ impl<'b> Session<'b> {
             row_count: 0,
             result_bytes: 0,
             doomed: false,
+            interrupt: None,
         }
+    }
+
+    /// Every transaction this session begins from now on ends its WAITFOR waits with
+    /// [`Error::Interrupted`] once `flag` is set and the broker's waiters are woken
+    /// (`Broker::wake_waiters`; see `Transaction::interrupt_waits_on`). A server sets it so
+    /// that a session whose client is gone, or a node shutting down, does not wait forever.
+    pub fn set_interrupt(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        if let Some(tx) = &mut self.transaction {
+            tx.interrupt_waits_on(flag.clone());
+        }
+        self.interrupt = Some(flag);
+    }
+
+    /// Runs `f` on the engine's transaction API the way a statement runs: in the session's
+    /// explicit transaction if one is open (which stays open whatever `f` returns), else in a
+    /// transaction of its own, committed if `f` succeeds and rolled back if it fails. This is
+    /// how a client protocol's structured operations (begin dialog, send, receive, …) share the
+    /// session's transaction with its T-SQL.
+    pub fn with_transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'b>) -> Result<R>,
+    ) -> Result<R> {
+        self.in_transaction(|_, tx| f(tx))
+    }
+
+    /// Rolls back the explicit transaction, if one is open (`@@TRANCOUNT` becomes 0), as
+    /// ROLLBACK does.
+    pub fn rollback(&mut self) {
+        if let Some(tx) = self.transaction.take() {
+            tx.rollback();
+        }
+        self.transaction_count = 0;
+        self.end_transaction();
+    }
+
+    fn begin_transaction(&self) -> Transaction<'b> {
+        let mut tx = self.broker.begin();
+        if let Some(flag) = &self.interrupt {
+            tx.interrupt_waits_on(flag.clone());
+        }
+        tx
     }
 
     /// Parses `script` and runs it; the results of its statements, or the first error (a
@@ -517,7 +561,7 @@ impl<'b> Session<'b> {
                     });
                 }
                 if self.transaction.is_none() {
-                    self.transaction = Some(self.broker.begin());
+                    self.transaction = Some(self.begin_transaction());
                 }
                 self.transaction_count += 1;
             }
@@ -590,7 +634,7 @@ impl<'b> Session<'b> {
                 result
             }
             None => {
-                let mut tx = self.broker.begin();
+                let mut tx = self.begin_transaction();
                 let value = f(self, &mut tx)?;
                 self.doomed = false;
                 tx.commit()?;

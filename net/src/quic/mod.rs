@@ -66,7 +66,9 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, NodeIdentity, Trust};
 use crate::proto::{Event, OutgoingMessage, PeerSession, RETRY_DELAY_INITIAL, RETRY_DELAY_MAX};
-pub use tls::{ALPN_NODE, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, client_config, server_config};
+pub use tls::{
+    ALPN_CLIENT, ALPN_NODE, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, client_config, server_config,
+};
 
 /// Events buffered for the caller; past it the transport stops reading from its peers until the
 /// caller catches up.
@@ -236,6 +238,8 @@ impl Transport {
             shutdown,
             shut_down: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            trust: config.trust,
+            clients: Mutex::new(None),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
         shared.tasks.lock().push(accept);
@@ -299,6 +303,58 @@ impl Transport {
         })
     }
 
+    /// Serves the client protocol ([`ALPN_CLIENT`]) on this endpoint from now on, with
+    /// `service`: clients are trusted by the node's trust and, for clients only, by
+    /// `admin_client` (the node's local admin certificate), which may not connect as a node.
+    pub(crate) fn serve_clients(
+        &self,
+        admin_client: Fingerprint,
+        service: Arc<crate::client::server::ClientService>,
+    ) -> Result<()> {
+        let shared = &self.shared;
+        let events = shared.events.clone();
+        let on_refused: tls::OnRefused = Arc::new(move |fingerprint, reason| {
+            let _ = events.try_send(TransportEvent::Refused {
+                fingerprint,
+                reason,
+            });
+        });
+        let trust = shared.trust.clone().pin(admin_client);
+        let config = tls::server_config_for(
+            &shared.identity,
+            &trust,
+            &[ALPN_NODE, ALPN_CLIENT],
+            on_refused,
+        )?;
+        *shared.clients.lock() = Some(ClientService {
+            service,
+            admin_client,
+        });
+        shared.endpoint.set_server_config(Some(config));
+        Ok(())
+    }
+
+    /// Every peer session: its key, the address of the connection driving it now (`None`: not
+    /// connected), and its unacknowledged messages.
+    pub fn peers(&self) -> Vec<(PeerKey, Option<SocketAddr>, usize)> {
+        let peers: Vec<Arc<Peer>> = self.shared.peers.lock().values().cloned().collect();
+        peers
+            .iter()
+            .map(|peer| {
+                let remote = peer
+                    .connection
+                    .lock()
+                    .as_ref()
+                    .map(|connection| connection.remote_address());
+                (
+                    peer.key,
+                    remote,
+                    peer.session.lock().unacknowledged_messages(),
+                )
+            })
+            .collect()
+    }
+
     /// Messages queued for `peer` and not yet acknowledged (0 for a peer never sent to).
     pub fn unacknowledged_messages(&self, peer: &PeerKey) -> usize {
         self.shared
@@ -358,6 +414,10 @@ struct Shared {
     events: mpsc::Sender<TransportEvent>,
     /// Becomes true when the transport shuts down; every task watches it.
     shutdown: watch::Sender<bool>,
+    /// The peers trusted (for `serve_clients` to extend).
+    trust: Trust,
+    /// The client protocol's service, once `serve_clients` installed it.
+    clients: Mutex<Option<ClientService>>,
     shut_down: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -369,6 +429,14 @@ impl std::fmt::Debug for Shared {
             .field("peers", &self.peers.lock().len())
             .finish_non_exhaustive()
     }
+}
+
+/// What serves client connections.
+#[derive(Clone)]
+struct ClientService {
+    service: Arc<crate::client::server::ClientService>,
+    /// Trusted for client connections only.
+    admin_client: Fingerprint,
 }
 
 /// One peer session and what drives it.
@@ -548,7 +616,13 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     match tls::negotiated_alpn(&connection).as_deref() {
         Some(ALPN_NODE) => accept_node(shared, connection).await,
-        // The client protocol's ALPN gets its own arm here.
+        Some(ALPN_CLIENT) => {
+            let clients = shared.clients.lock().clone();
+            match clients {
+                Some(clients) => clients.service.accept(connection).await,
+                None => connection.close(CLOSE_UNKNOWN_ALPN, b"client protocol not served"),
+            }
+        }
         other => {
             tracing::warn!(%addr, alpn = ?other, "closing a connection with an unknown ALPN");
             connection.close(CLOSE_UNKNOWN_ALPN, b"unknown ALPN");
@@ -564,6 +638,18 @@ async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
         connection.close(CLOSE_PROTOCOL_VIOLATION, b"no client certificate");
         return;
     };
+    let client_only =
+        shared.clients.lock().as_ref().is_some_and(|c| {
+            c.admin_client == fingerprint && !shared.trust.is_pinned(&fingerprint)
+        });
+    if client_only {
+        tracing::warn!(%addr, %fingerprint, "refusing the admin client certificate as a node");
+        connection.close(
+            CLOSE_PROTOCOL_VIOLATION,
+            b"a client certificate is not a node's",
+        );
+        return;
+    }
     let key = PeerKey::Accepted(fingerprint);
     let peer = match shared.peer_or_insert(key, |_, _| {}) {
         Ok(peer) => peer,

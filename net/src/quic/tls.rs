@@ -28,6 +28,10 @@ use crate::identity::{Fingerprint, NodeIdentity, Trust};
 /// ALPN of node-to-node connections (this protocol, `PROTOCOL.md`).
 pub const ALPN_NODE: &[u8] = b"herald/1";
 
+/// ALPN of client connections (`crate::client`, "Client protocol" in `PROTOCOL.md`), served on
+/// the same endpoint.
+pub const ALPN_CLIENT: &[u8] = b"herald-client/1";
+
 /// A QUIC connection with no traffic for this long is lost. Keep-alives keep an idle but
 /// healthy connection open; a peer that vanished (no close) is noticed after this.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +64,24 @@ pub(crate) fn client_config_with(
     trust: &Trust,
     on_refused: OnRefused,
 ) -> Result<quinn::ClientConfig> {
+    client_config_for(
+        identity.certificate_chain(),
+        identity.key(),
+        trust,
+        ALPN_NODE,
+        on_refused,
+    )
+}
+
+/// A QUIC client configuration presenting `certificate_chain` (with `key`), checking the server
+/// against `trust`, offering `alpn`, TLS 1.3 only.
+pub(crate) fn client_config_for(
+    certificate_chain: &[CertificateDer<'static>],
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+    trust: &Trust,
+    alpn: &[u8],
+    on_refused: OnRefused,
+) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(PeerVerifier::new(trust, provider.clone(), on_refused)?);
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
@@ -67,12 +89,9 @@ pub(crate) fn client_config_with(
         .map_err(tls("choosing TLS 1.3"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(
-            identity.certificate_chain().to_vec(),
-            identity.key().clone_key(),
-        )
-        .map_err(tls("loading the node certificate"))?;
-    crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
+        .with_client_auth_cert(certificate_chain.to_vec(), key.clone_key())
+        .map_err(tls("loading the certificate"))?;
+    crypto.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(crypto).map_err(tls("building the QUIC client"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config()?);
@@ -82,6 +101,16 @@ pub(crate) fn client_config_with(
 pub(crate) fn server_config_with(
     identity: &NodeIdentity,
     trust: &Trust,
+    on_refused: OnRefused,
+) -> Result<quinn::ServerConfig> {
+    server_config_for(identity, trust, &[ALPN_NODE], on_refused)
+}
+
+/// The server configuration serving `alpns`, clients checked against `trust`.
+pub(crate) fn server_config_for(
+    identity: &NodeIdentity,
+    trust: &Trust,
+    alpns: &[&[u8]],
     on_refused: OnRefused,
 ) -> Result<quinn::ServerConfig> {
     let provider = provider();
@@ -95,8 +124,8 @@ pub(crate) fn server_config_with(
             identity.key().clone_key(),
         )
         .map_err(tls("loading the node certificate"))?;
-    // The accept loop dispatches on ALPN; the client protocol's ALPN joins this list.
-    crypto.alpn_protocols = vec![ALPN_NODE.to_vec()];
+    // The accept loop dispatches on ALPN.
+    crypto.alpn_protocols = alpns.iter().map(|alpn| alpn.to_vec()).collect();
     let crypto = QuicServerConfig::try_from(crypto).map_err(tls("building the QUIC server"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config()?);
