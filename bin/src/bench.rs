@@ -31,7 +31,10 @@ use hdrhistogram::Histogram;
 use herald_engine::sql::{ResultSet, Value};
 use herald_engine::{Broker, ConversationHandle, Receive};
 
+use herald_net::Client;
+
 use crate::output::{self, TableOptions};
+use crate::remote::Remote;
 use crate::target::{Embedded, Target};
 
 /// Most dialogs a run begins (one setup script; the parser allows `sql::STATEMENTS_MAX`
@@ -107,12 +110,37 @@ pub fn run(args: &BenchArgs) -> u8 {
 
 fn run_bench(args: &BenchArgs) -> Result<String, String> {
     check(args)?;
-    if let Some(node) = &args.node {
-        return Err(format!(
-            "loading the node at {node}: this build has no client protocol yet; run without \
-             --node for an embedded broker"
-        ));
+    match &args.node {
+        Some(node) => run_on_node(args, node),
+        None => run_embedded(args),
     }
+}
+
+fn run_on_node(args: &BenchArgs, node: &str) -> Result<String, String> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::target::DEFAULT_DATA_DIR));
+    let connect = || Remote::connect(node, &data_dir).map_err(|e| e.message);
+    let mut setup = connect()?;
+    let names = Names::new();
+    let handles = names.set_up(&mut setup, args.dialogs)?;
+    let heading = format!(
+        "herald bench: node at {node} (its own durability), one client connection per thread"
+    );
+    let report = load(args, &handles, &heading, || {
+        Ok(NodeLoad {
+            client: connect()?.into_client(),
+            names: &names,
+        })
+    });
+    let cleanup = names.clean_up(&mut setup);
+    let report = report?;
+    cleanup?;
+    Ok(report)
+}
+
+fn run_embedded(args: &BenchArgs) -> Result<String, String> {
     let durability = crate::config::parse_durability(&args.durability)?;
     let (_temp, dir) = match &args.data_dir {
         Some(dir) => (None, dir.clone()),
@@ -144,7 +172,9 @@ fn run_bench(args: &BenchArgs) -> Result<String, String> {
     let report = {
         let broker = &broker;
         let names = &names;
-        load(args, &handles, &heading, || EmbeddedLoad { broker, names })
+        load(args, &handles, &heading, || {
+            Ok(EmbeddedLoad { broker, names })
+        })
     };
     let cleanup = names.clean_up(&mut setup);
     drop(setup);
@@ -219,6 +249,39 @@ impl Load for EmbeddedLoad<'_> {
             )
             .map_err(|e| format!("RECEIVE: {e}"))?;
         stamps.extend(batch.iter().filter_map(|m| stamp_of(m.body())));
+        tx.commit()
+            .map_err(|e| format!("committing a RECEIVE: {e}"))
+    }
+}
+
+struct NodeLoad<'n> {
+    client: Client,
+    names: &'n Names,
+}
+
+impl Load for NodeLoad<'_> {
+    fn send(&mut self, handle: u128, body: &[u8]) -> Result<(), String> {
+        let mut tx = self
+            .client
+            .begin()
+            .map_err(|e| format!("BEGIN TRANSACTION: {e}"))?;
+        tx.send(ConversationHandle(handle), &self.names.message_type, body)
+            .map_err(|e| format!("SEND: {e}"))?;
+        tx.commit().map_err(|e| format!("committing a SEND: {e}"))
+    }
+
+    fn receive(&mut self, wait: Duration, stamps: &mut Vec<u64>) -> Result<(), String> {
+        let mut tx = self
+            .client
+            .begin()
+            .map_err(|e| format!("BEGIN TRANSACTION: {e}"))?;
+        let batch = tx
+            .receive(
+                &self.names.target_queue,
+                Receive::top(RECEIVE_TOP).wait(wait),
+            )
+            .map_err(|e| format!("RECEIVE: {e}"))?;
+        stamps.extend(batch.iter().filter_map(|m| stamp_of(&m.body)));
         tx.commit()
             .map_err(|e| format!("committing a RECEIVE: {e}"))
     }
@@ -363,8 +426,15 @@ fn load<L: Load>(
     args: &BenchArgs,
     handles: &[u128],
     heading: &str,
-    connect: impl Fn() -> L + Sync,
+    connect: impl Fn() -> Result<L, String>,
 ) -> Result<String, String> {
+    // Every connection is made before the clock starts: handshakes are not latency.
+    let mut producer_loads = (0..args.producers)
+        .map(|_| connect())
+        .collect::<Result<Vec<L>, String>>()?;
+    let mut consumer_loads = (0..args.consumers)
+        .map(|_| connect())
+        .collect::<Result<Vec<L>, String>>()?;
     let shared = Shared {
         base: Instant::now(),
         sent: AtomicU64::new(0),
@@ -378,20 +448,22 @@ fn load<L: Load>(
     let progress = args.progress || std::io::stderr().is_terminal();
     let histogram = std::thread::scope(|scope| {
         let shared = &shared;
-        let connect = &connect;
-        let producers: Vec<_> = (0..args.producers)
-            .map(|index| {
+        let producers: Vec<_> = producer_loads
+            .drain(..)
+            .enumerate()
+            .map(|(index, load)| {
                 let mine: Vec<u128> = handles
                     .iter()
                     .skip(index)
                     .step_by(args.producers)
                     .copied()
                     .collect();
-                scope.spawn(move || produce(args, index, &mine, duration, shared, connect()))
+                scope.spawn(move || produce(args, index, &mine, duration, shared, load))
             })
             .collect();
-        let consumers: Vec<_> = (0..args.consumers)
-            .map(|_| scope.spawn(move || consume(shared, connect())))
+        let consumers: Vec<_> = consumer_loads
+            .drain(..)
+            .map(|load| scope.spawn(move || consume(shared, load)))
             .collect();
         let progress_thread = progress.then(|| scope.spawn(move || show_progress(shared)));
         for producer in producers {

@@ -17,6 +17,7 @@ mod config;
 mod exec;
 mod node;
 mod output;
+mod remote;
 mod shell;
 mod status;
 mod target;

@@ -62,7 +62,10 @@ pub fn run(config: Config) -> Result<(), String> {
     // The handlers are in place before the node says it is ready: a signal sent on that cue
     // must not meet the default action (which would kill the process without a checkpoint).
     let shutdown = ShutdownSignals::install()?;
-    println!("  serving (the client protocol is not built yet). Ctrl-C to stop.");
+    println!(
+        "  serving clients (herald exec, shell, status with --data-dir {}) and peers. Ctrl-C to stop.",
+        data_dir.display()
+    );
     shutdown.wait()?;
     node.shutdown()
         .map_err(|e| format!("stopping the node: {e}"))?;

@@ -1,8 +1,8 @@
 //! What `herald exec`, `herald shell` and `herald status` run against: a [`Target`] is one
 //! T-SQL session (its variables and open transaction last as long as it does) plus a status
-//! query. Two kinds: a node, through the client protocol, and [`Embedded`], a `sql::Session`
-//! on a broker this process opens itself (`--embedded`: the data directory of a node that is
-//! not running).
+//! query. Two kinds: a node, through the client protocol (`remote::Remote`), and [`Embedded`],
+//! a `sql::Session` on a broker this process opens itself (`--embedded`: the data directory of
+//! a node that is not running).
 //!
 //! The commands see errors as [`ScriptError`]s, which keep what decides the exit code and the
 //! rendering: whether anything ran (a syntax error runs nothing) and where the statement is.
@@ -240,9 +240,6 @@ pub fn with_target<T>(
             .map_err(|e| failed(format!("closing {}: {e}", how.data_dir.display())))?;
         return Ok(result);
     }
-    Err(failed(format!(
-        "connecting to the node at {}: this build has no client protocol yet; use --embedded \
-         with the data directory of a stopped node",
-        how.node
-    )))
+    let mut target = crate::remote::Remote::connect(&how.node, &how.data_dir)?;
+    Ok(work(&mut target))
 }
