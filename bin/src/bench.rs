@@ -67,9 +67,10 @@ pub struct BenchArgs {
     /// the node's data directory, for its local admin credentials (default ./herald-data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Embedded: commit durability, sync | none | batched-<ms>.
-    #[arg(long, default_value = "sync")]
-    pub durability: String,
+    /// Embedded: commit durability, sync | none | batched-<ms> (default sync). A node's is
+    /// its configuration's.
+    #[arg(long, conflicts_with = "node")]
+    pub durability: Option<String>,
     /// Threads sending, each message in its own transaction.
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
@@ -141,7 +142,8 @@ fn run_on_node(args: &BenchArgs, node: &str) -> Result<String, String> {
 }
 
 fn run_embedded(args: &BenchArgs) -> Result<String, String> {
-    let durability = crate::config::parse_durability(&args.durability)?;
+    let durability_name = args.durability.as_deref().unwrap_or("sync");
+    let durability = crate::config::parse_durability(durability_name)?;
     let (_temp, dir) = match &args.data_dir {
         Some(dir) => (None, dir.clone()),
         None => {
@@ -165,9 +167,8 @@ fn run_embedded(args: &BenchArgs) -> Result<String, String> {
     let mut setup = Embedded::new(&broker);
     let handles = names.set_up(&mut setup, args.dialogs)?;
     let heading = format!(
-        "herald bench: embedded broker in {}, durability {}",
+        "herald bench: embedded broker in {}, durability {durability_name}",
         dir.display(),
-        args.durability
     );
     let report = {
         let broker = &broker;

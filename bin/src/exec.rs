@@ -14,6 +14,8 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 
+use herald_engine::sql::SCRIPT_BYTES_MAX;
+
 use crate::output::{self, TableOptions};
 use crate::target::{self, ConnectArgs, ErrorKind, ScriptError};
 
@@ -98,9 +100,9 @@ pub fn exit_code(error: Option<&ScriptError>) -> u8 {
 pub fn run(args: &ExecArgs) -> u8 {
     let script = match read_script(args) {
         Ok(script) => script,
-        Err(message) => {
+        Err((code, message)) => {
             eprintln!("herald: {message}");
-            return EXIT_UNAVAILABLE;
+            return code;
         }
     };
     let outcome = target::with_target(&args.connect, |target| target.execute_script(&script));
@@ -119,18 +121,40 @@ pub fn run(args: &ExecArgs) -> u8 {
     }
 }
 
-fn read_script(args: &ExecArgs) -> Result<String, String> {
-    match (&args.statements, &args.file) {
-        (Some(statements), _) => Ok(statements.clone()),
-        (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut script = String::new();
-            std::io::stdin()
-                .read_to_string(&mut script)
-                .map_err(|e| format!("reading the script from stdin: {e}"))?;
-            Ok(script)
+/// The script, from the argument, a file or stdin: `Err((exit code, why))` when it cannot be
+/// read or is longer than a script may be (read no further than that).
+fn read_script(args: &ExecArgs) -> Result<String, (u8, String)> {
+    let unavailable = |message: String| (EXIT_UNAVAILABLE, message);
+    let script = match (&args.statements, &args.file) {
+        (Some(statements), _) => statements.clone(),
+        (None, Some(path)) if path.as_os_str() == "-" => read_bounded(std::io::stdin().lock())
+            .map_err(|e| unavailable(format!("reading the script from stdin: {e}")))?,
+        (None, Some(path)) => std::fs::File::open(path)
+            .and_then(read_bounded)
+            .map_err(|e| unavailable(format!("reading the script {}: {e}", path.display())))?,
+        (None, None) => {
+            return Err(unavailable(
+                "no statements: give them as an argument or with -f FILE".into(),
+            ));
         }
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("reading the script {}: {e}", path.display())),
-        (None, None) => Err("no statements: give them as an argument or with -f FILE".into()),
+    };
+    if script.len() > SCRIPT_BYTES_MAX {
+        return Err((
+            EXIT_SYNTAX,
+            format!(
+                "the script is longer than the maximum of {SCRIPT_BYTES_MAX} bytes: nothing ran \
+                 (split it into several)"
+            ),
+        ));
     }
+    Ok(script)
+}
+
+/// Reads UTF-8 text, at most one byte past `SCRIPT_BYTES_MAX` (enough to tell it is too long).
+fn read_bounded(reader: impl std::io::Read) -> std::io::Result<String> {
+    let mut script = String::new();
+    reader
+        .take(SCRIPT_BYTES_MAX as u64 + 1)
+        .read_to_string(&mut script)?;
+    Ok(script)
 }

@@ -159,6 +159,30 @@ fn a_script_that_does_not_parse_runs_nothing_and_says_where() {
         stderr(&from_stdin)
     );
     assert!(queues(dir.path()).is_empty(), "no queue was created");
+
+    // A script longer than a script may be is refused before anything runs.
+    let huge = dir.path().join("huge.sql");
+    let mut text = "CREATE QUEUE First;\n".to_owned();
+    text.push_str(&" ".repeat(herald_engine::sql::SCRIPT_BYTES_MAX));
+    std::fs::write(&huge, text).unwrap();
+    let output = herald(
+        &[
+            "exec",
+            "--embedded",
+            "--data-dir",
+            data_dir,
+            "-f",
+            huge.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("longer than the maximum"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(queues(dir.path()).is_empty(), "no queue was created");
 }
 
 #[test]
@@ -270,6 +294,19 @@ fn status_shows_each_queue_with_its_depth() {
         ["InitiatorQueue", "ON", "0", "0", "0"]
     );
     assert_eq!(row("CO"), ["CO", "CONVERSING", "2"]);
+    let output = herald(
+        &["status", "--json", "--embedded", "--data-dir", data_dir],
+        None,
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let target = json["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "TargetQueue")
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(target["messages"], 1);
+    assert_eq!(json["conversations"][0]["state_desc"], "CONVERSING");
 }
 
 #[test]
