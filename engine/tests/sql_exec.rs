@@ -1310,3 +1310,82 @@ mod generated {
         }
     }
 }
+
+#[test]
+fn an_interrupted_waitfor_ends_with_interrupted_and_rolls_back_in_autocommit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _clock) = open(dir.path());
+    let mut setup = with_definitions(&broker);
+    run(&mut setup, "CREATE QUEUE Idle;");
+    drop(setup);
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            let mut session = Session::new(&broker);
+            session.set_interrupt(flag.clone());
+            // Forever on a manual clock: only the interrupt can end it.
+            session.execute("WAITFOR (RECEIVE * FROM Idle), TIMEOUT -1; CREATE QUEUE After;")
+        });
+        // Whether the wait has begun or not, setting the flag and waking ends it: the flag is
+        // checked after every attempt, before sleeping.
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        broker.wake_waiters();
+        let error = waiting.join().unwrap().unwrap_err();
+        assert!(
+            matches!(&error, Error::Statement { statement: "WAITFOR RECEIVE", source, .. }
+                if matches!(**source, Error::Interrupted)),
+            "{error}"
+        );
+    });
+    // The script stopped at the interrupted statement.
+    assert!(!broker.catalog().queues.contains_key("After"));
+}
+
+#[test]
+fn with_transaction_shares_the_explicit_transaction_or_autocommits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _clock) = open(dir.path());
+    let mut session = Session::new(&broker);
+    // Autocommit: committed at once.
+    session
+        .with_transaction(|tx| tx.create_queue("Auto", herald_engine::QueueOptions::default()))
+        .unwrap();
+    assert!(broker.catalog().queues.contains_key("Auto"));
+    // Inside BEGIN TRAN: part of the explicit transaction, gone with its rollback.
+    run(&mut session, "BEGIN TRAN;");
+    session
+        .with_transaction(|tx| tx.create_queue("Inside", herald_engine::QueueOptions::default()))
+        .unwrap();
+    assert!(!broker.catalog().queues.contains_key("Inside"));
+    assert_eq!(session.transaction_count(), 1);
+    session.rollback();
+    assert_eq!(session.transaction_count(), 0);
+    assert!(!broker.catalog().queues.contains_key("Inside"));
+}
+
+#[test]
+fn every_statement_kind_is_listed_in_statement_kinds() {
+    let script = "CREATE MESSAGE TYPE m; CREATE CONTRACT c (m SENT BY ANY); CREATE QUEUE q;
+        ALTER QUEUE q WITH STATUS = ON; CREATE SERVICE s ON QUEUE q; CREATE ROUTE r WITH ADDRESS = 'LOCAL';
+        ALTER ROUTE r WITH ADDRESS = 'LOCAL'; CREATE BROKER PRIORITY p FOR CONVERSATION SET (PRIORITY_LEVEL = 5);
+        DROP MESSAGE TYPE m; DROP CONTRACT c; DROP QUEUE q; DROP SERVICE s; DROP ROUTE r;
+        DROP BROKER PRIORITY p; BEGIN DIALOG @h FROM SERVICE s TO SERVICE 's';
+        SEND ON CONVERSATION @h; WAITFOR (RECEIVE * FROM q); RECEIVE * FROM q;
+        WAITFOR (GET CONVERSATION GROUP @g FROM q); GET CONVERSATION GROUP @g FROM q;
+        MOVE CONVERSATION @h TO @g; END CONVERSATION @h;
+        BEGIN CONVERSATION TIMER (@h) TIMEOUT = 5; BEGIN TRAN; COMMIT; ROLLBACK;
+        DECLARE @x INT; SET @x = 1; SELECT 1; SELECT * FROM sys.service_queues; USE db;
+        IF @x = 1 SELECT 1; BEGIN SELECT 1; END";
+    let statements = sql::parse(script).unwrap();
+    let mut kinds: Vec<&str> = statements.iter().map(|s| s.kind()).collect();
+    for kind in &kinds {
+        assert_eq!(
+            sql::statement_kind(kind),
+            Some(*kind),
+            "{kind} is not listed"
+        );
+    }
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(kinds.len(), sql::STATEMENT_KINDS.len(), "{kinds:?}");
+}

@@ -151,3 +151,86 @@ impl Chunks {
         }
     }
 }
+
+/// Feeds `data` to the client protocol's frame decoders, as requests (what a node reads) and
+/// as responses (what a client reads). Panics only on a bug:
+///
+/// - decoding in arbitrary chunks yields exactly the frames and error of decoding whole;
+/// - every decoded frame encodes, and decodes back to itself (the encoding is canonical).
+pub fn fuzz_client_frame_decoder(data: &[u8]) {
+    use crate::client::proto::{
+        ClientFrame, ClientFrameDecoder, Request, Response, decode_request, decode_response,
+    };
+
+    fn check<F: ClientFrame + PartialEq + std::fmt::Debug>(
+        data: &[u8],
+        whole: fn(&[u8]) -> crate::Result<(F, usize)>,
+        decoder: fn() -> ClientFrameDecoder,
+        encode: fn(&F) -> crate::Result<Vec<u8>>,
+    ) {
+        let mut frames = Vec::new();
+        let mut error = None;
+        let mut at = 0;
+        while at < data.len() {
+            match whole(&data[at..]) {
+                Ok((frame, used)) => {
+                    frames.push(frame);
+                    at += used;
+                }
+                Err(Error::Truncated { .. }) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut chunked = Vec::new();
+        let mut chunked_error = None;
+        let mut stream = decoder();
+        let mut sizes = Chunks::new(data.len() as u64 ^ 0x5bd1_e995);
+        let mut rest = data;
+        'outer: while !rest.is_empty() {
+            let (mut chunk, after) = rest.split_at(sizes.next_size().min(rest.len()));
+            rest = after;
+            while !chunk.is_empty() {
+                match stream.decode::<F>(&mut chunk) {
+                    Ok(Some(frame)) => chunked.push(frame),
+                    Ok(None) => assert!(chunk.is_empty(), "decoder stopped with input left"),
+                    Err(e) => {
+                        assert_eq!(
+                            stream.decode::<F>(&mut &b"x"[..]),
+                            Err(Error::DecoderFailed),
+                            "a failed decoder must stay failed"
+                        );
+                        chunked_error = Some(e);
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            frames, chunked,
+            "chunked decoding differs from whole decoding"
+        );
+        assert_eq!(error, chunked_error, "chunked decoding failed differently");
+        for frame in &frames {
+            let bytes = encode(frame).expect("a decoded frame encodes");
+            let (again, used) = whole(&bytes).expect("an encoded frame decodes");
+            assert_eq!(used, bytes.len());
+            assert_eq!(&again, frame, "decode(encode(frame)) differs");
+        }
+    }
+
+    check::<Request>(
+        data,
+        decode_request,
+        ClientFrameDecoder::requests,
+        Request::to_bytes,
+    );
+    check::<Response>(
+        data,
+        decode_response,
+        ClientFrameDecoder::responses,
+        Response::to_bytes,
+    );
+}

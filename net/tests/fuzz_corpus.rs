@@ -11,7 +11,13 @@
 
 use std::path::{Path, PathBuf};
 
-use herald_net::fuzzing::{FUZZ_CONVERSATION_ID, fuzz_frame_decoder};
+use herald_engine::sql::Value;
+use herald_net::client::proto::{
+    BeginDialog, CLIENT_FRAME_BYTES_MAX, CLIENT_PROTOCOL_VERSION, EndHow, PeerStatus, QueueStatus,
+    ReceiveFilter, ReceiveRequest, ReceivedMessage, RemoteError, RemoteErrorKind, Request,
+    Response, StatusReport, WAIT_FOREVER_MS,
+};
+use herald_net::fuzzing::{FUZZ_CONVERSATION_ID, fuzz_client_frame_decoder, fuzz_frame_decoder};
 use herald_net::proto::{
     Ack, ErrorFrame, FRAME_BYTES_MAX, Frame, Hello, MessageFragment, MessageHeader,
     PROTOCOL_VERSION,
@@ -74,20 +80,238 @@ fn committed_seeds_are_current() {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus/frame_decoder/seed-*; run by hand after a format change"]
+#[ignore = "writes fuzz/corpus/{frame_decoder,client_frame_decoder}/seed-*; run by hand after a format change"]
 fn write_seed_corpus() {
-    let dir = corpus_dir();
-    std::fs::create_dir_all(&dir).expect("creating the corpus directory");
-    let mut total = 0;
-    for (name, data) in seeds() {
-        total += data.len();
-        std::fs::write(dir.join(format!("seed-{name}")), &data).expect("writing a seed");
+    for (dir, seeds) in [
+        (corpus_dir(), seeds()),
+        (client_corpus_dir(), client_seeds()),
+    ] {
+        std::fs::create_dir_all(&dir).expect("creating the corpus directory");
+        let mut total = 0;
+        for (name, data) in seeds {
+            total += data.len();
+            std::fs::write(dir.join(format!("seed-{name}")), &data).expect("writing a seed");
+        }
+        assert!(total < 64 * 1024, "seed corpus of {total} bytes is too big");
     }
-    assert!(total < 64 * 1024, "seed corpus of {total} bytes is too big");
+}
+
+#[test]
+fn client_frame_decoder_corpus_replays_without_panics() {
+    let dir = client_corpus_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
+        .map(|entry| entry.expect("listing a corpus directory").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    let seeds = files.iter().filter(|path| is_seed(path)).count();
+    assert!(
+        seeds >= SEEDS_MIN,
+        "corpus {} holds {seeds} seed-* files, expected at least {SEEDS_MIN}",
+        dir.display()
+    );
+    let panicked: Vec<String> = files
+        .iter()
+        .filter(|path| {
+            let data =
+                std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            std::panic::catch_unwind(|| fuzz_client_frame_decoder(&data)).is_err()
+        })
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(
+        panicked.is_empty(),
+        "{} of {} client_frame_decoder corpus files panicked:\n{}",
+        panicked.len(),
+        files.len(),
+        panicked.join("\n")
+    );
+}
+
+/// As `committed_seeds_are_current`, for the client protocol's seeds.
+#[test]
+fn committed_client_seeds_are_current() {
+    for (name, data) in client_seeds() {
+        let path = client_corpus_dir().join(format!("seed-{name}"));
+        let committed =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        assert!(
+            committed == data,
+            "{} is stale: run `cargo test -p herald-net --test fuzz_corpus -- --ignored write_seed_corpus`",
+            path.display()
+        );
+    }
 }
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder")
+}
+
+fn client_corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/client_frame_decoder")
+}
+
+fn requests(frames: &[Request]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for frame in frames {
+        frame.encode(&mut out).expect("seed requests are valid");
+    }
+    out
+}
+
+fn responses(frames: &[Response]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for frame in frames {
+        frame.encode(&mut out).expect("seed responses are valid");
+    }
+    out
+}
+
+/// Streams of valid client frames in each direction (a session's requests, its responses),
+/// and damaged forms.
+fn client_seeds() -> Vec<(String, Vec<u8>)> {
+    let hello = Request::Hello {
+        protocol_version: CLIENT_PROTOCOL_VERSION,
+    };
+    let session = requests(&[
+        hello.clone(),
+        Request::Execute {
+            script: "CREATE QUEUE Q; SELECT 1 AS one;".into(),
+        },
+        Request::BeginTransaction,
+        Request::BeginDialog(BeginDialog {
+            from_service: "//s/From".into(),
+            to_service: "//s/To".into(),
+            contract: "DEFAULT".into(),
+            related_conversation: Some(7),
+            related_conversation_group: None,
+            lifetime_secs: Some(60),
+            target_broker_instance: None,
+        }),
+        Request::Send {
+            handle: 7,
+            message_type: "DEFAULT".into(),
+            body: b"hello".to_vec(),
+        },
+        Request::Receive(ReceiveRequest {
+            queue: "Q".into(),
+            top: 10,
+            filter: ReceiveFilter::Group(9),
+            wait_ms: Some(WAIT_FOREVER_MS),
+        }),
+        Request::GetConversationGroup {
+            queue: "Q".into(),
+            wait_ms: None,
+        },
+        Request::MoveConversation {
+            handle: 7,
+            group: 8,
+        },
+        Request::BeginConversationTimer {
+            handle: 7,
+            timeout_ms: 1000,
+        },
+        Request::EndConversation {
+            handle: 7,
+            how: EndHow::Error {
+                code: 50,
+                description: "no".into(),
+            },
+        },
+        Request::EndConversation {
+            handle: 7,
+            how: EndHow::Cleanup,
+        },
+        Request::Commit,
+        Request::Rollback,
+        Request::Status,
+    ]);
+    let answers = responses(&[
+        Response::Hello {
+            protocol_version: CLIENT_PROTOCOL_VERSION,
+            broker_instance: 3,
+        },
+        Response::Statement {
+            statement: "SELECT".into(),
+            rows_affected: Some(2),
+            result: Some((vec!["a".into(), "b".into()], 2)),
+        },
+        Response::Values(vec![
+            Value::Null,
+            Value::Int(-5),
+            Value::Text("text".into()),
+            Value::Binary(vec![0, 1, 2]),
+        ]),
+        Response::Statement {
+            statement: "SEND".into(),
+            rows_affected: None,
+            result: None,
+        },
+        Response::Done,
+        Response::Ok,
+        Response::Dialog { handle: 11 },
+        Response::Group { group: Some(12) },
+        Response::Group { group: None },
+        Response::Message(ReceivedMessage {
+            conversation_handle: 1,
+            conversation_group: 2,
+            message_type: "DEFAULT".into(),
+            sequence: 0,
+            queuing_order: 4,
+            status: 1,
+            body: b"body".to_vec(),
+        }),
+        Response::Error(RemoteError {
+            kind: RemoteErrorKind::Syntax,
+            position: Some((2, 22)),
+            statement: None,
+            message: "expected SERVICE".into(),
+        }),
+        Response::Error(RemoteError {
+            kind: RemoteErrorKind::NotFound,
+            position: Some((1, 1)),
+            statement: Some("RECEIVE".into()),
+            message: "queue \"X\" does not exist".into(),
+        }),
+        Response::Status(StatusReport {
+            broker_instance: 5,
+            queues: vec![QueueStatus {
+                name: "Q".into(),
+                enabled: true,
+                retention: false,
+                poison_message_handling: true,
+                messages: 3,
+                groups_with_messages: 1,
+                retained_messages: 0,
+            }],
+            endpoints_by_state: vec![("CO".into(), 2)],
+            transmission_by_status: vec![(String::new(), 1)],
+            peers: vec![PeerStatus {
+                address: "127.0.0.1:4022".into(),
+                fingerprint: Some([9; 32]),
+                connected: true,
+                unacknowledged_messages: 1,
+            }],
+            truncated: false,
+        }),
+    ]);
+    let mut seeds = vec![
+        ("requests".to_string(), session.clone()),
+        ("responses".to_string(), answers.clone()),
+        ("hello".to_string(), requests(&[hello])),
+    ];
+    let mut too_large = session.clone();
+    too_large[..4].copy_from_slice(&(CLIENT_FRAME_BYTES_MAX as u32).to_le_bytes());
+    seeds.push(("frame-too-large".into(), too_large));
+    let mut unknown_kind = answers.clone();
+    unknown_kind[4] = 0xee;
+    seeds.push(("unknown-kind".into(), unknown_kind));
+    let mut bad_magic = session.clone();
+    bad_magic[5] = b'X';
+    seeds.push(("bad-magic".into(), bad_magic));
+    seeds.push(("cut".into(), answers[..answers.len() - 9].to_vec()));
+    seeds
 }
 
 fn is_seed(path: &Path) -> bool {

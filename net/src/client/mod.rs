@@ -62,6 +62,19 @@ pub const CLOSE_CLIENT_DONE: VarInt = VarInt::from_u32(0);
 /// connections, keep-alives included, between calls too).
 const CLIENT_RUNTIME_THREADS: usize = 1;
 
+/// The QUIC client configuration a [`Client`] connects with: `identity` as client
+/// certificate, the node checked against `trust`, ALPN [`ALPN_CLIENT`], TLS 1.3 only. For tools
+/// (and tests) that drive the protocol's frames themselves.
+pub fn client_config(identity: &ClientIdentity, trust: &Trust) -> Result<quinn::ClientConfig> {
+    crate::quic::tls::client_config_for(
+        identity.certificate_chain(),
+        identity.key(),
+        trust,
+        ALPN_CLIENT,
+        std::sync::Arc::new(|_, _| {}),
+    )
+}
+
 /// What running a script remotely did: the results of the statements that ran, and the error
 /// that stopped it ([`Error::Remote`] for the node's error, or a lost connection).
 #[derive(Debug)]
@@ -109,13 +122,7 @@ impl Client {
     /// session to spare, or speaks another protocol version.
     pub fn connect(addr: SocketAddr, identity: &ClientIdentity, trust: &Trust) -> Result<Client> {
         let runtime = runtime()?;
-        let config = crate::quic::tls::client_config_for(
-            identity.certificate_chain(),
-            identity.key(),
-            trust,
-            ALPN_CLIENT,
-            std::sync::Arc::new(|_, _| {}),
-        )?;
+        let config = client_config(identity, trust)?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use herald_engine::sql::{self, RESULT_BYTES_MAX, RESULT_ROWS_MAX, StatementResult};
 use herald_engine::{Broker, ConversationGroupId, ConversationHandle, DialogOptions, Receive};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::mpsc;
 
 use super::proto::{
@@ -52,6 +52,8 @@ pub(crate) struct ClientService {
     broker: Arc<Broker>,
     status: StatusSource,
     sessions: Mutex<HashMap<u64, SessionEntry>>,
+    /// Signalled whenever a session is removed (`shutdown` waits for none to be left).
+    session_ended: Condvar,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -76,6 +78,7 @@ impl ClientService {
             broker,
             status,
             sessions: Mutex::new(HashMap::new()),
+            session_ended: Condvar::new(),
             next_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
         })
@@ -117,12 +120,12 @@ impl ClientService {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "client left before opening its stream");
-                self.sessions.lock().remove(&id);
+                self.remove(id);
                 return;
             }
             Err(_) => {
                 connection.close(CLOSE_PROTOCOL_VIOLATION, b"no stream opened");
-                self.sessions.lock().remove(&id);
+                self.remove(id);
                 return;
             }
         };
@@ -136,7 +139,7 @@ impl ClientService {
                 .name("herald-client-session".into())
                 .spawn(move || {
                     run_session(&service, interrupt, requests, response_sender, &connection);
-                    service.sessions.lock().remove(&id);
+                    service.remove(id);
                 })
         };
         match thread {
@@ -148,7 +151,7 @@ impl ClientService {
             Err(e) => {
                 tracing::error!(%addr, error = %e, "could not start a client session thread");
                 connection.close(CLOSE_SHUTDOWN, b"could not start a session");
-                self.sessions.lock().remove(&id);
+                self.remove(id);
                 return;
             }
         }
@@ -195,8 +198,41 @@ impl ClientService {
         for thread in threads {
             let _ = thread.join();
         }
+        // A session accepted while this ran had no thread to join yet: its connection is
+        // closed, so it ends at once; wait for it (bounded: a stuck one is left behind).
+        let deadline = std::time::Instant::now() + SESSIONS_END_TIMEOUT;
+        let mut sessions = self.sessions.lock();
+        while !sessions.is_empty() {
+            for entry in sessions.values() {
+                entry.interrupt.store(true, Ordering::SeqCst);
+                entry
+                    .connection
+                    .close(CLOSE_SHUTDOWN, b"node shutting down");
+            }
+            self.broker.wake_waiters();
+            if self
+                .session_ended
+                .wait_until(&mut sessions, deadline)
+                .timed_out()
+            {
+                tracing::warn!(
+                    sessions = sessions.len(),
+                    "client sessions still running at shutdown"
+                );
+                break;
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.sessions.lock().remove(&id);
+        self.session_ended.notify_all();
     }
 }
+
+/// Longest [`ClientService::shutdown`] waits for sessions that had not started their thread
+/// when it began.
+const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Ended {
     Violation(String),
