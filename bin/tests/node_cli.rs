@@ -454,8 +454,13 @@ fn two_nodes_with_configured_peers_and_routes_deliver_a_message_sent_with_exec()
              FROM InitiatorQueue), TIMEOUT 120000;",
     );
     assert!(replied.contains("shipped"), "{replied}");
-    let status = a.run("status", &[], None);
-    assert!(stdout(&status).contains("Peers"), "{}", stdout(&status));
+    // A's status lists B, by the address its route names.
+    let status = stdout(&a.run("status", &[], None));
+    let peers = status
+        .split("Peers\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(peers.contains(&format!("127.0.0.1:{b_port}")), "{status}");
     a.stop();
     b.stop();
 }
