@@ -312,7 +312,8 @@ impl Names {
         }
     }
 
-    /// Creates the objects and begins `dialogs` dialogs; their initiator handles.
+    /// Creates the objects and begins `dialogs` dialogs, in one transaction; their initiator
+    /// handles.
     fn set_up(&self, target: &mut dyn Target, dialogs: usize) -> Result<Vec<u128>, String> {
         let Names {
             message_type,
@@ -322,8 +323,10 @@ impl Names {
             initiator_service,
             target_service,
         } = self;
+        // One transaction: a setup that fails leaves nothing (the session's end rolls it back).
         let mut script = format!(
-            "CREATE MESSAGE TYPE [{message_type}] VALIDATION = NONE;\n\
+            "BEGIN TRANSACTION;\n\
+             CREATE MESSAGE TYPE [{message_type}] VALIDATION = NONE;\n\
              CREATE CONTRACT [{contract}] ([{message_type}] SENT BY INITIATOR);\n\
              CREATE QUEUE [{initiator_queue}];\n\
              CREATE QUEUE [{target_queue}];\n\
@@ -337,6 +340,7 @@ impl Names {
                  '{target_service}' ON CONTRACT [{contract}];\nSELECT @h AS h;\n"
             ));
         }
+        script.push_str("COMMIT;\n");
         let outcome = target.execute_script(&script);
         if let Some(error) = outcome.error {
             return Err(format!("setting up: {}", error.message));
