@@ -20,6 +20,13 @@ use crate::exec::{self, OutputArgs};
 use crate::target::{self, ConnectArgs, ErrorKind, Target};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "A statement runs at a line ending in ';' once what was typed parses as \
+whole statements (a BEGIN ... END block runs at its END;), or at a line holding only GO. \
+Variables and an open transaction last for the whole shell; 'exit' or Ctrl-D ends it. When \
+stdin is not a terminal, statements are read from it without prompts, and the exit code is 1 \
+if any failed."
+)]
 pub struct ShellArgs {
     #[command(flatten)]
     pub output: OutputArgs,
