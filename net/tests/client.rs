@@ -637,3 +637,68 @@ fn wait_until(condition: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_connection_lost_during_a_waitfor_ends_the_wait_and_rolls_back() {
+    let (dir, node, mut client) = node_with_services();
+    send_all(&mut client, &[b"taken", b"then lost"]);
+    let identity_dir = dir.path().join(IDENTITY_DIR);
+    let admin = ClientIdentity::load(
+        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
+        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
+    )
+    .unwrap();
+    let config =
+        herald_net::client::client_config(&admin, &Trust::pinned([node.fingerprint()])).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A client that receives in an explicit transaction and then waits forever on an empty
+    // queue (raw frames: `Client` would block this thread in the wait).
+    let mut requests = Vec::new();
+    for request in [
+        Request::Hello {
+            protocol_version: herald_net::client::proto::CLIENT_PROTOCOL_VERSION,
+        },
+        Request::Execute {
+            script: "BEGIN TRAN; RECEIVE * FROM AskQueue; \
+                     WAITFOR (RECEIVE * FROM ReplyQueue), TIMEOUT -1;"
+                .into(),
+        },
+    ] {
+        request.encode(&mut requests).unwrap();
+    }
+    // The runtime drives the connection only inside `block_on`: the whole life of this client
+    // is one block.
+    runtime.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connection = endpoint
+            .connect_with(config, node.local_addr().unwrap(), "herald-node")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        send.write_all(&requests).await.unwrap();
+        // Its RECEIVE took the messages (a peek no longer shows them): its WAITFOR comes next.
+        let taken = async {
+            while !node.broker().peek("AskQueue").unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, taken)
+            .await
+            .expect("the raw client's RECEIVE took the messages");
+        connection.close(0u32.into(), b"gone");
+        let _ = tokio::time::timeout(WAIT, endpoint.wait_idle()).await;
+    });
+    // The node ended the wait and rolled the transaction back: the messages are back.
+    let mut tx = client.begin().unwrap();
+    let messages = tx.receive("AskQueue", Receive::top(10).wait(WAIT)).unwrap();
+    let bodies: Vec<&[u8]> = messages.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"taken".as_slice(), b"then lost"]);
+    tx.commit().unwrap();
+    wait_for_sessions(&node, 1);
+    drop(client);
+    node.shutdown().unwrap();
+}
