@@ -12,7 +12,9 @@
 //! `~/.herald_history`); Ctrl-C drops the statement being typed, Ctrl-D ends the shell. When
 //! stdin is not a terminal, lines are read from it plainly, nothing is prompted, and the exit
 //! code is 1 if any statement failed (0 otherwise; 4 if the node went away), so a piped script
-//! behaves like `herald exec` with a session kept across batches.
+//! behaves like `herald exec` with a session kept across batches. With `--json` each script
+//! that runs prints one JSON document on one line (`herald exec --json`'s), so the output is
+//! JSON Lines.
 
 use std::io::{BufRead as _, IsTerminal as _};
 
