@@ -60,9 +60,14 @@ impl Target for Remote {
     }
 }
 
-/// `host:port` as a socket address (the first the name resolves to).
+/// `host:port` (or `quic://host:port`, as the node prints it) as a socket address (the first
+/// the name resolves to).
 pub fn resolve(node: &str) -> Result<SocketAddr, String> {
-    node.to_socket_addrs()
+    let bare = node
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("quic://"))
+        .map_or(node, |_| &node[7..]);
+    bare.to_socket_addrs()
         .map_err(|e| format!("node address {node:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("node address {node:?} resolves to nothing"))
@@ -119,5 +124,18 @@ fn status_of(report: StatusReport) -> Status {
             })
             .collect(),
         truncated: report.truncated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_address_may_carry_the_scheme_the_node_prints() {
+        let expected: SocketAddr = "127.0.0.1:4022".parse().unwrap();
+        assert_eq!(resolve("127.0.0.1:4022"), Ok(expected));
+        assert_eq!(resolve("QUIC://127.0.0.1:4022"), Ok(expected));
+        assert!(resolve("127.0.0.1").is_err());
     }
 }

@@ -200,7 +200,7 @@ const ENDPOINT_STATES: [(EndpointState, &str); 7] = [
 /// `--data-dir` opened by this process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// The node's address.
+    /// The node's address, `host:port` (or `quic://host:port`, as the node prints it).
     #[arg(long, default_value = DEFAULT_NODE_ADDR, value_name = "ADDR")]
     pub node: String,
     /// The node's data directory: where its local admin client certificate is (or, with
