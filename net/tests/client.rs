@@ -522,20 +522,34 @@ fn hostile_frames_close_the_connection_and_the_node_serves_on() {
     .unwrap();
     let mut oversized = ((CLIENT_FRAME_BYTES_MAX) as u32).to_le_bytes().to_vec();
     oversized.push(2);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", b"\xff\xff\xff\x00\x00garbage".to_vec()),
-        ("oversized", [hello.clone(), oversized].concat()),
-        ("no hello", Request::Status.to_bytes().unwrap()),
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            b"\xff\xff\xff\x00\x00garbage".to_vec(),
+            "unknown frame kind 0",
+        ),
+        (
+            "oversized",
+            [hello.clone(), oversized].concat(),
+            "exceeds the maximum",
+        ),
+        (
+            "no hello",
+            Request::Status.to_bytes().unwrap(),
+            "expected a hello",
+        ),
         (
             "unknown kind",
             [hello.clone(), vec![0, 0, 0, 0, 200]].concat(),
+            "unknown frame kind 200",
         ),
         (
             "bad utf-8",
-            [hello.clone(), vec![2, 0, 0, 0, 2, 0xff, 0xfe]].concat(),
+            [hello.clone(), vec![6, 0, 0, 0, 2, 2, 0, 0, 0, 0xff, 0xfe]].concat(),
+            "not valid UTF-8",
         ),
     ];
-    for (what, bytes) in cases {
+    for (what, bytes, reason) in cases {
         let closed = runtime.block_on(async {
             let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             let connection = endpoint
@@ -553,6 +567,7 @@ fn hostile_frames_close_the_connection_and_the_node_serves_on() {
                 &closed,
                 quinn::ConnectionError::ApplicationClosed(close)
                     if close.error_code == herald_net::quic::CLOSE_PROTOCOL_VIOLATION
+                        && String::from_utf8_lossy(&close.reason).contains(reason)
             ),
             "{what}: {closed}"
         );
@@ -699,6 +714,100 @@ fn a_connection_lost_during_a_waitfor_ends_the_wait_and_rolls_back() {
     assert_eq!(bodies, [b"taken".as_slice(), b"then lost"]);
     tx.commit().unwrap();
     wait_for_sessions(&node, 1);
+    drop(client);
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn send_many_sends_on_every_conversation_or_on_none() {
+    let (_dir, node, mut client) = node_with_services();
+    let mut tx = client.begin().unwrap();
+    let options = DialogOptions::default;
+    let a = tx
+        .begin_dialog("//t/Client", "//t/Server", "//t/Talk", options())
+        .unwrap();
+    let b = tx
+        .begin_dialog("//t/Client", "//t/Server", "//t/Talk", options())
+        .unwrap();
+    tx.send_many(&[a, b], "//t/Ask", b"both").unwrap();
+    // A type the contract does not allow: refused on both, nothing sent on either.
+    match tx.send_many(&[a, b], "DEFAULT", b"neither") {
+        Err(Error::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::ContractViolation, "{e}"),
+        other => panic!("expected a contract violation, got {other:?}"),
+    }
+    tx.commit().unwrap();
+    let queued = node.broker().peek("AskQueue").unwrap();
+    assert_eq!(queued.len(), 2);
+    assert!(queued.iter().all(|m| m.body() == b"both"));
+    drop(client);
+    node.shutdown().unwrap();
+}
+
+/// Round trips of the client protocol on loopback, printed (no assertion on time: speed is a
+/// bench's to judge). Run with
+/// `cargo test --release -p herald-net --test client -- --ignored --nocapture round_trip`.
+#[test]
+#[ignore = "prints figures; run by hand in release mode"]
+fn round_trip_figures() {
+    const ROUNDS: usize = 2000;
+    let (_dir, node, mut client) = node_with_services();
+    let handle = {
+        let mut tx = client.begin().unwrap();
+        let handle = tx
+            .begin_dialog(
+                "//t/Client",
+                "//t/Server",
+                "//t/Talk",
+                DialogOptions::default(),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        handle
+    };
+    let mut report = |what: &str, f: &mut dyn FnMut(&mut Client)| {
+        let mut micros: Vec<u128> = (0..ROUNDS)
+            .map(|_| {
+                let started = Instant::now();
+                f(&mut client);
+                started.elapsed().as_micros()
+            })
+            .collect();
+        micros.sort_unstable();
+        let total: u128 = micros.iter().sum();
+        println!(
+            "{what:<48} p50 {:>5} µs  p99 {:>5} µs  {:>7.0}/s (one client, {ROUNDS} rounds)",
+            micros[ROUNDS / 2],
+            micros[ROUNDS * 99 / 100],
+            ROUNDS as f64 / (total as f64 / 1e6)
+        );
+    };
+    report("status()", &mut |c| {
+        c.status().unwrap();
+    });
+    report("execute(\"SELECT 1\")", &mut |c| {
+        c.execute("SELECT 1").unwrap();
+    });
+    report("begin, send 100 B, commit (durability None)", &mut |c| {
+        let mut tx = c.begin().unwrap();
+        tx.send(handle, "//t/Ask", &[7; 100]).unwrap();
+        tx.commit().unwrap();
+    });
+    report(
+        "execute(SEND 100 B) autocommit (durability None)",
+        &mut |c| {
+            c.execute(&format!(
+                "SEND ON CONVERSATION '{}' MESSAGE TYPE [//t/Ask] (0x{})",
+                uuid::Uuid::from_u128(handle.0),
+                "07".repeat(100)
+            ))
+            .unwrap();
+        },
+    );
+    report("begin, receive top 1, commit", &mut |c| {
+        let mut tx = c.begin().unwrap();
+        assert_eq!(tx.receive("AskQueue", Receive::top(1)).unwrap().len(), 1);
+        tx.commit().unwrap();
+    });
     drop(client);
     node.shutdown().unwrap();
 }

@@ -190,7 +190,7 @@ fn client_seeds() -> Vec<(String, Vec<u8>)> {
             target_broker_instance: None,
         }),
         Request::Send {
-            handle: 7,
+            handles: vec![7, 8],
             message_type: "DEFAULT".into(),
             body: b"hello".to_vec(),
         },

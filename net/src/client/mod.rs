@@ -58,6 +58,13 @@ pub const CLOSE_TOO_MANY_SESSIONS: VarInt = VarInt::from_u32(6);
 /// Application close code a client closes its connection with when it is done.
 pub const CLOSE_CLIENT_DONE: VarInt = VarInt::from_u32(0);
 
+/// Most bytes of response frames a client accepts for one request: a streamed response (an
+/// Execute's results, a Receive's messages) from an honest node stays under it — values are
+/// bounded by `sql::RESULT_BYTES_MAX` (256 MiB, at 5 bytes of framing per value of at least 16
+/// counted), statements by `sql::STATEMENTS_MAX`, column names by the script —, so more is a
+/// protocol violation rather than memory the client gives away.
+pub const CLIENT_RESPONSE_BYTES_MAX: usize = 2 * herald_engine::sql::RESULT_BYTES_MAX;
+
 /// Worker threads of the runtime all clients of a process share (it drives their QUIC
 /// connections, keep-alives included, between calls too).
 const CLIENT_RUNTIME_THREADS: usize = 1;
@@ -109,6 +116,9 @@ pub struct Client {
     /// Bytes read and not yet decoded: `buffer[read_at..]`.
     buffer: Vec<u8>,
     read_at: usize,
+    /// Response bytes decoded since the last request (bounded by
+    /// [`CLIENT_RESPONSE_BYTES_MAX`]).
+    response_bytes: usize,
     broker_instance: BrokerInstanceId,
     /// Set once the connection failed: every later call returns it.
     broken: Option<Error>,
@@ -160,6 +170,7 @@ impl Client {
             decoder: ClientFrameDecoder::responses(),
             buffer: Vec::new(),
             read_at: 0,
+            response_bytes: 0,
             broker_instance: BrokerInstanceId(0),
             broken: None,
             runtime: runtime.clone(),
@@ -341,6 +352,7 @@ impl Client {
             return Err(error.clone());
         }
         let frame = request.to_bytes()?;
+        self.response_bytes = 0;
         let written = self
             .runtime
             .block_on(async { self.send.write_all(&frame).await });
@@ -356,7 +368,14 @@ impl Client {
                 let mut input = &self.buffer[self.read_at..];
                 let before = input.len();
                 let decoded = self.decoder.decode::<Response>(&mut input);
-                self.read_at += before - input.len();
+                let used = before - input.len();
+                self.read_at += used;
+                self.response_bytes += used;
+                if self.response_bytes > CLIENT_RESPONSE_BYTES_MAX {
+                    return Err(self.violation(&format!(
+                        "a response of more than {CLIENT_RESPONSE_BYTES_MAX} bytes"
+                    )));
+                }
                 match decoded {
                     Ok(Some(response)) => return Ok(response),
                     Ok(None) => {}
@@ -459,8 +478,20 @@ impl ClientTransaction<'_> {
         message_type: &str,
         body: &[u8],
     ) -> Result<()> {
+        self.send_many(&[handle], message_type, body)
+    }
+
+    /// SEND one message on each of `handles`, atomically (`Transaction::send_many`): if any
+    /// conversation refuses it, nothing is sent on any. At most
+    /// [`proto::CLIENT_SEND_HANDLES_MAX`] handles.
+    pub fn send_many(
+        &mut self,
+        handles: &[ConversationHandle],
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
         self.client.ok(&Request::Send {
-            handle: handle.0,
+            handles: handles.iter().map(|h| h.0).collect(),
             message_type: message_type.to_owned(),
             body: body.to_vec(),
         })

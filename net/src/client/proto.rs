@@ -61,6 +61,9 @@ pub const STATUS_ROWS_MAX: usize = 4096;
 /// Largest message body in a `Send` request or a `Message` response: the engine's.
 pub const CLIENT_BODY_BYTES_MAX: usize = herald_engine::MESSAGE_BODY_BYTES_MAX;
 
+/// Most conversations one `Send` request sends on.
+pub const CLIENT_SEND_HANDLES_MAX: usize = 4096;
+
 /// `Values` frames hold at most this many bytes of values, so that a result set goes in frames
 /// of a few MiB (a value larger than this goes alone in its frame).
 pub const VALUES_FRAME_BYTES_TARGET: usize = 4 * 1024 * 1024;
@@ -72,7 +75,13 @@ pub const WAIT_FOREVER_MS: u64 = u64::MAX;
 const _: () =
     assert!(CLIENT_FRAME_HEADER_BYTES + 4 + CLIENT_SCRIPT_BYTES_MAX <= CLIENT_FRAME_BYTES_MAX);
 const _: () = assert!(
-    CLIENT_FRAME_HEADER_BYTES + 16 + 2 + CLIENT_NAME_BYTES_MAX + 4 + CLIENT_BODY_BYTES_MAX
+    CLIENT_FRAME_HEADER_BYTES
+        + 2
+        + 16 * CLIENT_SEND_HANDLES_MAX
+        + 2
+        + CLIENT_NAME_BYTES_MAX
+        + 4
+        + CLIENT_BODY_BYTES_MAX
         <= CLIENT_FRAME_BYTES_MAX
 );
 const _: () =
@@ -139,7 +148,9 @@ pub enum Request {
     BeginDialog(BeginDialog),
     /// → `Ok`.
     Send {
-        handle: u128,
+        /// One message on each (`Transaction::send_many`): 1 to
+        /// [`CLIENT_SEND_HANDLES_MAX`] distinct handles.
+        handles: Vec<u128>,
         message_type: String,
         body: Vec<u8>,
     },
@@ -540,11 +551,23 @@ impl Request {
                 w.opt_id(d.target_broker_instance);
             }
             Request::Send {
-                handle,
+                handles,
                 message_type,
                 body,
             } => {
-                w.id(*handle);
+                if handles.is_empty() || handles.len() > CLIENT_SEND_HANDLES_MAX {
+                    return Err(Error::Malformed {
+                        frame: "request",
+                        reason: format!(
+                            "a send on {} conversations; 1 to {CLIENT_SEND_HANDLES_MAX} are allowed",
+                            handles.len()
+                        ),
+                    });
+                }
+                w.u16(handles.len() as u16);
+                for handle in handles {
+                    w.id(*handle);
+                }
                 w.name("message type", message_type)?;
                 w.blob("message body", body, CLIENT_BODY_BYTES_MAX)?;
             }
@@ -640,7 +663,16 @@ impl Request {
                 target_broker_instance: r.opt_id()?,
             }),
             KIND_SEND => Request::Send {
-                handle: r.id()?,
+                handles: {
+                    let count = r.u16()? as usize;
+                    if count == 0 || count > CLIENT_SEND_HANDLES_MAX {
+                        return Err(r.malformed(format!(
+                            "a send on {count} conversations; 1 to {CLIENT_SEND_HANDLES_MAX} are allowed"
+                        )));
+                    }
+                    r.check_count(count, 16)?;
+                    (0..count).map(|_| r.id()).collect::<Result<Vec<_>>>()?
+                },
                 message_type: r.name("message type")?,
                 body: r.blob("message body", CLIENT_BODY_BYTES_MAX)?,
             },
@@ -1546,7 +1578,7 @@ mod tests {
             Err(Error::FieldTooLong { .. })
         ));
         let send = Request::Send {
-            handle: 7,
+            handles: (0..CLIENT_SEND_HANDLES_MAX as u128).collect(),
             message_type: "t".repeat(CLIENT_NAME_BYTES_MAX),
             body: vec![1; CLIENT_BODY_BYTES_MAX],
         };
@@ -1596,6 +1628,125 @@ mod tests {
         bytes[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode_response(&bytes),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn names_at_the_limit_pass_and_one_more_fails_both_ways() {
+        let at = Request::GetConversationGroup {
+            queue: "q".repeat(CLIENT_NAME_BYTES_MAX),
+            wait_ms: Some(WAIT_FOREVER_MS),
+        };
+        let bytes = at.to_bytes().expect("encodes");
+        assert_eq!(decode_request(&bytes).expect("decodes"), (at, bytes.len()));
+        let over = Request::GetConversationGroup {
+            queue: "q".repeat(CLIENT_NAME_BYTES_MAX + 1),
+            wait_ms: None,
+        };
+        let mut out = vec![1, 2, 3];
+        assert!(matches!(
+            over.encode(&mut out),
+            Err(Error::NameTooLong { .. })
+        ));
+        assert_eq!(
+            out,
+            [1, 2, 3],
+            "a refused frame leaves the buffer as it was"
+        );
+        // The same frame made by hand is refused by the decoder.
+        let mut payload = ((CLIENT_NAME_BYTES_MAX + 1) as u16).to_le_bytes().to_vec();
+        payload.extend(std::iter::repeat_n(b'q', CLIENT_NAME_BYTES_MAX + 1));
+        payload.push(0);
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.push(KIND_GET_CONVERSATION_GROUP);
+        frame.extend(payload);
+        assert!(matches!(
+            decode_request(&frame),
+            Err(Error::NameTooLong { bytes: 257, .. })
+        ));
+    }
+
+    #[test]
+    fn a_send_takes_one_to_the_maximum_of_handles() {
+        let send = |count: usize| Request::Send {
+            handles: (0..count as u128).collect(),
+            message_type: "DEFAULT".into(),
+            body: Vec::new(),
+        };
+        assert!(send(1).to_bytes().is_ok());
+        assert!(send(CLIENT_SEND_HANDLES_MAX).to_bytes().is_ok());
+        assert!(matches!(send(0).to_bytes(), Err(Error::Malformed { .. })));
+        assert!(matches!(
+            send(CLIENT_SEND_HANDLES_MAX + 1).to_bytes(),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_status_of_the_most_rows_fits_and_one_more_is_refused() {
+        let queue = QueueStatus {
+            name: "q".repeat(CLIENT_NAME_BYTES_MAX),
+            enabled: true,
+            retention: true,
+            poison_message_handling: true,
+            messages: u64::MAX,
+            groups_with_messages: u64::MAX,
+            retained_messages: u64::MAX,
+        };
+        let peer = PeerStatus {
+            address: "a".repeat(STATUS_TEXT_BYTES_MAX),
+            fingerprint: Some([7; 32]),
+            connected: true,
+            unacknowledged_messages: u64::MAX,
+        };
+        let mut report = StatusReport {
+            broker_instance: u128::MAX,
+            queues: vec![queue.clone(); STATUS_ROWS_MAX],
+            endpoints_by_state: vec![("s".repeat(CLIENT_NAME_BYTES_MAX), 1); STATUS_ROWS_MAX],
+            transmission_by_status: vec![("t".repeat(STATUS_TEXT_BYTES_MAX), 1); STATUS_ROWS_MAX],
+            peers: vec![peer; STATUS_ROWS_MAX],
+            truncated: true,
+        };
+        let bytes = Response::Status(report.clone())
+            .to_bytes()
+            .expect("the largest status fits");
+        assert!(bytes.len() <= CLIENT_FRAME_BYTES_MAX);
+        assert_eq!(
+            decode_response(&bytes).expect("decodes").0,
+            Response::Status(report.clone())
+        );
+        report.queues.push(queue);
+        assert!(Response::Status(report).to_bytes().is_err());
+    }
+
+    #[test]
+    fn non_canonical_tags_are_refused() {
+        let bytes = Response::Group { group: None }.to_bytes().expect("encodes");
+        let mut bad = bytes.clone();
+        bad[5] = 2;
+        assert!(matches!(
+            decode_response(&bad),
+            Err(Error::Malformed { .. })
+        ));
+        let bytes = Request::Receive(ReceiveRequest {
+            queue: "q".into(),
+            top: 1,
+            filter: ReceiveFilter::None,
+            wait_ms: None,
+        })
+        .to_bytes()
+        .expect("encodes");
+        let mut bad = bytes.clone();
+        let filter_at = CLIENT_FRAME_HEADER_BYTES + 2 + 1 + 4;
+        bad[filter_at] = 3;
+        assert!(matches!(decode_request(&bad), Err(Error::Malformed { .. })));
+        // Left-over bytes are refused too.
+        let mut long = Response::Ok.to_bytes().expect("encodes");
+        long[0] = 1;
+        long.push(0);
+        assert!(matches!(
+            decode_response(&long),
             Err(Error::Malformed { .. })
         ));
     }

@@ -138,8 +138,13 @@ impl ClientService {
             std::thread::Builder::new()
                 .name("herald-client-session".into())
                 .spawn(move || {
+                    // Removed however the thread ends (a panic included), after the session
+                    // (and its transaction) is gone.
+                    let _registered = Registered {
+                        service: &service,
+                        id,
+                    };
                     run_session(&service, interrupt, requests, response_sender, &connection);
-                    service.remove(id);
                 })
         };
         match thread {
@@ -233,6 +238,18 @@ impl ClientService {
 /// Longest [`ClientService::shutdown`] waits for sessions that had not started their thread
 /// when it began.
 const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Removes a session from its service when dropped.
+struct Registered<'s> {
+    service: &'s ClientService,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.service.remove(self.id);
+    }
+}
 
 enum Ended {
     Violation(String),
@@ -524,12 +541,13 @@ fn structured(session: &mut sql::Session<'_>, request: Request) -> herald_engine
             Ok(Response::Dialog { handle: handle.0 })
         }
         Request::Send {
-            handle,
+            handles,
             message_type,
             body,
         } => {
-            session
-                .with_transaction(|tx| tx.send(ConversationHandle(handle), &message_type, &body))?;
+            let handles: Vec<ConversationHandle> =
+                handles.into_iter().map(ConversationHandle).collect();
+            session.with_transaction(|tx| tx.send_many(&handles, &message_type, &body))?;
             Ok(Response::Ok)
         }
         Request::GetConversationGroup { queue, wait_ms } => {
