@@ -1,0 +1,245 @@
+//! What `herald exec`, `herald shell` and `herald status` run against: a [`Target`] is one
+//! T-SQL session (its variables and open transaction last as long as it does) plus a status
+//! query. Two kinds: a node, through the client protocol (`remote::Remote`), and [`Embedded`],
+//! a `sql::Session` on a broker this process opens itself (`--embedded`: the data directory of
+//! a node that is not running).
+//!
+//! The commands see errors as [`ScriptError`]s, which keep what decides the exit code and the
+//! rendering: whether anything ran (a syntax error runs nothing) and where the statement is.
+
+use herald_engine::sql::{Session, StatementResult};
+use herald_engine::{Broker, EndpointState};
+
+/// One session against a node or an embedded broker.
+pub trait Target {
+    /// Runs `script` (parsed whole first: a syntax error runs nothing), returning the results
+    /// of the statements that ran and the error that stopped it, if one did.
+    fn execute_script(&mut self, script: &str) -> Outcome;
+    /// What is queued and in flight.
+    fn status(&mut self) -> Result<Status, String>;
+}
+
+/// What running a script did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub results: Vec<StatementResult>,
+    pub error: Option<ScriptError>,
+}
+
+/// Why a script stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptError {
+    pub kind: ErrorKind,
+    /// The full message (the engine's: it names the line, column and what was expected).
+    pub message: String,
+    /// 1-based line and column (in characters) of the offending token (syntax) or of the
+    /// failing top-level statement (runtime).
+    pub position: Option<(u32, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The script did not parse (or declared a variable twice): nothing ran.
+    Syntax,
+    /// A statement failed while running: the ones before it ran.
+    Statement,
+    /// The node could not be reached, or the connection was lost.
+    Connection,
+}
+
+impl ScriptError {
+    /// Classifies an engine error by what ran.
+    pub fn from_engine(error: &herald_engine::Error) -> ScriptError {
+        let (kind, position) = match error {
+            herald_engine::Error::Syntax { line, column, .. } => {
+                (ErrorKind::Syntax, Some((*line, *column)))
+            }
+            herald_engine::Error::Statement { line, column, .. } => {
+                (ErrorKind::Statement, Some((*line, *column)))
+            }
+            _ => (ErrorKind::Statement, None),
+        };
+        ScriptError {
+            kind,
+            message: error.to_string(),
+            position,
+        }
+    }
+}
+
+/// `herald status`: queues with their depth, conversations by state, the transmission queue
+/// by status, and the peers a node knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    pub queues: Vec<QueueStatus>,
+    /// (state code, endpoints), in Service Broker's state order.
+    pub conversations: Vec<(String, u64)>,
+    /// (transmission status, messages), by status text.
+    pub transmission: Vec<(String, u64)>,
+    /// The node's peers; empty for an embedded broker.
+    pub peers: Vec<PeerStatus>,
+    /// A list was longer than the node sends, and only its first rows are here.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStatus {
+    pub name: String,
+    pub enabled: bool,
+    /// Messages waiting (those an open RECEIVE took included).
+    pub messages: u64,
+    pub groups_with_messages: u64,
+    pub retained_messages: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// `host:port` as a route names it, or a connection's address.
+    pub address: String,
+    /// The certificate it presented (hex), once it connected.
+    pub fingerprint: Option<String>,
+    pub connected: bool,
+    /// Messages sent to it and not acknowledged yet.
+    pub unacknowledged_messages: u64,
+}
+
+/// A session on a broker this process opened (the data directory of a node that is not
+/// running, or the bench's).
+#[derive(Debug)]
+pub struct Embedded<'b> {
+    broker: &'b Broker,
+    session: Session<'b>,
+}
+
+impl<'b> Embedded<'b> {
+    pub fn new(broker: &'b Broker) -> Embedded<'b> {
+        Embedded {
+            broker,
+            session: Session::new(broker),
+        }
+    }
+}
+
+impl Target for Embedded<'_> {
+    fn execute_script(&mut self, script: &str) -> Outcome {
+        let outcome = self.session.execute_script(script);
+        Outcome {
+            results: outcome.results,
+            error: outcome.error.as_ref().map(ScriptError::from_engine),
+        }
+    }
+
+    fn status(&mut self) -> Result<Status, String> {
+        Ok(broker_status(self.broker))
+    }
+}
+
+/// The status of a broker in this process.
+pub fn broker_status(broker: &Broker) -> Status {
+    let queues = broker
+        .queues()
+        .into_iter()
+        .map(|q| QueueStatus {
+            name: q.name,
+            enabled: q.options.enabled,
+            messages: q.messages,
+            groups_with_messages: q.groups_with_messages,
+            retained_messages: q.retained_messages,
+        })
+        .collect();
+    let endpoints = broker.conversation_endpoints();
+    let conversations = ENDPOINT_STATES
+        .iter()
+        .filter_map(|(state, _)| {
+            let count = endpoints.iter().filter(|e| e.state == *state).count() as u64;
+            (count > 0).then(|| (state.code().to_owned(), count))
+        })
+        .collect();
+    let mut transmission: Vec<(String, u64)> = Vec::new();
+    for row in broker.transmission_queue() {
+        match transmission
+            .iter_mut()
+            .find(|(s, _)| *s == row.transmission_status)
+        {
+            Some(entry) => entry.1 += 1,
+            None => transmission.push((row.transmission_status, 1)),
+        }
+    }
+    transmission.sort();
+    Status {
+        queues,
+        conversations,
+        transmission,
+        peers: Vec::new(),
+        truncated: false,
+    }
+}
+
+/// `sys.conversation_endpoints`' `state_desc` of a state code (`CO`: `CONVERSING`).
+pub fn state_desc(code: &str) -> &'static str {
+    ENDPOINT_STATES
+        .iter()
+        .find(|(state, _)| state.code() == code)
+        .map_or("", |(_, desc)| desc)
+}
+
+/// The endpoint states in Service Broker's order, with `sys.conversation_endpoints`'
+/// `state_desc`.
+const ENDPOINT_STATES: [(EndpointState, &str); 7] = [
+    (EndpointState::StartedOutbound, "STARTED_OUTBOUND"),
+    (EndpointState::StartedInbound, "STARTED_INBOUND"),
+    (EndpointState::Conversing, "CONVERSING"),
+    (EndpointState::DisconnectedInbound, "DISCONNECTED_INBOUND"),
+    (EndpointState::DisconnectedOutbound, "DISCONNECTED_OUTBOUND"),
+    (EndpointState::Error, "ERROR"),
+    (EndpointState::Closed, "CLOSED"),
+];
+
+/// Where a command's session goes: `--node` (through the client protocol, with the admin
+/// credentials the node keeps in `--data-dir`) or, with `--embedded`, the broker in
+/// `--data-dir` opened by this process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// The node's address, `host:port` (or `quic://host:port`, as the node prints it).
+    #[arg(long, default_value = DEFAULT_NODE_ADDR, value_name = "ADDR")]
+    pub node: String,
+    /// The node's data directory: where its local admin client certificate is (or, with
+    /// `--embedded`, the broker itself).
+    #[arg(long, default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// Open the broker in `--data-dir` in this process instead of connecting to a node (the
+    /// node must not be running: the directory is locked while it is).
+    #[arg(long)]
+    pub embedded: bool,
+}
+
+/// Where `herald node` listens by default, and so where the client commands connect.
+pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:4022";
+/// The node's default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./herald-data";
+
+/// Runs `work` on a session as `how` says, then closes it (an embedded broker is closed
+/// cleanly: checkpointed, its log synced).
+pub fn with_target<T>(
+    how: &ConnectArgs,
+    work: impl FnOnce(&mut dyn Target) -> T,
+) -> Result<T, ScriptError> {
+    let failed = |message: String| ScriptError {
+        kind: ErrorKind::Connection,
+        message,
+        position: None,
+    };
+    if how.embedded {
+        let broker = Broker::open(&how.data_dir, herald_engine::Options::default())
+            .map_err(|e| failed(format!("opening {}: {e}", how.data_dir.display())))?;
+        let mut target = Embedded::new(&broker);
+        let result = work(&mut target);
+        drop(target);
+        broker
+            .close()
+            .map_err(|e| failed(format!("closing {}: {e}", how.data_dir.display())))?;
+        return Ok(result);
+    }
+    let mut target = crate::remote::Remote::connect(&how.node, &how.data_dir)?;
+    Ok(work(&mut target))
+}

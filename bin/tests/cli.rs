@@ -1,0 +1,440 @@
+//! The client commands as a user runs them, on an embedded broker (`--embedded`: the data
+//! directory of a stopped node): `herald exec` (tables, JSON, syntax errors that run nothing,
+//! runtime errors after which the earlier statements stay), `herald shell` fed on stdin (one
+//! session across batches), `herald status`, `herald bench`, and the node's `[[routes]]`.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Runs `herald ARGS`, feeding `stdin` if given.
+fn herald(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning herald");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .expect("writing stdin");
+    }
+    child.wait_with_output().expect("waiting for herald")
+}
+
+fn exec(dir: &Path, script: &str, extra: &[&str]) -> Output {
+    let dir = dir.to_str().expect("a UTF-8 temp path");
+    let mut args = vec!["exec", "--embedded", "--data-dir", dir];
+    args.extend_from_slice(extra);
+    args.push(script);
+    herald(&args, None)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The queue names in the catalog, through `herald exec --json`.
+fn queues(dir: &Path) -> Vec<String> {
+    let output = exec(dir, "SELECT name FROM sys.service_queues", &["--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON output");
+    json["results"][0]["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| row[0].as_str().expect("a name").to_owned())
+        .collect()
+}
+
+const DEFINE_AND_SEND: &str = "\
+CREATE MESSAGE TYPE [//test/Request] VALIDATION = WELL_FORMED_XML;
+CREATE CONTRACT [//test/Contract] ([//test/Request] SENT BY INITIATOR);
+CREATE QUEUE dbo.TargetQueue;
+CREATE QUEUE InitiatorQueue;
+CREATE SERVICE [//test/Target] ON QUEUE TargetQueue ([//test/Contract]);
+CREATE SERVICE [//test/Initiator] ON QUEUE InitiatorQueue;
+DECLARE @h UNIQUEIDENTIFIER;
+BEGIN DIALOG @h FROM SERVICE [//test/Initiator] TO SERVICE '//test/Target'
+    ON CONTRACT [//test/Contract] WITH ENCRYPTION = OFF;
+SEND ON CONVERSATION @h MESSAGE TYPE [//test/Request] (N'<order id=\"7\"/>');
+";
+
+#[test]
+fn exec_prints_received_rows_as_a_table_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = exec(dir.path(), DEFINE_AND_SEND, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = exec(
+        dir.path(),
+        "RECEIVE TOP (1) CAST(message_body AS NVARCHAR(MAX)) AS body, message_type_name \
+         FROM TargetQueue",
+        &[],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["body", "message_type_name"]
+    );
+    assert_eq!(
+        lines[1],
+        format!("{} {}", "-".repeat(15), "-".repeat(17)),
+        "{text}"
+    );
+    assert_eq!(lines[2], "<order id=\"7\"/> //test/Request");
+    assert!(text.contains("(1 row affected)"), "{text}");
+    // The message was consumed: the next RECEIVE is empty, and JSON says so.
+    let output = exec(dir.path(), "RECEIVE * FROM TargetQueue", &["--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["results"][0]["statement"], "RECEIVE");
+    assert_eq!(json["results"][0]["rows_affected"], 0);
+    assert_eq!(json["results"][0]["rows"], serde_json::json!([]));
+    assert_eq!(json["results"][0]["columns"][0]["name"], "status");
+}
+
+#[test]
+fn a_script_that_does_not_parse_runs_nothing_and_says_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = exec(
+        dir.path(),
+        "CREATE QUEUE First;\nCREATE QUEUE Second;\nCREATE QUEU Third;",
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let error = stderr(&output);
+    assert!(error.contains("line 3, column 8"), "{error}");
+    assert!(error.contains("found 'QUEU'"), "{error}");
+    assert!(error.contains("  3 | CREATE QUEU Third;"), "{error}");
+    assert!(error.contains("nothing ran"), "{error}");
+    assert!(queues(dir.path()).is_empty(), "no queue was created");
+
+    // The same from a file and from stdin.
+    let script = dir.path().join("bad.sql");
+    std::fs::write(
+        &script,
+        "CREATE QUEUE First;\nBEGIN DIALOG @h FROM SERVIC s;",
+    )
+    .unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let from_file = herald(
+        &[
+            "exec",
+            "--embedded",
+            "--data-dir",
+            data_dir,
+            "-f",
+            script.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(from_file.status.code(), Some(3));
+    assert!(
+        stderr(&from_file).contains("line 2, column 22"),
+        "{}",
+        stderr(&from_file)
+    );
+    let from_stdin = herald(
+        &["exec", "--embedded", "--data-dir", data_dir, "-f", "-"],
+        Some("CREATE QUEUE First;\nCREATE QUEUE Second WITH STATUS = MAYBE;"),
+    );
+    assert_eq!(from_stdin.status.code(), Some(3));
+    assert!(
+        stderr(&from_stdin).contains("line 2, column"),
+        "{}",
+        stderr(&from_stdin)
+    );
+    assert!(queues(dir.path()).is_empty(), "no queue was created");
+
+    // A script longer than a script may be is refused before anything runs.
+    let huge = dir.path().join("huge.sql");
+    let mut text = "CREATE QUEUE First;\n".to_owned();
+    text.push_str(&" ".repeat(herald_engine::sql::SCRIPT_BYTES_MAX));
+    std::fs::write(&huge, text).unwrap();
+    let output = herald(
+        &[
+            "exec",
+            "--embedded",
+            "--data-dir",
+            data_dir,
+            "-f",
+            huge.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("longer than the maximum"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(queues(dir.path()).is_empty(), "no queue was created");
+}
+
+#[test]
+fn a_failing_statement_stops_the_script_after_the_earlier_ones_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = exec(
+        dir.path(),
+        "CREATE QUEUE Before;\nSELECT 1 AS one;\nCREATE SERVICE S ON QUEUE Missing;\nCREATE QUEUE After;",
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("(1 row affected)"),
+        "{}",
+        stdout(&output)
+    );
+    let error = stderr(&output);
+    assert!(error.contains("line 3, column 1"), "{error}");
+    assert!(error.contains("\"Missing\""), "{error}");
+    assert_eq!(queues(dir.path()), ["Before"]);
+    // A missing file is exit code 4.
+    let data_dir = dir.path().to_str().unwrap();
+    let missing = herald(
+        &[
+            "exec",
+            "--embedded",
+            "--data-dir",
+            data_dir,
+            "-f",
+            "/nonexistent/x.sql",
+        ],
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(4));
+}
+
+#[test]
+fn the_shell_keeps_one_session_across_statements_fed_on_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    // Multi-line statements; a variable declared in one batch is used in later ones; an open
+    // transaction spans batches; a failing statement does not end the shell.
+    let input = "\
+CREATE QUEUE Q;
+CREATE SERVICE S
+    ON QUEUE Q ([DEFAULT]);
+DECLARE @h UNIQUEIDENTIFIER;
+BEGIN DIALOG @h
+    FROM SERVICE S
+    TO SERVICE 'S';
+BEGIN TRANSACTION;
+SEND ON CONVERSATION @h
+    (N'first body');
+IF @h IS NOT NULL
+BEGIN
+    SEND ON CONVERSATION @h (N'second body');
+    SELECT @@TRANCOUNT AS open_transactions;
+END;
+CREATE SERVICE Broken ON QUEUE Missing;
+COMMIT
+GO
+RECEIVE CAST(message_body AS NVARCHAR(MAX)) AS body FROM Q;
+";
+    let output = herald(
+        &["shell", "--embedded", "--data-dir", data_dir],
+        Some(input),
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a statement failed: {}",
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    assert!(text.contains("open_transactions"), "{text}");
+    let body_lines: Vec<&str> = text.lines().filter(|l| l.ends_with(" body")).collect();
+    assert_eq!(body_lines, ["first body", "second body"], "{text}");
+    assert!(
+        stderr(&output).contains("\"Missing\""),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        !text.contains("herald> "),
+        "no prompt when stdin is not a terminal"
+    );
+}
+
+#[test]
+fn status_shows_each_queue_with_its_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = exec(dir.path(), DEFINE_AND_SEND, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let data_dir = dir.path().to_str().unwrap();
+    let output = herald(&["status", "--embedded", "--data-dir", data_dir], None);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let row = |name: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {text}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(row("TargetQueue"), ["TargetQueue", "ON", "1", "1", "0"]);
+    assert_eq!(
+        row("InitiatorQueue"),
+        ["InitiatorQueue", "ON", "0", "0", "0"]
+    );
+    assert_eq!(row("CO"), ["CO", "CONVERSING", "2"]);
+    let output = herald(
+        &["status", "--json", "--embedded", "--data-dir", data_dir],
+        None,
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let target = json["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "TargetQueue")
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(target["messages"], 1);
+    assert_eq!(json["conversations"][0]["state_desc"], "CONVERSING");
+}
+
+#[test]
+fn bench_on_an_embedded_broker_prints_its_table_and_receives_what_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("bench");
+    let output = herald(
+        &[
+            "bench",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--durability",
+            "none",
+            "--duration",
+            "1",
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--dialogs",
+            "4",
+            "--message-bytes",
+            "64",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| {
+            l.split_whitespace().collect::<Vec<_>>()
+                == ["sent", "received", "seconds", "msgs/s", "MB/s"]
+        })
+        .unwrap_or_else(|| panic!("no throughput table: {text}"));
+    let figures: Vec<&str> = lines[header + 2].split_whitespace().collect();
+    let sent: u64 = figures[0].parse().unwrap();
+    let received: u64 = figures[1].parse().unwrap();
+    assert!(sent > 0, "{text}");
+    assert_eq!(received, sent, "{text}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["latency_us", "p50", "p90", "p99", "p99.9", "max"]),
+        "{text}"
+    );
+    assert!(text.contains("service times"), "{text}");
+    // The run dropped what it created.
+    let output = exec(&data_dir, "SELECT name FROM sys.services", &["--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        json["results"][0]["rows"],
+        serde_json::json!([]),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn bench_with_a_rate_says_it_corrects_for_coordinated_omission() {
+    let output = herald(
+        &[
+            "bench",
+            "--durability",
+            "none",
+            "--duration",
+            "1",
+            "--rate",
+            "100",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("intended send time"), "{text}");
+    assert!(text.contains("target rate 100 msgs/s"), "{text}");
+}
+
+#[test]
+fn configured_routes_are_printed_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"ToShipping\"\nservice_name = \"//shop/Shipping\"\n\
+         address = \"quic://127.0.0.1:4023\"\nlifetime = 3600\n",
+    )
+    .unwrap();
+    let output = herald(
+        &[
+            "node",
+            "--print-config",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed = stdout(&output);
+    for expected in [
+        "[[routes]]",
+        "name = \"ToShipping\"",
+        "service_name = \"//shop/Shipping\"",
+        "address = \"quic://127.0.0.1:4023\"",
+        "lifetime = 3600",
+    ] {
+        assert!(printed.contains(expected), "{expected} in {printed}");
+    }
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"Bad\"\naddress = \"http://127.0.0.1:4023\"\n",
+    )
+    .unwrap();
+    let output = herald(
+        &[
+            "node",
+            "--print-config",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("route \"Bad\""),
+        "{}",
+        stderr(&output)
+    );
+}
