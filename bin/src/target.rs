@@ -148,10 +148,10 @@ pub fn broker_status(broker: &Broker) -> Status {
         })
         .collect();
     let endpoints = broker.conversation_endpoints();
-    let conversations = ENDPOINT_STATES
-        .iter()
-        .filter_map(|(state, _)| {
-            let count = endpoints.iter().filter(|e| e.state == *state).count() as u64;
+    let conversations = EndpointState::ALL
+        .into_iter()
+        .filter_map(|state| {
+            let count = endpoints.iter().filter(|e| e.state == state).count() as u64;
             (count > 0).then(|| (state.code().to_owned(), count))
         })
         .collect();
@@ -175,25 +175,11 @@ pub fn broker_status(broker: &Broker) -> Status {
     }
 }
 
-/// `sys.conversation_endpoints`' `state_desc` of a state code (`CO`: `CONVERSING`).
+/// `sys.conversation_endpoints`' `state_desc` of a state code (`CO`: `CONVERSING`); empty for
+/// a code this build does not know (a newer node's).
 pub fn state_desc(code: &str) -> &'static str {
-    ENDPOINT_STATES
-        .iter()
-        .find(|(state, _)| state.code() == code)
-        .map_or("", |(_, desc)| desc)
+    EndpointState::from_code(code).map_or("", EndpointState::description)
 }
-
-/// The endpoint states in Service Broker's order, with `sys.conversation_endpoints`'
-/// `state_desc`.
-const ENDPOINT_STATES: [(EndpointState, &str); 7] = [
-    (EndpointState::StartedOutbound, "STARTED_OUTBOUND"),
-    (EndpointState::StartedInbound, "STARTED_INBOUND"),
-    (EndpointState::Conversing, "CONVERSING"),
-    (EndpointState::DisconnectedInbound, "DISCONNECTED_INBOUND"),
-    (EndpointState::DisconnectedOutbound, "DISCONNECTED_OUTBOUND"),
-    (EndpointState::Error, "ERROR"),
-    (EndpointState::Closed, "CLOSED"),
-];
 
 /// Where a command's session goes: `--node` (through the client protocol, with the admin
 /// credentials the node keeps in `--data-dir`) or, with `--embedded`, the broker in

@@ -41,6 +41,38 @@ pub enum EndpointState {
 }
 
 impl EndpointState {
+    /// Every state, in Service Broker's order (the life of a conversation).
+    pub const ALL: [EndpointState; 7] = [
+        EndpointState::StartedOutbound,
+        EndpointState::StartedInbound,
+        EndpointState::Conversing,
+        EndpointState::DisconnectedInbound,
+        EndpointState::DisconnectedOutbound,
+        EndpointState::Error,
+        EndpointState::Closed,
+    ];
+
+    /// The state of a two-letter code (`"CO"`), as [`EndpointState::code`] writes it.
+    pub fn from_code(code: &str) -> Option<EndpointState> {
+        EndpointState::ALL
+            .into_iter()
+            .find(|state| state.code() == code)
+    }
+
+    /// `sys.conversation_endpoints`' `state_desc` (`CONVERSING`).
+    pub fn description(self) -> &'static str {
+        match self {
+            EndpointState::StartedOutbound => "STARTED_OUTBOUND",
+            EndpointState::StartedInbound => "STARTED_INBOUND",
+            EndpointState::Conversing => "CONVERSING",
+            EndpointState::DisconnectedInbound => "DISCONNECTED_INBOUND",
+            EndpointState::DisconnectedOutbound => "DISCONNECTED_OUTBOUND",
+            EndpointState::Error => "ERROR",
+            EndpointState::Closed => "CLOSED",
+        }
+    }
+
+    /// `sys.conversation_endpoints`' `state` (`CO`).
     pub fn code(self) -> &'static str {
         match self {
             EndpointState::StartedOutbound => "SO",
@@ -1669,4 +1701,23 @@ pub(crate) fn apply_catalog_op(catalog: &mut Catalog, op: &Op) -> Option<Result<
             return None;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EndpointState;
+
+    #[test]
+    fn every_state_code_reads_back_and_codes_and_descriptions_are_distinct() {
+        for state in EndpointState::ALL {
+            assert_eq!(EndpointState::from_code(state.code()), Some(state));
+        }
+        let codes: std::collections::HashSet<_> =
+            EndpointState::ALL.iter().map(|s| s.code()).collect();
+        let descriptions: std::collections::HashSet<_> =
+            EndpointState::ALL.iter().map(|s| s.description()).collect();
+        assert_eq!((codes.len(), descriptions.len()), (7, 7));
+        assert_eq!(EndpointState::from_code("XX"), None);
+        assert_eq!(EndpointState::Conversing.description(), "CONVERSING");
+    }
 }

@@ -350,7 +350,11 @@ fn status_report(
     let mut peers: Vec<PeerStatus> = Vec::new();
     if let Some(transport) = transport {
         let dialed = shared.dialed.lock().clone();
-        for (key, remote, unacknowledged) in transport.peers() {
+        let mut sessions = transport.peers();
+        // Dialed sessions first: a peer that both dialed this node and was dialed by it has
+        // two sessions (one per direction) but is one peer, shown under its route's address.
+        sessions.sort_by_key(|(key, _, _)| matches!(key, PeerKey::Accepted(_)));
+        for (key, remote, unacknowledged) in sessions {
             let (address, fingerprint) = match key {
                 PeerKey::Dialed(addr) => (addr.to_string(), dialed.get(&addr).copied()),
                 PeerKey::Accepted(fingerprint) => (
@@ -358,12 +362,21 @@ fn status_report(
                     Some(fingerprint),
                 ),
             };
-            peers.push(PeerStatus {
-                address,
-                fingerprint: fingerprint.map(|f| f.0),
-                connected: remote.is_some(),
-                unacknowledged_messages: unacknowledged as u64,
-            });
+            let fingerprint = fingerprint.map(|f| f.0);
+            let same_peer =
+                fingerprint.and_then(|f| peers.iter_mut().find(|p| p.fingerprint == Some(f)));
+            match same_peer {
+                Some(peer) => {
+                    peer.connected |= remote.is_some();
+                    peer.unacknowledged_messages += unacknowledged as u64;
+                }
+                None => peers.push(PeerStatus {
+                    address,
+                    fingerprint,
+                    connected: remote.is_some(),
+                    unacknowledged_messages: unacknowledged as u64,
+                }),
+            }
         }
     }
     // Peers routes name that this node has not dialed yet.

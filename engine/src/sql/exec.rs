@@ -31,7 +31,7 @@ use crate::catalog::{
 };
 use crate::error::{Error, Result};
 use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle};
-use crate::state::{Endpoint, EndpointState};
+use crate::state::Endpoint;
 use crate::system;
 use crate::transaction::{DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Transaction};
 
@@ -1610,18 +1610,6 @@ fn validation_code(validation: Validation) -> &'static str {
     }
 }
 
-fn state_desc(state: EndpointState) -> &'static str {
-    match state {
-        EndpointState::StartedOutbound => "STARTED_OUTBOUND",
-        EndpointState::StartedInbound => "STARTED_INBOUND",
-        EndpointState::Conversing => "CONVERSING",
-        EndpointState::DisconnectedInbound => "DISCONNECTED_INBOUND",
-        EndpointState::DisconnectedOutbound => "DISCONNECTED_OUTBOUND",
-        EndpointState::Error => "ERROR",
-        EndpointState::Closed => "CLOSED",
-    }
-}
-
 /// A catalog view's columns and rows, as committed.
 fn view_rows(broker: &Broker, view: CatalogView) -> (&'static [&'static str], Vec<Vec<Value>>) {
     match view {
@@ -1640,7 +1628,7 @@ fn view_rows(broker: &Broker, view: CatalogView) -> (&'static [&'static str], Ve
                         Value::Text(e.service),
                         opt_ms(e.expires_at_ms),
                         Value::Text(e.state.code().to_owned()),
-                        Value::Text(state_desc(e.state).to_owned()),
+                        Value::Text(e.state.description().to_owned()),
                         Value::Text(e.far_service),
                         e.far_broker_instance
                             .map_or(Value::Null, |b| Value::Guid(b.0)),
