@@ -45,6 +45,9 @@ enum Command {
         /// UDP address of the QUIC endpoint.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// `sync` (the default: a commit returns once it is on disk), `none` or `batched-<ms>`.
+        #[arg(long, value_name = "DURABILITY")]
+        durability: Option<String>,
         /// A TOML configuration file (see `--print-config` for its keys); flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -72,6 +75,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a person; a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         Command::Node {
             data_dir,
             listen,
+            durability,
             config,
             print_config,
         } => {
@@ -90,6 +96,10 @@ fn main() -> ExitCode {
                 }
                 if let Some(listen) = listen {
                     config.listen = listen;
+                }
+                if let Some(durability) = durability {
+                    config::parse_durability(&durability)?;
+                    config.durability = durability;
                 }
                 if print_config {
                     print!(

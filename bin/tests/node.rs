@@ -127,6 +127,31 @@ fn print_config_shows_the_effective_configuration_and_bad_keys_are_refused() {
     ] {
         assert!(printed.contains(expected), "{expected} in {printed}");
     }
+    // A flag overrides the file; a bad value is refused, naming what is expected.
+    let with_flag = |durability: &str| {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "node",
+                "--print-config",
+                "--durability",
+                durability,
+                "--config",
+            ])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let output = with_flag("none");
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("durability = \"none\""), "{printed}");
+    let output = with_flag("sometimes");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expected sync, none or batched-<ms>"),
+        "{stderr}"
+    );
     std::fs::write(&config, "listen = \"127.0.0.1:5000\"\nlisten_twice = 1\n").unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["node", "--print-config", "--config"])
