@@ -315,6 +315,11 @@ fn exec_on_a_node_reports_a_syntax_error_and_runs_nothing() {
         None,
     );
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("no answer from a node at 127.0.0.1:{port}")),
+        "{}",
+        stderr(&output)
+    );
     node.stop();
 }
 

@@ -190,6 +190,16 @@ pub enum Error {
     #[error("refused by the node: {reason}")]
     Refused { reason: String },
 
+    /// No node answered the client's handshake at `addr` in time: none is running there, or
+    /// the network drops the packets.
+    #[error(
+        "no answer from a node at {addr} within {waited:?}: is one running and listening there?"
+    )]
+    Unreachable {
+        addr: std::net::SocketAddr,
+        waited: std::time::Duration,
+    },
+
     /// The client's connection to the node is gone (its open transaction was rolled back by the
     /// node); the client cannot be used any more.
     #[error("connection to the node lost: {reason}")]

@@ -160,12 +160,14 @@ impl Client {
                 .map_err(|e| refused(format!("connecting to {addr}: {e}")))?;
             let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(connection)) => connection,
-                Ok(Err(e)) => return Err(refused(format!("connecting to {addr}: {e}"))),
-                Err(_) => {
-                    return Err(Error::ConnectionLost {
-                        reason: format!("no handshake with {addr} within {CONNECT_TIMEOUT:?}"),
+                // The handshake's idle timeout (as long as `CONNECT_TIMEOUT`) may come first.
+                Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {
+                    return Err(Error::Unreachable {
+                        addr,
+                        waited: CONNECT_TIMEOUT,
                     });
                 }
+                Ok(Err(e)) => return Err(refused(format!("connecting to {addr}: {e}"))),
             };
             let (send, recv) = connection
                 .open_bi()
