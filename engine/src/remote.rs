@@ -125,6 +125,17 @@ impl BrokerCore {
         }
     }
 
+    /// Sets (or with `None` removes) the outbound listener: from then on, a commit that changes
+    /// the transmission queue (adds messages, drops some unacknowledged, creates or alters a
+    /// route) calls it on the committing thread — once the commit is applied and durable as the
+    /// durability says, with the transaction's locks released — *instead of* waking the
+    /// `OutboundWaiter`s. So the network can hand new messages on from the thread that
+    /// committed them, without a thread hand-off; a listener that cannot (or cannot now) calls
+    /// `wake_outbound` for its thread. It must not commit on this broker.
+    pub fn set_outbound_listener(&self, listener: Option<crate::broker::OutboundListener>) {
+        *self.outbound_listener.lock() = listener;
+    }
+
     /// Wakes every `OutboundWaiter` (a route changed, or the caller is stopping).
     pub fn wake_outbound(&self) {
         self.signals.notify(crate::state::TRANSMISSION_SIGNAL);

@@ -1114,22 +1114,28 @@ impl<'b> Transaction<'b> {
         }
         self.release_locks();
         self.finished = true;
-        let logged_bytes = result?;
+        let (logged_bytes, outbound) = result?;
         self.broker.after_commit(logged_bytes);
         if !self.received_from.is_empty() {
             self.broker.receive_committed(&self.received_from);
         }
+        // With the locks released: the listener may take a while (it hands the new messages to
+        // the network on this thread).
+        if outbound {
+            self.broker.outbound_committed();
+        }
         Ok(())
     }
 
-    /// Logs the ops as one record and applies it; returns the record's size.
-    fn write_and_apply(&mut self) -> Result<u64> {
+    /// Logs the ops as one record and applies it; returns the record's size and whether the
+    /// outbound listener is to be told (see `BrokerCore::log_and_apply_deferred`).
+    fn write_and_apply(&mut self) -> Result<(u64, bool)> {
         if self.record.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
-        let logged_bytes = self.broker.log_and_apply(self.record.finish())?;
+        let applied = self.broker.log_and_apply_deferred(self.record.finish())?;
         self.taken.clear();
-        Ok(logged_bytes)
+        Ok(applied)
     }
 
     /// Undoes everything: received messages go back to their queues in their original order,

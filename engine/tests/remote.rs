@@ -482,3 +482,75 @@ fn status_texts_of_dropped_transmissions_are_forgotten() {
             .all(|row| row.transmission_status == "unreachable; retrying")
     );
 }
+
+/// The network's outbound listener is called on the committing thread after each commit that
+/// changes the transmission queue — with the commit applied, so its messages are listed, and
+/// the transaction's locks released — instead of waking the `OutboundWaiter`s; without a
+/// listener, commits wake them again.
+#[test]
+fn the_outbound_listener_replaces_the_waiters_wake_up_on_the_committing_thread() {
+    use std::sync::{Arc, Mutex};
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    // (thread, messages listed, the dialog's group could be locked) at each call.
+    type Calls = Arc<Mutex<Vec<(std::thread::ThreadId, usize, bool)>>>;
+    let calls: Calls = Arc::default();
+    let dialog: Arc<Mutex<Option<ConversationHandle>>> = Arc::default();
+    {
+        let (calls, dialog) = (calls.clone(), dialog.clone());
+        a.set_outbound_listener(Some(Arc::new(move |core: &herald_engine::BrokerCore| {
+            let listed = core.outbound(None, 100).len();
+            // A transaction still holding the group would make this SEND wait: it must not.
+            let unlocked = dialog.lock().unwrap().is_none_or(|h| {
+                let mut tx = core.begin();
+                let free = tx.send(h, ASK, b"probe").is_ok();
+                tx.rollback();
+                free
+            });
+            calls
+                .lock()
+                .unwrap()
+                .push((std::thread::current().id(), listed, unlocked));
+        })));
+    }
+    let waiter = a.outbound_waiter();
+    let generation = waiter.generation();
+
+    let h = begin(&a, &["one", "two"]);
+    *dialog.lock().unwrap() = Some(h);
+    let mut tx = a.begin();
+    tx.send(h, ASK, b"three").unwrap();
+    tx.commit().unwrap();
+    // A commit that leaves the transmission queue alone does not call it.
+    let mut tx = a.begin();
+    tx.create_queue("Elsewhere", QueueOptions::default())
+        .unwrap();
+    tx.commit().unwrap();
+    let me = std::thread::current().id();
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![(me, 2, true), (me, 3, true)],
+        "one call per commit that queued messages, on the committing thread, after the apply"
+    );
+    assert_eq!(
+        waiter.generation(),
+        generation,
+        "the listener is told instead of the waiters"
+    );
+
+    // Dropping unacknowledged messages is a change the network must hear of too.
+    let mut tx = a.begin();
+    tx.end_conversation_with_cleanup(h).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_eq!(calls.lock().unwrap()[2].1, 0);
+
+    a.set_outbound_listener(None);
+    begin(&a, &["four"]);
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_ne!(
+        waiter.generation(),
+        generation,
+        "without a listener commits wake the waiters"
+    );
+}
