@@ -173,6 +173,15 @@ impl std::ops::Deref for Broker {
     }
 }
 
+/// What a logged record waits for before it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// What the log's durability says (durable under `Sync`): a commit.
+    Durability,
+    /// Written to the OS only: for records whose loss to a power failure is harmless.
+    Written,
+}
+
 /// Called on the committing thread after a commit that changed the transmission queue (see
 /// [`BrokerCore::set_outbound_listener`]).
 pub type OutboundListener = Arc<dyn Fn(&BrokerCore) + Send + Sync>;
@@ -854,7 +863,19 @@ impl BrokerCore {
     /// Logs `ops` as one commit record and applies it (in LSN order with every other commit);
     /// returns the record's size. Used by every transaction's commit and by compaction.
     pub(crate) fn log_and_apply(&self, payload: &[u8]) -> Result<u64> {
-        let (logged_bytes, outbound) = self.log_and_apply_deferred(payload)?;
+        let (logged_bytes, outbound) = self.log_and_apply_deferred(payload, Wait::Durability)?;
+        if outbound {
+            self.outbound_committed();
+        }
+        Ok(logged_bytes)
+    }
+
+    /// `log_and_apply` of a record whose loss to a power failure is harmless, so that it need
+    /// not wait for the log's durability: returns once it is written to the OS (safe from a
+    /// crash of this process) and applied. It becomes durable with the next commit that syncs
+    /// (every sync covers every record before its own) or the next checkpoint.
+    pub(crate) fn log_and_apply_written(&self, payload: &[u8]) -> Result<u64> {
+        let (logged_bytes, outbound) = self.log_and_apply_deferred(payload, Wait::Written)?;
         if outbound {
             self.outbound_committed();
         }
@@ -864,7 +885,7 @@ impl BrokerCore {
     /// `log_and_apply`, leaving the outbound listener to the caller: returns, besides the
     /// record's size, whether it must call `outbound_committed` (once it holds no locks a
     /// listener could wait for). On an error the listener has already been called.
-    pub(crate) fn log_and_apply_deferred(&self, payload: &[u8]) -> Result<(u64, bool)> {
+    pub(crate) fn log_and_apply_deferred(&self, payload: &[u8], wait: Wait) -> Result<(u64, bool)> {
         if let Some(reason) = &self.state.lock().broken {
             return Err(Error::Corruption(reason.clone()));
         }
@@ -875,7 +896,10 @@ impl BrokerCore {
                 max,
             });
         }
-        let appended = self.wal.commit(KIND_COMMIT, payload)?;
+        let appended = match wait {
+            Wait::Durability => self.wal.commit(KIND_COMMIT, payload)?,
+            Wait::Written => self.wal.append(KIND_COMMIT, payload)?,
+        };
         let logged = self.wal.appended_payload(&appended)?;
         // Decode the copy in hand, not the mapped one: touching every page of the map would
         // fault each in for nothing (receivers read the bodies through the map later).

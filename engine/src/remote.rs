@@ -193,6 +193,13 @@ impl BrokerCore {
     /// The far broker `far` acknowledged transmissions `ids`: they leave the transmission
     /// queue (logged), their dialogs are pinned to `far`, and an acknowledged END lets its
     /// endpoint go.
+    ///
+    /// Returns once the record is written to the OS, without waiting for it to be durable (it
+    /// is, with the next commit that syncs): losing it to a power failure only sends those
+    /// messages again after the restart, which the far broker, holding them durably, takes as
+    /// duplicates and acknowledges again (and the next acknowledgement pins the dialog again).
+    /// So acknowledgements cost no `fdatasync` of their own, which on the request/reply path
+    /// competed with the commits that are on it.
     pub fn transmitted(&self, ids: &[u64], far: Option<BrokerInstanceId>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -201,7 +208,7 @@ impl BrokerCore {
             ids: ids.to_vec(),
             far_broker_instance: far,
         };
-        self.log_and_apply(&crate::record::encode(&[op]))?;
+        self.log_and_apply_written(&crate::record::encode(&[op]))?;
         self.forget_transmission_status(ids);
         Ok(())
     }

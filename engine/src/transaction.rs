@@ -1133,7 +1133,9 @@ impl<'b> Transaction<'b> {
         if self.record.is_empty() {
             return Ok((0, false));
         }
-        let applied = self.broker.log_and_apply_deferred(self.record.finish())?;
+        let applied = self
+            .broker
+            .log_and_apply_deferred(self.record.finish(), crate::broker::Wait::Durability)?;
         self.taken.clear();
         Ok(applied)
     }
