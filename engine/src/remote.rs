@@ -12,7 +12,9 @@
 //!   next in its conversation's sequence (earlier ones are duplicates, later ones wait for the
 //!   gap to fill by retransmission). When it returns, what it accepted is committed — durable
 //!   under the default durability — so the caller may acknowledge `Accepted` and `Duplicate`
-//!   messages, and only those.
+//!   messages, and only those. `accept_arrivals_written` returns once the transaction is
+//!   written and applied (receivable), with the `SyncPoint` to pass to `wait_synced` before
+//!   acknowledging.
 
 use crate::broker::BrokerCore;
 use crate::catalog::RouteChoice;
@@ -71,6 +73,11 @@ pub enum ArrivalOutcome {
     /// Refused: answer with an Error for the dialog (and do not acknowledge).
     Refused { code: i32, description: String },
 }
+
+/// A point of the log (see `BrokerCore::accept_arrivals_written`): what must be durable before
+/// the arrivals accepted up to it may be acknowledged. Later points cover earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct SyncPoint(herald_wal::Lsn);
 
 /// A message in the transmission queue, with all the far broker needs to deliver it.
 #[derive(Debug, Clone)]
@@ -245,6 +252,46 @@ impl BrokerCore {
     /// Takes messages that arrived from other brokers, in one local transaction (see the module
     /// documentation); returns what became of each, in order, once that transaction committed.
     pub fn accept_arrivals(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
+        let (outcomes, point) = self.accept_arrivals_written(arrivals)?;
+        self.wait_synced(point)?;
+        Ok(outcomes)
+    }
+
+    /// `accept_arrivals` without waiting for durability: returns once the transaction is
+    /// written to the OS and applied — its messages can be received at once — with the point
+    /// of the log that must be durable before `Accepted` and `Duplicate` outcomes may be
+    /// acknowledged ([`BrokerCore::wait_synced`]; it covers the messages that earlier calls
+    /// accepted, which a `Duplicate` may repeat).
+    ///
+    /// Why: a RECEIVE of such a message does not wait for the arrival's own `fdatasync`, and
+    /// loses nothing by it: the log is durable in order, so the RECEIVE's commit is durable
+    /// only with the arrival, and a power failure before that takes both (the far broker,
+    /// never acknowledged, sends the message again). On the request/reply path this takes a
+    /// sync off each side: the receiving application's commit makes the arrival durable too.
+    pub fn accept_arrivals_written(
+        &self,
+        arrivals: &[Arrival],
+    ) -> Result<(Vec<ArrivalOutcome>, SyncPoint)> {
+        let outcomes = self.accept_arrivals_unsynced(arrivals)?;
+        Ok((outcomes, SyncPoint(self.wal.written_lsn())))
+    }
+
+    /// Waits until the log is durable through `point`, as a commit would: under `Sync` it syncs
+    /// (or waits for the sync running); under `Batched` and `None` commits do not wait, and
+    /// neither does this.
+    pub fn wait_synced(&self, point: SyncPoint) -> Result<()> {
+        if self.options.durability == herald_wal::Durability::Sync {
+            self.wal.wait_durable(point.0)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `wait_synced` waits at all (the log's durability is `Sync`).
+    pub fn waits_for_sync(&self) -> bool {
+        self.options.durability == herald_wal::Durability::Sync
+    }
+
+    fn accept_arrivals_unsynced(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
         let now = self.clock().now_ms();
         let mut tx = self.begin();
         let mut outcomes = Vec::with_capacity(arrivals.len());
@@ -322,7 +369,7 @@ impl BrokerCore {
             expected.insert(side, (handle, arrival.sequence + 1));
             outcomes.push(ArrivalOutcome::Accepted);
         }
-        tx.commit()?;
+        tx.commit_written()?;
         Ok(outcomes)
     }
 

@@ -1107,8 +1107,18 @@ impl<'b> Transaction<'b> {
     /// Makes everything this transaction did durable (under the default durability) and visible,
     /// as one log record, then releases its locks. On error nothing was applied and the
     /// transaction is rolled back.
-    pub fn commit(mut self) -> Result<()> {
-        let result = self.write_and_apply();
+    pub fn commit(self) -> Result<()> {
+        self.finish_commit(crate::broker::Wait::Durability)
+    }
+
+    /// `commit`, returning once the record is written to the OS and applied, without waiting
+    /// for it to be durable (see `BrokerCore::accept_arrivals_written`).
+    pub(crate) fn commit_written(self) -> Result<()> {
+        self.finish_commit(crate::broker::Wait::Written)
+    }
+
+    fn finish_commit(mut self, wait: crate::broker::Wait) -> Result<()> {
+        let result = self.write_and_apply(wait);
         if result.is_err() {
             self.put_back_taken();
         }
@@ -1129,13 +1139,13 @@ impl<'b> Transaction<'b> {
 
     /// Logs the ops as one record and applies it; returns the record's size and whether the
     /// outbound listener is to be told (see `BrokerCore::log_and_apply_deferred`).
-    fn write_and_apply(&mut self) -> Result<(u64, bool)> {
+    fn write_and_apply(&mut self, wait: crate::broker::Wait) -> Result<(u64, bool)> {
         if self.record.is_empty() {
             return Ok((0, false));
         }
         let applied = self
             .broker
-            .log_and_apply_deferred(self.record.finish(), crate::broker::Wait::Durability)?;
+            .log_and_apply_deferred(self.record.finish(), wait)?;
         self.taken.clear();
         Ok(applied)
     }

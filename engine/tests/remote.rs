@@ -554,3 +554,62 @@ fn the_outbound_listener_replaces_the_waiters_wake_up_on_the_committing_thread()
         "without a listener commits wake the waiters"
     );
 }
+
+/// `accept_arrivals_written` makes a batch receivable as soon as it is written (before
+/// `wait_synced`), and the point it returns covers every batch before it: a repeat of the same
+/// messages is a `Duplicate` whose point is not below the first one's.
+#[test]
+fn written_arrivals_are_receivable_before_their_sync_and_later_points_cover_earlier_ones() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    drop(pair(a_dir.path(), b_dir.path()));
+    let a = Broker::open(a_dir.path(), options()).unwrap();
+    let b = Broker::open(
+        b_dir.path(),
+        Options {
+            durability: Durability::Sync,
+            ..options()
+        },
+    )
+    .unwrap();
+    assert!(b.waits_for_sync());
+    assert!(
+        !a.waits_for_sync(),
+        "None: commits do not wait, nor do acks"
+    );
+    begin(&a, &["first", "second"]);
+    let arrivals: Vec<Arrival> = a
+        .outbound(None, 10)
+        .iter()
+        .map(|m| Arrival {
+            conversation_id: m.conversation_id,
+            from_initiator: m.from_initiator,
+            sequence: m.sequence,
+            from_service: m.from_service.clone(),
+            to_service: m.to_service.clone(),
+            contract: m.contract.clone(),
+            message_type: m.message_type.clone(),
+            body: m.body.to_vec(),
+            source_broker: a.broker_instance(),
+            expires_at_ms: m.expires_at_ms,
+        })
+        .collect();
+    let (outcomes, first) = b.accept_arrivals_written(&arrivals).unwrap();
+    assert_eq!(outcomes, vec![ArrivalOutcome::Accepted; 2]);
+    let mut tx = b.begin();
+    let got = tx.receive("Server", Receive::top(10)).unwrap();
+    assert_eq!(
+        got.iter().map(|m| m.body().to_vec()).collect::<Vec<_>>(),
+        vec![b"first".to_vec(), b"second".to_vec()],
+        "receivable before anyone waited for the sync"
+    );
+    tx.rollback();
+    let (again, second) = b.accept_arrivals_written(&arrivals).unwrap();
+    assert_eq!(again, vec![ArrivalOutcome::Duplicate; 2]);
+    assert!(second >= first, "{second:?} < {first:?}");
+    b.wait_synced(second).unwrap();
+    b.wait_synced(first).unwrap();
+    drop(b);
+    let b = Broker::open(b_dir.path(), options()).unwrap();
+    assert_eq!(receive_all(&b, "Server").len(), 2, "stored once");
+    invariants::check_idle(&b).unwrap();
+}

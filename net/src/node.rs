@@ -13,8 +13,10 @@
 //!   a pass already running, a listing longer than one pass, a full send queue to wait on, a
 //!   host name to resolve;
 //! - the **receiver** takes the transport's events: messages that arrived go to the broker in
-//!   batches (`accept_arrivals`, one local transaction each) and are acknowledged only after
-//!   that commit returned (durable under the default durability); acknowledgements remove
+//!   batches (`accept_arrivals_written`, one local transaction each, which receivers see as
+//!   soon as it is written) and are acknowledged only once the log is durable through it (under
+//!   the default durability): the **acker** thread waits for that and sends the
+//!   acknowledgements, while the receiver goes on; acknowledgements remove
 //!   messages from the transmission queue (`transmitted`, which pins the dialog to the far
 //!   broker); errors from far brokers put their dialogs in ERROR (`remote_failed`).
 //!
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use herald_engine::remote::{Arrival, ArrivalOutcome, codes};
+use herald_engine::remote::{Arrival, ArrivalOutcome, SyncPoint, codes};
 use herald_engine::{
     Broker, BrokerCore, BrokerInstanceId, ConversationId, OutboundListener, RouteAddress,
     RouteChoice,
@@ -110,6 +112,10 @@ struct Shared {
     dialed: Mutex<HashMap<SocketAddr, Fingerprint>>,
     /// The sender's place in the transmission queue; held by the pass running.
     passes: Mutex<Passes>,
+    /// Acknowledgements of arrivals not known durable yet, for the acker thread.
+    pending_acks: Mutex<PendingAcks>,
+    /// Signalled when `pending_acks` gets some (or the node stops).
+    acks_waiting: parking_lot::Condvar,
     restricted_peers: HashMap<Fingerprint, HashSet<String>>,
 }
 
@@ -148,6 +154,8 @@ impl Node {
             room: parking_lot::Condvar::new(),
             dialed: Mutex::new(HashMap::new()),
             passes: Mutex::new(Passes::new(&broker)),
+            pending_acks: Mutex::new(PendingAcks::default()),
+            acks_waiting: parking_lot::Condvar::new(),
             restricted_peers: config.restricted_peers,
         });
         let clients = serve_clients(&config.data_dir, &broker, &transport, &shared)?;
@@ -181,6 +189,13 @@ impl Node {
             threads.push(spawn(
                 "herald-receiver",
                 Box::new(move || run_receiver(&broker, &transport, &shared, &runtime, events)),
+            )?);
+        }
+        {
+            let (broker, transport, shared) = (broker.clone(), transport.clone(), shared.clone());
+            threads.push(spawn(
+                "herald-acker",
+                Box::new(move || run_acker(&broker, &transport, &shared)),
             )?);
         }
         tracing::info!(
@@ -272,8 +287,12 @@ impl Node {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopped.notify_one();
         self.broker.wake_outbound();
-        let _full = self.shared.send_queue_full.lock();
-        self.shared.room.notify_one();
+        {
+            let _full = self.shared.send_queue_full.lock();
+            self.shared.room.notify_one();
+        }
+        let _pending = self.shared.pending_acks.lock();
+        self.shared.acks_waiting.notify_one();
     }
 
     fn stop_threads(&mut self) {
@@ -846,19 +865,35 @@ fn run_receiver(
             }
         }
         if !arrivals.is_empty() {
-            deliver(broker, transport, arrivals);
+            deliver(broker, transport, shared, arrivals);
         }
     }
 }
 
-/// Commits a batch of arrivals, then acknowledges what is durably here and answers refusals.
-/// Acks are cumulative, so each conversation direction of each peer gets one, for the highest
-/// sequence accepted (or repeated): the ones below it are either accepted in this batch or
-/// already here.
-fn deliver(broker: &Broker, transport: &Transport, arrivals: Vec<(PeerKey, Arrival)>) {
+/// Acknowledgements waiting for the log to be durable through `point`: per conversation
+/// direction of each peer, the highest sequence accepted (or repeated).
+#[derive(Debug, Default)]
+struct PendingAcks {
+    acks: HashMap<(PeerKey, u128, bool), u64>,
+    point: SyncPoint,
+}
+
+/// Stores a batch of arrivals (one local transaction, written and applied: receivers see them
+/// at once) and answers refusals; its acknowledgements go out once the log is durable through
+/// it — from the acker thread under `Sync` durability (so the receiver goes on with the next
+/// batch meanwhile, and a receiving application's commit may be the sync that covers it), at
+/// once otherwise (commits do not wait there either). Acks are cumulative, so each
+/// conversation direction of each peer gets one, for the highest sequence accepted (or
+/// repeated): the ones below it are either accepted in this batch or already here.
+fn deliver(
+    broker: &Broker,
+    transport: &Transport,
+    shared: &Shared,
+    arrivals: Vec<(PeerKey, Arrival)>,
+) {
     let (peers, batch): (Vec<PeerKey>, Vec<Arrival>) = arrivals.into_iter().unzip();
-    let outcomes = match broker.accept_arrivals(&batch) {
-        Ok(outcomes) => outcomes,
+    let (outcomes, point) = match broker.accept_arrivals_written(&batch) {
+        Ok(accepted) => accepted,
         Err(e) => {
             // Nothing is acknowledged: the senders send again.
             tracing::error!(error = %e, "storing arrived messages failed");
@@ -880,8 +915,49 @@ fn deliver(broker: &Broker, transport: &Transport, arrivals: Vec<(PeerKey, Arriv
             }
         }
     }
+    if acks.is_empty() {
+        return;
+    }
+    if !broker.waits_for_sync() {
+        acknowledge(transport, acks);
+        return;
+    }
+    let mut pending = shared.pending_acks.lock();
+    for (key, sequence) in acks {
+        let highest = pending.acks.entry(key).or_insert(sequence);
+        *highest = (*highest).max(sequence);
+    }
+    pending.point = pending.point.max(point);
+    drop(pending);
+    shared.acks_waiting.notify_one();
+}
+
+fn acknowledge(transport: &Transport, acks: HashMap<(PeerKey, u128, bool), u64>) {
     for ((peer, conversation, from_initiator), sequence) in acks {
         let _ = transport.acknowledge(&peer, conversation.to_be_bytes(), from_initiator, sequence);
+    }
+}
+
+/// The acker thread: waits for the log to be durable through what the receiver stored, then
+/// acknowledges it; what arrives meanwhile is acknowledged after the next wait, together.
+fn run_acker(broker: &Broker, transport: &Transport, shared: &Shared) {
+    loop {
+        let pending = {
+            let mut pending = shared.pending_acks.lock();
+            while pending.acks.is_empty() && !shared.stop.load(Ordering::SeqCst) {
+                shared.acks_waiting.wait(&mut pending);
+            }
+            if pending.acks.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        match broker.wait_synced(pending.point) {
+            Ok(()) => acknowledge(transport, pending.acks),
+            // Nothing is acknowledged: the senders send again (after a reopen, the log is
+            // whatever it could make durable).
+            Err(e) => tracing::error!(error = %e, "making arrived messages durable failed"),
+        }
     }
 }
 
