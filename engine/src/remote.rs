@@ -286,6 +286,16 @@ impl BrokerCore {
         Ok(())
     }
 
+    /// `wait_synced` that, for up to `grace`, leaves the sync to other committers (see
+    /// `Wal::wait_durable_lazily`): for acknowledgements, which a receiving application's
+    /// commit is about to make durable anyway.
+    pub fn wait_synced_lazily(&self, point: SyncPoint, grace: std::time::Duration) -> Result<()> {
+        if self.options.durability == herald_wal::Durability::Sync {
+            self.wal.wait_durable_lazily(point.0, grace)?;
+        }
+        Ok(())
+    }
+
     /// Whether `wait_synced` waits at all (the log's durability is `Sync`).
     pub fn waits_for_sync(&self) -> bool {
         self.options.durability == herald_wal::Durability::Sync

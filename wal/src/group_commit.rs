@@ -218,6 +218,42 @@ impl GroupCommit {
         }
     }
 
+    /// `wait_durable`, but for up to `grace` it leaves the syncing to others: it waits as a
+    /// follower, woken when a leader's round covers `lsn`, and leads only once `grace` has
+    /// passed. For a record whose durability can wait a moment for a sync that is coming anyway
+    /// (a commit of a thread about to write).
+    pub fn wait_durable_lazily(&self, lsn: Lsn, grace: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + grace;
+        let me = thread::current().id();
+        loop {
+            if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 {
+                return Ok(());
+            }
+            self.check_poison()?;
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return self.wait_durable(lsn);
+            }
+            {
+                let mut s = self.sync.lock();
+                s.waiters.push((lsn.0, thread::current()));
+                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 || self.is_poisoned() {
+                    s.waiters.pop();
+                    self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                    continue;
+                }
+            }
+            // Woken by a leader whose round covered `lsn`, by a write that made waiters
+            // syncable (another waiter leads; this one does not yet), by poisoning, or by the
+            // deadline; every case loops.
+            thread::park_timeout(deadline - now);
+            let mut s = self.sync.lock();
+            s.waiters.retain(|(_, thread)| thread.id() != me);
+            self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+        }
+    }
+
     /// Runs sync rounds while some waiter's record is written but not durable.
     fn lead_syncs(&self) -> Result<()> {
         loop {
