@@ -55,6 +55,9 @@ struct WrittenState {
 struct SyncState {
     /// Committers waiting for durability: (LSN, thread), unordered.
     waiters: Vec<(u64, Thread)>,
+    /// Lazy waiters (`wait_durable_lazily`) in their grace: woken only by a round that covers
+    /// them (or poisoning), never to lead, so writes do not wake them.
+    lazy: Vec<(u64, Thread)>,
 }
 
 /// Removes the waiters whose LSN is at most `through` and returns their threads, to be unparked
@@ -236,21 +239,20 @@ impl GroupCommit {
             }
             {
                 let mut s = self.sync.lock();
-                s.waiters.push((lsn.0, thread::current()));
-                self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+                // Checked under the lock a leader takes to wake the waiters it covered: either
+                // this sees its round's durable LSN, or the leader sees this waiter.
                 if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 || self.is_poisoned() {
-                    s.waiters.pop();
-                    self.waiting.store(s.waiters.len(), Ordering::SeqCst);
                     continue;
                 }
+                s.lazy.push((lsn.0, thread::current()));
             }
-            // Woken by a leader whose round covered `lsn`, by a write that made waiters
-            // syncable (another waiter leads; this one does not yet), by poisoning, or by the
-            // deadline; every case loops.
+            // Woken by a leader whose round covered `lsn`, by poisoning, or by the deadline;
+            // every case loops.
             thread::park_timeout(deadline - now);
-            let mut s = self.sync.lock();
-            s.waiters.retain(|(_, thread)| thread.id() != me);
-            self.waiting.store(s.waiters.len(), Ordering::SeqCst);
+            self.sync
+                .lock()
+                .lazy
+                .retain(|(_, thread)| thread.id() != me);
         }
     }
 
@@ -278,6 +280,7 @@ impl GroupCommit {
             let (woken, more) = {
                 let mut s = self.sync.lock();
                 let mut woken = take_covered(&mut s.waiters, target);
+                woken.extend(take_covered(&mut s.lazy, target));
                 let written = self.written_lsn.load(Ordering::SeqCst);
                 let more = s.waiters.iter().any(|(lsn, _)| *lsn <= written);
                 if !more {
@@ -313,7 +316,8 @@ impl GroupCommit {
         }
         self.written_waiting.store(0, Ordering::SeqCst);
         let mut s = self.sync.lock();
-        for (_, thread) in s.waiters.drain(..) {
+        let s = &mut *s;
+        for (_, thread) in s.waiters.drain(..).chain(s.lazy.drain(..)) {
             thread.unpark();
         }
         self.waiting.store(0, Ordering::SeqCst);
