@@ -369,13 +369,12 @@ impl BrokerCore {
                 outcomes.push(refused);
                 continue;
             }
-            tx.push_op(&Op::Arrive {
+            tx.push_arrive(
                 handle,
-                sequence: arrival.sequence,
-                message_type: arrival.message_type.clone(),
-                body: arrival.body.clone(),
-                body_range: 0..0,
-            });
+                arrival.sequence,
+                &arrival.message_type,
+                &arrival.body,
+            );
             expected.insert(side, (handle, arrival.sequence + 1));
             outcomes.push(ArrivalOutcome::Accepted);
         }

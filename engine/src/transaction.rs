@@ -383,6 +383,18 @@ impl<'b> Transaction<'b> {
         self.record.push(op);
     }
 
+    /// `push_op` of an `Op::Arrive`, without building it (no copy of the body).
+    pub(crate) fn push_arrive(
+        &mut self,
+        handle: ConversationHandle,
+        sequence: u64,
+        message_type: &str,
+        body: &[u8],
+    ) {
+        self.record
+            .push_arrive(handle, sequence, message_type, body);
+    }
+
     /// CREATE ROUTE.
     pub fn create_route(&mut self, route: crate::catalog::Route) -> Result<()> {
         let op = Op::CreateRoute(route.clone());
