@@ -166,12 +166,29 @@ impl BrokerCore {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
+        // Routes by (far service, far broker): a listing holds few dialogs' worth of them, and
+        // each would otherwise search the routes again.
+        let mut routes: Vec<((&str, Option<BrokerInstanceId>), RouteChoice)> = Vec::new();
         state
             .transmission
             .range(from..)
             .filter(|(id, _)| wanted(**id))
             .filter_map(|(id, t)| {
                 let endpoint = state.endpoints.get(&t.handle)?;
+                let far = (endpoint.far_service.as_str(), endpoint.far_broker_instance);
+                let route = match routes.iter().find(|(key, _)| *key == far) {
+                    Some((_, route)) => route.clone(),
+                    None => {
+                        let route = state.catalog.route(
+                            &endpoint.far_service,
+                            endpoint.far_broker_instance,
+                            self.broker_instance(),
+                            now,
+                        );
+                        routes.push((far, route.clone()));
+                        route
+                    }
+                };
                 Some(Outbound {
                     id: *id,
                     handle: t.handle,
@@ -185,12 +202,7 @@ impl BrokerCore {
                     body: t.message.body.clone(),
                     to_broker_instance: endpoint.far_broker_instance,
                     expires_at_ms: endpoint.expires_at_ms.unwrap_or(0),
-                    route: state.catalog.route(
-                        &endpoint.far_service,
-                        endpoint.far_broker_instance,
-                        self.broker_instance(),
-                        now,
-                    ),
+                    route,
                 })
             })
             .take(max)

@@ -456,8 +456,8 @@ fn status_report(
 /// sender thread or on a committing thread (see [`on_outbound_commit`]).
 #[derive(Debug)]
 struct Passes {
-    /// Host names resolved so far (only the sender thread resolves: it may block).
-    resolved: HashMap<(String, u16), SocketAddr>,
+    /// Host names (and ports) resolved so far (only the sender thread resolves: it may block).
+    resolved: HashMap<String, HashMap<u16, SocketAddr>>,
     /// Passes continue after the last message listed (new ones only); every
     /// `ROUTE_RECHECK_INTERVAL` a pass starts from the beginning again, for messages that had
     /// no route (or whose address did not resolve) before.
@@ -540,7 +540,7 @@ fn pass(
             RouteChoice::Remote {
                 address: RouteAddress::Quic { host, port },
                 ..
-            } => (host.clone(), *port),
+            } => (host, *port),
             // No route: `transmission_queue` says so; the next pass looks again.
             RouteChoice::NoRoute => continue,
             RouteChoice::Remote {
@@ -555,7 +555,7 @@ fn pass(
                 continue;
             }
         };
-        let addr = match passes.resolved.get(&(host.clone(), port)) {
+        let addr = match passes.resolved.get(host).and_then(|ports| ports.get(&port)) {
             Some(addr) => *addr,
             // Nothing was handed on and the cursor has not moved: the sender thread takes the
             // same listing again.
@@ -565,7 +565,11 @@ fn pass(
                 .map(|mut a| a.next())
             {
                 Ok(Some(addr)) => {
-                    passes.resolved.insert((host.clone(), port), addr);
+                    passes
+                        .resolved
+                        .entry(host.clone())
+                        .or_default()
+                        .insert(port, addr);
                     addr
                 }
                 Ok(None) | Err(_) => {
