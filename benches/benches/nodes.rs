@@ -12,25 +12,40 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   Figures (2-CPU VM, quiet, 30 s rests between runs; the runs slow down to ~40–60k when
-//!   other work shares the disk): sync 121–135k msg/s (0.22–0.25×), none 132–138k (0.22–0.24×).
-//!   Where the time goes, measured by timing the phases of a round: with `Sync`, A's sending
-//!   thread (100 SENDs and a durable commit per transaction) finishes only ~10 ms before B has
-//!   everything, and the same sends without the network take a third of the time (20000 in
-//!   55–68 ms, ~320k/s): the limit is the CPU the two nodes' delivery takes from it on two
-//!   CPUs (quinn's two endpoints, the senders, receivers and their commits, the log's
-//!   background zero-filling of spare segments — ~20% of all samples in `perf record`).
-//!   With `None` the sends take ~80 ms and delivery ~360 ms: the receiving side is the limit.
+//!   Figures (2-CPU VM, 20 s rests between runs, the previous code's binary run alternately in
+//!   the same minutes, 4 runs each, at a time when the machine was slower than when the
+//!   earlier figures of 121–135k were taken): sync 77–87k msg/s (0.17–0.21×; previous code
+//!   0.18–0.22×), none 101–116k (0.20–0.23×; previous 0.21–0.24×): unchanged within the noise.
+//!   Where the time goes: the rounds are CPU-bound on two CPUs. CPU per thread over one run
+//!   (3 rounds of 20000, both nodes, read from `/proc/PID/task/*/stat`): the two nodes' network
+//!   threads (quinn, frames, UDP) 0.3–0.4 s, the bench's own threads (A's SENDs and commits,
+//!   B's draining receives and commits, the floor's client) 0.4–0.6 s, the two senders
+//!   0.1–0.35 s, the receivers 0.12–0.18 s, the floor's runtime 0.15 s, the log's spare
+//!   zero-filling 0.2–0.35 s (mostly the two start-up spares the bench waits for; a build that
+//!   only extended spares took it to 0 with no change in msg/s beyond the noise). `perf record`
+//!   shows no hot spot: memcpy and malloc spread over every thread, and in the committers the
+//!   `fdatasync` path (virtio notifications). An earlier measurement of the phases of a round
+//!   found the same: with `Sync`, A's sending thread finishes only ~10 ms before B has
+//!   everything, and the same sends without the network run ~3× faster (20000 in 55–68 ms):
+//!   the delivery's CPU, not the disk, is the limit.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
 //!   returned; p50 and p99 over `HERALD_BENCH_NODES_ROUND_TRIPS` (2000) round trips. The floor
 //!   reported is twice the time of one 4 KiB `pwrite` + `fdatasync` (`floors::OverwriteSync`),
 //!   measured just before (loopback network not included): the two application commits on the
-//!   critical path. But each node also commits what arrives, durably, before anyone can
-//!   receive it, so five durable commits follow each other on the critical path (A's send, B's
-//!   arrival, B's receive + reply, A's arrival, A's receive); the run prints 5 × fdatasync too,
-//!   the real floor of this design. Target p50 ≤ 1 ms.
+//!   critical path. Each node also stores what arrives (B the request, A the reply) before
+//!   anyone can receive it: that commit is receivable once written, and acknowledged only once
+//!   durable — by the receiving application's own commit, which the log makes durable only
+//!   with everything before it, or by the node's acker after `ACK_SYNC_GRACE`. So of the five
+//!   durable commits (A's send, B's arrival, B's receive + reply, A's arrival, A's receive)
+//!   three `fdatasync`s follow each other; the run prints 3 × and 5 × fdatasync. Target p50 ≤
+//!   1 ms. Figures (same runs as above): p50 0.78–0.79 ms with 3 × fdatasync at 0.41–0.47 ms
+//!   (previous code, alternately in the same minutes: 1.17–1.21 ms), p99 1.4–2.3 ms (previous
+//!   1.7–4.2 ms). What remains beyond the three syncs: per direction the network thread's wake-
+//!   up (~40 µs scheduling delay waking an idle vCPU, `perf sched timehist`), quinn on both
+//!   ends, the hand-off to the receiver thread and its write of the arrival, the wake-up of the
+//!   WAITFOR receiver.
 //!
 //! Under `cargo test --benches` everything runs once on tiny sizes as a smoke test. Sizes by
 //! environment variable, see [`Settings::from_env`]; a filter argument selects by name.
@@ -472,8 +487,11 @@ fn request_reply(settings: &Settings, root: &Path, report: &mut Report) -> Bench
         floor.per_op()
     );
     println!(
-        "{RTT_NAME}: durable commits one after the other on the critical path: 5 (A's send, B's \
-         arrival, B's receive + reply, A's arrival, A's receive) = {:.2?} of fdatasync alone",
+        "{RTT_NAME}: durable commits on the critical path: 5 (A's send, B's arrival, B's receive \
+         + reply, A's arrival, A's receive); an arrival is receivable once written and the \
+         receive's commit makes it durable too, so 3 fdatasyncs follow each other (A's send, B's \
+         receive + reply, A's receive) = {:.2?} of fdatasync alone (5 × = {:.2?})",
+        floor.per_op() * 3,
         floor.per_op() * 5
     );
     report.compare(

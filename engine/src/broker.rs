@@ -157,6 +157,9 @@ pub struct BrokerCore {
     closing: std::sync::atomic::AtomicBool,
     /// Keeps this broker subscribed to a manual clock (see `ManualClock::advance`).
     clock_listener: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Told of commits that changed the transmission queue, instead of `OutboundWaiter`s (see
+    /// `set_outbound_listener`).
+    pub(crate) outbound_listener: Mutex<Option<OutboundListener>>,
     broker_id: crate::ids::BrokerInstanceId,
     /// `transmission_queue`'s status texts.
     transmission_status: Mutex<TransmissionStatuses>,
@@ -169,6 +172,19 @@ impl std::ops::Deref for Broker {
         &self.core
     }
 }
+
+/// What a logged record waits for before it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// What the log's durability says (durable under `Sync`): a commit.
+    Durability,
+    /// Written to the OS only: for records whose loss to a power failure is harmless.
+    Written,
+}
+
+/// Called on the committing thread after a commit that changed the transmission queue (see
+/// [`BrokerCore::set_outbound_listener`]).
+pub type OutboundListener = Arc<dyn Fn(&BrokerCore) + Send + Sync>;
 
 /// Why transmissions have not gone, for `transmission_queue` (network state, not logged).
 #[derive(Debug, Default)]
@@ -281,6 +297,7 @@ impl Broker {
             activations: Default::default(),
             closing: Default::default(),
             clock_listener: Mutex::new(None),
+            outbound_listener: Mutex::new(None),
             broker_id,
             transmission_status: Mutex::new(Default::default()),
             _lock: lock,
@@ -846,6 +863,29 @@ impl BrokerCore {
     /// Logs `ops` as one commit record and applies it (in LSN order with every other commit);
     /// returns the record's size. Used by every transaction's commit and by compaction.
     pub(crate) fn log_and_apply(&self, payload: &[u8]) -> Result<u64> {
+        let (logged_bytes, outbound) = self.log_and_apply_deferred(payload, Wait::Durability)?;
+        if outbound {
+            self.outbound_committed();
+        }
+        Ok(logged_bytes)
+    }
+
+    /// `log_and_apply` of a record whose loss to a power failure is harmless, so that it need
+    /// not wait for the log's durability: returns once it is written to the OS (safe from a
+    /// crash of this process) and applied. It becomes durable with the next commit that syncs
+    /// (every sync covers every record before its own) or the next checkpoint.
+    pub(crate) fn log_and_apply_written(&self, payload: &[u8]) -> Result<u64> {
+        let (logged_bytes, outbound) = self.log_and_apply_deferred(payload, Wait::Written)?;
+        if outbound {
+            self.outbound_committed();
+        }
+        Ok(logged_bytes)
+    }
+
+    /// `log_and_apply`, leaving the outbound listener to the caller: returns, besides the
+    /// record's size, whether it must call `outbound_committed` (once it holds no locks a
+    /// listener could wait for). On an error the listener has already been called.
+    pub(crate) fn log_and_apply_deferred(&self, payload: &[u8], wait: Wait) -> Result<(u64, bool)> {
         if let Some(reason) = &self.state.lock().broken {
             return Err(Error::Corruption(reason.clone()));
         }
@@ -856,7 +896,10 @@ impl BrokerCore {
                 max,
             });
         }
-        let appended = self.wal.commit(KIND_COMMIT, payload)?;
+        let appended = match wait {
+            Wait::Durability => self.wal.commit(KIND_COMMIT, payload)?,
+            Wait::Written => self.wal.append(KIND_COMMIT, payload)?,
+        };
         let logged = self.wal.appended_payload(&appended)?;
         // Decode the copy in hand, not the mapped one: touching every page of the map would
         // fault each in for nothing (receivers read the bodies through the map later).
@@ -866,11 +909,12 @@ impl BrokerCore {
         let next_deadline = state.deadlines.first().map(|d| d.0);
         let applied = state.apply_in_order(appended.lsn, ops, logged, appended.position);
         self.applied.notify_all();
-        let touched = state.take_touched();
+        let mut touched = state.take_touched();
         let events = std::mem::take(&mut state.events);
         let deadlines_moved = state.deadlines.first().map(|d| d.0) != next_deadline;
         let done = state.applied_through >= appended.lsn;
         drop(state);
+        let outbound = self.take_outbound_signal(&mut touched);
         // Wake waiters with no lock held, so that what they wake for is not held up by this
         // thread (a woken receiver needs the state lock at once).
         self.signal_queues(touched);
@@ -880,20 +924,54 @@ impl BrokerCore {
         if deadlines_moved {
             self.timers.wake();
         }
-        applied?;
+        if let Err(e) = applied {
+            if outbound {
+                self.outbound_committed();
+            }
+            return Err(e);
+        }
         if done {
-            return Ok(payload.len() as u64);
+            return Ok((payload.len() as u64, outbound));
         }
         // The caller releases its locks only once its record is applied, so the next owner of a
         // group sees it: wait for the records before it, which their committers are applying.
         let mut state = self.state.lock();
         while state.applied_through < appended.lsn {
             if let Some(reason) = &state.broken {
-                return Err(Error::Corruption(reason.clone()));
+                let reason = reason.clone();
+                drop(state);
+                if outbound {
+                    self.outbound_committed();
+                }
+                return Err(Error::Corruption(reason));
             }
             self.applied.wait(&mut state);
         }
-        Ok(payload.len() as u64)
+        Ok((payload.len() as u64, outbound))
+    }
+
+    /// With an outbound listener set, takes the transmission queue's signal out of `touched`
+    /// (the listener is told instead of the waiters) and says whether it was there.
+    fn take_outbound_signal(&self, touched: &mut Vec<String>) -> bool {
+        if !touched
+            .iter()
+            .any(|q| q == crate::state::TRANSMISSION_SIGNAL)
+            || self.outbound_listener.lock().is_none()
+        {
+            return false;
+        }
+        touched.retain(|q| q != crate::state::TRANSMISSION_SIGNAL);
+        true
+    }
+
+    /// Tells the outbound listener that a commit changed the transmission queue (or, if it
+    /// was removed meanwhile, wakes the `OutboundWaiter`s as commits do without one).
+    pub(crate) fn outbound_committed(&self) {
+        let listener = self.outbound_listener.lock().clone();
+        match listener {
+            Some(listener) => listener(self),
+            None => self.wake_outbound(),
+        }
     }
 
     /// Compaction: when the oldest log segment still holding queued bodies holds only a few

@@ -12,7 +12,9 @@
 //!   next in its conversation's sequence (earlier ones are duplicates, later ones wait for the
 //!   gap to fill by retransmission). When it returns, what it accepted is committed — durable
 //!   under the default durability — so the caller may acknowledge `Accepted` and `Duplicate`
-//!   messages, and only those.
+//!   messages, and only those. `accept_arrivals_written` returns once the transaction is
+//!   written and applied (receivable), with the `SyncPoint` to pass to `wait_synced` before
+//!   acknowledging.
 
 use crate::broker::BrokerCore;
 use crate::catalog::RouteChoice;
@@ -72,6 +74,11 @@ pub enum ArrivalOutcome {
     Refused { code: i32, description: String },
 }
 
+/// A point of the log (see `BrokerCore::accept_arrivals_written`): what must be durable before
+/// the arrivals accepted up to it may be acknowledged. Later points cover earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct SyncPoint(herald_wal::Lsn);
+
 /// A message in the transmission queue, with all the far broker needs to deliver it.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -125,6 +132,17 @@ impl BrokerCore {
         }
     }
 
+    /// Sets (or with `None` removes) the outbound listener: from then on, a commit that changes
+    /// the transmission queue (adds messages, drops some unacknowledged, creates or alters a
+    /// route) calls it on the committing thread — once the commit is applied and durable as the
+    /// durability says, with the transaction's locks released — *instead of* waking the
+    /// `OutboundWaiter`s. So the network can hand new messages on from the thread that
+    /// committed them, without a thread hand-off; a listener that cannot (or cannot now) calls
+    /// `wake_outbound` for its thread. It must not commit on this broker.
+    pub fn set_outbound_listener(&self, listener: Option<crate::broker::OutboundListener>) {
+        *self.outbound_listener.lock() = listener;
+    }
+
     /// Wakes every `OutboundWaiter` (a route changed, or the caller is stopping).
     pub fn wake_outbound(&self) {
         self.signals.notify(crate::state::TRANSMISSION_SIGNAL);
@@ -148,12 +166,29 @@ impl BrokerCore {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
+        // Routes by (far service, far broker): a listing holds few dialogs' worth of them, and
+        // each would otherwise search the routes again.
+        let mut routes: Vec<((&str, Option<BrokerInstanceId>), RouteChoice)> = Vec::new();
         state
             .transmission
             .range(from..)
             .filter(|(id, _)| wanted(**id))
             .filter_map(|(id, t)| {
                 let endpoint = state.endpoints.get(&t.handle)?;
+                let far = (endpoint.far_service.as_str(), endpoint.far_broker_instance);
+                let route = match routes.iter().find(|(key, _)| *key == far) {
+                    Some((_, route)) => route.clone(),
+                    None => {
+                        let route = state.catalog.route(
+                            &endpoint.far_service,
+                            endpoint.far_broker_instance,
+                            self.broker_instance(),
+                            now,
+                        );
+                        routes.push((far, route.clone()));
+                        route
+                    }
+                };
                 Some(Outbound {
                     id: *id,
                     handle: t.handle,
@@ -167,12 +202,7 @@ impl BrokerCore {
                     body: t.message.body.clone(),
                     to_broker_instance: endpoint.far_broker_instance,
                     expires_at_ms: endpoint.expires_at_ms.unwrap_or(0),
-                    route: state.catalog.route(
-                        &endpoint.far_service,
-                        endpoint.far_broker_instance,
-                        self.broker_instance(),
-                        now,
-                    ),
+                    route,
                 })
             })
             .take(max)
@@ -182,6 +212,13 @@ impl BrokerCore {
     /// The far broker `far` acknowledged transmissions `ids`: they leave the transmission
     /// queue (logged), their dialogs are pinned to `far`, and an acknowledged END lets its
     /// endpoint go.
+    ///
+    /// Returns once the record is written to the OS, without waiting for it to be durable (it
+    /// is, with the next commit that syncs): losing it to a power failure only sends those
+    /// messages again after the restart, which the far broker, holding them durably, takes as
+    /// duplicates and acknowledges again (and the next acknowledgement pins the dialog again).
+    /// So acknowledgements cost no `fdatasync` of their own, which on the request/reply path
+    /// competed with the commits that are on it.
     pub fn transmitted(&self, ids: &[u64], far: Option<BrokerInstanceId>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -190,7 +227,7 @@ impl BrokerCore {
             ids: ids.to_vec(),
             far_broker_instance: far,
         };
-        self.log_and_apply(&crate::record::encode(&[op]))?;
+        self.log_and_apply_written(&crate::record::encode(&[op]))?;
         self.forget_transmission_status(ids);
         Ok(())
     }
@@ -227,6 +264,56 @@ impl BrokerCore {
     /// Takes messages that arrived from other brokers, in one local transaction (see the module
     /// documentation); returns what became of each, in order, once that transaction committed.
     pub fn accept_arrivals(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
+        let (outcomes, point) = self.accept_arrivals_written(arrivals)?;
+        self.wait_synced(point)?;
+        Ok(outcomes)
+    }
+
+    /// `accept_arrivals` without waiting for durability: returns once the transaction is
+    /// written to the OS and applied — its messages can be received at once — with the point
+    /// of the log that must be durable before `Accepted` and `Duplicate` outcomes may be
+    /// acknowledged ([`BrokerCore::wait_synced`]; it covers the messages that earlier calls
+    /// accepted, which a `Duplicate` may repeat).
+    ///
+    /// Why: a RECEIVE of such a message does not wait for the arrival's own `fdatasync`, and
+    /// loses nothing by it: the log is durable in order, so the RECEIVE's commit is durable
+    /// only with the arrival, and a power failure before that takes both (the far broker,
+    /// never acknowledged, sends the message again). On the request/reply path this takes a
+    /// sync off each side: the receiving application's commit makes the arrival durable too.
+    pub fn accept_arrivals_written(
+        &self,
+        arrivals: &[Arrival],
+    ) -> Result<(Vec<ArrivalOutcome>, SyncPoint)> {
+        let outcomes = self.accept_arrivals_unsynced(arrivals)?;
+        Ok((outcomes, SyncPoint(self.wal.written_lsn())))
+    }
+
+    /// Waits until the log is durable through `point`, as a commit would: under `Sync` it syncs
+    /// (or waits for the sync running); under `Batched` and `None` commits do not wait, and
+    /// neither does this.
+    pub fn wait_synced(&self, point: SyncPoint) -> Result<()> {
+        if self.options.durability == herald_wal::Durability::Sync {
+            self.wal.wait_durable(point.0)?;
+        }
+        Ok(())
+    }
+
+    /// `wait_synced` that, for up to `grace`, leaves the sync to other committers (see
+    /// `Wal::wait_durable_lazily`): for acknowledgements, which a receiving application's
+    /// commit is about to make durable anyway.
+    pub fn wait_synced_lazily(&self, point: SyncPoint, grace: std::time::Duration) -> Result<()> {
+        if self.options.durability == herald_wal::Durability::Sync {
+            self.wal.wait_durable_lazily(point.0, grace)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `wait_synced` waits at all (the log's durability is `Sync`).
+    pub fn waits_for_sync(&self) -> bool {
+        self.options.durability == herald_wal::Durability::Sync
+    }
+
+    fn accept_arrivals_unsynced(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
         let now = self.clock().now_ms();
         let mut tx = self.begin();
         let mut outcomes = Vec::with_capacity(arrivals.len());
@@ -294,17 +381,16 @@ impl BrokerCore {
                 outcomes.push(refused);
                 continue;
             }
-            tx.push_op(&Op::Arrive {
+            tx.push_arrive(
                 handle,
-                sequence: arrival.sequence,
-                message_type: arrival.message_type.clone(),
-                body: arrival.body.clone(),
-                body_range: 0..0,
-            });
+                arrival.sequence,
+                &arrival.message_type,
+                &arrival.body,
+            );
             expected.insert(side, (handle, arrival.sequence + 1));
             outcomes.push(ArrivalOutcome::Accepted);
         }
-        tx.commit()?;
+        tx.commit_written()?;
         Ok(outcomes)
     }
 

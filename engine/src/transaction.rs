@@ -383,6 +383,18 @@ impl<'b> Transaction<'b> {
         self.record.push(op);
     }
 
+    /// `push_op` of an `Op::Arrive`, without building it (no copy of the body).
+    pub(crate) fn push_arrive(
+        &mut self,
+        handle: ConversationHandle,
+        sequence: u64,
+        message_type: &str,
+        body: &[u8],
+    ) {
+        self.record
+            .push_arrive(handle, sequence, message_type, body);
+    }
+
     /// CREATE ROUTE.
     pub fn create_route(&mut self, route: crate::catalog::Route) -> Result<()> {
         let op = Op::CreateRoute(route.clone());
@@ -1107,29 +1119,47 @@ impl<'b> Transaction<'b> {
     /// Makes everything this transaction did durable (under the default durability) and visible,
     /// as one log record, then releases its locks. On error nothing was applied and the
     /// transaction is rolled back.
-    pub fn commit(mut self) -> Result<()> {
-        let result = self.write_and_apply();
+    pub fn commit(self) -> Result<()> {
+        self.finish_commit(crate::broker::Wait::Durability)
+    }
+
+    /// `commit`, returning once the record is written to the OS and applied, without waiting
+    /// for it to be durable (see `BrokerCore::accept_arrivals_written`).
+    pub(crate) fn commit_written(self) -> Result<()> {
+        self.finish_commit(crate::broker::Wait::Written)
+    }
+
+    fn finish_commit(mut self, wait: crate::broker::Wait) -> Result<()> {
+        let result = self.write_and_apply(wait);
         if result.is_err() {
             self.put_back_taken();
         }
         self.release_locks();
         self.finished = true;
-        let logged_bytes = result?;
+        let (logged_bytes, outbound) = result?;
         self.broker.after_commit(logged_bytes);
         if !self.received_from.is_empty() {
             self.broker.receive_committed(&self.received_from);
         }
+        // With the locks released: the listener may take a while (it hands the new messages to
+        // the network on this thread).
+        if outbound {
+            self.broker.outbound_committed();
+        }
         Ok(())
     }
 
-    /// Logs the ops as one record and applies it; returns the record's size.
-    fn write_and_apply(&mut self) -> Result<u64> {
+    /// Logs the ops as one record and applies it; returns the record's size and whether the
+    /// outbound listener is to be told (see `BrokerCore::log_and_apply_deferred`).
+    fn write_and_apply(&mut self, wait: crate::broker::Wait) -> Result<(u64, bool)> {
         if self.record.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
-        let logged_bytes = self.broker.log_and_apply(self.record.finish())?;
+        let applied = self
+            .broker
+            .log_and_apply_deferred(self.record.finish(), wait)?;
         self.taken.clear();
-        Ok(logged_bytes)
+        Ok(applied)
     }
 
     /// Undoes everything: received messages go back to their queues in their original order,

@@ -482,3 +482,134 @@ fn status_texts_of_dropped_transmissions_are_forgotten() {
             .all(|row| row.transmission_status == "unreachable; retrying")
     );
 }
+
+/// The network's outbound listener is called on the committing thread after each commit that
+/// changes the transmission queue — with the commit applied, so its messages are listed, and
+/// the transaction's locks released — instead of waking the `OutboundWaiter`s; without a
+/// listener, commits wake them again.
+#[test]
+fn the_outbound_listener_replaces_the_waiters_wake_up_on_the_committing_thread() {
+    use std::sync::{Arc, Mutex};
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    // (thread, messages listed, the dialog's group could be locked) at each call.
+    type Calls = Arc<Mutex<Vec<(std::thread::ThreadId, usize, bool)>>>;
+    let calls: Calls = Arc::default();
+    let dialog: Arc<Mutex<Option<ConversationHandle>>> = Arc::default();
+    {
+        let (calls, dialog) = (calls.clone(), dialog.clone());
+        a.set_outbound_listener(Some(Arc::new(move |core: &herald_engine::BrokerCore| {
+            let listed = core.outbound(None, 100).len();
+            // A transaction still holding the group would make this SEND wait: it must not.
+            let unlocked = dialog.lock().unwrap().is_none_or(|h| {
+                let mut tx = core.begin();
+                let free = tx.send(h, ASK, b"probe").is_ok();
+                tx.rollback();
+                free
+            });
+            calls
+                .lock()
+                .unwrap()
+                .push((std::thread::current().id(), listed, unlocked));
+        })));
+    }
+    let waiter = a.outbound_waiter();
+    let generation = waiter.generation();
+
+    let h = begin(&a, &["one", "two"]);
+    *dialog.lock().unwrap() = Some(h);
+    let mut tx = a.begin();
+    tx.send(h, ASK, b"three").unwrap();
+    tx.commit().unwrap();
+    // A commit that leaves the transmission queue alone does not call it.
+    let mut tx = a.begin();
+    tx.create_queue("Elsewhere", QueueOptions::default())
+        .unwrap();
+    tx.commit().unwrap();
+    let me = std::thread::current().id();
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![(me, 2, true), (me, 3, true)],
+        "one call per commit that queued messages, on the committing thread, after the apply"
+    );
+    assert_eq!(
+        waiter.generation(),
+        generation,
+        "the listener is told instead of the waiters"
+    );
+
+    // Dropping unacknowledged messages is a change the network must hear of too.
+    let mut tx = a.begin();
+    tx.end_conversation_with_cleanup(h).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_eq!(calls.lock().unwrap()[2].1, 0);
+
+    a.set_outbound_listener(None);
+    begin(&a, &["four"]);
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert_ne!(
+        waiter.generation(),
+        generation,
+        "without a listener commits wake the waiters"
+    );
+}
+
+/// `accept_arrivals_written` makes a batch receivable as soon as it is written (before
+/// `wait_synced`), and the point it returns covers every batch before it: a repeat of the same
+/// messages is a `Duplicate` whose point is not below the first one's.
+#[test]
+fn written_arrivals_are_receivable_before_their_sync_and_later_points_cover_earlier_ones() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    drop(pair(a_dir.path(), b_dir.path()));
+    let a = Broker::open(a_dir.path(), options()).unwrap();
+    let b = Broker::open(
+        b_dir.path(),
+        Options {
+            durability: Durability::Sync,
+            ..options()
+        },
+    )
+    .unwrap();
+    assert!(b.waits_for_sync());
+    assert!(
+        !a.waits_for_sync(),
+        "None: commits do not wait, nor do acks"
+    );
+    begin(&a, &["first", "second"]);
+    let arrivals: Vec<Arrival> = a
+        .outbound(None, 10)
+        .iter()
+        .map(|m| Arrival {
+            conversation_id: m.conversation_id,
+            from_initiator: m.from_initiator,
+            sequence: m.sequence,
+            from_service: m.from_service.clone(),
+            to_service: m.to_service.clone(),
+            contract: m.contract.clone(),
+            message_type: m.message_type.clone(),
+            body: m.body.to_vec(),
+            source_broker: a.broker_instance(),
+            expires_at_ms: m.expires_at_ms,
+        })
+        .collect();
+    let (outcomes, first) = b.accept_arrivals_written(&arrivals).unwrap();
+    assert_eq!(outcomes, vec![ArrivalOutcome::Accepted; 2]);
+    let mut tx = b.begin();
+    let got = tx.receive("Server", Receive::top(10)).unwrap();
+    assert_eq!(
+        got.iter().map(|m| m.body().to_vec()).collect::<Vec<_>>(),
+        vec![b"first".to_vec(), b"second".to_vec()],
+        "receivable before anyone waited for the sync"
+    );
+    tx.rollback();
+    let (again, second) = b.accept_arrivals_written(&arrivals).unwrap();
+    assert_eq!(again, vec![ArrivalOutcome::Duplicate; 2]);
+    assert!(second >= first, "{second:?} < {first:?}");
+    b.wait_synced(second).unwrap();
+    b.wait_synced(first).unwrap();
+    drop(b);
+    let b = Broker::open(b_dir.path(), options()).unwrap();
+    assert_eq!(receive_all(&b, "Server").len(), 2, "stored once");
+    invariants::check_idle(&b).unwrap();
+}

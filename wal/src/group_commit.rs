@@ -55,6 +55,9 @@ struct WrittenState {
 struct SyncState {
     /// Committers waiting for durability: (LSN, thread), unordered.
     waiters: Vec<(u64, Thread)>,
+    /// Lazy waiters (`wait_durable_lazily`) in their grace: woken only by a round that covers
+    /// them (or poisoning), never to lead, so writes do not wake them.
+    lazy: Vec<(u64, Thread)>,
 }
 
 /// Removes the waiters whose LSN is at most `through` and returns their threads, to be unparked
@@ -218,6 +221,41 @@ impl GroupCommit {
         }
     }
 
+    /// `wait_durable`, but for up to `grace` it leaves the syncing to others: it waits as a
+    /// follower, woken when a leader's round covers `lsn`, and leads only once `grace` has
+    /// passed. For a record whose durability can wait a moment for a sync that is coming anyway
+    /// (a commit of a thread about to write).
+    pub fn wait_durable_lazily(&self, lsn: Lsn, grace: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + grace;
+        let me = thread::current().id();
+        loop {
+            if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 {
+                return Ok(());
+            }
+            self.check_poison()?;
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return self.wait_durable(lsn);
+            }
+            {
+                let mut s = self.sync.lock();
+                // Checked under the lock a leader takes to wake the waiters it covered: either
+                // this sees its round's durable LSN, or the leader sees this waiter.
+                if self.durable_lsn.load(Ordering::Acquire) >= lsn.0 || self.is_poisoned() {
+                    continue;
+                }
+                s.lazy.push((lsn.0, thread::current()));
+            }
+            // Woken by a leader whose round covered `lsn`, by poisoning, or by the deadline;
+            // every case loops.
+            thread::park_timeout(deadline - now);
+            self.sync
+                .lock()
+                .lazy
+                .retain(|(_, thread)| thread.id() != me);
+        }
+    }
+
     /// Runs sync rounds while some waiter's record is written but not durable.
     fn lead_syncs(&self) -> Result<()> {
         loop {
@@ -242,6 +280,7 @@ impl GroupCommit {
             let (woken, more) = {
                 let mut s = self.sync.lock();
                 let mut woken = take_covered(&mut s.waiters, target);
+                woken.extend(take_covered(&mut s.lazy, target));
                 let written = self.written_lsn.load(Ordering::SeqCst);
                 let more = s.waiters.iter().any(|(lsn, _)| *lsn <= written);
                 if !more {
@@ -277,7 +316,8 @@ impl GroupCommit {
         }
         self.written_waiting.store(0, Ordering::SeqCst);
         let mut s = self.sync.lock();
-        for (_, thread) in s.waiters.drain(..) {
+        let s = &mut *s;
+        for (_, thread) in s.waiters.drain(..).chain(s.lazy.drain(..)) {
             thread.unpark();
         }
         self.waiting.store(0, Ordering::SeqCst);

@@ -317,6 +317,17 @@ impl Wal {
         self.inner.group.wait_durable(lsn)
     }
 
+    /// [`Wal::wait_durable`] that, for up to `grace`, leaves the `fdatasync` to other
+    /// committers (a sync they run that covers `lsn` ends the wait) and only then syncs itself.
+    /// For records whose durability is awaited off the critical path — acknowledgements of
+    /// arrivals that a receiving application's commit is about to make durable anyway — so that
+    /// the wait does not start a sync that the application's commit would then have to wait
+    /// out before its own.
+    pub fn wait_durable_lazily(&self, lsn: Lsn, grace: Duration) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.group.wait_durable_lazily(lsn, grace)
+    }
+
     /// Makes every record appended so far durable; returns the durable LSN.
     pub fn sync(&self) -> Result<Lsn> {
         self.inner.check_open()?;

@@ -284,3 +284,43 @@ fn appended_payload_borrows_what_was_just_written() {
     let appended = wal.append(3, b"in memory").unwrap();
     assert_eq!(&*wal.appended_payload(&appended).unwrap(), b"in memory");
 }
+
+/// A lazy waiter leaves the sync to a committer that comes within its grace (one `fdatasync`
+/// covers both records), and syncs itself once the grace has passed with nobody else syncing.
+#[test]
+fn a_lazy_wait_is_covered_by_another_committers_sync_or_syncs_after_its_grace() {
+    let storage = MemStorage::new();
+    let wal = Arc::new(Wal::open_storage(Arc::new(storage.clone()), small_options()).unwrap());
+    // Whatever the spare thread syncs happens before the counting starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !storage.file_names().iter().any(|n| n.ends_with(".spare")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare segment appeared"
+        );
+        std::thread::yield_now();
+    }
+    let syncs = storage.syncs();
+    let first = wal.append(1, b"arrival").unwrap();
+    let lazy = {
+        let wal = wal.clone();
+        // A grace no test run reaches: if the commit below did not cover the record, the wait
+        // would end only by syncing itself, after it, and the count would show two syncs.
+        std::thread::spawn(move || {
+            wal.wait_durable_lazily(first.lsn, std::time::Duration::from_secs(30))
+        })
+    };
+    // Most likely the lazy waiter is registered by then; if not, it finds its record durable
+    // at once. Either way one sync covers both.
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let second = wal.commit(1, b"receive and reply").unwrap();
+    lazy.join().unwrap().unwrap();
+    assert!(wal.durable_lsn() >= second.lsn);
+    assert_eq!(storage.syncs(), syncs + 1, "one sync covered both records");
+
+    let third = wal.append(1, b"nobody commits after this").unwrap();
+    wal.wait_durable_lazily(third.lsn, std::time::Duration::from_millis(1))
+        .unwrap();
+    assert!(wal.durable_lsn() >= third.lsn);
+    assert_eq!(storage.syncs(), syncs + 2, "the lazy waiter synced itself");
+}
