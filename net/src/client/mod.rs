@@ -377,7 +377,14 @@ impl Client {
         let written = self
             .runtime
             .block_on(async { self.send.write_all(&frame).await });
-        written.map_err(|e| self.lost(format!("writing the request: {e}")))
+        written.map_err(|e| {
+            // "connection lost" alone hides why: the close (a refusal's reason among them).
+            let why = match e {
+                quinn::WriteError::ConnectionLost(cause) => cause.to_string(),
+                other => other.to_string(),
+            };
+            self.lost(format!("writing the request: {why}"))
+        })
     }
 
     fn response(&mut self) -> Result<Response> {
