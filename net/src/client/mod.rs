@@ -139,7 +139,8 @@ pub struct Client {
 impl Client {
     /// Connects to the node at `addr`, presenting `identity`, checking the node's certificate
     /// against `trust`. [`Error::Refused`] if the node does not accept the certificate, has no
-    /// session to spare, or speaks another protocol version.
+    /// session to spare, or speaks another protocol version; [`Error::Unreachable`] if nothing
+    /// answers the handshake within `quic::CONNECT_TIMEOUT`.
     pub fn connect(addr: SocketAddr, identity: &ClientIdentity, trust: &Trust) -> Result<Client> {
         let runtime = runtime()?;
         let config = client_config(identity, trust)?;
