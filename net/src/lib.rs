@@ -32,6 +32,7 @@ pub mod client;
 mod error;
 pub mod identity;
 pub mod node;
+mod payload;
 pub mod proto;
 pub mod quic;
 

@@ -21,6 +21,7 @@
 use herald_engine::sql::{SCRIPT_BYTES_MAX, VALUE_BYTES_MAX, Value};
 
 use crate::error::{Error, Result};
+use crate::payload::Reader;
 
 /// The client protocol version this build speaks; both Hellos carry it.
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
@@ -1383,55 +1384,8 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Reads the fields of one payload; every length is checked against what is left.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    frame: &'static str,
-}
-
+/// The client protocol's own fields.
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], frame: &'static str) -> Reader<'a> {
-        Reader {
-            bytes,
-            at: 0,
-            frame,
-        }
-    }
-
-    fn malformed(&self, reason: String) -> Error {
-        Error::Malformed {
-            frame: self.frame,
-            reason,
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        match self.at.checked_add(n) {
-            Some(end) if end <= self.bytes.len() => {
-                let slice = &self.bytes[self.at..end];
-                self.at = end;
-                Ok(slice)
-            }
-            _ => Err(self.malformed(format!(
-                "{n} bytes wanted at offset {} of a {}-byte payload",
-                self.at,
-                self.bytes.len()
-            ))),
-        }
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let bytes = self.take(N)?;
-        let mut out = [0; N];
-        out.copy_from_slice(bytes);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
-    }
-
     fn bool(&mut self) -> Result<bool> {
         match self.u8()? {
             0 => Ok(false),
@@ -1440,20 +1394,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn u16(&mut self) -> Result<u16> {
-        self.array().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-
     fn i32(&mut self) -> Result<i32> {
         self.array().map(i32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        self.array().map(u64::from_le_bytes)
     }
 
     fn id(&mut self) -> Result<u128> {
@@ -1478,7 +1420,7 @@ impl<'a> Reader<'a> {
 
     /// Fails unless `count` items of at least `min_bytes` each can fit in what is left.
     fn check_count(&self, count: usize, min_bytes: usize) -> Result<()> {
-        let left = self.bytes.len() - self.at;
+        let left = self.left();
         if count.saturating_mul(min_bytes) > left {
             return Err(self.malformed(format!("{count} items cannot fit the {left} bytes left")));
         }
@@ -1544,16 +1486,6 @@ impl<'a> Reader<'a> {
             VALUE_GUID => Value::Guid(self.id()?),
             other => return Err(self.malformed(format!("value tag {other}"))),
         })
-    }
-
-    fn end(&self) -> Result<()> {
-        if self.at != self.bytes.len() {
-            return Err(self.malformed(format!(
-                "{} bytes left over after the last field",
-                self.bytes.len() - self.at
-            )));
-        }
-        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@
 //! altered or truncated packet, so a second integrity check would only cost time.
 
 use crate::error::{Error, Result};
+use crate::payload::Reader;
 
 /// The protocol version this build speaks; a peer's Hello must carry the same.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -488,7 +489,7 @@ fn parse(bytes: &[u8]) -> Result<Frame> {
         KIND_HELLO => parse_hello(payload),
         KIND_MESSAGE => parse_message(payload),
         KIND_ACK => {
-            let mut r = Reader::new(payload, "ack", ACK_PAYLOAD_BYTES)?;
+            let mut r = Reader::at_least(payload, "ack", ACK_PAYLOAD_BYTES)?;
             let ack = Ack {
                 conversation_id: r.array()?,
                 from_initiator: r.direction()?,
@@ -499,7 +500,7 @@ fn parse(bytes: &[u8]) -> Result<Frame> {
             Ok(Frame::Ack(ack))
         }
         KIND_ERROR => {
-            let mut r = Reader::new(payload, "error", 16 + 1 + 4 + 2)?;
+            let mut r = Reader::at_least(payload, "error", 16 + 1 + 4 + 2)?;
             let conversation_id = r.array()?;
             let from_initiator = r.direction()?;
             let code = i32::from_le_bytes(r.array()?);
@@ -514,7 +515,7 @@ fn parse(bytes: &[u8]) -> Result<Frame> {
             }))
         }
         KIND_GO_AWAY => {
-            Reader::new(payload, "go-away", 0)?.end()?;
+            Reader::at_least(payload, "go-away", 0)?.end()?;
             Ok(Frame::GoAway)
         }
         other => Err(Error::UnknownFrameKind { kind: other }),
@@ -525,7 +526,7 @@ fn parse(bytes: &[u8]) -> Result<Frame> {
 /// version, so that two versions can always tell each other apart; what a later version appends
 /// is ignored here, because the session refuses that version anyway.
 fn parse_hello(payload: &[u8]) -> Result<Frame> {
-    let mut r = Reader::new(payload, "hello", HELLO_PAYLOAD_BYTES)?;
+    let mut r = Reader::at_least(payload, "hello", HELLO_PAYLOAD_BYTES)?;
     let magic: [u8; 4] = r.array()?;
     if magic != HELLO_MAGIC {
         return Err(Error::BadMagic { found: magic });
@@ -542,7 +543,7 @@ fn parse_hello(payload: &[u8]) -> Result<Frame> {
 }
 
 fn parse_message(payload: &[u8]) -> Result<Frame> {
-    let mut r = Reader::new(payload, "message", MESSAGE_FIXED_BYTES + 4 * 2 + 4 + 4)?;
+    let mut r = Reader::at_least(payload, "message", MESSAGE_FIXED_BYTES + 4 * 2 + 4 + 4)?;
     let conversation_id = r.array()?;
     let flags = r.u8()?;
     if flags & !(FLAG_FROM_INITIATOR | FLAG_HAS_TARGET_BROKER) != 0 {
@@ -584,71 +585,8 @@ fn parse_message(payload: &[u8]) -> Result<Frame> {
     }))
 }
 
-/// Reads the fields of one payload; every length is checked against what is left.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    frame: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    /// A reader over `bytes`, which must hold at least `fixed_bytes` (the payload's fixed part).
-    fn new(bytes: &'a [u8], frame: &'static str, fixed_bytes: usize) -> Result<Reader<'a>> {
-        let r = Reader {
-            bytes,
-            at: 0,
-            frame,
-        };
-        if bytes.len() < fixed_bytes {
-            return Err(r.malformed(format!(
-                "payload of {} bytes, at least {fixed_bytes} needed",
-                bytes.len()
-            )));
-        }
-        Ok(r)
-    }
-
-    fn malformed(&self, reason: String) -> Error {
-        Error::Malformed {
-            frame: self.frame,
-            reason,
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        match self.at.checked_add(n) {
-            Some(end) if end <= self.bytes.len() => {
-                let slice = &self.bytes[self.at..end];
-                self.at = end;
-                Ok(slice)
-            }
-            _ => Err(self.malformed(format!(
-                "{n} bytes wanted at offset {} of a {}-byte payload",
-                self.at,
-                self.bytes.len()
-            ))),
-        }
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let bytes = self.take(N)?;
-        let mut out = [0; N];
-        out.copy_from_slice(bytes);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-
+/// The node protocol's own fields.
+impl Reader<'_> {
     /// A flags byte that may only say the direction.
     fn direction(&mut self) -> Result<bool> {
         match self.u8()? {
@@ -661,7 +599,7 @@ impl<'a> Reader<'a> {
     /// `len u16 | UTF-8 bytes`, at most `max` bytes; the length is checked before the bytes are
     /// looked at.
     fn string(&mut self, field: &'static str, max: usize) -> Result<String> {
-        let len = u16::from_le_bytes(self.array()?) as usize;
+        let len = usize::from(self.u16()?);
         if len > max {
             return Err(if field == "description" {
                 Error::DescriptionTooLong { bytes: len, max }
@@ -677,22 +615,6 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
             .map_err(|_| Error::NotUtf8 { field })
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        let rest = &self.bytes[self.at..];
-        self.at = self.bytes.len();
-        rest
-    }
-
-    fn end(&self) -> Result<()> {
-        if self.at != self.bytes.len() {
-            return Err(self.malformed(format!(
-                "{} bytes left over after the last field",
-                self.bytes.len() - self.at
-            )));
-        }
-        Ok(())
     }
 }
 
