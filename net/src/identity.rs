@@ -174,16 +174,12 @@ impl NodeIdentity {
     /// Writes this identity into `dir` (created if missing), each file atomically and
     /// `broker-id` last, replacing what was there.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
-        let key_pem = pem("PRIVATE KEY", self.key.secret_der());
-        write_atomically(&dir.join(KEY_FILE), key_pem.as_bytes(), true)?;
-        let certificates: String = self
-            .certificate_chain
-            .iter()
-            .map(|certificate| pem("CERTIFICATE", certificate))
-            .collect();
-        write_atomically(&dir.join(CERTIFICATE_FILE), certificates.as_bytes(), false)?;
+        write_certificate_and_key(
+            &dir.join(CERTIFICATE_FILE),
+            &dir.join(KEY_FILE),
+            &self.certificate_chain,
+            &self.key,
+        )?;
         let broker_id = format!("{}\n", self.broker_instance.hyphenated());
         write_atomically(&dir.join(BROKER_ID_FILE), broker_id.as_bytes(), false)
     }
@@ -233,25 +229,11 @@ impl NodeIdentity {
             .and_then(|text| Uuid::parse_str(text.trim()).ok())
             .ok_or_else(|| corrupt(&broker_id_path, "not a UUID"))?;
 
-        let certificate_path = dir.join(CERTIFICATE_FILE);
-        let pem_bytes = read_identity_file(&certificate_path)?;
-        let certificate_chain = CertificateDer::pem_slice_iter(&pem_bytes)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| corrupt(&certificate_path, &format!("not PEM certificates: {e}")))?;
-        if certificate_chain.is_empty() {
-            return Err(corrupt(&certificate_path, "holds no certificate"));
-        }
-
-        let key_path = dir.join(KEY_FILE);
-        let key = PrivateKeyDer::from_pem_slice(&read_identity_file(&key_path)?)
-            .map_err(|e| corrupt(&key_path, &format!("not a PEM private key: {e}")))?;
-
-        check_key_matches(&certificate_chain, &key).map_err(|reason| {
-            corrupt(
-                &key_path,
-                &format!("does not match {CERTIFICATE_FILE}: {reason}"),
-            )
-        })?;
+        let (certificate_chain, key) = read_certificate_and_key(
+            &dir.join(CERTIFICATE_FILE),
+            &dir.join(KEY_FILE),
+            read_identity_file,
+        )?;
         let fingerprint = Fingerprint::of(&certificate_chain[0]);
         Ok(NodeIdentity {
             broker_instance,
@@ -333,21 +315,8 @@ impl ClientIdentity {
 
     /// Loads a certificate chain and key from PEM files.
     pub fn load(certificate_path: &Path, key_path: &Path) -> Result<ClientIdentity> {
-        let pem_bytes = read_pem_file(certificate_path)?;
-        let certificate_chain = CertificateDer::pem_slice_iter(&pem_bytes)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| corrupt(certificate_path, &format!("not PEM certificates: {e}")))?;
-        if certificate_chain.is_empty() {
-            return Err(corrupt(certificate_path, "holds no certificate"));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&read_pem_file(key_path)?)
-            .map_err(|e| corrupt(key_path, &format!("not a PEM private key: {e}")))?;
-        check_key_matches(&certificate_chain, &key).map_err(|reason| {
-            corrupt(
-                key_path,
-                &format!("does not match the certificate: {reason}"),
-            )
-        })?;
+        let (certificate_chain, key) =
+            read_certificate_and_key(certificate_path, key_path, read_pem_file)?;
         let fingerprint = Fingerprint::of(&certificate_chain[0]);
         Ok(ClientIdentity {
             certificate_chain,
@@ -364,17 +333,13 @@ impl ClientIdentity {
         match certificate_path.try_exists() {
             Ok(true) => ClientIdentity::load(&certificate_path, &key_path),
             Ok(false) => {
-                fs::create_dir_all(dir)
-                    .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
                 let identity = ClientIdentity::generate("herald local admin")?;
-                let key_pem = pem("PRIVATE KEY", identity.key.secret_der());
-                write_atomically(&key_path, key_pem.as_bytes(), true)?;
-                let certificates: String = identity
-                    .certificate_chain
-                    .iter()
-                    .map(|certificate| pem("CERTIFICATE", certificate))
-                    .collect();
-                write_atomically(&certificate_path, certificates.as_bytes(), false)?;
+                write_certificate_and_key(
+                    &certificate_path,
+                    &key_path,
+                    &identity.certificate_chain,
+                    &identity.key,
+                )?;
                 tracing::info!(
                     fingerprint = %identity.fingerprint,
                     dir = %dir.display(),
@@ -526,6 +491,51 @@ fn check_key_matches(
     rustls::sign::CertifiedKey::from_der(certificate_chain.to_vec(), key.clone_key(), &provider)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// A certificate chain (PEM, its own certificate first) and the key that goes with it, read
+/// with `read` (which says what a missing file means).
+fn read_certificate_and_key(
+    certificate_path: &Path,
+    key_path: &Path,
+    read: fn(&Path) -> Result<Vec<u8>>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let pem_bytes = read(certificate_path)?;
+    let certificate_chain = CertificateDer::pem_slice_iter(&pem_bytes)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| corrupt(certificate_path, &format!("not PEM certificates: {e}")))?;
+    if certificate_chain.is_empty() {
+        return Err(corrupt(certificate_path, "holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(key_path)?)
+        .map_err(|e| corrupt(key_path, &format!("not a PEM private key: {e}")))?;
+    check_key_matches(&certificate_chain, &key).map_err(|reason| {
+        let certificate = certificate_path.file_name().unwrap_or_default().display();
+        corrupt(key_path, &format!("does not match {certificate}: {reason}"))
+    })?;
+    Ok((certificate_chain, key))
+}
+
+/// Writes a key and its certificate chain (PEM), each file atomically, the key first: a
+/// certificate file marks a complete pair. Creates the directory if missing.
+fn write_certificate_and_key(
+    certificate_path: &Path,
+    key_path: &Path,
+    certificate_chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<()> {
+    let dir = certificate_path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
+    write_atomically(
+        key_path,
+        pem("PRIVATE KEY", key.secret_der()).as_bytes(),
+        true,
+    )?;
+    let certificates: String = certificate_chain
+        .iter()
+        .map(|certificate| pem("CERTIFICATE", certificate))
+        .collect();
+    write_atomically(certificate_path, certificates.as_bytes(), false)
 }
 
 /// A PEM file of at most [`IDENTITY_FILE_BYTES_MAX`]; missing is an I/O error (not corrupt).
