@@ -29,54 +29,28 @@ const SEEDS_MIN: usize = 5;
 
 #[test]
 fn frame_decoder_corpus_replays_without_panics() {
-    let dir = corpus_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
-        .map(|entry| entry.expect("listing a corpus directory").path())
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    let seeds = files.iter().filter(|path| is_seed(path)).count();
-    assert!(
-        seeds >= SEEDS_MIN,
-        "corpus {} holds {seeds} seed-* files, expected at least {SEEDS_MIN}",
-        dir.display()
-    );
-    let mut panicked = Vec::new();
-    for path in &files {
-        let data =
-            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        if std::panic::catch_unwind(|| fuzz_frame_decoder(&data)).is_err() {
-            panicked.push(path.display().to_string());
-        }
-    }
-    assert!(
-        panicked.is_empty(),
-        "{} of {} frame_decoder corpus files panicked:\n{}",
-        panicked.len(),
-        files.len(),
-        panicked.join("\n")
-    );
-    eprintln!(
-        "replayed {} frame_decoder corpus files ({seeds} seeds)",
-        files.len()
+    replay("frame_decoder", &corpus_dir(), fuzz_frame_decoder);
+}
+
+#[test]
+fn client_frame_decoder_corpus_replays_without_panics() {
+    replay(
+        "client_frame_decoder",
+        &client_corpus_dir(),
+        fuzz_client_frame_decoder,
     );
 }
 
-/// The committed seeds are exactly what `seeds()` makes: a format change that forgot to
-/// rewrite them fails here instead of silently fuzzing the old format.
+/// The committed seeds are exactly what `seeds()` and `client_seeds()` make: a format change
+/// that forgot to rewrite them fails here instead of silently fuzzing the old format.
 #[test]
 fn committed_seeds_are_current() {
-    for (name, data) in seeds() {
-        let path = corpus_dir().join(format!("seed-{name}"));
-        let committed =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        assert!(
-            committed == data,
-            "{} is stale: run `cargo test -p herald-net --test fuzz_corpus -- --ignored write_seed_corpus`",
-            path.display()
-        );
-    }
+    check_committed(&corpus_dir(), seeds());
+}
+
+#[test]
+fn committed_client_seeds_are_current() {
+    check_committed(&client_corpus_dir(), client_seeds());
 }
 
 #[test]
@@ -96,10 +70,10 @@ fn write_seed_corpus() {
     }
 }
 
-#[test]
-fn client_frame_decoder_corpus_replays_without_panics() {
-    let dir = client_corpus_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Runs `target` on every file of the corpus in `dir` (at least `SEEDS_MIN` of them seeds);
+/// fails naming each file that panicked.
+fn replay(target: &str, dir: &Path, run: fn(&[u8])) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading corpus {}: {e}", dir.display()))
         .map(|entry| entry.expect("listing a corpus directory").path())
         .filter(|path| path.is_file())
@@ -116,24 +90,26 @@ fn client_frame_decoder_corpus_replays_without_panics() {
         .filter(|path| {
             let data =
                 std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-            std::panic::catch_unwind(|| fuzz_client_frame_decoder(&data)).is_err()
+            std::panic::catch_unwind(|| run(&data)).is_err()
         })
         .map(|path| path.display().to_string())
         .collect();
     assert!(
         panicked.is_empty(),
-        "{} of {} client_frame_decoder corpus files panicked:\n{}",
+        "{} of {} {target} corpus files panicked:\n{}",
         panicked.len(),
         files.len(),
         panicked.join("\n")
     );
+    eprintln!(
+        "replayed {} {target} corpus files ({seeds} seeds)",
+        files.len()
+    );
 }
 
-/// As `committed_seeds_are_current`, for the client protocol's seeds.
-#[test]
-fn committed_client_seeds_are_current() {
-    for (name, data) in client_seeds() {
-        let path = client_corpus_dir().join(format!("seed-{name}"));
+fn check_committed(dir: &Path, seeds: Vec<(String, Vec<u8>)>) {
+    for (name, data) in seeds {
+        let path = dir.join(format!("seed-{name}"));
         let committed =
             std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         assert!(
