@@ -3,33 +3,11 @@
 //! runtime errors after which the earlier statements stay), `herald shell` fed on stdin (one
 //! session across batches), `herald status`, `herald bench`, and the node's `[[routes]]`.
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-/// Runs `herald ARGS`, feeding `stdin` if given.
-fn herald(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning herald");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes())
-            .expect("writing stdin");
-    }
-    child.wait_with_output().expect("waiting for herald")
-}
+mod common;
+use common::{bench_sent_and_received, herald, stderr, stdout};
 
 fn exec(dir: &Path, script: &str, extra: &[&str]) -> Output {
     let dir = dir.to_str().expect("a UTF-8 temp path");
@@ -37,14 +15,6 @@ fn exec(dir: &Path, script: &str, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     args.push(script);
     herald(&args, None)
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// The queue names in the catalog, through `herald exec --json`.
@@ -336,16 +306,7 @@ fn bench_on_an_embedded_broker_prints_its_table_and_receives_what_it_sent() {
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
     let lines: Vec<&str> = text.lines().collect();
-    let header = lines
-        .iter()
-        .position(|l| {
-            l.split_whitespace().collect::<Vec<_>>()
-                == ["sent", "received", "seconds", "msgs/s", "MB/s"]
-        })
-        .unwrap_or_else(|| panic!("no throughput table: {text}"));
-    let figures: Vec<&str> = lines[header + 2].split_whitespace().collect();
-    let sent: u64 = figures[0].parse().unwrap();
-    let received: u64 = figures[1].parse().unwrap();
+    let (sent, received) = bench_sent_and_received(&text);
     assert!(sent > 0, "{text}");
     assert_eq!(received, sent, "{text}");
     assert!(

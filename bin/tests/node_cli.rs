@@ -5,11 +5,14 @@
 //! trusting each other through `[[peers]]`, with `[[routes]]` between them, deliver a message
 //! sent with `herald exec` on one and received with `herald exec` on the other.
 
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod common;
+use common::{bench_sent_and_received, herald, stderr, stdout};
 
 /// How long a node may take to say it is up (a loaded 2-core CI machine builds in parallel):
 /// a hang guard, not a timing assumption.
@@ -141,37 +144,6 @@ fn stop_child(mut child: Child, check: bool) {
     if check {
         assert!(status.success(), "herald node exited with {status:?}");
     }
-}
-
-fn herald(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning herald");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().expect("waiting for herald")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `N` different UDP ports free now (bound together and released: another process could take
@@ -359,20 +331,8 @@ fn the_shell_and_bench_work_against_a_node() {
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    let lines: Vec<&str> = text.lines().collect();
-    let header = lines
-        .iter()
-        .position(|l| {
-            l.split_whitespace().collect::<Vec<_>>()
-                == ["sent", "received", "seconds", "msgs/s", "MB/s"]
-        })
-        .unwrap_or_else(|| panic!("{text}"));
-    let figures: Vec<u64> = lines[header + 2]
-        .split_whitespace()
-        .take(2)
-        .map(|n| n.parse().unwrap())
-        .collect();
-    assert!(figures[0] > 0 && figures[1] == figures[0], "{text}");
+    let (sent, received) = bench_sent_and_received(&text);
+    assert!(sent > 0 && received == sent, "{text}");
     assert!(text.contains("p99.9"), "{text}");
     node.stop();
 }

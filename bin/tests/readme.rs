@@ -5,10 +5,13 @@
 //! `engine/src/sql/mod.rs` documents, and the configuration example is a valid configuration. (The `rust` block is a doctest of `herald-tests`.)
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use herald_engine::sql::{self, Session, Value};
 use herald_engine::{Broker, Options};
+
+mod common;
+use common::{herald, stderr, stdout};
 
 const README: &str = include_str!("../../README.md");
 const SQL_MODULE: &str = include_str!("../../engine/src/sql/mod.rs");
@@ -67,22 +70,12 @@ fn exec_scripts(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn herald(dir: &Path, command: &str, script: Option<&str>) -> Output {
+/// `herald COMMAND --embedded --data-dir DIR [SCRIPT]`.
+fn herald_embedded(dir: &Path, command: &str, script: Option<&str>) -> Output {
     let mut args = vec![command, "--embedded", "--data-dir"];
     args.push(dir.to_str().expect("a UTF-8 temp path"));
     args.extend(script);
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(&args)
-        .output()
-        .expect("running herald")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    herald(&args, None)
 }
 
 #[test]
@@ -100,11 +93,11 @@ fn quick_start_commands_print_what_the_readme_shows() {
 
     let dir = tempfile::tempdir().unwrap();
     for script in &scripts[..2] {
-        let output = herald(dir.path(), "exec", Some(script));
+        let output = herald_embedded(dir.path(), "exec", Some(script));
         assert!(output.status.success(), "{script}: {}", stderr(&output));
     }
     // "Q holds 1 message; 2 endpoints CONVERSING".
-    let status = herald(dir.path(), "status", None);
+    let status = herald_embedded(dir.path(), "status", None);
     assert!(status.status.success(), "{}", stderr(&status));
     let status = stdout(&status);
     let rows: Vec<Vec<&str>> = status
@@ -113,7 +106,7 @@ fn quick_start_commands_print_what_the_readme_shows() {
         .collect();
     assert!(rows.contains(&vec!["Q", "ON", "1", "1", "0"]), "{status}");
     assert!(rows.contains(&vec!["CO", "CONVERSING", "2"]), "{status}");
-    let received = herald(dir.path(), "exec", Some(&scripts[2]));
+    let received = herald_embedded(dir.path(), "exec", Some(&scripts[2]));
     assert!(received.status.success(), "{}", stderr(&received));
     assert_eq!(stdout(&received).trim_end(), receive_output.trim_end());
 }
@@ -128,7 +121,7 @@ fn the_syntax_error_example_prints_what_the_readme_shows() {
     let (command, shown) = example.text.split_once('\n').expect("a command line");
     let scripts = exec_scripts(command);
     let dir = tempfile::tempdir().unwrap();
-    let output = herald(dir.path(), "exec", Some(&scripts[0]));
+    let output = herald_embedded(dir.path(), "exec", Some(&scripts[0]));
     assert_eq!(
         output.status.code(),
         Some(3),
@@ -211,11 +204,8 @@ fn the_configuration_example_is_accepted_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("herald.toml");
     std::fs::write(&file, &example.text).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["node", "--print-config", "--config"])
-        .arg(&file)
-        .output()
-        .expect("running herald");
+    let file = file.to_str().expect("a UTF-8 temp path");
+    let output = herald(&["node", "--print-config", "--config", file], None);
     assert!(output.status.success(), "{}", stderr(&output));
     let printed = stdout(&output);
     for expected in ["//shop/Shipping", "quic://10.0.0.2:4022", "edf5dba6-1f09"] {
