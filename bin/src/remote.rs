@@ -7,9 +7,8 @@ use std::path::Path;
 
 use herald_net::Client;
 use herald_net::client::{RemoteErrorKind, StatusReport};
-use herald_net::identity::Fingerprint;
 
-use crate::target::{ErrorKind, Outcome, PeerStatus, QueueStatus, ScriptError, Status, Target};
+use crate::target::{ErrorKind, Outcome, ScriptError, Target};
 
 /// A session on a node.
 #[derive(Debug)]
@@ -52,10 +51,9 @@ impl Target for Remote {
         }
     }
 
-    fn status(&mut self) -> Result<Status, String> {
+    fn status(&mut self) -> Result<StatusReport, String> {
         self.client
             .status()
-            .map(status_of)
             .map_err(|e| format!("asking the node for its status: {e}"))
     }
 }
@@ -95,35 +93,6 @@ fn connection_error(message: String) -> ScriptError {
         kind: ErrorKind::Connection,
         message,
         position: None,
-    }
-}
-
-fn status_of(report: StatusReport) -> Status {
-    Status {
-        queues: report
-            .queues
-            .into_iter()
-            .map(|q| QueueStatus {
-                name: q.name,
-                enabled: q.enabled,
-                messages: q.messages,
-                groups_with_messages: q.groups_with_messages,
-                retained_messages: q.retained_messages,
-            })
-            .collect(),
-        conversations: report.endpoints_by_state,
-        transmission: report.transmission_by_status,
-        peers: report
-            .peers
-            .into_iter()
-            .map(|p| PeerStatus {
-                address: p.address,
-                fingerprint: p.fingerprint.map(|f| Fingerprint(f).to_string()),
-                connected: p.connected,
-                unacknowledged_messages: p.unacknowledged_messages,
-            })
-            .collect(),
-        truncated: report.truncated,
     }
 }
 

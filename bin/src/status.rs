@@ -2,9 +2,11 @@
 //! conversation endpoints by state, the transmission queue by status, and the node's peers.
 
 use herald_engine::sql::{ResultSet, Value};
+use herald_net::client::StatusReport;
+use herald_net::identity::Fingerprint;
 
 use crate::output::{self, TableOptions};
-use crate::target::{self, ConnectArgs, Status};
+use crate::target::{self, ConnectArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -39,7 +41,7 @@ pub fn run(args: &StatusArgs) -> u8 {
 }
 
 /// The status as four titled tables.
-pub fn render_status(status: &Status) -> String {
+pub fn render_status(status: &StatusReport) -> String {
     let options = TableOptions::default();
     let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
     let text = |s: &str| Value::Text(s.to_owned());
@@ -72,7 +74,7 @@ pub fn render_status(status: &Status) -> String {
             .map(String::from)
             .to_vec(),
         rows: status
-            .conversations
+            .endpoints_by_state
             .iter()
             .map(|(state, n)| vec![text(state), text(target::state_desc(state)), int(*n)])
             .collect(),
@@ -82,7 +84,7 @@ pub fn render_status(status: &Status) -> String {
             .map(String::from)
             .to_vec(),
         rows: status
-            .transmission
+            .transmission_by_status
             .iter()
             .map(|(s, n)| {
                 let s = if s.is_empty() { NOT_TRIED } else { s };
@@ -102,7 +104,8 @@ pub fn render_status(status: &Status) -> String {
                     text(&p.address),
                     text(if p.connected { "yes" } else { "no" }),
                     int(p.unacknowledged_messages),
-                    p.fingerprint.as_deref().map_or(Value::Null, text),
+                    p.fingerprint
+                        .map_or(Value::Null, |f| Value::Text(Fingerprint(f).to_string())),
                 ]
             })
             .collect(),
@@ -134,7 +137,7 @@ pub fn render_status(status: &Status) -> String {
 /// How an empty transmission status (the message was not tried yet) is shown.
 const NOT_TRIED: &str = "(not tried yet)";
 
-fn status_json(status: &Status) -> serde_json::Value {
+fn status_json(status: &StatusReport) -> serde_json::Value {
     serde_json::json!({
         "queues": status.queues.iter().map(|q| serde_json::json!({
             "name": q.name,
@@ -143,15 +146,15 @@ fn status_json(status: &Status) -> serde_json::Value {
             "groups_with_messages": q.groups_with_messages,
             "retained_messages": q.retained_messages,
         })).collect::<Vec<_>>(),
-        "conversations": status.conversations.iter().map(|(state, n)| serde_json::json!({
+        "conversations": status.endpoints_by_state.iter().map(|(state, n)| serde_json::json!({
             "state": state, "state_desc": target::state_desc(state), "endpoints": n,
         })).collect::<Vec<_>>(),
-        "transmission_queue": status.transmission.iter().map(|(s, n)| serde_json::json!({
+        "transmission_queue": status.transmission_by_status.iter().map(|(s, n)| serde_json::json!({
             "transmission_status": s, "messages": n,
         })).collect::<Vec<_>>(),
         "peers": status.peers.iter().map(|p| serde_json::json!({
             "address": p.address,
-            "fingerprint": p.fingerprint,
+            "fingerprint": p.fingerprint.map(|f| Fingerprint(f).to_string()),
             "connected": p.connected,
             "unacknowledged_messages": p.unacknowledged_messages,
         })).collect::<Vec<_>>(),
@@ -162,22 +165,22 @@ fn status_json(status: &Status) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::QueueStatus;
+    use herald_net::client::QueueStatus;
 
     #[test]
     fn status_shows_each_queue_with_its_depth_and_empty_sections_as_none() {
-        let status = Status {
+        let status = StatusReport {
             queues: vec![QueueStatus {
                 name: "OrderQueue".into(),
                 enabled: true,
+                retention: false,
+                poison_message_handling: true,
                 messages: 42,
                 groups_with_messages: 2,
                 retained_messages: 0,
             }],
-            conversations: vec![("CO".into(), 4)],
-            transmission: Vec::new(),
-            peers: Vec::new(),
-            truncated: false,
+            endpoints_by_state: vec![("CO".into(), 4)],
+            ..StatusReport::default()
         };
         let text = render_status(&status);
         assert!(

@@ -9,6 +9,7 @@
 
 use herald_engine::sql::{Session, StatementResult};
 use herald_engine::{Broker, EndpointState};
+use herald_net::client::StatusReport;
 
 /// One session against a node or an embedded broker.
 pub trait Target {
@@ -16,7 +17,7 @@ pub trait Target {
     /// of the statements that ran and the error that stopped it, if one did.
     fn execute_script(&mut self, script: &str) -> Outcome;
     /// What is queued and in flight.
-    fn status(&mut self) -> Result<Status, String>;
+    fn status(&mut self) -> Result<StatusReport, String>;
 }
 
 /// What running a script did.
@@ -67,42 +68,6 @@ impl ScriptError {
     }
 }
 
-/// `herald status`: queues with their depth, conversations by state, the transmission queue
-/// by status, and the peers a node knows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Status {
-    pub queues: Vec<QueueStatus>,
-    /// (state code, endpoints), in Service Broker's state order.
-    pub conversations: Vec<(String, u64)>,
-    /// (transmission status, messages), by status text.
-    pub transmission: Vec<(String, u64)>,
-    /// The node's peers; empty for an embedded broker.
-    pub peers: Vec<PeerStatus>,
-    /// A list was longer than the node sends, and only its first rows are here.
-    pub truncated: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueStatus {
-    pub name: String,
-    pub enabled: bool,
-    /// Messages waiting (those an open RECEIVE took included).
-    pub messages: u64,
-    pub groups_with_messages: u64,
-    pub retained_messages: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerStatus {
-    /// `host:port` as a route names it, or a connection's address.
-    pub address: String,
-    /// The certificate it presented (hex), once it connected.
-    pub fingerprint: Option<String>,
-    pub connected: bool,
-    /// Messages sent to it and not acknowledged yet.
-    pub unacknowledged_messages: u64,
-}
-
 /// A session on a broker this process opened (the data directory of a node that is not
 /// running, or the bench's).
 #[derive(Debug)]
@@ -129,49 +94,8 @@ impl Target for Embedded<'_> {
         }
     }
 
-    fn status(&mut self) -> Result<Status, String> {
-        Ok(broker_status(self.broker))
-    }
-}
-
-/// The status of a broker in this process.
-pub fn broker_status(broker: &Broker) -> Status {
-    let queues = broker
-        .queues()
-        .into_iter()
-        .map(|q| QueueStatus {
-            name: q.name,
-            enabled: q.options.enabled,
-            messages: q.messages,
-            groups_with_messages: q.groups_with_messages,
-            retained_messages: q.retained_messages,
-        })
-        .collect();
-    let endpoints = broker.conversation_endpoints();
-    let conversations = EndpointState::ALL
-        .into_iter()
-        .filter_map(|state| {
-            let count = endpoints.iter().filter(|e| e.state == state).count() as u64;
-            (count > 0).then(|| (state.code().to_owned(), count))
-        })
-        .collect();
-    let mut transmission: Vec<(String, u64)> = Vec::new();
-    for row in broker.transmission_queue() {
-        match transmission
-            .iter_mut()
-            .find(|(s, _)| *s == row.transmission_status)
-        {
-            Some(entry) => entry.1 += 1,
-            None => transmission.push((row.transmission_status, 1)),
-        }
-    }
-    transmission.sort();
-    Status {
-        queues,
-        conversations,
-        transmission,
-        peers: Vec::new(),
-        truncated: false,
+    fn status(&mut self) -> Result<StatusReport, String> {
+        Ok(StatusReport::of_broker(self.broker))
     }
 }
 

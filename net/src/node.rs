@@ -369,37 +369,8 @@ fn status_report(
     transport: Option<&Transport>,
     shared: &Shared,
 ) -> crate::client::StatusReport {
-    use crate::client::proto::{STATUS_ROWS_MAX, STATUS_TEXT_BYTES_MAX, cut};
-    use crate::client::{PeerStatus, QueueStatus};
-    let mut truncated = false;
-    let mut limit = |len: usize| {
-        truncated |= len > STATUS_ROWS_MAX;
-        len.min(STATUS_ROWS_MAX)
-    };
-    let mut queues: Vec<QueueStatus> = broker
-        .queues()
-        .into_iter()
-        .map(|q| QueueStatus {
-            name: q.name,
-            enabled: q.options.enabled,
-            retention: q.options.retention,
-            poison_message_handling: q.options.poison_message_handling,
-            messages: q.messages,
-            groups_with_messages: q.groups_with_messages,
-            retained_messages: q.retained_messages,
-        })
-        .collect();
-    queues.sort_by(|a, b| a.name.cmp(&b.name));
-    queues.truncate(limit(queues.len()));
-    let mut states: std::collections::BTreeMap<String, u64> = Default::default();
-    for endpoint in broker.conversation_endpoints() {
-        *states.entry(endpoint.state.code().to_owned()).or_default() += 1;
-    }
-    let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
-    for row in broker.transmission_queue() {
-        let text = cut(row.transmission_status, STATUS_TEXT_BYTES_MAX);
-        *statuses.entry(text).or_default() += 1;
-    }
+    use crate::client::PeerStatus;
+    use crate::client::proto::{STATUS_TEXT_BYTES_MAX, cut};
     let mut peers: Vec<PeerStatus> = Vec::new();
     if let Some(transport) = transport {
         let dialed = shared.dialed.lock().clone();
@@ -450,19 +421,9 @@ fn status_report(
             }
         }
     }
-    peers.sort_by(|a, b| a.address.cmp(&b.address));
-    peers.truncate(limit(peers.len()));
-    let endpoints_by_state: Vec<(String, u64)> = states.into_iter().collect();
-    let mut transmission_by_status: Vec<(String, u64)> = statuses.into_iter().collect();
-    transmission_by_status.truncate(limit(transmission_by_status.len()));
-    crate::client::StatusReport {
-        broker_instance: broker.broker_instance().0,
-        queues,
-        endpoints_by_state,
-        transmission_by_status,
-        peers,
-        truncated,
-    }
+    let mut report = crate::client::StatusReport::of_broker(broker);
+    report.add_peers(peers);
+    report
 }
 
 /// Where the sender's passes over the transmission queue are; one pass runs at a time, on the

@@ -457,13 +457,70 @@ pub struct StatusReport {
     /// This node's broker instance.
     pub broker_instance: u128,
     pub queues: Vec<QueueStatus>,
-    /// Conversation endpoints by state code (`CO`, `DI`, …).
+    /// Conversation endpoints by state code (`CO`, `DI`, …), in Service Broker's state order.
     pub endpoints_by_state: Vec<(String, u64)>,
     /// Transmission-queue messages by status text (empty text: not tried yet).
     pub transmission_by_status: Vec<(String, u64)>,
     pub peers: Vec<PeerStatus>,
     /// A list had more than [`STATUS_ROWS_MAX`] rows, and only those are here.
     pub truncated: bool,
+}
+
+impl StatusReport {
+    /// The status of `broker` without peers (those are the node's to add, with
+    /// [`StatusReport::add_peers`]): queues by name, endpoints by state in Service Broker's
+    /// order, the transmission queue by status text; each list cut to [`STATUS_ROWS_MAX`] and
+    /// each text to [`STATUS_TEXT_BYTES_MAX`], `truncated` saying whether a list was cut.
+    pub fn of_broker(broker: &herald_engine::Broker) -> StatusReport {
+        let mut queues: Vec<QueueStatus> = broker
+            .queues()
+            .into_iter()
+            .map(|q| QueueStatus {
+                name: q.name,
+                enabled: q.options.enabled,
+                retention: q.options.retention,
+                poison_message_handling: q.options.poison_message_handling,
+                messages: q.messages,
+                groups_with_messages: q.groups_with_messages,
+                retained_messages: q.retained_messages,
+            })
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let endpoints = broker.conversation_endpoints();
+        let endpoints_by_state = herald_engine::EndpointState::ALL
+            .into_iter()
+            .filter_map(|state| {
+                let count = endpoints.iter().filter(|e| e.state == state).count() as u64;
+                (count > 0).then(|| (state.code().to_owned(), count))
+            })
+            .collect();
+        let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
+        for row in broker.transmission_queue() {
+            let text = cut(row.transmission_status, STATUS_TEXT_BYTES_MAX);
+            *statuses.entry(text).or_default() += 1;
+        }
+        let mut report = StatusReport {
+            broker_instance: broker.broker_instance().0,
+            queues,
+            endpoints_by_state,
+            transmission_by_status: statuses.into_iter().collect(),
+            peers: Vec::new(),
+            truncated: false,
+        };
+        report.truncated |= report.queues.len() > STATUS_ROWS_MAX
+            || report.transmission_by_status.len() > STATUS_ROWS_MAX;
+        report.queues.truncate(STATUS_ROWS_MAX);
+        report.transmission_by_status.truncate(STATUS_ROWS_MAX);
+        report
+    }
+
+    /// Adds `peers`, sorted by address and cut to [`STATUS_ROWS_MAX`].
+    pub fn add_peers(&mut self, mut peers: Vec<PeerStatus>) {
+        peers.sort_by(|a, b| a.address.cmp(&b.address));
+        self.truncated |= peers.len() > STATUS_ROWS_MAX;
+        peers.truncate(STATUS_ROWS_MAX);
+        self.peers = peers;
+    }
 }
 
 /// One queue in a [`StatusReport`].
