@@ -228,7 +228,7 @@ impl Pair {
     /// Sends `count` messages of `body_bytes` and waits for all their acknowledgements.
     async fn transfer(&self, body_bytes: usize, count: u64) -> BenchResult<Duration> {
         use std::sync::atomic::Ordering::Relaxed;
-        let body: Arc<[u8]> = pattern(body_bytes).into();
+        let body: herald_engine::RecordBytes = pattern(body_bytes).into();
         let first_id = self.next_id.fetch_add(count, Relaxed);
         let first_conversation = self.next_conversation.fetch_add(CONVERSATIONS, Relaxed);
         let message = |n: u64| {

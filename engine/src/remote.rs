@@ -16,6 +16,9 @@
 //!   written and applied (receivable), with the `SyncPoint` to pass to `wait_synced` before
 //!   acknowledging.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use crate::broker::BrokerCore;
 use crate::catalog::RouteChoice;
 use crate::error::Result;
@@ -51,10 +54,10 @@ pub struct Arrival {
     /// Whether the initiator sent it (so it is for this broker's target endpoint).
     pub from_initiator: bool,
     pub sequence: u64,
-    pub from_service: String,
-    pub to_service: String,
-    pub contract: String,
-    pub message_type: String,
+    pub from_service: Arc<str>,
+    pub to_service: Arc<str>,
+    pub contract: Arc<str>,
+    pub message_type: Arc<str>,
     pub body: Vec<u8>,
     pub source_broker: BrokerInstanceId,
     /// The dialog's lifetime end (milliseconds since the UNIX epoch), 0 for none.
@@ -89,17 +92,21 @@ pub struct Outbound {
     /// Whether this side is the initiator (the direction of the message).
     pub from_initiator: bool,
     pub sequence: u64,
-    pub from_service: String,
-    pub to_service: String,
-    pub contract: String,
-    pub message_type: String,
+    /// The names are shared by every message of a listing that has them (no copy each).
+    pub from_service: Arc<str>,
+    pub to_service: Arc<str>,
+    pub contract: Arc<str>,
+    pub message_type: Arc<str>,
     pub body: RecordBytes,
     /// The far broker, if the dialog is pinned to one or named one.
     pub to_broker_instance: Option<BrokerInstanceId>,
     pub expires_at_ms: u64,
-    /// Where it should go now.
-    pub route: RouteChoice,
+    /// Where it should go now (shared by the messages of a listing with the same far side).
+    pub route: Arc<RouteChoice>,
 }
+
+/// A dialog's far side as routes see it: the far service and the far broker, if known.
+type FarSide<'a> = (&'a str, Option<BrokerInstanceId>);
 
 /// Waits for the transmission queue to grow (for the network's sender). While one exists,
 /// every commit that adds to the transmission queue signals it.
@@ -166,9 +173,11 @@ impl BrokerCore {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
-        // Routes by (far service, far broker): a listing holds few dialogs' worth of them, and
-        // each would otherwise search the routes again.
-        let mut routes: Vec<((&str, Option<BrokerInstanceId>), RouteChoice)> = Vec::new();
+        // Routes by (far service, far broker) and names by dialog: a listing holds few dialogs'
+        // worth of them, and each message would otherwise search the routes again and copy its
+        // names (allocations the sender would pay per message, under the state lock).
+        let mut routes: Vec<(FarSide<'_>, Arc<RouteChoice>)> = Vec::new();
+        let mut names: HashMap<ConversationHandle, [Arc<str>; 3]> = HashMap::new();
         state
             .transmission
             .range(from..)
@@ -179,26 +188,36 @@ impl BrokerCore {
                 let route = match routes.iter().find(|(key, _)| *key == far) {
                     Some((_, route)) => route.clone(),
                     None => {
-                        let route = state.catalog.route(
+                        let route = Arc::new(state.catalog.route(
                             &endpoint.far_service,
                             endpoint.far_broker_instance,
                             self.broker_instance(),
                             now,
-                        );
+                        ));
                         routes.push((far, route.clone()));
                         route
                     }
                 };
+                let [from_service, to_service, contract] = names
+                    .entry(t.handle)
+                    .or_insert_with(|| {
+                        [
+                            Arc::from(endpoint.service.as_str()),
+                            Arc::from(endpoint.far_service.as_str()),
+                            Arc::from(endpoint.contract.as_str()),
+                        ]
+                    })
+                    .clone();
                 Some(Outbound {
                     id: *id,
                     handle: t.handle,
                     conversation_id: endpoint.conversation_id,
                     from_initiator: endpoint.is_initiator,
                     sequence: t.sequence,
-                    from_service: endpoint.service.clone(),
-                    to_service: endpoint.far_service.clone(),
-                    contract: endpoint.contract.clone(),
-                    message_type: state.message_type_name(t.message.message_type).to_string(),
+                    from_service,
+                    to_service,
+                    contract,
+                    message_type: state.message_type_name(t.message.message_type).clone(),
                     body: t.message.body.clone(),
                     to_broker_instance: endpoint.far_broker_instance,
                     expires_at_ms: endpoint.expires_at_ms.unwrap_or(0),
@@ -372,7 +391,7 @@ impl BrokerCore {
             }
             // An Error ends the dialog and may follow messages its sender dropped (END WITH
             // ERROR drops what was not transmitted): it does not wait for them.
-            let is_error = arrival.message_type == system::ERROR;
+            let is_error = *arrival.message_type == *system::ERROR;
             if arrival.sequence > next && !is_error {
                 outcomes.push(ArrivalOutcome::Gap);
                 continue;
@@ -402,19 +421,19 @@ impl BrokerCore {
     ) -> Result<std::result::Result<ConversationHandle, ArrivalOutcome>> {
         let refused = |code, description: String| ArrivalOutcome::Refused { code, description };
         let check = tx.read_catalog(|catalog| {
-            let Some(service) = catalog.services.get(&arrival.to_service) else {
+            let Some(service) = catalog.services.get(&*arrival.to_service) else {
                 return Ok(Err(refused(
                     codes::SERVICE_NOT_FOUND,
                     format!("service {:?} does not exist", arrival.to_service),
                 )));
             };
-            if !catalog.contracts.contains_key(&arrival.contract) {
+            if !catalog.contracts.contains_key(&*arrival.contract) {
                 return Ok(Err(refused(
                     codes::CONTRACT_NOT_FOUND,
                     format!("contract {:?} does not exist", arrival.contract),
                 )));
             }
-            if !service.contracts.contains(&arrival.contract) {
+            if !service.contracts.contains(&*arrival.contract) {
                 return Ok(Err(refused(
                     codes::CONTRACT_NOT_ACCEPTED,
                     format!(
@@ -433,9 +452,9 @@ impl BrokerCore {
             handle,
             conversation_id: arrival.conversation_id,
             group: ConversationGroupId::random(),
-            service: arrival.to_service.clone(),
-            far_service: arrival.from_service.clone(),
-            contract: arrival.contract.clone(),
+            service: arrival.to_service.to_string(),
+            far_service: arrival.from_service.to_string(),
+            contract: arrival.contract.to_string(),
             far_broker_instance: arrival.source_broker,
             expires_at_ms: arrival.expires_at_ms,
         }));
@@ -454,7 +473,7 @@ fn check_message(
     tx.read_catalog(|catalog| {
         let refused =
             |code, description: String| Ok(Err(ArrivalOutcome::Refused { code, description }));
-        let Some(message_type) = catalog.message_types.get(&arrival.message_type) else {
+        let Some(message_type) = catalog.message_types.get(&*arrival.message_type) else {
             return refused(
                 codes::MESSAGE_TYPE_NOT_FOUND,
                 format!("message type {:?} does not exist", arrival.message_type),
@@ -462,8 +481,8 @@ fn check_message(
         };
         let sent_by = catalog
             .contracts
-            .get(&arrival.contract)
-            .and_then(|c| c.messages.get(&arrival.message_type));
+            .get(&*arrival.contract)
+            .and_then(|c| c.messages.get(&*arrival.message_type));
         match sent_by {
             None => {
                 return refused(

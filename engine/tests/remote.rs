@@ -82,7 +82,7 @@ fn pump(
         .iter()
         .map(|m| {
             assert!(
-                matches!(m.route, RouteChoice::Remote { .. }),
+                matches!(*m.route, RouteChoice::Remote { .. }),
                 "{:?}",
                 m.route
             );
@@ -338,7 +338,7 @@ fn without_a_route_messages_wait_and_go_once_one_exists() {
         queued[0].transmission_status.contains("no route"),
         "{queued:?}"
     );
-    assert_eq!(a.outbound(None, 10)[0].route, RouteChoice::NoRoute);
+    assert_eq!(*a.outbound(None, 10)[0].route, RouteChoice::NoRoute);
     let mut tx = a.begin();
     tx.create_route(Route {
         name: "far".into(),
@@ -350,7 +350,7 @@ fn without_a_route_messages_wait_and_go_once_one_exists() {
     .unwrap();
     tx.commit().unwrap();
     assert!(matches!(
-        a.outbound(None, 10)[0].route,
+        *a.outbound(None, 10)[0].route,
         RouteChoice::Remote { .. }
     ));
 }

@@ -1,7 +1,6 @@
 //! The fuzz harness for the wire protocol, kept here so that it is type-checked with the crate
 //! and replayed over the committed corpus by `tests/fuzz_corpus.rs` on stable.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -97,7 +96,7 @@ fn drive_session(data: &[u8]) {
             target_broker_instance: None,
             lifetime_deadline_secs: 0,
         };
-        let body: Arc<[u8]> = vec![sequence as u8; 100 * sequence as usize].into();
+        let body = vec![sequence as u8; 100 * sequence as usize].into();
         session
             .send(OutgoingMessage {
                 id: sequence,

@@ -510,7 +510,7 @@ fn pass(
     // address.
     let mut batches: HashMap<SocketAddr, Vec<OutgoingMessage>> = HashMap::new();
     for message in waiting {
-        let (host, port) = match &message.route {
+        let (host, port) = match &*message.route {
             RouteChoice::Remote {
                 address: RouteAddress::Quic { host, port },
                 ..
@@ -568,7 +568,7 @@ fn pass(
                 target_broker_instance: message.to_broker_instance.map(|b| b.0.to_be_bytes()),
                 lifetime_deadline_secs: message.expires_at_ms.div_ceil(1000),
             },
-            body: Arc::from(&message.body[..]),
+            body: message.body,
         };
         batches.entry(addr).or_default().push(outgoing);
     }
@@ -970,7 +970,7 @@ fn refused_by_access(shared: &Shared, peer: &PeerKey, arrival: &Arrival) -> Opti
         PeerKey::Dialed(addr) => *shared.dialed.lock().get(addr)?,
     };
     let allowed = shared.restricted_peers.get(&fingerprint)?;
-    (!allowed.contains(&arrival.to_service)).then(|| {
+    (!allowed.contains(&*arrival.to_service)).then(|| {
         format!(
             "the sending node ({fingerprint}) may not reach service {:?}",
             arrival.to_service

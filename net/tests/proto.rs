@@ -1,6 +1,7 @@
 //! The wire protocol of `herald_net::proto`: frames and their limits at the edge, the streaming
 //! decoder, reassembly, the per-peer session, and a two-node simulation over a lossy link.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_net::Error;
@@ -195,10 +196,7 @@ fn hello_and_ack_bytes_are_as_documented() {
     assert!(m.header.from_initiator);
     assert_eq!(m.header.sequence, 5);
     assert_eq!(
-        (
-            m.header.source_service.as_str(),
-            m.header.message_type.as_str()
-        ),
+        (&*m.header.source_service, &*m.header.message_type),
         ("s", "m")
     );
     assert_eq!((m.body_bytes, m.fragment_offset), (10, 4));
@@ -212,7 +210,7 @@ fn names_at_the_limit_pass_and_one_byte_more_fails() {
     let over = "n".repeat(NAME_BYTES_MAX + 1);
     for field in 0..4 {
         let mut h = header(1, true, 1);
-        fn pick(h: &mut MessageHeader, field: usize) -> &mut String {
+        fn pick(h: &mut MessageHeader, field: usize) -> &mut Arc<str> {
             match field {
                 0 => &mut h.source_service,
                 1 => &mut h.target_service,
@@ -220,11 +218,11 @@ fn names_at_the_limit_pass_and_one_byte_more_fails() {
                 _ => &mut h.message_type,
             }
         }
-        *pick(&mut h, field) = at_limit.clone();
+        *pick(&mut h, field) = at_limit.as_str().into();
         let frame = fragment(h.clone(), b"x", 0, 1);
         let bytes = frame.to_bytes().expect("a name of NAME_BYTES_MAX encodes");
         assert_eq!(Frame::decode(&bytes).expect("decodes").0, frame);
-        *pick(&mut h, field) = over.clone();
+        *pick(&mut h, field) = over.as_str().into();
         assert!(matches!(
             encode_err(&fragment(h, b"x", 0, 1)),
             Error::NameTooLong { bytes, max: NAME_BYTES_MAX, .. } if bytes == NAME_BYTES_MAX + 1
@@ -655,10 +653,10 @@ fn arb_header() -> impl Strategy<Value = MessageHeader> {
                 conversation_id,
                 from_initiator,
                 sequence,
-                source_service: names.0,
-                target_service: names.1,
-                contract: names.2,
-                message_type: names.3,
+                source_service: names.0.into(),
+                target_service: names.1.into(),
+                contract: names.2.into(),
+                message_type: names.3.into(),
                 target_broker_instance: target,
                 lifetime_deadline_secs: deadline,
             },

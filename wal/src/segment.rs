@@ -251,6 +251,19 @@ impl Deref for RecordBytes {
     }
 }
 
+/// Bytes that are not (or not yet) in a log, held the same way: a message built in memory.
+impl From<Vec<u8>> for RecordBytes {
+    fn from(bytes: Vec<u8>) -> RecordBytes {
+        RecordBytes::owned(bytes)
+    }
+}
+
+impl From<&[u8]> for RecordBytes {
+    fn from(bytes: &[u8]) -> RecordBytes {
+        RecordBytes::owned(bytes.to_vec())
+    }
+}
+
 impl AsRef<[u8]> for RecordBytes {
     fn as_ref(&self) -> &[u8] {
         self

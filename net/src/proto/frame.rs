@@ -14,6 +14,9 @@
 //! There is no checksum: the stream runs inside QUIC, whose TLS 1.3 AEAD already rejects any
 //! altered or truncated packet, so a second integrity check would only cost time.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::payload::Reader;
 
@@ -112,10 +115,12 @@ pub struct MessageHeader {
     pub from_initiator: bool,
     /// Sequence number assigned by the sending endpoint; per conversation direction.
     pub sequence: u64,
-    pub source_service: String,
-    pub target_service: String,
-    pub contract: String,
-    pub message_type: String,
+    /// Names are shared (a sender's listing and a receiver's decoder reuse one allocation for
+    /// the many messages that carry the same name).
+    pub source_service: Arc<str>,
+    pub target_service: Arc<str>,
+    pub contract: Arc<str>,
+    pub message_type: Arc<str>,
     /// The target's broker instance once the dialog is pinned to it; `None` before the first Ack.
     pub target_broker_instance: Option<[u8; 16]>,
     /// The dialog's lifetime deadline in seconds since the UNIX epoch; 0 means none.
@@ -234,7 +239,7 @@ impl Frame {
                 available: bytes.len(),
             });
         }
-        Ok((parse(&bytes[..total])?, total))
+        Ok((parse(&bytes[..total], &mut NameCache::default())?, total))
     }
 }
 
@@ -249,6 +254,32 @@ pub struct FrameDecoder {
     /// The bytes of the frame being received; empty between frames.
     partial: Vec<u8>,
     failed: bool,
+    names: NameCache,
+}
+
+/// Most distinct names a [`NameCache`] holds (at most [`NAME_BYTES_MAX`] bytes each, so at most
+/// 256 KiB per connection); past it the cache starts over.
+pub const NAME_CACHE_ENTRIES_MAX: usize = 1024;
+
+/// The names (services, contracts, message types) decoded recently on one connection: the many
+/// messages that carry the same names share one allocation per name instead of four per message.
+#[derive(Debug, Default)]
+struct NameCache {
+    names: HashSet<Arc<str>>,
+}
+
+impl NameCache {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        if self.names.len() >= NAME_CACHE_ENTRIES_MAX {
+            self.names.clear();
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.names.insert(name.clone());
+        name
+    }
 }
 
 /// A decoder keeps a buffer of at most this capacity between frames; a larger one (left by a
@@ -286,7 +317,7 @@ impl FrameDecoder {
             if input.len() >= total {
                 let (frame_bytes, rest) = input.split_at(total);
                 *input = rest;
-                return parse(frame_bytes).map(Some);
+                return parse(frame_bytes, &mut self.names).map(Some);
             }
         }
         if self.partial.len() < FRAME_HEADER_BYTES {
@@ -306,7 +337,7 @@ impl FrameDecoder {
         if self.partial.len() < total {
             return Ok(None);
         }
-        let frame = parse(&self.partial);
+        let frame = parse(&self.partial, &mut self.names);
         self.partial.clear();
         if self.partial.capacity() > DECODER_IDLE_CAPACITY_BYTES_MAX {
             self.partial = Vec::new();
@@ -333,7 +364,9 @@ pub(crate) fn encode_message_header(header: &MessageHeader, body_bytes: usize) -
             max: MESSAGE_BODY_BYTES_MAX,
         });
     }
-    let mut out = Vec::with_capacity(MESSAGE_FIXED_BYTES + 4 * (2 + NAME_BYTES_MAX) + 4);
+    // Exactly its size: a session holds one per unacknowledged message.
+    let names_bytes: usize = names.iter().map(|(_, name)| 2 + name.len()).sum();
+    let mut out = Vec::with_capacity(MESSAGE_FIXED_BYTES + names_bytes + 4);
     out.extend_from_slice(&header.conversation_id);
     let mut flags = direction_flag(header.from_initiator);
     if header.target_broker_instance.is_some() {
@@ -482,12 +515,12 @@ fn frame_bytes(bytes: &[u8]) -> Result<usize> {
 }
 
 /// Parses one whole frame, `bytes` being exactly the frame.
-fn parse(bytes: &[u8]) -> Result<Frame> {
+fn parse(bytes: &[u8], names: &mut NameCache) -> Result<Frame> {
     let kind = bytes[4];
     let payload = &bytes[FRAME_HEADER_BYTES..];
     match kind {
         KIND_HELLO => parse_hello(payload),
-        KIND_MESSAGE => parse_message(payload),
+        KIND_MESSAGE => parse_message(payload, names),
         KIND_ACK => {
             let mut r = Reader::at_least(payload, "ack", ACK_PAYLOAD_BYTES)?;
             let ack = Ack {
@@ -542,7 +575,7 @@ fn parse_hello(payload: &[u8]) -> Result<Frame> {
     }))
 }
 
-fn parse_message(payload: &[u8]) -> Result<Frame> {
+fn parse_message(payload: &[u8], names: &mut NameCache) -> Result<Frame> {
     let mut r = Reader::at_least(payload, "message", MESSAGE_FIXED_BYTES + 4 * 2 + 4 + 4)?;
     let conversation_id = r.array()?;
     let flags = r.u8()?;
@@ -559,10 +592,10 @@ fn parse_message(payload: &[u8]) -> Result<Frame> {
     } else {
         None
     };
-    let source_service = r.string("source service", NAME_BYTES_MAX)?;
-    let target_service = r.string("target service", NAME_BYTES_MAX)?;
-    let contract = r.string("contract", NAME_BYTES_MAX)?;
-    let message_type = r.string("message type", NAME_BYTES_MAX)?;
+    let source_service = names.get(r.str("source service", NAME_BYTES_MAX)?);
+    let target_service = names.get(r.str("target service", NAME_BYTES_MAX)?);
+    let contract = names.get(r.str("contract", NAME_BYTES_MAX)?);
+    let message_type = names.get(r.str("message type", NAME_BYTES_MAX)?);
     let body_bytes = r.u32()?;
     let fragment_offset = r.u32()?;
     let fragment = r.rest();
@@ -599,6 +632,11 @@ impl Reader<'_> {
     /// `len u16 | UTF-8 bytes`, at most `max` bytes; the length is checked before the bytes are
     /// looked at.
     fn string(&mut self, field: &'static str, max: usize) -> Result<String> {
+        self.str(field, max).map(str::to_owned)
+    }
+
+    /// [`string`](Reader::string), borrowed from the payload.
+    fn str(&mut self, field: &'static str, max: usize) -> Result<&str> {
         let len = usize::from(self.u16()?);
         if len > max {
             return Err(if field == "description" {
@@ -612,9 +650,7 @@ impl Reader<'_> {
             });
         }
         let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| Error::NotUtf8 { field })
+        std::str::from_utf8(bytes).map_err(|_| Error::NotUtf8 { field })
     }
 }
 
@@ -623,7 +659,7 @@ mod tests {
     use super::*;
 
     fn longest_header() -> MessageHeader {
-        let name = "n".repeat(NAME_BYTES_MAX);
+        let name: Arc<str> = "n".repeat(NAME_BYTES_MAX).into();
         MessageHeader {
             conversation_id: [1; 16],
             from_initiator: true,

@@ -25,8 +25,8 @@
 //! sequence it has durably received per conversation direction, drops duplicates and gaps, and
 //! acknowledges through [`PeerSession::acknowledge`] once its commit is durable.
 
+use herald_engine::RecordBytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -77,7 +77,8 @@ pub struct OutgoingMessage {
     /// The engine's key for the row; [`Event::Acknowledged`] names it.
     pub id: u64,
     pub header: MessageHeader,
-    pub body: Arc<[u8]>,
+    /// Borrowed from the log where the message is stored (no copy per transmission).
+    pub body: RecordBytes,
 }
 
 /// A whole message received from the peer.
@@ -157,7 +158,7 @@ struct Pending {
     sequence: u64,
     /// The Message frame's header fields, encoded once for all fragments.
     header: Vec<u8>,
-    body: Arc<[u8]>,
+    body: RecordBytes,
     /// Next body byte to transmit; 0 when not being transmitted.
     next_offset: usize,
     /// Counted in `in_flight_bytes`: (partly) transmitted on this connection.
