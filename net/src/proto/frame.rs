@@ -658,6 +658,52 @@ impl Reader<'_> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_name_cache_shares_names_and_starts_over_past_its_bound() {
+        let mut cache = NameCache::default();
+        let first = cache.get("//s/Name");
+        assert!(Arc::ptr_eq(&first, &cache.get("//s/Name")));
+        for n in 1..NAME_CACHE_ENTRIES_MAX {
+            cache.get(&format!("//s/{n}"));
+        }
+        assert_eq!(cache.names.len(), NAME_CACHE_ENTRIES_MAX);
+        // One more distinct name: the cache starts over with it alone.
+        let over = cache.get("//s/one more");
+        assert_eq!(cache.names.len(), 1);
+        assert!(Arc::ptr_eq(&over, &cache.get("//s/one more")));
+        let again = cache.get("//s/Name");
+        assert!(!Arc::ptr_eq(&first, &again), "forgotten, so allocated anew");
+        assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_decoder_shares_the_names_of_the_messages_it_decodes() {
+        let frame = Frame::Message(MessageFragment {
+            header: longest_header(),
+            body_bytes: 1,
+            fragment_offset: 0,
+            fragment: vec![7],
+        });
+        let bytes = frame.to_bytes().expect("encodes");
+        let mut decoder = FrameDecoder::new();
+        let mut decode = || match decoder.decode(&mut &bytes[..]) {
+            Ok(Some(Frame::Message(m))) => m.header,
+            other => panic!("expected a message, got {other:?}"),
+        };
+        let (one, two) = (decode(), decode());
+        assert!(Arc::ptr_eq(&one.source_service, &two.source_service));
+        assert!(Arc::ptr_eq(&one.message_type, &two.message_type));
+        assert_eq!(
+            Frame::Message(MessageFragment {
+                header: two,
+                body_bytes: 1,
+                fragment_offset: 0,
+                fragment: vec![7]
+            }),
+            frame
+        );
+    }
+
     fn longest_header() -> MessageHeader {
         let name: Arc<str> = "n".repeat(NAME_BYTES_MAX).into();
         MessageHeader {
