@@ -170,10 +170,9 @@ fn run(settings: &Settings) -> BenchResult<()> {
     Ok(())
 }
 
+/// Each round's rate, in order (a slow round among fast ones shows where it fell).
 fn spread(rates: &[f64]) -> String {
-    let low = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = rates.iter().copied().fold(0.0, f64::max);
-    format!("{}–{}", si(low), si(high))
+    rates.iter().map(|r| si(*r)).collect::<Vec<_>>().join(" ")
 }
 
 // ---------------------------------------------------------------------------------------------

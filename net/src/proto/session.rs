@@ -115,6 +115,9 @@ pub enum Event {
     PeerGoingAway,
 }
 
+/// A conversation direction: (conversation id, from initiator).
+type Direction = ([u8; 16], bool);
+
 /// The state of one connection to one peer. See the module documentation.
 #[derive(Debug)]
 pub struct PeerSession {
@@ -128,17 +131,24 @@ pub struct PeerSession {
     peer_going_away: bool,
     /// Unacknowledged messages by send order.
     messages: BTreeMap<u64, Pending>,
-    /// Unacknowledged messages by conversation direction and sequence: what an Ack removes.
-    by_conversation: HashMap<([u8; 16], bool), BTreeMap<u64, u64>>,
-    /// Messages due for (re)transmission, by send order.
-    ready: BTreeSet<u64>,
-    /// Retransmission deadlines of transmitted, unacknowledged messages.
-    timers: BTreeSet<(Instant, u64)>,
+    /// Unacknowledged messages by conversation direction: (sequence, send order), ascending by
+    /// sequence. An Ack removes a prefix.
+    by_conversation: HashMap<Direction, VecDeque<(u64, u64)>>,
+    /// No message at or after this send order has been completely transmitted on this
+    /// connection: the next new message to transmit is the first one from here.
+    first_unsent: u64,
+    /// Messages due for retransmission (their timers fired), by send order; every one is before
+    /// `first_unsent`, so they go first.
+    retransmit: BTreeSet<u64>,
+    /// Retransmission deadlines: one queue per backoff step. All entries of a step have the
+    /// same delay, so each queue is in deadline order. Entries are removed lazily: one is live
+    /// while its message still has that `retry_at`; the fronts are kept live (`prune_timers`).
+    timers: [VecDeque<(Instant, u64)>; BACKOFF_STEPS],
     next_order: u64,
     in_flight_bytes: usize,
     /// Acks to send, coalesced per conversation direction, in the order first asked for.
-    acks: HashMap<([u8; 16], bool), u64>,
-    ack_order: VecDeque<([u8; 16], bool)>,
+    acks: HashMap<Direction, u64>,
+    ack_order: VecDeque<Direction>,
     errors: VecDeque<ErrorFrame>,
     events: VecDeque<Event>,
 }
@@ -154,7 +164,7 @@ enum GoAway {
 struct Pending {
     id: u64,
     /// (conversation id, from initiator) and sequence: its entry in `by_conversation`.
-    conversation: ([u8; 16], bool),
+    conversation: Direction,
     sequence: u64,
     /// The Message frame's header fields, encoded once for all fragments.
     header: Vec<u8>,
@@ -181,8 +191,9 @@ impl PeerSession {
             peer_going_away: false,
             messages: BTreeMap::new(),
             by_conversation: HashMap::new(),
-            ready: BTreeSet::new(),
-            timers: BTreeSet::new(),
+            first_unsent: 0,
+            retransmit: BTreeSet::new(),
+            timers: Default::default(),
             next_order: 0,
             in_flight_bytes: 0,
             acks: HashMap::new(),
@@ -202,17 +213,17 @@ impl PeerSession {
             message.header.from_initiator,
         );
         let sequence = message.header.sequence;
-        if self
-            .by_conversation
-            .get(&conversation)
-            .is_some_and(|seqs| seqs.contains_key(&sequence))
-        {
+        let place = match self.by_conversation.get(&conversation) {
+            Some(seqs) => seqs.binary_search_by_key(&sequence, |&(seq, _)| seq),
+            None => Err(0),
+        };
+        let Err(place) = place else {
             return Err(Error::AlreadyQueued {
                 conversation_id: conversation.0,
                 from_initiator: conversation.1,
                 sequence,
             });
-        }
+        };
         if self.messages.len() >= SEND_QUEUE_MESSAGES_MAX {
             return Err(Error::SendQueueFull {
                 max: SEND_QUEUE_MESSAGES_MAX,
@@ -220,10 +231,11 @@ impl PeerSession {
         }
         let order = self.next_order;
         self.next_order += 1;
+        // Usually at the back: a conversation's messages are given in sequence order.
         self.by_conversation
             .entry(conversation)
             .or_default()
-            .insert(sequence, order);
+            .insert(place, (sequence, order));
         self.messages.insert(
             order,
             Pending {
@@ -238,7 +250,6 @@ impl PeerSession {
                 retry_at: None,
             },
         );
-        self.ready.insert(order);
         Ok(())
     }
 
@@ -263,21 +274,21 @@ impl PeerSession {
             let Some(pending) = self.messages.remove(&order) else {
                 continue;
             };
-            self.ready.remove(&order);
-            if let Some(at) = pending.retry_at {
-                self.timers.remove(&(at, order));
-            }
+            self.retransmit.remove(&order);
             if pending.in_flight {
                 self.in_flight_bytes -= pending.body.len();
             }
             let key = pending.conversation;
             if let Some(seqs) = self.by_conversation.get_mut(&key) {
-                seqs.remove(&pending.sequence);
+                if let Ok(at) = seqs.binary_search_by_key(&pending.sequence, |&(seq, _)| seq) {
+                    seqs.remove(at);
+                }
                 if seqs.is_empty() {
                     self.by_conversation.remove(&key);
                 }
             }
         }
+        self.prune_timers();
         orders.len()
     }
 
@@ -440,18 +451,24 @@ impl PeerSession {
 
     /// When [`handle_timeout`](PeerSession::handle_timeout) should next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        self.earliest_timer().map(|(_, at)| at)
     }
 
     /// Makes every message whose retransmission time has come due for transmission again; the
     /// next [`poll_transmit`](PeerSession::poll_transmit) sends them, in send order.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, order)) = self.timers.first() {
+        while let Some((step, at)) = self.earliest_timer() {
             if at > now {
                 break;
             }
-            self.timers.pop_first();
-            if let Some(pending) = self.messages.get_mut(&order) {
+            let (_, order) = self.timers[step]
+                .pop_front()
+                .expect("the earliest timer is a queue's front");
+            if let Some(pending) = self
+                .messages
+                .get_mut(&order)
+                .filter(|pending| pending.retry_at == Some(at))
+            {
                 pending.retry_at = None;
                 pending.retries = pending.retries.saturating_add(1);
                 tracing::debug!(
@@ -459,8 +476,9 @@ impl PeerSession {
                     retries = pending.retries,
                     "message unacknowledged: retransmitting"
                 );
-                self.ready.insert(order);
+                self.retransmit.insert(order);
             }
+            self.prune_timers();
         }
     }
 
@@ -480,14 +498,20 @@ impl PeerSession {
         self.hello_sent = false;
         self.go_away = GoAway::No;
         self.peer_going_away = false;
-        self.timers.clear();
+        self.timers = Default::default();
+        self.retransmit.clear();
+        self.first_unsent = self
+            .messages
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next_order);
         self.in_flight_bytes = 0;
-        for (&order, pending) in &mut self.messages {
+        for pending in self.messages.values_mut() {
             pending.next_offset = 0;
             pending.in_flight = false;
             pending.retries = 0;
             pending.retry_at = None;
-            self.ready.insert(order);
         }
     }
 
@@ -536,21 +560,20 @@ impl PeerSession {
         let Some(seqs) = self.by_conversation.get_mut(&key) else {
             return;
         };
-        let later = match ack.sequence.checked_add(1) {
-            Some(next) => seqs.split_off(&next),
-            None => BTreeMap::new(),
-        };
-        let covered = std::mem::replace(seqs, later);
+        let covered = seqs.partition_point(|&(seq, _)| seq <= ack.sequence);
+        if covered == 0 {
+            return;
+        }
+        let covered: Vec<u64> = seqs.drain(..covered).map(|(_, order)| order).collect();
         if seqs.is_empty() {
             self.by_conversation.remove(&key);
         }
-        for order in covered.into_values() {
+        for order in covered {
             let Some(pending) = self.messages.remove(&order) else {
                 continue;
             };
-            self.ready.remove(&order);
-            if let Some(at) = pending.retry_at {
-                self.timers.remove(&(at, order));
+            if pending.retries > 0 {
+                self.retransmit.remove(&order);
             }
             if pending.in_flight {
                 self.in_flight_bytes -= pending.body.len();
@@ -560,19 +583,61 @@ impl PeerSession {
                 far_broker_instance: ack.broker_instance,
             });
         }
+        self.prune_timers();
+    }
+
+    /// The earliest retransmission deadline and its backoff step, if any.
+    fn earliest_timer(&self) -> Option<(usize, Instant)> {
+        self.timers
+            .iter()
+            .enumerate()
+            .filter_map(|(step, queue)| queue.front().map(|&(at, _)| (step, at)))
+            .min_by_key(|&(_, at)| at)
+    }
+
+    /// Drops timer entries whose message was acknowledged, withdrawn or rescheduled: from each
+    /// queue's front (so that the fronts are live and `poll_timeout` exact), and everywhere in
+    /// a queue that holds more than twice as many entries as there are messages (so that the
+    /// queues stay within a bound of the send queue's size).
+    fn prune_timers(&mut self) {
+        let messages = &self.messages;
+        let live = |&(at, order): &(Instant, u64)| {
+            messages
+                .get(&order)
+                .is_some_and(|pending| pending.retry_at == Some(at))
+        };
+        for queue in &mut self.timers {
+            while queue.front().is_some_and(|entry| !live(entry)) {
+                queue.pop_front();
+            }
+            if queue.len() > 2 * messages.len() + TIMER_QUEUE_SLACK_ENTRIES {
+                queue.retain(live);
+            }
+        }
     }
 
     /// Appends message fragments in send order while the batch and the in-flight window allow.
     fn transmit_messages(&mut self, now: Instant, out: &mut Vec<u8>) {
-        while let Some(&order) = self.ready.first() {
-            let pending = self
-                .messages
-                .get_mut(&order)
-                .expect("every ready order names an unacknowledged message");
+        loop {
+            // Due retransmissions are all before `first_unsent`: in send order, they go first.
+            let retransmission = self.retransmit.first().copied();
+            let (order, pending) = match retransmission {
+                Some(order) => {
+                    let pending = self
+                        .messages
+                        .get_mut(&order)
+                        .expect("every order due for retransmission names a message");
+                    (order, pending)
+                }
+                None => match self.messages.range_mut(self.first_unsent..).next() {
+                    Some((&order, pending)) => (order, pending),
+                    None => return,
+                },
+            };
             let body_bytes = pending.body.len();
             if !pending.in_flight {
                 // Messages become in flight in send order, so every retransmission is ahead of
-                // this one in `ready`: stopping here delays nothing that could go.
+                // this one: stopping here delays nothing that could go.
                 if self.in_flight_bytes > 0
                     && self.in_flight_bytes + body_bytes > IN_FLIGHT_BYTES_MAX
                 {
@@ -605,14 +670,30 @@ impl PeerSession {
                 }
             }
             pending.next_offset = 0;
-            let delay = retry_delay(pending.retries);
-            let at = now + delay;
+            let step = (pending.retries as usize).min(BACKOFF_STEPS - 1);
+            let queue = &mut self.timers[step];
+            // A queue stays in deadline order even if `now` went backwards (it never does
+            // with a monotonic clock): the deadline is then no earlier than the last one's.
+            let at = (now + retry_delay(pending.retries))
+                .max(queue.back().map_or(now, |&(last, _)| last));
             pending.retry_at = Some(at);
-            self.timers.insert((at, order));
-            self.ready.remove(&order);
+            queue.push_back((at, order));
+            if retransmission.is_some() {
+                self.retransmit.remove(&order);
+            } else {
+                self.first_unsent = order + 1;
+            }
         }
     }
 }
+
+/// Distinct retransmission delays (1, 2, 4, …, 32 s, then [`RETRY_DELAY_MAX`] for every later
+/// one): a timer queue each.
+const BACKOFF_STEPS: usize = 7;
+
+/// A timer queue is cleaned through (not only at its front) once it holds more than twice the
+/// unacknowledged messages plus this many entries.
+const TIMER_QUEUE_SLACK_ENTRIES: usize = 64;
 
 /// The delay before retransmission number `retries + 1`.
 pub fn retry_delay(retries: u32) -> Duration {
@@ -649,6 +730,87 @@ mod tests {
         assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
         assert_eq!(retry_delay(31), RETRY_DELAY_MAX);
         assert_eq!(retry_delay(32), RETRY_DELAY_MAX);
+        // Every step from BACKOFF_STEPS - 1 on has the same delay: one timer queue serves them.
+        assert!(retry_delay(BACKOFF_STEPS as u32 - 2) < RETRY_DELAY_MAX);
+        assert_eq!(retry_delay(BACKOFF_STEPS as u32 - 1), RETRY_DELAY_MAX);
+    }
+
+    fn message(id: u64, conversation: u8, sequence: u64) -> OutgoingMessage {
+        OutgoingMessage {
+            id,
+            header: MessageHeader {
+                conversation_id: [conversation; 16],
+                from_initiator: true,
+                sequence,
+                source_service: "//s/From".into(),
+                target_service: "//s/To".into(),
+                contract: "//s/Contract".into(),
+                message_type: "//s/Type".into(),
+                target_broker_instance: None,
+                lifetime_deadline_secs: 0,
+            },
+            body: vec![7u8; 10].into(),
+        }
+    }
+
+    fn ack(session: &mut PeerSession, conversation: u8, sequence: u64) {
+        session.handle_ack(Ack {
+            conversation_id: [conversation; 16],
+            from_initiator: true,
+            sequence,
+            broker_instance: [9; 16],
+        });
+    }
+
+    #[test]
+    fn timer_queues_stay_bounded_behind_an_old_unacknowledged_message() {
+        let mut session = PeerSession::new([1; 16]);
+        let now = Instant::now();
+        // The oldest timer's message stays unacknowledged, so acknowledged ones behind it
+        // cannot leave the queue from its front.
+        session.send(message(0, 1, 1)).expect("queued");
+        let mut id = 1;
+        for round in 0..50u64 {
+            for n in 1..=100 {
+                session
+                    .send(message(id, 2, round * 100 + n))
+                    .expect("queued");
+                id += 1;
+            }
+            while session.poll_transmit(now).is_some() {}
+            ack(&mut session, 2, round * 100 + 100);
+            let entries: usize = session.timers.iter().map(VecDeque::len).sum();
+            assert!(
+                entries <= 2 * session.messages.len() + TIMER_QUEUE_SLACK_ENTRIES,
+                "{entries} timer entries for {} messages",
+                session.messages.len()
+            );
+        }
+        assert_eq!(session.unacknowledged_messages(), 1);
+        assert_eq!(session.poll_timeout(), Some(now + RETRY_DELAY_INITIAL));
+        ack(&mut session, 1, 1);
+        assert_eq!(session.poll_timeout(), None);
+        assert!(session.timers.iter().all(VecDeque::is_empty));
+    }
+
+    #[test]
+    fn a_timer_of_an_acknowledged_message_never_fires() {
+        let mut session = PeerSession::new([1; 16]);
+        let now = Instant::now();
+        session.send(message(1, 1, 1)).expect("queued");
+        session.send(message(2, 2, 1)).expect("queued");
+        while session.poll_transmit(now).is_some() {}
+        ack(&mut session, 1, 1);
+        while session.poll_event().is_some() {}
+        // Only message 2's timer is left; at its deadline only it becomes due again.
+        assert_eq!(session.poll_timeout(), Some(now + RETRY_DELAY_INITIAL));
+        session.handle_timeout(now + RETRY_DELAY_INITIAL);
+        assert_eq!(session.retransmit.iter().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(session.poll_timeout(), None);
+        // Retransmitted, its next timer is on the next step of the backoff.
+        let later = now + RETRY_DELAY_INITIAL;
+        assert!(session.poll_transmit(later).is_some());
+        assert_eq!(session.poll_timeout(), Some(later + retry_delay(1)));
     }
 
     #[test]
