@@ -297,6 +297,26 @@ mod tests {
     }
 
     #[test]
+    fn a_background_fill_goes_chunk_by_chunk_and_a_close_cuts_it_short() {
+        let storage = MemStorage::new();
+        let two_chunks = 2 * ZERO_CHUNK_BYTES as u64;
+        let spares = Spares::new(Arc::new(storage.clone()), two_chunks, 1, Vec::new(), 0);
+        let spare = spares
+            .make(1, Preparation::ZeroFilled, Pace::Background)
+            .expect("made");
+        assert_eq!(spare.name, "spare-000001.spare");
+        assert_eq!(spare.file.size_bytes().expect("size"), two_chunks);
+        spares.stop();
+        let cut = spares.make(2, Preparation::ZeroFilled, Pace::Background);
+        assert!(cut.is_err(), "a close stops the fill after its chunk");
+        assert_eq!(
+            storage.file_names(),
+            ["spare-000001.spare"],
+            "nothing half-made is left"
+        );
+    }
+
+    #[test]
     fn a_first_segment_is_zero_filled_and_a_missing_roll_over_spare_is_extended() {
         let storage = MemStorage::new();
         let spares = spares(&storage);
