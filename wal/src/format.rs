@@ -8,9 +8,13 @@ use crate::Lsn;
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"HRLDWAL\0";
-/// The segment format this build writes and reads. A reader refuses any other version
-/// (`Error::UnsupportedVersion`); a new version is only ever added, with a converter.
-pub const FORMAT_VERSION: u32 = 1;
+/// The segment format this build writes. Version 2 added the segment salt, which record
+/// checksums start from, so that a segment file can be reused without zero-filling it: the
+/// records of its previous life never check out under the new salt.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format, still read (and appended to, where it is the active segment): no salt,
+/// and segments that were always zero-filled before use.
+pub const FORMAT_VERSION_UNSALTED: u32 = 1;
 /// Bytes reserved for the segment header at the start of every segment file.
 pub const SEGMENT_HEADER_BYTES: u64 = 64;
 /// Bytes of a record header: `len | crc32 | lsn | durable_gap | kind | reserved`.
@@ -35,6 +39,44 @@ pub struct SegmentHeader {
     pub first_lsn: Lsn,
     /// Size of the segment file in bytes, fixed at creation.
     pub segment_bytes: u64,
+    /// What this segment's record checksums start from (none in version 1).
+    pub salt: Salt,
+}
+
+/// What a segment's record checksums start from: a random value chosen when the segment is
+/// made from a spare (format version 2), or nothing (version 1). Records written under another
+/// salt — those of the file's previous life, or bytes crafted inside some message body to look
+/// like a record — do not check out, whatever their contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Salt(Option<u64>);
+
+impl Salt {
+    /// Version 1 segments: checksums over the record alone.
+    pub const NONE: Salt = Salt(None);
+
+    pub const fn new(value: u64) -> Salt {
+        Salt(Some(value))
+    }
+
+    /// A fresh salt no one can predict: std's `RandomState` is seeded from the operating
+    /// system's random source.
+    pub fn random() -> Salt {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.write_u32(std::process::id());
+        Salt(Some(hasher.finish()))
+    }
+
+    fn feed(self, hasher: &mut crc32fast::Hasher) {
+        if let Some(value) = self.0 {
+            hasher.update(&value.to_le_bytes());
+        }
+    }
 }
 
 /// Why a segment header was refused.
@@ -74,6 +116,9 @@ impl SegmentHeader {
         out[12..16].copy_from_slice(&(SEGMENT_HEADER_BYTES as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.first_lsn.0.to_le_bytes());
         out[24..32].copy_from_slice(&self.segment_bytes.to_le_bytes());
+        if let Some(salt) = self.salt.0 {
+            out[32..40].copy_from_slice(&salt.to_le_bytes());
+        }
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -90,7 +135,7 @@ impl SegmentHeader {
             return Err(HeaderError::BadMagic);
         }
         let version = read_u32(bytes, 8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_UNSALTED {
             return Err(HeaderError::UnsupportedVersion { found: version });
         }
         let stored_crc = read_u32(bytes, 60);
@@ -107,6 +152,11 @@ impl SegmentHeader {
             version,
             first_lsn: Lsn(read_u64(bytes, 16)),
             segment_bytes,
+            salt: if version == FORMAT_VERSION_UNSALTED {
+                Salt::NONE
+            } else {
+                Salt::new(read_u64(bytes, 32))
+            },
         })
     }
 }
@@ -172,8 +222,16 @@ impl std::fmt::Display for RecordError {
     }
 }
 
-/// Appends one framed record (header, payload, zero padding) to `out`.
-pub fn encode_record(out: &mut Vec<u8>, lsn: Lsn, durable_lsn: Lsn, kind: u8, payload: &[u8]) {
+/// Appends one framed record (header, payload, zero padding) to `out`, checksummed under its
+/// segment's `salt`.
+pub fn encode_record(
+    out: &mut Vec<u8>,
+    lsn: Lsn,
+    durable_lsn: Lsn,
+    kind: u8,
+    payload: &[u8],
+    salt: Salt,
+) {
     debug_assert!(kind != 0, "kind 0 is reserved");
     debug_assert!(payload.len() as u64 <= RECORD_PAYLOAD_BYTES_MAX);
     let start = out.len();
@@ -187,17 +245,22 @@ pub fn encode_record(out: &mut Vec<u8>, lsn: Lsn, durable_lsn: Lsn, kind: u8, pa
     out.extend_from_slice(payload);
     let padded = start + stored_bytes(payload.len() as u64) as usize;
     out.resize(padded, 0);
-    let crc = record_crc(&out[start..start + RECORD_HEADER_BYTES as usize], payload);
+    let crc = record_crc(
+        salt,
+        &out[start..start + RECORD_HEADER_BYTES as usize],
+        payload,
+    );
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes the record at the start of `bytes` (the rest of the segment from some offset).
 /// `payload_max` bounds the length field; `expected` is the LSN the log needs next (`None` to
-/// accept any LSN, as the durability-proof search does).
+/// accept any LSN, as the durability-proof search does); `salt` is the segment's.
 pub fn decode_record(
     bytes: &[u8],
     payload_max: u64,
     expected: Option<Lsn>,
+    salt: Salt,
 ) -> Result<RecordHeader, RecordError> {
     let header_len = RECORD_HEADER_BYTES as usize;
     if bytes.len() < header_len {
@@ -218,7 +281,7 @@ pub fn decode_record(
         return Err(RecordError::BadKind);
     }
     let payload = &bytes[header_len..header_len + payload_len as usize];
-    if record_crc(header, payload) != read_u32(header, 4) {
+    if record_crc(salt, header, payload) != read_u32(header, 4) {
         return Err(RecordError::BadChecksum);
     }
     let lsn = Lsn(read_u64(header, 8));
@@ -287,10 +350,13 @@ pub fn last_nonzero(bytes: &[u8]) -> Option<usize> {
     None
 }
 
-/// CRC-32 over the length field, the rest of the header after the CRC field, and the payload.
-/// Covering the length means a torn length cannot send the reader to a wrong payload unnoticed.
-fn record_crc(header: &[u8], payload: &[u8]) -> u32 {
+/// CRC-32 over the segment's salt (if any), the length field, the rest of the header after the
+/// CRC field, and the payload. Covering the length means a torn length cannot send the reader
+/// to a wrong payload unnoticed; starting from the salt, that only this segment's own records
+/// check out in it.
+fn record_crc(salt: Salt, header: &[u8], payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
+    salt.feed(&mut hasher);
     hasher.update(&header[0..4]);
     hasher.update(&header[8..RECORD_HEADER_BYTES as usize]);
     hasher.update(payload);
@@ -308,6 +374,46 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SALT: Salt = Salt(Some(0x5a17_5a17_5a17_5a17));
+
+    #[test]
+    fn a_record_checks_out_only_under_its_own_segments_salt() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, Lsn(3), Lsn(1), 1, b"body", SALT);
+        assert!(decode_record(&buf, 1024, Some(Lsn(3)), SALT).is_ok());
+        for other in [Salt::new(1), Salt::NONE, Salt::random()] {
+            assert_eq!(
+                decode_record(&buf, 1024, Some(Lsn(3)), other),
+                Err(RecordError::BadChecksum),
+                "{other:?}"
+            );
+        }
+        // Version 1 records (no salt) still check out as such.
+        let mut unsalted = Vec::new();
+        encode_record(&mut unsalted, Lsn(3), Lsn(1), 1, b"body", Salt::NONE);
+        assert!(decode_record(&unsalted, 1024, Some(Lsn(3)), Salt::NONE).is_ok());
+        assert!(decode_record(&unsalted, 1024, Some(Lsn(3)), SALT).is_err());
+    }
+
+    #[test]
+    fn fresh_salts_differ() {
+        assert_ne!(Salt::random(), Salt::random());
+        assert_ne!(Salt::random(), Salt::NONE);
+    }
+
+    #[test]
+    fn a_version_1_header_is_read_without_a_salt() {
+        let header = SegmentHeader {
+            version: FORMAT_VERSION_UNSALTED,
+            first_lsn: Lsn(42),
+            segment_bytes: 1 << 20,
+            salt: Salt::NONE,
+        };
+        let bytes = header.encode();
+        assert_eq!(&bytes[32..60], &[0u8; 28][..], "reserved bytes stay zero");
+        assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
+    }
 
     #[test]
     fn nonzero_search_agrees_with_a_byte_scan_at_run_edges() {
@@ -341,10 +447,10 @@ mod tests {
     #[test]
     fn record_round_trips_with_padding() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, Lsn(7), Lsn(5), 3, b"hello");
+        encode_record(&mut buf, Lsn(7), Lsn(5), 3, b"hello", SALT);
         assert_eq!(buf.len() as u64, stored_bytes(5));
         assert_eq!(buf.len() % RECORD_ALIGN_BYTES as usize, 0);
-        let header = decode_record(&buf, 1024, Some(Lsn(7))).expect("valid record");
+        let header = decode_record(&buf, 1024, Some(Lsn(7)), SALT).expect("valid record");
         assert_eq!(header.lsn, Lsn(7));
         assert_eq!(header.kind, 3);
         assert_eq!(header.payload_len, 5);
@@ -355,14 +461,14 @@ mod tests {
     #[test]
     fn every_flipped_bit_is_detected() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, Lsn(1), Lsn(0), 1, b"payload bytes");
+        encode_record(&mut buf, Lsn(1), Lsn(0), 1, b"payload bytes", SALT);
         let used = RECORD_HEADER_BYTES as usize + 13;
         for byte in 0..used {
             for bit in 0..8 {
                 let mut bad = buf.clone();
                 bad[byte] ^= 1 << bit;
                 assert!(
-                    decode_record(&bad, 1024, Some(Lsn(1))).is_err(),
+                    decode_record(&bad, 1024, Some(Lsn(1)), SALT).is_err(),
                     "flip of bit {bit} in byte {byte} went unnoticed"
                 );
             }
@@ -372,20 +478,20 @@ mod tests {
     #[test]
     fn wrong_lsn_and_zeroes_are_refused() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, Lsn(9), Lsn(0), 1, b"x");
+        encode_record(&mut buf, Lsn(9), Lsn(0), 1, b"x", SALT);
         assert_eq!(
-            decode_record(&buf, 1024, Some(Lsn(8))),
+            decode_record(&buf, 1024, Some(Lsn(8)), SALT),
             Err(RecordError::WrongLsn {
                 found: Lsn(9),
                 expected: Lsn(8)
             })
         );
         assert_eq!(
-            decode_record(&[0u8; 64], 1024, None),
+            decode_record(&[0u8; 64], 1024, None, SALT),
             Err(RecordError::Zeroed)
         );
         assert_eq!(
-            decode_record(&buf[..10], 1024, None),
+            decode_record(&buf[..10], 1024, None, SALT),
             Err(RecordError::Truncated)
         );
     }
@@ -393,8 +499,8 @@ mod tests {
     #[test]
     fn durable_gap_saturates_towards_claiming_less() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, Lsn(u32::MAX as u64 * 3), Lsn(0), 1, b"");
-        let header = decode_record(&buf, 0, None).expect("valid");
+        encode_record(&mut buf, Lsn(u32::MAX as u64 * 3), Lsn(0), 1, b"", SALT);
+        let header = decode_record(&buf, 0, None, SALT).expect("valid");
         // The stored gap saturates, so the decoded durable LSN is at most the true one (0 here
         // would be exact; anything larger would be a false durability claim).
         assert!(header.durable_lsn.0 <= u32::MAX as u64 * 2);
@@ -406,6 +512,7 @@ mod tests {
             version: FORMAT_VERSION,
             first_lsn: Lsn(42),
             segment_bytes: 1 << 20,
+            salt: SALT,
         };
         let bytes = header.encode();
         assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
@@ -420,10 +527,10 @@ mod tests {
         bad[20] ^= 1;
         assert_eq!(SegmentHeader::decode(&bad), Err(HeaderError::BadChecksum));
         let mut future = bytes;
-        future[8..12].copy_from_slice(&2u32.to_le_bytes());
+        future[8..12].copy_from_slice(&3u32.to_le_bytes());
         assert_eq!(
             SegmentHeader::decode(&future),
-            Err(HeaderError::UnsupportedVersion { found: 2 })
+            Err(HeaderError::UnsupportedVersion { found: 3 })
         );
     }
 }

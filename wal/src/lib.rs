@@ -76,11 +76,16 @@ impl std::fmt::Display for Position {
 pub mod fuzzing {
     pub use crate::recovery::fuzz_recovery;
 
+    /// The salt of the segments `fuzz_recovery` builds from its input.
+    pub const HARNESS_SALT: crate::format::Salt = crate::format::Salt::new(0);
+
     /// Runs the record decoder over arbitrary bytes at every aligned offset.
     pub fn fuzz_record_decoder(data: &[u8]) {
         let mut offset = 0;
         while offset < data.len() {
-            let _ = crate::format::decode_record(&data[offset..], u32::MAX as u64, None);
+            for salt in [crate::format::Salt::NONE, HARNESS_SALT] {
+                let _ = crate::format::decode_record(&data[offset..], u32::MAX as u64, None, salt);
+            }
             offset += crate::format::RECORD_ALIGN_BYTES as usize;
         }
         let _ = crate::format::SegmentHeader::decode(data);

@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::format::{
     self, FORMAT_VERSION, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_BYTES_DEFAULT,
-    SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES, SegmentHeader,
+    SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES, Salt, SegmentHeader,
 };
 use crate::group_commit::GroupCommit;
 use crate::recovery::{Recovery, RecoveryReport};
@@ -590,7 +590,14 @@ impl Inner {
             (lsn, state.active.clone(), offset)
         };
         let mut record = Vec::with_capacity(stored as usize);
-        format::encode_record(&mut record, lsn, self.group.durable(), kind, payload);
+        format::encode_record(
+            &mut record,
+            lsn,
+            self.group.durable(),
+            kind,
+            payload,
+            segment.salt,
+        );
         if let Err(e) = write_all_at(segment.file.as_ref(), &record, offset) {
             // The LSN is reserved and will never be written: no later record may become durable
             // past this gap, so the log is poisoned.
@@ -640,10 +647,13 @@ pub(crate) fn activate_spare(
     let spare = spares.take(for_roll_over)?;
     let name = segment_file_name(first_lsn);
     let segment_bytes = spares.segment_bytes();
+    // A fresh salt: whatever the file held before (a recycled segment's records) never checks
+    // out as a record of this segment.
     let header = SegmentHeader {
         version: FORMAT_VERSION,
         first_lsn,
         segment_bytes,
+        salt: Salt::random(),
     };
     let context = |what: &str| format!("activating segment {name} ({what})");
     write_all_at(spare.file.as_ref(), &header.encode(), 0)
@@ -662,6 +672,7 @@ pub(crate) fn activate_spare(
         first_lsn,
         name,
         segment_bytes,
+        header.salt,
         spare.file,
         SEGMENT_HEADER_BYTES,
     )?))

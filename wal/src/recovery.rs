@@ -309,7 +309,8 @@ impl Recovery {
                     continue;
                 }
                 if format::could_prove_durable(bytes, expected, Lsn(lsn_bound))
-                    && let Ok(header) = format::decode_record(bytes, payload_max, None)
+                    && let Ok(header) =
+                        format::decode_record(bytes, payload_max, None, segment.salt)
                 {
                     return Ok(Some(format!(
                         "record {} at offset {candidate} of segment {} was appended when \
@@ -428,6 +429,7 @@ fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<S
         first_lsn,
         name,
         header.segment_bytes,
+        header.salt,
         file,
         header.segment_bytes,
     )
@@ -446,10 +448,12 @@ pub fn fuzz_recovery(data: &[u8]) {
         // the fuzzer's bytes there (so header decoding is reached too).
         file[..chunk.len()].copy_from_slice(chunk);
         if i % 2 == 0 {
+            // A known salt, so that seeds (and the fuzzer) can hold valid records.
             let header = SegmentHeader {
                 version: format::FORMAT_VERSION,
                 first_lsn: Lsn(first_lsn),
                 segment_bytes: SEGMENT_BYTES,
+                salt: crate::fuzzing::HARNESS_SALT,
             };
             file[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         }

@@ -61,7 +61,12 @@ impl Scanner {
             }
             let view = self.view.as_ref().expect("set above");
             let payload_max = payload_max_for(segment.segment_bytes);
-            match format::decode_record(view.from(self.offset), payload_max, Some(self.expected)) {
+            match format::decode_record(
+                view.from(self.offset),
+                payload_max,
+                Some(self.expected),
+                segment.salt,
+            ) {
                 Ok(header) => {
                     let start = self.offset + RECORD_HEADER_BYTES;
                     let record = Record {

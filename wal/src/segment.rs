@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 
 use crate::Lsn;
 use crate::error::{Error, Result};
+use crate::format::Salt;
 use crate::map::Map;
 use crate::storage::{Storage, StorageFile, read_exact_at};
 
@@ -42,6 +43,8 @@ pub(crate) struct Segment {
     pub name: String,
     /// Size of the segment file, from its header.
     pub segment_bytes: u64,
+    /// What its records' checksums start from, from its header.
+    pub salt: Salt,
     pub file: Arc<dyn StorageFile>,
     map: Option<Map>,
     /// Bytes below this offset are complete records (or header) and never change again.
@@ -64,6 +67,7 @@ impl Segment {
         first_lsn: Lsn,
         name: String,
         segment_bytes: u64,
+        salt: Salt,
         file: Arc<dyn StorageFile>,
         readable_end: u64,
     ) -> Result<Segment> {
@@ -74,6 +78,7 @@ impl Segment {
             first_lsn,
             name,
             segment_bytes,
+            salt,
             file,
             map,
             readable_end: AtomicU64::new(readable_end),
@@ -325,7 +330,7 @@ impl Segment {
             let bytes = map
                 .bytes(offset, readable - offset)
                 .expect("range checked against the readable end above");
-            return Ok(match decode_record(bytes, payload_max, None) {
+            return Ok(match decode_record(bytes, payload_max, None, self.salt) {
                 Ok(header) => {
                     let start = offset + RECORD_HEADER_BYTES;
                     let bytes = RecordBytes {
@@ -349,7 +354,7 @@ impl Segment {
         let mut record = vec![0u8; (RECORD_HEADER_BYTES + payload_len) as usize];
         read_exact_at(self.file.as_ref(), &mut record, offset)
             .map_err(|e| Error::io(io_context(), e))?;
-        Ok(match decode_record(&record, payload_max, None) {
+        Ok(match decode_record(&record, payload_max, None, self.salt) {
             Ok(header) => {
                 record.drain(..RECORD_HEADER_BYTES as usize);
                 Ok((header, RecordBytes::owned(record)))

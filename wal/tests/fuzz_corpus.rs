@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use herald_wal::format::{self, SEGMENT_HEADER_BYTES, SegmentHeader};
-use herald_wal::fuzzing::{fuzz_record_decoder, fuzz_recovery};
+use herald_wal::fuzzing::{HARNESS_SALT, fuzz_record_decoder, fuzz_recovery};
 use herald_wal::{Error, Lsn, MemStorage, Options, Storage, Wal, segment_file_name};
 
 /// The committed seeds of each target; fewer means the corpus went missing and the replay below
@@ -150,7 +150,14 @@ impl Rec {
             .collect();
         let start = out.len();
         let kind = self.kind.max(1); // the encoder refuses the reserved kind 0...
-        format::encode_record(out, Lsn(self.lsn), Lsn(self.durable), kind, &payload);
+        format::encode_record(
+            out,
+            Lsn(self.lsn),
+            Lsn(self.durable),
+            kind,
+            &payload,
+            HARNESS_SALT,
+        );
         // ...so a kind-0 record is patched in after (decoders refuse it before the checksum).
         out[start + 20] = self.kind;
     }
@@ -170,6 +177,7 @@ fn segment(first_lsn: u64, records: &[Rec]) -> (Vec<u8>, Vec<usize>) {
         version: format::FORMAT_VERSION,
         first_lsn: Lsn(first_lsn),
         segment_bytes: HARNESS_SEGMENT_BYTES as u64,
+        salt: HARNESS_SALT,
     };
     let mut image = header.encode().to_vec();
     let mut offsets = Vec::new();
@@ -396,6 +404,7 @@ fn recover_like_the_harness(data: &[u8]) -> Outcome {
                 version: format::FORMAT_VERSION,
                 first_lsn: Lsn(first_lsn),
                 segment_bytes: HARNESS_SEGMENT_BYTES as u64,
+                salt: HARNESS_SALT,
             };
             file[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         }
@@ -440,11 +449,12 @@ fn decoder_seeds() -> Vec<(String, Vec<u8>)> {
         version: format::FORMAT_VERSION,
         first_lsn: Lsn(7),
         segment_bytes: 1 << 20,
+        salt: HARNESS_SALT,
     }
     .encode();
     seeds.push(("segment-header".into(), header.to_vec()));
     let mut future = header;
-    future[8] = 2;
+    future[8] = 3;
     seeds.push(("segment-header-future".into(), future.to_vec()));
 
     let mut flipped = run.clone();
