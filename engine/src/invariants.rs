@@ -635,18 +635,20 @@ impl Checker {
         queues.dedup();
         for queue in queues {
             let indexed: Vec<ConversationGroupId> = state.ready_groups(queue).collect();
-            let mut ready: Vec<(u64, ConversationGroupId)> = state
+            // Highest priority first (of the group's conversations that have messages), then
+            // oldest first, recomputed from the groups themselves.
+            let mut ready: Vec<_> = state
                 .groups
                 .iter()
                 .filter(|(_, g)| g.queue == queue)
-                .filter_map(|(id, g)| g.oldest().map(|oldest| (oldest, *id)))
+                .filter_map(|(id, g)| g.ready_key().map(|key| (key, *id)))
                 .collect();
             ready.sort_unstable();
             let ready: Vec<ConversationGroupId> = ready.into_iter().map(|(_, id)| id).collect();
             if indexed != ready {
                 self.fail(format!(
                     "queue {queue:?}: the ready index lists groups {indexed:?}, the groups with \
-                     messages, oldest first, are {ready:?}"
+                     messages, by priority then oldest first, are {ready:?}"
                 ));
             }
         }
