@@ -41,6 +41,10 @@ pub struct SegmentHeader {
     pub segment_bytes: u64,
     /// What this segment's record checksums start from (none in version 1).
     pub salt: Salt,
+    /// The file was a released segment before: bytes of its previous life (under another salt)
+    /// may follow this segment's last record, where a new file has zeros. Recovery zeroes only
+    /// this segment's own records after a break in such a file (see `FORMAT.md`).
+    pub reused: bool,
 }
 
 /// What a segment's record checksums start from: a random value chosen when the segment is
@@ -82,11 +86,21 @@ impl Salt {
 /// Why a segment header was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderError {
-    Truncated { len: usize },
+    Truncated {
+        len: usize,
+    },
     BadMagic,
     BadChecksum,
-    UnsupportedVersion { found: u32 },
-    BadSize { segment_bytes: u64 },
+    UnsupportedVersion {
+        found: u32,
+    },
+    BadSize {
+        segment_bytes: u64,
+    },
+    /// The reuse flag is neither 0 nor 1 (or 1 in an unsalted version 1 header).
+    BadReuseFlag {
+        found: u8,
+    },
 }
 
 impl std::fmt::Display for HeaderError {
@@ -104,6 +118,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::BadSize { segment_bytes } => {
                 write!(f, "segment size {segment_bytes} out of range")
             }
+            HeaderError::BadReuseFlag { found } => write!(f, "reuse flag {found} (0 or 1)"),
         }
     }
 }
@@ -119,6 +134,7 @@ impl SegmentHeader {
         if let Some(salt) = self.salt.0 {
             out[32..40].copy_from_slice(&salt.to_le_bytes());
         }
+        out[40] = u8::from(self.reused);
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -143,6 +159,11 @@ impl SegmentHeader {
             return Err(HeaderError::BadChecksum);
         }
         let segment_bytes = read_u64(bytes, 24);
+        let reused = match bytes[40] {
+            0 => false,
+            1 if version != FORMAT_VERSION_UNSALTED => true,
+            other => return Err(HeaderError::BadReuseFlag { found: other }),
+        };
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&segment_bytes)
             || !segment_bytes.is_multiple_of(RECORD_ALIGN_BYTES)
         {
@@ -157,6 +178,7 @@ impl SegmentHeader {
             } else {
                 Salt::new(read_u64(bytes, 32))
             },
+            reused,
         })
     }
 }
@@ -409,6 +431,7 @@ mod tests {
             first_lsn: Lsn(42),
             segment_bytes: 1 << 20,
             salt: Salt::NONE,
+            reused: false,
         };
         let bytes = header.encode();
         assert_eq!(&bytes[32..60], &[0u8; 28][..], "reserved bytes stay zero");
@@ -513,6 +536,7 @@ mod tests {
             first_lsn: Lsn(42),
             segment_bytes: 1 << 20,
             salt: SALT,
+            reused: true,
         };
         let bytes = header.encode();
         assert_eq!(SegmentHeader::decode(&bytes), Ok(header));

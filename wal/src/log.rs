@@ -336,6 +336,12 @@ impl Wal {
         Ok(self.durable_lsn())
     }
 
+    /// Spares made from released segments since open: segment files reused (renamed, their old
+    /// records refused by the new salt) instead of zero-filled.
+    pub fn segments_reused(&self) -> u64 {
+        self.inner.spares.reused()
+    }
+
     /// LSN the next append will get.
     pub fn next_lsn(&self) -> Lsn {
         self.inner.append.lock().next_lsn
@@ -470,7 +476,7 @@ impl Wal {
                 .and_then(|()| storage.sync_dir())
                 .map_err(|e| Error::io(format!("releasing segment {}", segment.name), e))?;
             self.inner.segments.write().remove(&segment.first_lsn);
-            segment.retire(storage.clone(), retired);
+            segment.retire(self.inner.spares.clone(), retired);
         }
         Ok(victims.len())
     }
@@ -654,6 +660,7 @@ pub(crate) fn activate_spare(
         first_lsn,
         segment_bytes,
         salt: Salt::random(),
+        reused: spare.reused,
     };
     let context = |what: &str| format!("activating segment {name} ({what})");
     write_all_at(spare.file.as_ref(), &header.encode(), 0)
@@ -669,10 +676,8 @@ pub(crate) fn activate_spare(
         .sync_dir()
         .map_err(|e| Error::io(context("syncing directory"), e))?;
     Ok(Arc::new(Segment::new(
-        first_lsn,
+        &header,
         name,
-        segment_bytes,
-        header.salt,
         spare.file,
         SEGMENT_HEADER_BYTES,
     )?))

@@ -124,7 +124,14 @@ impl Recovery {
                     .size_bytes()
                     .map_err(|e| Error::io(format!("sizing spare {name}"), e))?;
                 if complete && len == options.segment_bytes {
-                    spares.push(Spare { name, file });
+                    // Zero-filled or a reused segment's file: which, the name does not say, so
+                    // it is taken for reused (recovery then zeroes only this segment's records
+                    // after a break, which is right for either).
+                    spares.push(Spare {
+                        name,
+                        file,
+                        reused: true,
+                    });
                 } else {
                     remove(storage.as_ref(), &name, "incomplete or mis-sized spare")?;
                     removed_any = true;
@@ -332,7 +339,11 @@ impl Recovery {
         let last_nonzero_end = {
             let view = segment.scan_view(offset)?;
             let bytes = view.from(offset);
-            format::last_nonzero(bytes).map(|i| offset + i as u64 + 1)
+            if segment.reused {
+                own_records_end(&segment, offset, bytes)
+            } else {
+                format::last_nonzero(bytes).map(|i| offset + i as u64 + 1)
+            }
         };
         // Nothing was handed out past `offset`; from here on the log writes there.
         segment.retract_readable_end(offset);
@@ -389,6 +400,47 @@ fn remove(storage: &dyn Storage, name: &str, what: &str) -> Result<()> {
         .map_err(|e| Error::io(format!("removing {what} {name}"), e))
 }
 
+/// In a reused segment, where the bytes after `offset` (`bytes`, to the end of the segment) that
+/// this segment itself wrote end, if any could check out again once the log writes past
+/// `offset`: every record valid under the segment's salt, and the record at `offset` if its
+/// header names one of the segment's LSNs (a torn record). The rest is the file's previous life,
+/// checksummed under another salt: it never checks out, and is left alone rather than zeroed
+/// (which would rewrite most of the segment at every open).
+fn own_records_end(segment: &Segment, offset: u64, bytes: &[u8]) -> Option<u64> {
+    let payload_max = payload_max_for(segment.segment_bytes);
+    let lsn_bound = segment
+        .first_lsn
+        .0
+        .saturating_add(segment.segment_bytes / RECORD_HEADER_BYTES);
+    let names_own_lsn = |header: &[u8]| {
+        let lsn = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        header[format::RECORD_KIND_AT] != 0 && (segment.first_lsn.0..=lsn_bound).contains(&lsn)
+    };
+    let mut end = None;
+    let mut at = 0usize;
+    while at + RECORD_HEADER_BYTES as usize <= bytes.len() {
+        let candidate = &bytes[at..];
+        if names_own_lsn(candidate) {
+            let stored = if let Ok(header) =
+                format::decode_record(candidate, payload_max, None, segment.salt)
+            {
+                Some(header.stored_bytes())
+            } else if at == 0 {
+                let payload_len = u32::from_le_bytes(candidate[0..4].try_into().expect("4 bytes"));
+                Some(format::stored_bytes(u64::from(payload_len)))
+            } else {
+                None
+            };
+            if let Some(stored) = stored {
+                let record_end = offset + (at as u64 + stored).min(bytes.len() as u64);
+                end = end.max(Some(record_end));
+            }
+        }
+        at += RECORD_ALIGN_BYTES as usize;
+    }
+    end
+}
+
 /// Opens a segment file and checks its header against its name and its size.
 fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<Segment> {
     let file = storage
@@ -425,14 +477,8 @@ fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<S
         )));
     }
     debug_assert_eq!(name, segment_file_name(first_lsn));
-    Segment::new(
-        first_lsn,
-        name,
-        header.segment_bytes,
-        header.salt,
-        file,
-        header.segment_bytes,
-    )
+    let readable_end = header.segment_bytes;
+    Segment::new(&header, name, file, readable_end)
 }
 
 /// Fuzzing entry point: builds a memory log whose segment files come from `data`, recovers it,
@@ -454,6 +500,8 @@ pub fn fuzz_recovery(data: &[u8]) {
                 first_lsn: Lsn(first_lsn),
                 segment_bytes: SEGMENT_BYTES,
                 salt: crate::fuzzing::HARNESS_SALT,
+                // The third as if made from a released segment (recovery zeroes differently).
+                reused: i == 2,
             };
             file[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         }

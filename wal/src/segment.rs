@@ -15,9 +15,10 @@ use parking_lot::Mutex;
 
 use crate::Lsn;
 use crate::error::{Error, Result};
-use crate::format::Salt;
+use crate::format::{Salt, SegmentHeader};
 use crate::map::Map;
-use crate::storage::{Storage, StorageFile, read_exact_at};
+use crate::spares::Spares;
+use crate::storage::{StorageFile, read_exact_at};
 
 /// Suffix of live segment files: `{first_lsn:020}.seg`.
 pub const SEGMENT_SUFFIX: &str = ".seg";
@@ -45,12 +46,15 @@ pub(crate) struct Segment {
     pub segment_bytes: u64,
     /// What its records' checksums start from, from its header.
     pub salt: Salt,
+    /// Made from a released segment's file (its header says so): see `SegmentHeader::reused`.
+    pub reused: bool,
     pub file: Arc<dyn StorageFile>,
     map: Option<Map>,
     /// Bytes below this offset are complete records (or header) and never change again.
     readable_end: AtomicU64,
-    /// Set by release: the file's new name, deleted when this segment drops.
-    retired_as: Mutex<Option<(Arc<dyn Storage>, String)>>,
+    /// Set by release: the file's new name, handed to the spares (reused or deleted) when this
+    /// segment drops.
+    retired_as: Mutex<Option<(Arc<Spares>, String)>>,
 }
 
 impl fmt::Debug for Segment {
@@ -64,21 +68,21 @@ impl fmt::Debug for Segment {
 
 impl Segment {
     pub fn new(
-        first_lsn: Lsn,
+        header: &SegmentHeader,
         name: String,
-        segment_bytes: u64,
-        salt: Salt,
         file: Arc<dyn StorageFile>,
         readable_end: u64,
     ) -> Result<Segment> {
+        let segment_bytes = header.segment_bytes;
         let map = file
             .map(segment_bytes, readable_end)
             .map_err(|e| Error::io(format!("mapping segment {name}"), e))?;
         Ok(Segment {
-            first_lsn,
+            first_lsn: header.first_lsn,
             name,
             segment_bytes,
-            salt,
+            salt: header.salt,
+            reused: header.reused,
             file,
             map,
             readable_end: AtomicU64::new(readable_end),
@@ -127,20 +131,17 @@ impl Segment {
         })
     }
 
-    /// Marks the segment released under `retired_name`: its file is removed when the last
-    /// reference drops.
-    pub fn retire(&self, storage: Arc<dyn Storage>, retired_name: String) {
-        *self.retired_as.lock() = Some((storage, retired_name));
+    /// Marks the segment released under `retired_name`: when the last reference drops, its file
+    /// goes to `spares`, which reuse it as a spare or delete it.
+    pub fn retire(&self, spares: Arc<Spares>, retired_name: String) {
+        *self.retired_as.lock() = Some((spares, retired_name));
     }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if let Some((storage, name)) = self.retired_as.get_mut().take()
-            && let Err(e) = storage.remove(&name)
-        {
-            // The next open removes leftover released segments; nothing is lost.
-            tracing::warn!(segment = %name, error = %e, "could not remove released segment");
+        if let Some((spares, name)) = self.retired_as.get_mut().take() {
+            spares.recycle(name, self.file.clone());
         }
     }
 }

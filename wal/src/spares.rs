@@ -1,4 +1,6 @@
-//! Spare segments: files of the segment size, zero-filled and synced before the log needs them.
+//! Spare segments: files of the segment size, ready before the log needs them — a released
+//! segment's file when one is waiting (renamed, nothing written: the new segment's salt refuses
+//! its old records), else a file zero-filled and synced ahead of time.
 //!
 //! Why: on the disks Herald targets, an `fdatasync` that overwrites already-written blocks costs
 //! about half of one that extends a file or fills fallocated blocks (no block allocation or
@@ -69,11 +71,20 @@ pub(crate) enum Preparation {
     Extended,
 }
 
-/// A zero-filled, synced file of the segment size, ready to become a segment.
+/// A file of the segment size, ready to become a segment: zero-filled (or extended) and synced,
+/// or a released segment's file (`reused`), whose old records the new segment's salt refuses.
 #[derive(Debug)]
 pub(crate) struct Spare {
     pub name: String,
     pub file: Arc<dyn StorageFile>,
+    pub reused: bool,
+}
+
+/// A released segment's file whose last reader is gone, waiting to become a spare.
+struct Recyclable {
+    /// Its name now (`{first_lsn}.released`).
+    name: String,
+    file: Arc<dyn StorageFile>,
 }
 
 pub(crate) struct Spares {
@@ -85,10 +96,15 @@ pub(crate) struct Spares {
     /// Bytes the log has reserved for records, ever: the preparer's yardstick for how hard the
     /// log is writing, counted in bytes rather than time.
     log_bytes: AtomicU64,
+    /// Spares made from released segments since open (rather than zero-filled or extended).
+    reused: AtomicU64,
 }
 
 struct SpareState {
     ready: Vec<Spare>,
+    /// Released segments kept for reuse, at most `target` (more are deleted): with the ready
+    /// spares, the log holds at most twice `target` files beyond its live segments.
+    recyclable: Vec<Recyclable>,
     next_id: u64,
     stopping: bool,
     /// Spares still to be only extended before zero-filling is measured again.
@@ -123,12 +139,14 @@ impl Spares {
             target,
             state: Mutex::new(SpareState {
                 ready,
+                recyclable: Vec::new(),
                 next_id,
                 stopping: false,
                 extend_next: 0,
             }),
             changed: Condvar::new(),
             log_bytes: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         }
     }
 
@@ -141,6 +159,11 @@ impl Spares {
         self.segment_bytes
     }
 
+    /// Spares made from released segments since open.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
+
     /// Starts the thread that keeps `target` spares ready.
     pub fn start(self: &Arc<Self>) -> Result<JoinHandle<()>> {
         let spares = self.clone();
@@ -151,22 +174,92 @@ impl Spares {
     }
 
     pub fn stop(&self) {
-        self.state.lock().stopping = true;
+        let recyclable = {
+            let mut s = self.state.lock();
+            s.stopping = true;
+            std::mem::take(&mut s.recyclable)
+        };
         self.changed.notify_all();
+        for released in recyclable {
+            self.delete_released(&released.name);
+        }
     }
 
-    /// A ready spare, or one made now if none is ready. On the commit path (`for_roll_over`) a
+    /// A released segment's last reader is gone: its file becomes a spare when one is needed
+    /// (renamed, no byte written), or is deleted. Called from whichever thread dropped the
+    /// segment last, so it only hands the file to the preparer.
+    pub fn recycle(&self, released_name: String, file: Arc<dyn StorageFile>) {
+        {
+            let mut s = self.state.lock();
+            if !s.stopping && s.recyclable.len() < self.target {
+                s.recyclable.push(Recyclable {
+                    name: released_name,
+                    file,
+                });
+                drop(s);
+                self.changed.notify_all();
+                return;
+            }
+        }
+        self.delete_released(&released_name);
+    }
+
+    fn delete_released(&self, name: &str) {
+        if let Err(e) = self.storage.remove(name) {
+            // The next open removes leftover released segments; nothing is lost.
+            tracing::warn!(segment = %name, error = %e, "could not remove released segment");
+        }
+    }
+
+    /// Turns a released segment's file into spare `id`: a rename and a directory sync. A file
+    /// of another size (the segment size changed since it was made) is deleted instead.
+    fn reuse(&self, released: Recyclable, id: u64) -> Result<Option<Spare>> {
+        let size = released
+            .file
+            .size_bytes()
+            .map_err(|e| Error::io(format!("sizing released segment {}", released.name), e))?;
+        if size != self.segment_bytes {
+            self.delete_released(&released.name);
+            return Ok(None);
+        }
+        let name = format!("spare-{id:06}{SPARE_SUFFIX}");
+        self.storage
+            .rename(&released.name, &name)
+            .and_then(|()| self.storage.sync_dir())
+            .map_err(|e| Error::io(format!("reusing released segment {}", released.name), e))?;
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Spare {
+            name,
+            file: released.file,
+            reused: true,
+        }))
+    }
+
+    /// A ready spare, else a released segment's file, else one made now. On the commit path (`for_roll_over`) a
     /// missing spare is made by extending a file, which takes a moment, and the preparer switches
     /// to extending: the log writes faster than zeros can be laid ahead of it. A new log's first
     /// segment is zero-filled here (it has no preparer running yet). An error (a full disk, say)
     /// leaves the log as it was; a later call tries again.
     pub fn take(&self, for_roll_over: bool) -> Result<Spare> {
-        let id = {
-            let mut s = self.state.lock();
-            if let Some(spare) = s.ready.pop() {
-                self.changed.notify_all();
+        loop {
+            let (released, id) = {
+                let mut s = self.state.lock();
+                if let Some(spare) = s.ready.pop() {
+                    self.changed.notify_all();
+                    return Ok(spare);
+                }
+                let Some(released) = s.recyclable.pop() else {
+                    break;
+                };
+                s.next_id += 1;
+                (released, s.next_id)
+            };
+            if let Some(spare) = self.reuse(released, id)? {
                 return Ok(spare);
             }
+        }
+        let id = {
+            let mut s = self.state.lock();
             if for_roll_over {
                 s.extend_next = EXTENDED_SPARES_BEFORE_REMEASURE;
             }
@@ -190,6 +283,19 @@ impl Spares {
                 }
                 if s.stopping {
                     return;
+                }
+                // A released segment first: it costs a rename, where a new spare costs a
+                // segment of zeros.
+                if let Some(released) = s.recyclable.pop() {
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    drop(s);
+                    match self.reuse(released, id) {
+                        Ok(Some(spare)) => self.state.lock().ready.push(spare),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not reuse a released segment"),
+                    }
+                    continue;
                 }
                 s.next_id += 1;
                 let preparation = if s.extend_next > 0 {
@@ -223,6 +329,10 @@ impl Spares {
                         // Closing: a fill cut short is not a failure.
                         return;
                     }
+                    if !s.recyclable.is_empty() {
+                        // Cut short for a released segment, taken next.
+                        continue;
+                    }
                     tracing::warn!(error = %e, "could not prepare a spare segment; retrying");
                     self.changed.wait_for(&mut s, SPARE_RETRY_DELAY);
                 }
@@ -251,13 +361,20 @@ impl Spares {
                         if pace == Pace::Background {
                             file.sync_data()
                                 .map_err(|e| Error::io(context("syncing"), e))?;
-                            if self.state.lock().stopping {
+                            let cut_short = {
+                                let s = self.state.lock();
+                                if s.stopping {
+                                    Some("the log is closing")
+                                } else if !s.recyclable.is_empty() {
+                                    Some("a released segment can be reused instead")
+                                } else {
+                                    None
+                                }
+                            };
+                            if let Some(why) = cut_short {
                                 return Err(Error::io(
                                     context("zero-filling"),
-                                    std::io::Error::new(
-                                        std::io::ErrorKind::Interrupted,
-                                        "the log is closing",
-                                    ),
+                                    std::io::Error::new(std::io::ErrorKind::Interrupted, why),
                                 ));
                             }
                             std::thread::sleep(ZERO_FILL_CHUNK_PAUSE);
@@ -283,7 +400,11 @@ impl Spares {
             let _ = self.storage.remove(&zeroing);
             return Err(e);
         }
-        Ok(Spare { name, file })
+        Ok(Spare {
+            name,
+            file,
+            reused: false,
+        })
     }
 }
 

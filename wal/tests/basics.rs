@@ -99,16 +99,29 @@ fn release_removes_old_segments_but_keeps_borrowed_bytes_alive() {
     assert_eq!(&*held.payload, b"first record, borrowed across release");
     assert!(wal.read(first.position).is_err());
     drop(held);
-    let seg_files = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            let name = name.to_string_lossy();
-            name.ends_with(".seg") || name.ends_with(".released")
-        })
-        .count();
-    assert_eq!(seg_files, 1, "released files are gone once unused");
+    let count = |suffix: &str| {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(suffix)
+            })
+            .count()
+    };
+    assert_eq!(count(".seg"), 1, "released segments are no longer live");
+    // Once unused, a released file is kept to be reused as a spare (at most `spare_segments`
+    // of them, renamed when a spare is wanted) or deleted.
+    assert!(
+        count(".released") <= small_options().spare_segments,
+        "{} released files left",
+        count(".released")
+    );
     drop(wal);
+    assert_eq!(
+        count(".released"),
+        0,
+        "closing deletes released files kept for reuse"
+    );
     let wal = Wal::open(dir.path(), small_options()).unwrap();
     assert_eq!(wal.next_lsn(), last.lsn.next());
 }

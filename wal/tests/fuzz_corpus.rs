@@ -178,6 +178,7 @@ fn segment(first_lsn: u64, records: &[Rec]) -> (Vec<u8>, Vec<usize>) {
         first_lsn: Lsn(first_lsn),
         segment_bytes: HARNESS_SEGMENT_BYTES as u64,
         salt: HARNESS_SALT,
+        reused: false,
     };
     let mut image = header.encode().to_vec();
     let mut offsets = Vec::new();
@@ -405,6 +406,7 @@ fn recover_like_the_harness(data: &[u8]) -> Outcome {
                 first_lsn: Lsn(first_lsn),
                 segment_bytes: HARNESS_SEGMENT_BYTES as u64,
                 salt: HARNESS_SALT,
+                reused: i == 2,
             };
             file[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         }
@@ -450,6 +452,7 @@ fn decoder_seeds() -> Vec<(String, Vec<u8>)> {
         first_lsn: Lsn(7),
         segment_bytes: 1 << 20,
         salt: HARNESS_SALT,
+        reused: false,
     }
     .encode();
     seeds.push(("segment-header".into(), header.to_vec()));
