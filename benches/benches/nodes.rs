@@ -12,22 +12,23 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   Figures (2-CPU VM, 20 s rests between runs, the previous code's binary run alternately in
-//!   the same minutes, 4 runs each, at a time when the machine was slower than when the
-//!   earlier figures of 121–135k were taken): sync 77–87k msg/s (0.17–0.21×; previous code
-//!   0.18–0.22×), none 101–116k (0.20–0.23×; previous 0.21–0.24×): unchanged within the noise.
-//!   Where the time goes: the rounds are CPU-bound on two CPUs. CPU per thread over one run
-//!   (3 rounds of 20000, both nodes, read from `/proc/PID/task/*/stat`): the two nodes' network
-//!   threads (quinn, frames, UDP) 0.3–0.4 s, the bench's own threads (A's SENDs and commits,
-//!   B's draining receives and commits, the floor's client) 0.4–0.6 s, the two senders
-//!   0.1–0.35 s, the receivers 0.12–0.18 s, the floor's runtime 0.15 s, the log's spare
-//!   zero-filling 0.2–0.35 s (mostly the two start-up spares the bench waits for; a build that
-//!   only extended spares took it to 0 with no change in msg/s beyond the noise). `perf record`
-//!   shows no hot spot: memcpy and malloc spread over every thread, and in the committers the
-//!   `fdatasync` path (virtio notifications). An earlier measurement of the phases of a round
-//!   found the same: with `Sync`, A's sending thread finishes only ~10 ms before B has
-//!   everything, and the same sends without the network run ~3× faster (20000 in 55–68 ms):
-//!   the delivery's CPU, not the disk, is the limit.
+//!   Figures (2-CPU VM, 2026-11-26, two runs of the defaults): sync 149–154k msg/s (0.27–0.28×
+//!   of 544–547k), none 198–204k (0.35× of 572–579k); the same day's code before this round of
+//!   work: sync 103–107k (0.22×), none 120k (0.25×). What changed, each measured here: bodies
+//!   handed to the transport as the log's own bytes, names shared per listing and per
+//!   connection, headers encoded at their size (none 120k → 157k); the session's per-message
+//!   trees replaced by queues; spare zero-fills paced (rounds that overlapped one ran at ~0.5×
+//!   the others, now ~0.8×); released segments reused as spares instead of zero-filled (sync
+//!   126k → 137k over four alternated runs). Where the time goes now (`perf record` of 160k
+//!   messages, Sync): per message ~13 µs of CPU over both nodes against ~2 µs for quinn alone in
+//!   the floor — the two network threads (quinn plus framing) ~35%, the two receivers ~17%
+//!   (arrivals into B's log, acknowledgements out of A's transmission queue), A's SENDs and
+//!   commits ~18% (a third of it the `pwrite` copy into the page cache), B's draining receives
+//!   ~10%, A's sender ~8%, the rest spare preparation and checkpoints. No single hot spot is
+//!   left: reaching 0.5× would need the whole pipeline, two durable log writes per message
+//!   included, to cost no more than quinn's own send and receive. More producer threads help
+//!   little (2 or 4 producers over the same 64 dialogs, measured before segment reuse: 152k and
+//!   158k against 134–139k with one): the CPUs are busy.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
@@ -40,12 +41,11 @@
 //!   with everything before it, or by the node's acker after `ACK_SYNC_GRACE`. So of the five
 //!   durable commits (A's send, B's arrival, B's receive + reply, A's arrival, A's receive)
 //!   three `fdatasync`s follow each other; the run prints 3 × and 5 × fdatasync. Target p50 ≤
-//!   1 ms. Figures (same runs as above): p50 0.78–0.79 ms with 3 × fdatasync at 0.41–0.47 ms
-//!   (previous code, alternately in the same minutes: 1.17–1.21 ms), p99 1.4–2.3 ms (previous
-//!   1.7–4.2 ms). What remains beyond the three syncs: per direction the network thread's wake-
-//!   up (~40 µs scheduling delay waking an idle vCPU, `perf sched timehist`), quinn on both
-//!   ends, the hand-off to the receiver thread and its write of the arrival, the wake-up of the
-//!   WAITFOR receiver.
+//!   1 ms. Figures (same runs as the bulk figures): p50 669–681 µs with 3 × fdatasync at
+//!   421–549 µs (0.78–0.79 ms earlier the same day), p99 1.4–2.0 ms. What remains beyond the
+//!   three syncs: per direction the network thread's wake-up (~40 µs scheduling delay waking an
+//!   idle vCPU, `perf sched timehist`), quinn on both ends, the hand-off to the receiver thread
+//!   and its write of the arrival, the wake-up of the WAITFOR receiver.
 //!
 //! Under `cargo test --benches` everything runs once on tiny sizes as a smoke test. Sizes by
 //! environment variable, see [`Settings::from_env`]; a filter argument selects by name.
