@@ -2,7 +2,9 @@
 //! maps. It is the store: a caller appends a record (an engine commit, message bodies included),
 //! learns its LSN and position, waits until it is durable, reads it back by position as bytes
 //! borrowed from a memory map, replays from an LSN at recovery, and releases segments whose
-//! records are no longer needed.
+//! records are no longer needed — whose files then become the next segments (each segment's
+//! random salt keeps their old records from ever checking out), so a busy log writes each byte
+//! once and does not zero-fill new files (`FORMAT.md`).
 //!
 //! ```no_run
 //! use herald_wal::{Options, Wal};
