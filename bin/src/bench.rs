@@ -703,19 +703,10 @@ fn stamp_of(body: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(stamp))
 }
 
-/// A random id for the run's object names (16 hex digits).
+/// A random id for the run's object names (16 hex digits): half of a random (UUID v4)
+/// conversation id, so two runs never share one in practice, which is all the names need.
 fn run_id() -> String {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    // std's RandomState is seeded per process from the OS: two runs never share an id in
-    // practice, which is all the names need.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.write_u32(std::process::id());
-    format!("{:016x}", hasher.finish())
+    format!("{:016x}", herald_engine::ConversationId::random().0 as u64)
 }
 
 #[cfg(test)]
