@@ -10,8 +10,9 @@
 //! It holds because (a) the writer only writes at offsets at or past the segment's reserved end,
 //! which never moves backwards, and the readable end only advances over records whose writes have
 //! completed; (b) truncating a torn tail (the only rewrite of old bytes) happens during recovery
-//! before any readable end is published past it; (c) segment files are deleted only when the last
-//! `Arc<Segment>` (which owns the map) is dropped, and Herald never shortens a segment file; and
+//! before any readable end is published past it; (c) a segment file is deleted, or reused as a
+//! new segment (and written again), only after the last `Arc<Segment>` is dropped and its map
+//! unmapped, and Herald never shortens a segment file; and
 //! (d) the directory's exclusive lock file keeps other Herald processes out.
 #![allow(unsafe_code)]
 

@@ -141,6 +141,8 @@ impl Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         if let Some((spares, name)) = self.retired_as.get_mut().take() {
+            // Unmapped before the file may be reused and written again (map invariant (c)).
+            drop(self.map.take());
             spares.recycle(name, self.file.clone());
         }
     }

@@ -235,11 +235,11 @@ impl Spares {
         }))
     }
 
-    /// A ready spare, else a released segment's file, else one made now. On the commit path (`for_roll_over`) a
-    /// missing spare is made by extending a file, which takes a moment, and the preparer switches
-    /// to extending: the log writes faster than zeros can be laid ahead of it. A new log's first
-    /// segment is zero-filled here (it has no preparer running yet). An error (a full disk, say)
-    /// leaves the log as it was; a later call tries again.
+    /// A ready spare, else a released segment's file, else one made now. On the commit path
+    /// (`for_roll_over`) a missing spare is made by extending a file, which takes a moment, and
+    /// the preparer switches to extending: the log writes faster than zeros can be laid ahead of
+    /// it. A new log's first segment is zero-filled here (it has no preparer running yet). An
+    /// error (a full disk, say) leaves the log as it was; a later call tries again.
     pub fn take(&self, for_roll_over: bool) -> Result<Spare> {
         loop {
             let (released, id) = {
@@ -254,8 +254,14 @@ impl Spares {
                 s.next_id += 1;
                 (released, s.next_id)
             };
-            if let Some(spare) = self.reuse(released, id)? {
-                return Ok(spare);
+            match self.reuse(released, id) {
+                Ok(Some(spare)) => return Ok(spare),
+                Ok(None) => {}
+                // Making one instead is as good: the file is left for the next open to delete.
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reuse a released segment");
+                    break;
+                }
             }
         }
         let id = {
