@@ -456,18 +456,33 @@ impl Wal {
 
     /// Releases every segment whose records all have LSNs below `lsn` (the active segment is
     /// never released). Each is renamed `…released` (durably, oldest first, so the log stays a
-    /// contiguous run of segments whatever the crash) and deleted when its last reader drops
-    /// it. Returns how many segments were released.
+    /// contiguous run of segments whatever the crash) and, when its last reader drops it, reused
+    /// as a spare or deleted. Returns how many segments were released.
+    ///
+    /// Records of a released segment that are not durable yet (`Durability::None` or `Batched`)
+    /// are synced first: until then the group commit holds the segment for its next sync, so
+    /// without one (`None` and no `sync`) released files would never be let go.
     pub fn release_before(&self, lsn: Lsn) -> Result<usize> {
         self.inner.check_open()?;
-        let victims: Vec<Arc<Segment>> = {
+        let (victims, successor): (Vec<Arc<Segment>>, Option<Lsn>) = {
             let segments = self.inner.segments.read();
             let list: Vec<&Arc<Segment>> = segments.values().collect();
-            list.windows(2)
+            let pairs: Vec<_> = list
+                .windows(2)
                 .take_while(|pair| pair[1].first_lsn <= lsn)
-                .map(|pair| pair[0].clone())
-                .collect()
+                .collect();
+            (
+                pairs.iter().map(|pair| pair[0].clone()).collect(),
+                pairs.last().map(|pair| pair[1].first_lsn),
+            )
         };
+        if let Some(successor) = successor
+            && self.inner.group.durable() < Lsn(successor.0.saturating_sub(1))
+        {
+            self.inner
+                .group
+                .wait_durable(Lsn(successor.0.saturating_sub(1)))?;
+        }
         for segment in &victims {
             let retired = format!("{:020}{RELEASED_SUFFIX}", segment.first_lsn.0);
             let storage = &self.inner.storage;

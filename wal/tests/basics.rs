@@ -127,6 +127,32 @@ fn release_removes_old_segments_but_keeps_borrowed_bytes_alive() {
 }
 
 #[test]
+fn released_segments_are_let_go_without_a_sync_under_no_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        durability: Durability::None,
+        ..small_options()
+    };
+    let wal = Wal::open(dir.path(), options).unwrap();
+    let mut last = wal.commit(1, &[7u8; 1000]).unwrap();
+    while wal.segments().len() < 5 {
+        last = wal.commit(1, &[7u8; 1000]).unwrap();
+    }
+    assert!(wal.durable_lsn() < last.lsn, "nothing synced the log");
+    assert_eq!(wal.release_before(last.lsn).unwrap(), 4);
+    // Released files nobody reads are reused (one is kept for that) or deleted at once; before,
+    // the group commit held on to every unsynced segment until a sync that never came.
+    let released = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".released")
+        })
+        .count();
+    assert!(released <= 1, "{released} released files still held");
+}
+
+#[test]
 fn concurrent_committers_all_become_durable() {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let wal = Wal::open_storage(storage, small_options()).unwrap();
