@@ -12,23 +12,24 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   Figures (2-CPU VM, 2026-11-26, two runs of the defaults): sync 149–154k msg/s (0.27–0.28×
-//!   of 544–547k), none 198–204k (0.35× of 572–579k); the same day's code before this round of
+//!   Figures (2-CPU VM, 2026-11-26, four runs of the defaults): sync 149–170k msg/s (0.27–0.30× of
+//!   544–561k), none 189–204k (0.31–0.35× of 568–623k); the same day's code before this round of
 //!   work: sync 103–107k (0.22×), none 120k (0.25×). What changed, each measured here: bodies
-//!   handed to the transport as the log's own bytes, names shared per listing and per
-//!   connection, headers encoded at their size (none 120k → 157k); the session's per-message
-//!   trees replaced by queues; spare zero-fills paced (rounds that overlapped one ran at ~0.5×
-//!   the others, now ~0.8×); released segments reused as spares instead of zero-filled (sync
-//!   126k → 137k over four alternated runs). Where the time goes now (`perf record` of 160k
-//!   messages, Sync): per message ~13 µs of CPU over both nodes against ~2 µs for quinn alone in
-//!   the floor — the two network threads (quinn plus framing) ~35%, the two receivers ~17%
-//!   (arrivals into B's log, acknowledgements out of A's transmission queue), A's SENDs and
-//!   commits ~18% (a third of it the `pwrite` copy into the page cache), B's draining receives
-//!   ~10%, A's sender ~8%, the rest spare preparation and checkpoints. No single hot spot is
-//!   left: reaching 0.5× would need the whole pipeline, two durable log writes per message
-//!   included, to cost no more than quinn's own send and receive. More producer threads help
-//!   little (2 or 4 producers over the same 64 dialogs, measured before segment reuse: 152k and
-//!   158k against 134–139k with one): the CPUs are busy.
+//!   handed to the transport as the log's own bytes, names shared per listing and per connection,
+//!   headers encoded at their size (none 120k → 157k); the session's per-message trees replaced by
+//!   queues; spare zero-fills paced (rounds that overlapped one ran at ~0.5× the others, now
+//!   ~0.8×); released segments reused as spares instead of zero-filled (sync 126k → 137k over four
+//!   alternated runs). The run also prints the process CPU time per message, figure and floor:
+//!   8.9–9.7 µs over both nodes against 2.3–2.6 µs for quinn alone (3.4–4.1×, about the inverse of
+//!   the throughput ratio: the rounds are CPU-bound, so 0.5× needs at most 2× the floor's CPU per
+//!   message). Where it goes (`perf record` of 160k messages, Sync): the two network threads (quinn
+//!   plus framing) ~35%, the two receivers ~17% (arrivals into B's log, acknowledgements out of A's
+//!   transmission queue), A's SENDs and commits ~18% (a third of it the `pwrite` copy into the page
+//!   cache), B's draining receives ~10%, A's sender ~8%, the rest spare preparation and
+//!   checkpoints. No single hot spot is left: reaching 0.5× would need the whole pipeline, two
+//!   durable log writes per message included, to cost no more than quinn's own send and receive.
+//!   More producer threads help little (2 or 4 producers over the same 64 dialogs, measured before
+//!   segment reuse: 152k and 158k against 134–139k with one): the CPUs are busy.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
@@ -368,11 +369,16 @@ fn bulk(
     let volume = messages * BODY_BYTES as u64;
     let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
     let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
+    let (mut floor_cpu, mut figure_cpu) = (Some(Duration::ZERO), Some(Duration::ZERO));
     for _ in 0..settings.rounds {
+        let before = process_cpu();
         let elapsed = runtime.block_on(floor.transfer(volume, BODY_BYTES, TIMEOUT))?;
+        let after = process_cpu();
+        floor_cpu = add_cpu(floor_cpu, before, after);
         floor_secs += elapsed.as_secs_f64();
         floor_rates.push(messages as f64 / elapsed.as_secs_f64());
         let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
+        figure_cpu = add_cpu(figure_cpu, after, process_cpu());
         figure_secs += elapsed.as_secs_f64();
         figure_rates.push(messages as f64 / elapsed.as_secs_f64());
     }
@@ -393,7 +399,45 @@ fn bulk(
         settings.target(Target::Ratio(0.5)),
     );
     println!("{bench}: rounds {} msg/s", spread(&figure_rates));
+    // At 10 ms per tick, fewer than 10 ticks say little (test mode's tiny runs).
+    const CPU_MEASURED_MIN: Duration = Duration::from_millis(100);
+    if let (Some(figure_cpu), Some(floor_cpu)) = (figure_cpu, floor_cpu)
+        && figure_cpu >= CPU_MEASURED_MIN
+        && floor_cpu >= CPU_MEASURED_MIN
+    {
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / total;
+        println!(
+            "{bench}: CPU per message {:.1} µs over both nodes (floor: {:.1} µs, {:.1}×); process \
+             CPU time in 10 ms ticks, the nodes' background work included in both",
+            per_message(figure_cpu),
+            per_message(floor_cpu),
+            per_message(figure_cpu) / per_message(floor_cpu)
+        );
+    }
     Ok(())
+}
+
+/// CPU time (user + system) this process has used, from `/proc/self/stat` (Linux, where the
+/// clock tick is 10 ms); `None` where there is no such file.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name (in parentheses, which may hold spaces): state, ppid, pgrp,
+    // session, tty, tpgid, flags, 4 fault counts, then utime and stime.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// `sum` plus the CPU time between `before` and `after`, if all are known.
+fn add_cpu(
+    sum: Option<Duration>,
+    before: Option<Duration>,
+    after: Option<Duration>,
+) -> Option<Duration> {
+    Some(sum? + after?.checked_sub(before?)?)
 }
 
 /// One timed bulk transfer: A sends `messages` (100 per commit, round-robin over `dialogs`), B
