@@ -107,3 +107,119 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 }
+
+/// A decoder keeps a buffer of at most this capacity between frames; a larger one (left by a
+/// large frame) is freed, so an idle connection holds little memory.
+pub(crate) const DECODER_IDLE_CAPACITY_BYTES_MAX: usize = 64 * 1024;
+
+/// The framing both protocols' stream decoders share: cuts a byte stream that arrives in
+/// arbitrary chunks into whole frames, each a header of fixed size that gives the frame's size,
+/// then the rest.
+///
+/// It buffers at most one frame; a frame that arrives whole in one chunk is parsed in place.
+/// After an error the stream's framing is lost: every later call returns
+/// [`Error::DecoderFailed`].
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuffer {
+    /// The bytes of the frame being received; empty between frames.
+    partial: Vec<u8>,
+    failed: bool,
+    /// Reserve a frame's declared size once its header passed the protocol's check (between
+    /// trusted nodes: fewer reallocations); otherwise the buffer grows only as bytes arrive (a
+    /// client's declared size costs nothing until it sends the bytes).
+    reserve_declared: bool,
+}
+
+impl FrameBuffer {
+    /// A buffer that reserves each frame's declared size up front (see `reserve_declared`).
+    pub(crate) fn reserving() -> FrameBuffer {
+        FrameBuffer {
+            reserve_declared: true,
+            ..FrameBuffer::default()
+        }
+    }
+
+    /// Takes bytes from the front of `input`, never past the end of the next frame, and returns
+    /// `parse` of that frame once it is whole; `Ok(None)` means `input` is used up first.
+    /// `frame_bytes` checks a header of `header_bytes` and returns the whole frame's size.
+    pub(crate) fn next<T>(
+        &mut self,
+        input: &mut &[u8],
+        header_bytes: usize,
+        frame_bytes: impl Fn(&[u8]) -> Result<usize>,
+        parse: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        if self.failed {
+            return Err(Error::DecoderFailed);
+        }
+        let result = self.next_inner(input, header_bytes, frame_bytes, parse);
+        if result.is_err() {
+            self.fail();
+        }
+        result
+    }
+
+    /// Marks the stream's framing as lost (see [`FrameBuffer::next`]).
+    pub(crate) fn fail(&mut self) {
+        self.failed = true;
+        self.partial = Vec::new();
+    }
+
+    /// Whether an error ended this stream's framing.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Bytes of an incomplete frame held from earlier calls.
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Capacity of the buffer held between frames.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    fn next_inner<T>(
+        &mut self,
+        input: &mut &[u8],
+        header_bytes: usize,
+        frame_bytes: impl Fn(&[u8]) -> Result<usize>,
+        parse: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        if self.partial.is_empty() && input.len() >= header_bytes {
+            let total = frame_bytes(input)?;
+            if input.len() >= total {
+                let (frame, rest) = input.split_at(total);
+                *input = rest;
+                return parse(frame).map(Some);
+            }
+        }
+        if self.partial.len() < header_bytes {
+            let take = (header_bytes - self.partial.len()).min(input.len());
+            self.partial.extend_from_slice(&input[..take]);
+            *input = &input[take..];
+            if self.partial.len() < header_bytes {
+                return Ok(None);
+            }
+        }
+        let total = frame_bytes(&self.partial)?;
+        if self.reserve_declared {
+            self.partial
+                .reserve_exact(total.saturating_sub(self.partial.len()));
+        }
+        let take = (total - self.partial.len()).min(input.len());
+        self.partial.extend_from_slice(&input[..take]);
+        *input = &input[take..];
+        if self.partial.len() < total {
+            return Ok(None);
+        }
+        let frame = parse(&self.partial);
+        self.partial.clear();
+        if self.partial.capacity() > DECODER_IDLE_CAPACITY_BYTES_MAX {
+            self.partial = Vec::new();
+        }
+        frame.map(Some)
+    }
+}

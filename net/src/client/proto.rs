@@ -21,7 +21,7 @@
 use herald_engine::sql::{SCRIPT_BYTES_MAX, VALUE_BYTES_MAX, Value};
 
 use crate::error::{Error, Result};
-use crate::payload::Reader;
+use crate::payload::{FrameBuffer, Reader};
 
 /// The client protocol version this build speaks; both Hellos carry it.
 pub const CLIENT_PROTOCOL_VERSION: u16 = 1;
@@ -1107,12 +1107,9 @@ enum Direction {
 #[derive(Debug)]
 pub struct ClientFrameDecoder {
     direction: Direction,
-    partial: Vec<u8>,
-    failed: bool,
+    /// The framing shared with the node protocol's decoder.
+    buffer: FrameBuffer,
 }
-
-/// A decoder keeps a buffer of at most this capacity between frames.
-const DECODER_IDLE_CAPACITY_BYTES_MAX: usize = 64 * 1024;
 
 /// Frames decoded by a [`ClientFrameDecoder`].
 pub trait ClientFrame: Sized {
@@ -1150,8 +1147,7 @@ impl ClientFrameDecoder {
     fn new(direction: Direction) -> ClientFrameDecoder {
         ClientFrameDecoder {
             direction,
-            partial: Vec::new(),
-            failed: false,
+            buffer: FrameBuffer::default(),
         }
     }
 
@@ -1159,59 +1155,27 @@ impl ClientFrameDecoder {
     /// that frame once it is whole; `Ok(None)` means `input` is used up first. `F` must be the
     /// decoder's direction ([`Request`] for [`ClientFrameDecoder::requests`]).
     pub fn decode<F: ClientFrame>(&mut self, input: &mut &[u8]) -> Result<Option<F>> {
-        if self.failed {
-            return Err(Error::DecoderFailed);
-        }
-        let result = if F::DIRECTION_IS_REQUESTS != (self.direction == Direction::Requests) {
-            Err(Error::Malformed {
+        if !self.buffer.failed()
+            && F::DIRECTION_IS_REQUESTS != (self.direction == Direction::Requests)
+        {
+            self.buffer.fail();
+            return Err(Error::Malformed {
                 frame: "client",
                 reason: "decoder used for the other direction".into(),
-            })
-        } else {
-            self.decode_inner(input)
-        };
-        if result.is_err() {
-            self.failed = true;
-            self.partial = Vec::new();
+            });
         }
-        result
+        let direction = self.direction;
+        self.buffer.next(
+            input,
+            CLIENT_FRAME_HEADER_BYTES,
+            |header| frame_bytes(header, direction),
+            F::parse_frame,
+        )
     }
 
     /// Bytes of an incomplete frame held from earlier calls.
     pub fn buffered_bytes(&self) -> usize {
-        self.partial.len()
-    }
-
-    fn decode_inner<F: ClientFrame>(&mut self, input: &mut &[u8]) -> Result<Option<F>> {
-        if self.partial.is_empty() && input.len() >= CLIENT_FRAME_HEADER_BYTES {
-            let total = frame_bytes(input, self.direction)?;
-            if input.len() >= total {
-                let (frame, rest) = input.split_at(total);
-                *input = rest;
-                return F::parse_frame(frame).map(Some);
-            }
-        }
-        if self.partial.len() < CLIENT_FRAME_HEADER_BYTES {
-            let take = (CLIENT_FRAME_HEADER_BYTES - self.partial.len()).min(input.len());
-            self.partial.extend_from_slice(&input[..take]);
-            *input = &input[take..];
-            if self.partial.len() < CLIENT_FRAME_HEADER_BYTES {
-                return Ok(None);
-            }
-        }
-        let total = frame_bytes(&self.partial, self.direction)?;
-        let take = (total - self.partial.len()).min(input.len());
-        self.partial.extend_from_slice(&input[..take]);
-        *input = &input[take..];
-        if self.partial.len() < total {
-            return Ok(None);
-        }
-        let frame = F::parse_frame(&self.partial);
-        self.partial.clear();
-        if self.partial.capacity() > DECODER_IDLE_CAPACITY_BYTES_MAX {
-            self.partial = Vec::new();
-        }
-        frame.map(Some)
+        self.buffer.buffered_bytes()
     }
 }
 
@@ -1597,7 +1561,7 @@ mod tests {
         header.push(KIND_EXECUTE);
         let mut decoder = ClientFrameDecoder::requests();
         assert_eq!(decoder.decode::<Request>(&mut &header[..]), Ok(None));
-        assert!(decoder.partial.capacity() < 1024);
+        assert!(decoder.buffer.capacity() < 1024);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::payload::Reader;
+use crate::payload::{FrameBuffer, Reader};
 
 /// The protocol version this build speaks; a peer's Hello must carry the same.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -244,16 +244,12 @@ impl Frame {
 }
 
 /// Cuts a byte stream that arrives in arbitrary chunks (as a QUIC stream delivers it) into
-/// frames.
-///
-/// It buffers at most one frame, and reserves that frame's declared size only after checking it
-/// against [`FRAME_BYTES_MAX`]; a frame that arrives whole in one chunk is parsed in place. After
-/// an error the stream's framing is lost: every later call returns [`Error::DecoderFailed`].
-#[derive(Debug, Default)]
+/// frames: the shared `payload::FrameBuffer` framing with this protocol's header check (sizes
+/// against [`FRAME_BYTES_MAX`]) and parser. A frame's declared size is reserved once its header
+/// is checked. After an error every later call returns [`Error::DecoderFailed`].
+#[derive(Debug)]
 pub struct FrameDecoder {
-    /// The bytes of the frame being received; empty between frames.
-    partial: Vec<u8>,
-    failed: bool,
+    buffer: FrameBuffer,
     names: NameCache,
 }
 
@@ -282,9 +278,14 @@ impl NameCache {
     }
 }
 
-/// A decoder keeps a buffer of at most this capacity between frames; a larger one (left by a
-/// large frame) is freed, so an idle connection holds little memory.
-const DECODER_IDLE_CAPACITY_BYTES_MAX: usize = 64 * 1024;
+impl Default for FrameDecoder {
+    fn default() -> FrameDecoder {
+        FrameDecoder {
+            buffer: FrameBuffer::reserving(),
+            names: NameCache::default(),
+        }
+    }
+}
 
 impl FrameDecoder {
     pub fn new() -> FrameDecoder {
@@ -295,54 +296,16 @@ impl FrameDecoder {
     /// that frame once it is whole; `Ok(None)` means `input` is used up and the frame is not yet
     /// complete. Call again while `input` is not empty.
     pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Frame>> {
-        if self.failed {
-            return Err(Error::DecoderFailed);
-        }
-        let result = self.decode_inner(input);
-        if result.is_err() {
-            self.failed = true;
-            self.partial = Vec::new();
-        }
-        result
+        let names = &mut self.names;
+        self.buffer
+            .next(input, FRAME_HEADER_BYTES, frame_bytes, |frame| {
+                parse(frame, names)
+            })
     }
 
     /// Bytes of an incomplete frame held from earlier calls.
     pub fn buffered_bytes(&self) -> usize {
-        self.partial.len()
-    }
-
-    fn decode_inner(&mut self, input: &mut &[u8]) -> Result<Option<Frame>> {
-        if self.partial.is_empty() && input.len() >= FRAME_HEADER_BYTES {
-            let total = frame_bytes(input)?;
-            if input.len() >= total {
-                let (frame_bytes, rest) = input.split_at(total);
-                *input = rest;
-                return parse(frame_bytes, &mut self.names).map(Some);
-            }
-        }
-        if self.partial.len() < FRAME_HEADER_BYTES {
-            let take = (FRAME_HEADER_BYTES - self.partial.len()).min(input.len());
-            self.partial.extend_from_slice(&input[..take]);
-            *input = &input[take..];
-            if self.partial.len() < FRAME_HEADER_BYTES {
-                return Ok(None);
-            }
-        }
-        let total = frame_bytes(&self.partial)?;
-        self.partial
-            .reserve_exact(total.saturating_sub(self.partial.len()));
-        let take = (total - self.partial.len()).min(input.len());
-        self.partial.extend_from_slice(&input[..take]);
-        *input = &input[take..];
-        if self.partial.len() < total {
-            return Ok(None);
-        }
-        let frame = parse(&self.partial, &mut self.names);
-        self.partial.clear();
-        if self.partial.capacity() > DECODER_IDLE_CAPACITY_BYTES_MAX {
-            self.partial = Vec::new();
-        }
-        frame.map(Some)
+        self.buffer.buffered_bytes()
     }
 }
 
@@ -785,6 +748,6 @@ mod tests {
                 assert_eq!(decoded, frame);
             }
         }
-        assert!(decoder.partial.capacity() <= DECODER_IDLE_CAPACITY_BYTES_MAX);
+        assert!(decoder.buffer.capacity() <= crate::payload::DECODER_IDLE_CAPACITY_BYTES_MAX);
     }
 }
