@@ -4,7 +4,7 @@
 //! engine guarantees — exactly once, in order per conversation, END and errors crossing — does
 //! not depend on the network being kind.
 
-use herald_engine::remote::{Arrival, ArrivalOutcome, codes};
+use herald_engine::remote::{Arrival, ArrivalOutcome, Outbound, codes};
 use herald_engine::{
     Broker, ConversationHandle, DialogOptions, Durability, EndpointState, Options, QueueOptions,
     Receive, Route, RouteAddress, RouteChoice, SentBy, Validation, invariants, system,
@@ -86,18 +86,7 @@ fn pump(
                 "{:?}",
                 m.route
             );
-            Arrival {
-                conversation_id: m.conversation_id,
-                from_initiator: m.from_initiator,
-                sequence: m.sequence,
-                from_service: m.from_service.clone(),
-                to_service: m.to_service.clone(),
-                contract: m.contract.clone(),
-                message_type: m.message_type.clone(),
-                body: m.body.to_vec(),
-                source_broker: from.broker_instance(),
-                expires_at_ms: m.expires_at_ms,
-            }
+            arrival(m, from)
         })
         .collect();
     shuffle(&mut arrivals, &mut ids);
@@ -123,6 +112,22 @@ fn pump(
 }
 
 fn all(_: &mut Vec<Arrival>, _: &mut Vec<u64>) {}
+
+/// What `from`'s outbound message `m` is when it reaches the far broker (what a node sends).
+fn arrival(m: &Outbound, from: &Broker) -> Arrival {
+    Arrival {
+        conversation_id: m.conversation_id,
+        from_initiator: m.from_initiator,
+        sequence: m.sequence,
+        from_service: m.from_service.clone(),
+        to_service: m.to_service.clone(),
+        contract: m.contract.clone(),
+        message_type: m.message_type.clone(),
+        body: m.body.to_vec(),
+        source_broker: from.broker_instance(),
+        expires_at_ms: m.expires_at_ms,
+    }
+}
 
 fn receive_all(broker: &Broker, queue: &str) -> Vec<(ConversationHandle, String, Vec<u8>)> {
     let mut got = Vec::new();
@@ -580,18 +585,7 @@ fn written_arrivals_are_receivable_before_their_sync_and_later_points_cover_earl
     let arrivals: Vec<Arrival> = a
         .outbound(None, 10)
         .iter()
-        .map(|m| Arrival {
-            conversation_id: m.conversation_id,
-            from_initiator: m.from_initiator,
-            sequence: m.sequence,
-            from_service: m.from_service.clone(),
-            to_service: m.to_service.clone(),
-            contract: m.contract.clone(),
-            message_type: m.message_type.clone(),
-            body: m.body.to_vec(),
-            source_broker: a.broker_instance(),
-            expires_at_ms: m.expires_at_ms,
-        })
+        .map(|m| arrival(m, &a))
         .collect();
     let (outcomes, first) = b.accept_arrivals_written(&arrivals).unwrap();
     assert_eq!(outcomes, vec![ArrivalOutcome::Accepted; 2]);

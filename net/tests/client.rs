@@ -455,25 +455,44 @@ fn a_client_certificate_on_the_trust_list_connects_and_an_untrusted_one_is_refus
     node.shutdown().unwrap();
 }
 
+/// The admin client identity a node wrote into its data directory.
+fn admin_identity(data_dir: &Path) -> ClientIdentity {
+    let identity_dir = data_dir.join(IDENTITY_DIR);
+    ClientIdentity::load(
+        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
+        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
+    )
+    .unwrap()
+}
+
+/// What a raw client (frames written by hand) needs to reach `node` as its admin: the QUIC
+/// client configuration, and a runtime to drive the connection in.
+fn raw_admin_client(
+    data_dir: &Path,
+    node: &Node,
+) -> (quinn::ClientConfig, tokio::runtime::Runtime) {
+    let config = herald_net::client::client_config(
+        &admin_identity(data_dir),
+        &Trust::pinned([node.fingerprint()]),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (config, runtime)
+}
+
 #[test]
 fn the_admin_certificate_is_written_once_and_trusted_for_clients_only() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), &[]);
-    let identity_dir = dir.path().join(IDENTITY_DIR);
-    let admin = ClientIdentity::load(
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
-    )
-    .unwrap();
+    let admin = admin_identity(dir.path());
     local(dir.path(), &node).execute("CREATE QUEUE Q").unwrap();
     node.shutdown().unwrap();
     // A restart keeps the same admin certificate.
     let node = start(dir.path(), &[]);
-    let again = ClientIdentity::load(
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
-    )
-    .unwrap();
+    let again = admin_identity(dir.path());
     assert_eq!(again.fingerprint(), admin.fingerprint());
     let mut client = local(dir.path(), &node);
     assert!(client.execute("DROP QUEUE Q").is_ok());
@@ -512,18 +531,7 @@ fn the_admin_certificate_is_written_once_and_trusted_for_clients_only() {
 #[test]
 fn hostile_frames_close_the_connection_and_the_node_serves_on() {
     let (dir, node, mut client) = node_with_services();
-    let identity_dir = dir.path().join(IDENTITY_DIR);
-    let admin = ClientIdentity::load(
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
-    )
-    .unwrap();
-    let config =
-        herald_net::client::client_config(&admin, &Trust::pinned([node.fingerprint()])).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (config, runtime) = raw_admin_client(dir.path(), &node);
     let hello = Request::Hello {
         protocol_version: herald_net::client::proto::CLIENT_PROTOCOL_VERSION,
     }
@@ -666,18 +674,7 @@ fn wait_until(condition: impl Fn() -> bool) {
 fn a_connection_lost_during_a_waitfor_ends_the_wait_and_rolls_back() {
     let (dir, node, mut client) = node_with_services();
     send_all(&mut client, &[b"taken", b"then lost"]);
-    let identity_dir = dir.path().join(IDENTITY_DIR);
-    let admin = ClientIdentity::load(
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_CERTIFICATE_FILE),
-        &identity_dir.join(herald_net::identity::ADMIN_CLIENT_KEY_FILE),
-    )
-    .unwrap();
-    let config =
-        herald_net::client::client_config(&admin, &Trust::pinned([node.fingerprint()])).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (config, runtime) = raw_admin_client(dir.path(), &node);
     // A client that receives in an explicit transaction and then waits forever on an empty
     // queue (raw frames: `Client` would block this thread in the wait).
     let mut requests = Vec::new();
@@ -765,19 +762,7 @@ fn send_many_sends_on_every_conversation_or_on_none() {
 fn round_trip_figures() {
     const ROUNDS: usize = 2000;
     let (_dir, node, mut client) = node_with_services();
-    let handle = {
-        let mut tx = client.begin().unwrap();
-        let handle = tx
-            .begin_dialog(
-                "//t/Client",
-                "//t/Server",
-                "//t/Talk",
-                DialogOptions::default(),
-            )
-            .unwrap();
-        tx.commit().unwrap();
-        handle
-    };
+    let handle = send_all(&mut client, &[]);
     let mut report = |what: &str, f: &mut dyn FnMut(&mut Client)| {
         let mut micros: Vec<u128> = (0..ROUNDS)
             .map(|_| {

@@ -573,12 +573,7 @@ impl Request {
     /// Appends the frame to `out` after checking every limit the decoder checks; on error
     /// `out` is left as it was.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<()> {
-        let start = out.len();
-        let result = self.encode_inner(out);
-        if result.is_err() {
-            out.truncate(start);
-        }
-        result
+        encode_or_nothing(out, |out| self.encode_inner(out))
     }
 
     /// The frame encoded into a new buffer.
@@ -803,12 +798,7 @@ impl Response {
     /// Appends the frame to `out` after checking every limit the decoder checks; on error
     /// `out` is left as it was.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<()> {
-        let start = out.len();
-        let result = self.encode_inner(out);
-        if result.is_err() {
-            out.truncate(start);
-        }
-        result
+        encode_or_nothing(out, |out| self.encode_inner(out))
     }
 
     /// The frame encoded into a new buffer.
@@ -1131,6 +1121,19 @@ impl ClientFrame for Response {
     fn parse_frame(bytes: &[u8]) -> Result<Response> {
         Response::parse(bytes)
     }
+}
+
+/// Runs `encode` on `out`; if it fails, `out` is left as it was (no partial frame).
+fn encode_or_nothing(
+    out: &mut Vec<u8>,
+    encode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let start = out.len();
+    let result = encode(out);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
 }
 
 impl ClientFrameDecoder {
