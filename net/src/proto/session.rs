@@ -443,8 +443,12 @@ impl PeerSession {
             self.go_away = GoAway::Sent;
             encode_control(&mut out, &Frame::GoAway);
         }
-        if self.go_away == GoAway::No && !self.peer_going_away {
+        if self.go_away == GoAway::No && !self.peer_going_away && self.has_messages_to_transmit() {
+            // One allocation of the largest batch, trimmed to what was used: growing by
+            // doubling would copy the batch about once more on its way to the wire.
+            out.reserve(TRANSMIT_BYTES_MAX - out.len());
             self.transmit_messages(now, &mut out);
+            out.shrink_to_fit();
         }
         (!out.is_empty()).then_some(out)
     }
@@ -617,6 +621,12 @@ impl PeerSession {
     }
 
     /// Appends message fragments in send order while the batch and the in-flight window allow.
+    /// Whether a retransmission is due or a message was never completely transmitted (the
+    /// in-flight bound may still hold it back).
+    fn has_messages_to_transmit(&self) -> bool {
+        !self.retransmit.is_empty() || self.messages.range(self.first_unsent..).next().is_some()
+    }
+
     fn transmit_messages(&mut self, now: Instant, out: &mut Vec<u8>) {
         loop {
             // Due retransmissions are all before `first_unsent`: in send order, they go first.
@@ -819,5 +829,29 @@ mod tests {
         let half = vec![0; TRANSMIT_BYTES_MAX / 2];
         assert!(fits(&half, TRANSMIT_BYTES_MAX / 2));
         assert!(!fits(&half, TRANSMIT_BYTES_MAX / 2 + 1));
+    }
+
+    #[test]
+    fn a_batch_holds_no_more_memory_than_its_bytes() {
+        // The batch is reserved at TRANSMIT_BYTES_MAX and handed to the transport, which keeps
+        // it until the peer has it: a small batch must not keep the whole reservation.
+        let mut session = PeerSession::new([1; 16]);
+        let now = Instant::now();
+        session.send(message(1, 1, 1)).expect("queued");
+        let batch = session
+            .poll_transmit(now)
+            .expect("the Hello and one message");
+        assert!(batch.len() < 200, "{} bytes", batch.len());
+        assert_eq!(batch.capacity(), batch.len());
+        // A full batch stops at the bound.
+        for n in 0..2000u64 {
+            let mut m = message(100 + n, 2, n + 1);
+            m.body = vec![7u8; 1024].into();
+            session.send(m).expect("queued");
+        }
+        let batch = session.poll_transmit(now).expect("messages");
+        assert!(batch.len() <= TRANSMIT_BYTES_MAX);
+        assert!(batch.len() > TRANSMIT_BYTES_MAX - FRAME_BYTES_MAX);
+        assert_eq!(batch.capacity(), batch.len());
     }
 }

@@ -55,6 +55,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::runtime::Handle;
@@ -907,7 +908,8 @@ async fn write_loop(shared: &Arc<Shared>, peer: &Arc<Peer>, mut send: SendStream
         loop {
             let batch = peer.session.lock().poll_transmit(Instant::now().into_std());
             let Some(batch) = batch else { break };
-            if let Err(e) = send.write_all(&batch).await {
+            // Handed over, not copied: quinn keeps the buffer until the peer has it.
+            if let Err(e) = send.write_chunk(Bytes::from(batch)).await {
                 return Ended::Lost(format!("writing: {e}"));
             }
         }
@@ -932,7 +934,9 @@ async fn go_away(peer: &Arc<Peer>, mut send: SendStream) -> Ended {
         loop {
             let batch = peer.session.lock().poll_transmit(Instant::now().into_std());
             let Some(batch) = batch else { break };
-            send.write_all(&batch).await.map_err(|e| e.to_string())?;
+            send.write_chunk(Bytes::from(batch))
+                .await
+                .map_err(|e| e.to_string())?;
         }
         send.finish().map_err(|e| e.to_string())?;
         send.stopped().await.map_err(|e| e.to_string())?;
