@@ -40,7 +40,7 @@ pub use segment::{RecordBytes, segment_file_name};
 pub use spares::SPARE_SEGMENTS_MAX;
 pub use storage::{FileStorage, LOCK_FILE_NAME, Storage, StorageFile};
 #[cfg(all(target_os = "linux", feature = "io-uring"))]
-pub use uring::UringStorage;
+pub use uring::{NOWAIT_PROBE_WRITES, UringStorage};
 
 /// Log sequence number: the number of a record, starting at 1 and growing by one per record.
 /// `Lsn(0)` means "no record" (an empty log's durable LSN, or "from the start" for replay).
