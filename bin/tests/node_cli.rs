@@ -30,6 +30,12 @@ impl RunningNode {
     /// Starts `herald node ARGS` and waits for its ready line, noting its address and
     /// fingerprint.
     fn start(data_dir: &Path, args: &[&str]) -> RunningNode {
+        RunningNode::try_start(data_dir, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RunningNode::start`], but a node that exits before it is ready (its port was taken,
+    /// say) is an `Err`; one that neither gets ready nor exits still fails the test.
+    fn try_start(data_dir: &Path, args: &[&str]) -> Result<RunningNode, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("node")
             .args(args)
@@ -71,21 +77,25 @@ impl RunningNode {
                         break;
                     }
                 }
-                Err(e) => {
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("waiting for herald node");
+                    return Err(format!("herald node exited before it was ready: {status}"));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("herald node did not say it was ready ({e})");
+                    panic!("herald node did not say it was ready within {NODE_START_TIMEOUT:?}");
                 }
             }
         }
         // The rest of stdout is drained too.
         std::thread::spawn(move || while lines_rx.recv().is_ok() {});
-        RunningNode {
+        Ok(RunningNode {
             child: Some(child),
             addr: addr.expect("the node printed its address"),
             fingerprint: fingerprint.expect("the node printed its fingerprint"),
             data_dir: data_dir.to_path_buf(),
-        }
+        })
     }
 
     /// Starts a node on `data_dir` listening on `listen`.
@@ -146,8 +156,8 @@ fn stop_child(mut child: Child, check: bool) {
     }
 }
 
-/// `N` different UDP ports free now (bound together and released: another process could take
-/// one in between, which on a test machine it does not).
+/// `N` different UDP ports free now (bound together and released: another process may take
+/// one before it is used, so a node started on one may fail to bind it).
 fn free_udp_ports<const N: usize>() -> [u16; N] {
     let sockets: Vec<std::net::UdpSocket> = (0..N)
         .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP port"))
@@ -347,7 +357,6 @@ fn two_nodes_with_configured_peers_and_routes_deliver_a_message_sent_with_exec()
     let (a_fingerprint, b_fingerprint) = (a.fingerprint.clone(), b.fingerprint.clone());
     a.stop();
     b.stop();
-    let [a_port, b_port] = free_udp_ports();
     let config = |dir: &Path, port: u16, peer: &str, route: &str, service: &str, far: u16| {
         let path = dir.with_extension("toml");
         std::fs::write(
@@ -362,38 +371,56 @@ fn two_nodes_with_configured_peers_and_routes_deliver_a_message_sent_with_exec()
         .unwrap();
         path
     };
-    let a_config = config(
-        &a_dir,
-        a_port,
-        &b_fingerprint,
-        "ToTarget",
-        "//test/Target",
-        b_port,
-    );
-    let b_config = config(
-        &b_dir,
-        b_port,
-        &a_fingerprint,
-        "ToInitiator",
-        "//test/Initiator",
-        a_port,
-    );
-    let printed = herald(
-        &[
-            "node",
-            "--print-config",
-            "--config",
-            a_config.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(
-        stdout(&printed).contains("name = \"ToTarget\""),
-        "{}",
-        stdout(&printed)
-    );
-    let a = RunningNode::start(&a_dir, &["--config", a_config.to_str().unwrap()]);
-    let b = RunningNode::start(&b_dir, &["--config", b_config.to_str().unwrap()]);
+    // Each node's configuration names the other's port, so both are chosen before either
+    // starts; if another process takes one meanwhile, the node fails to bind it and the pair
+    // starts again on new ports.
+    let mut attempts = 0;
+    let (a, b, b_port) = loop {
+        attempts += 1;
+        let [a_port, b_port] = free_udp_ports();
+        let a_config = config(
+            &a_dir,
+            a_port,
+            &b_fingerprint,
+            "ToTarget",
+            "//test/Target",
+            b_port,
+        );
+        let b_config = config(
+            &b_dir,
+            b_port,
+            &a_fingerprint,
+            "ToInitiator",
+            "//test/Initiator",
+            a_port,
+        );
+        let printed = herald(
+            &[
+                "node",
+                "--print-config",
+                "--config",
+                a_config.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(
+            stdout(&printed).contains("name = \"ToTarget\""),
+            "{}",
+            stdout(&printed)
+        );
+        let started = RunningNode::try_start(&a_dir, &["--config", a_config.to_str().unwrap()])
+            .and_then(|a| {
+                RunningNode::try_start(&b_dir, &["--config", b_config.to_str().unwrap()])
+                    .map(|b| (a, b))
+            });
+        match started {
+            Ok((a, b)) => break (a, b, b_port),
+            Err(e) if attempts < 5 => {
+                eprintln!("starting the pair on ports {a_port}, {b_port}: {e}; again")
+            }
+            Err(e) => panic!("starting the pair, {attempts} times: {e}"),
+        }
+    };
     let routes = a.exec("SELECT name, address FROM sys.routes");
     assert!(routes.contains("ToTarget"), "{routes}");
 
