@@ -1,7 +1,8 @@
 //! `herald bench`: a load tool. Producers SEND on a set of dialogs, consumers RECEIVE (WAITFOR)
 //! from the target queue, each message in a transaction of its own on the sending side and
 //! batches of up to `RECEIVE_TOP` per transaction on the receiving side; the final table gives
-//! messages sent and received, msgs/s, MB/s, and end-to-end latency percentiles.
+//! messages sent and received, msgs/s, MB/s, and end-to-end latency percentiles (`--json`: the
+//! same figures as one JSON object).
 //!
 //! Against an embedded broker (default: a temporary directory; `--data-dir` to choose one,
 //! `--durability` for its commits) the threads use the engine's transactions directly; against
@@ -93,6 +94,9 @@ pub struct BenchArgs {
     /// Print the progress line even when stderr is not a terminal.
     #[arg(long)]
     pub progress: bool,
+    /// Print the figures as one JSON object instead of the tables (for scripts and CI).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `herald bench`; returns the exit code.
@@ -126,10 +130,8 @@ fn run_on_node(args: &BenchArgs, node: &str) -> Result<String, String> {
     let mut setup = connect()?;
     let names = Names::new();
     let handles = names.set_up(&mut setup, args.dialogs)?;
-    let heading = format!(
-        "herald bench: node at {node} (its own durability), one client connection per thread"
-    );
-    let report = load(args, &handles, &heading, || {
+    let target = format!("node at {node} (its own durability), one client connection per thread");
+    let report = load(args, &handles, &target, || {
         Ok(NodeLoad {
             client: connect()?.into_client(),
             names: &names,
@@ -166,14 +168,14 @@ fn run_embedded(args: &BenchArgs) -> Result<String, String> {
     let names = Names::new();
     let mut setup = Embedded::new(&broker);
     let handles = names.set_up(&mut setup, args.dialogs)?;
-    let heading = format!(
-        "herald bench: embedded broker in {}, durability {durability_name}",
+    let target = format!(
+        "embedded broker in {}, durability {durability_name}",
         dir.display(),
     );
     let report = {
         let broker = &broker;
         let names = &names;
-        load(args, &handles, &heading, || {
+        load(args, &handles, &target, || {
             Ok(EmbeddedLoad { broker, names })
         })
     };
@@ -430,7 +432,7 @@ impl Shared {
 fn load<L: Load>(
     args: &BenchArgs,
     handles: &[u128],
-    heading: &str,
+    target: &str,
     connect: impl Fn() -> Result<L, String>,
 ) -> Result<String, String> {
     // Every connection is made before the clock starts: handshakes are not latency.
@@ -507,7 +509,7 @@ fn load<L: Load>(
     if let Some(error) = shared.error.lock().expect("threads are joined").take() {
         return Err(error);
     }
-    Ok(report(args, heading, &shared, &histogram))
+    Ok(report(args, target, &shared, &histogram))
 }
 
 fn produce(
@@ -615,12 +617,42 @@ fn show_progress(shared: &Shared) {
     }
 }
 
-fn report(args: &BenchArgs, heading: &str, shared: &Shared, histogram: &Histogram<u64>) -> String {
+/// The figures of a run against `target` (what was loaded, for the heading).
+fn report(args: &BenchArgs, target: &str, shared: &Shared, histogram: &Histogram<u64>) -> String {
     let sent = shared.sent.load(Ordering::SeqCst);
     let received = shared.received.load(Ordering::SeqCst);
     let elapsed_s = (shared.last_receive_ns.load(Ordering::SeqCst) as f64 / 1e9).max(1e-9);
     let msgs_per_s = received as f64 / elapsed_s;
     let mb_per_s = msgs_per_s * args.message_bytes as f64 / 1e6;
+    if args.json {
+        let quantile = |p: f64| histogram.value_at_quantile(p);
+        let summary = serde_json::json!({
+            "target": target,
+            "producers": args.producers,
+            "consumers": args.consumers,
+            "dialogs": args.dialogs,
+            "message_bytes": args.message_bytes,
+            "duration_s": args.duration,
+            "rate_msgs_per_s": args.rate,
+            "sent": sent,
+            "received": received,
+            "not_received": sent.saturating_sub(received),
+            "seconds": elapsed_s,
+            "msgs_per_s": msgs_per_s,
+            "mb_per_s": mb_per_s,
+            // "intended": from each message's due time on the --rate schedule (corrected for
+            // coordinated omission); "service": from when its send began, under saturation.
+            "latency_from": if args.rate.is_some() { "intended" } else { "service" },
+            "latency_us": {
+                "p50": quantile(0.5),
+                "p90": quantile(0.9),
+                "p99": quantile(0.99),
+                "p99_9": quantile(0.999),
+                "max": histogram.max(),
+            },
+        });
+        return format!("{summary}\n");
+    }
     let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
     let text = |s: String| Value::Text(s);
     let throughput = ResultSet {
@@ -650,7 +682,7 @@ fn report(args: &BenchArgs, heading: &str, shared: &Shared, histogram: &Histogra
         ]],
     };
     let mut out = format!(
-        "{heading}\n{} producer(s), {} consumer(s), {} dialog(s), {}-byte bodies, {} s{}\n\n",
+        "herald bench: {target}\n{} producer(s), {} consumer(s), {} dialog(s), {}-byte bodies, {} s{}\n\n",
         args.producers,
         args.consumers,
         args.dialogs,

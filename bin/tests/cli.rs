@@ -329,6 +329,50 @@ fn bench_on_an_embedded_broker_prints_its_table_and_receives_what_it_sent() {
 }
 
 #[test]
+fn bench_with_json_prints_one_object_of_figures() {
+    let output = herald(
+        &[
+            "bench",
+            "--durability",
+            "none",
+            "--duration",
+            "0.5",
+            "--dialogs",
+            "2",
+            "--rate",
+            "200",
+            "--json",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", stdout(&output)));
+    let sent = json["sent"].as_u64().expect("sent");
+    assert!(sent > 0, "{json}");
+    assert_eq!(json["received"].as_u64(), Some(sent), "{json}");
+    assert_eq!(json["not_received"].as_u64(), Some(0), "{json}");
+    assert_eq!(json["dialogs"].as_u64(), Some(2), "{json}");
+    assert_eq!(json["rate_msgs_per_s"].as_f64(), Some(200.0), "{json}");
+    assert_eq!(json["latency_from"], "intended", "{json}");
+    assert!(json["msgs_per_s"].as_f64().expect("msgs/s") > 0.0, "{json}");
+    let latency = &json["latency_us"];
+    let (p50, p99, max) = (
+        latency["p50"].as_u64().expect("p50"),
+        latency["p99"].as_u64().expect("p99"),
+        latency["max"].as_u64().expect("max"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{json}");
+    assert!(
+        json["target"]
+            .as_str()
+            .expect("target")
+            .contains("embedded"),
+        "{json}"
+    );
+}
+
+#[test]
 fn bench_with_a_rate_says_it_corrects_for_coordinated_omission() {
     let output = herald(
         &[
