@@ -56,6 +56,12 @@ impl Target for Remote {
             .status()
             .map_err(|e| format!("asking the node for its status: {e}"))
     }
+
+    fn transaction_count(&mut self) -> Result<u32, String> {
+        self.client
+            .transaction_count()
+            .map_err(|e| format!("asking the node for the session's state: {e}"))
+    }
 }
 
 /// `host:port` (or `quic://host:port`, as the node prints it) as a socket address (the first

@@ -9,7 +9,9 @@
 //! this.
 //!
 //! On a terminal, lines are edited with history (kept in `$HERALD_HISTORY`, or
-//! `~/.herald_history`); Ctrl-C drops the statement being typed, Ctrl-D ends the shell. When
+//! `~/.herald_history`); the prompt is `herald*>` while an explicit transaction is open; Ctrl-C
+//! drops the statement being typed, Ctrl-D ends the shell. Ending the shell with a transaction
+//! open rolls it back, and says so on stderr. When
 //! stdin is not a terminal, lines are read from it plainly, nothing is prompted, and the exit
 //! code is 1 if any statement failed (0 otherwise; 4 if the node went away), so a piped script
 //! behaves like `herald exec` with a session kept across batches. With `--json` each script
@@ -36,15 +38,16 @@ pub struct ShellArgs {
     pub connect: ConnectArgs,
 }
 
+/// The prompt, and (`PROMPT_IN_TRANSACTION`) the prompt while an explicit transaction is open.
 const PROMPT: &str = "herald> ";
-const CONTINUATION_PROMPT: &str = "     -> ";
+const PROMPT_IN_TRANSACTION: &str = "herald*> ";
 /// Lines of history kept.
 const HISTORY_LINES_MAX: usize = 1000;
 
 const HELP: &str = "\
 Type T-SQL statements. A statement runs when its line ends with ';' (once what you typed is \
 complete: a BEGIN ... END block runs at its END;) or at a line holding only GO.
-Variables and an open transaction last for the whole shell.
+Variables and an open transaction last for the whole shell; the prompt is herald*> while a transaction is open.
   exit, quit   end the shell (an open transaction is rolled back)
   help         this text";
 
@@ -153,6 +156,40 @@ fn run_script(target: &mut dyn Target, output: &OutputArgs, script: &str) -> Res
     }
 }
 
+/// The prompt for the next line: [`PROMPT`] or [`PROMPT_IN_TRANSACTION`], and while a
+/// statement is being typed, `-> ` aligned under its end.
+fn prompt(continuing: bool, in_transaction: bool) -> String {
+    let prompt = if in_transaction {
+        PROMPT_IN_TRANSACTION
+    } else {
+        PROMPT
+    };
+    if continuing {
+        format!("{:>width$}", "-> ", width = prompt.len())
+    } else {
+        prompt.to_owned()
+    }
+}
+
+/// Whether the session has an explicit transaction open; a session that cannot say (its node
+/// went away) has none that will survive it.
+fn in_transaction(target: &mut dyn Target) -> bool {
+    target.transaction_count().is_ok_and(|count| count > 0)
+}
+
+/// At the end of the shell: an open transaction is rolled back when the session ends, which
+/// the user may not expect of a script that forgot its COMMIT.
+fn warn_if_transaction_open(target: &mut dyn Target) {
+    if let Ok(count) = target.transaction_count()
+        && count > 0
+    {
+        eprintln!(
+            "herald: the open transaction (@@TRANCOUNT {count}) is rolled back as the shell \
+             ends; COMMIT keeps its work"
+        );
+    }
+}
+
 fn piped_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
     let mut batcher = Batcher::default();
     let mut failed = false;
@@ -179,6 +216,7 @@ fn piped_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
             },
         }
     }
+    warn_if_transaction_open(target);
     if failed {
         exec::EXIT_STATEMENT_FAILED
     } else {
@@ -209,13 +247,10 @@ fn interactive_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
     println!("herald shell: statements run at a line ending in ';' or at GO; 'help', 'exit'.");
     let mut batcher = Batcher::default();
     let mut code = exec::EXIT_OK;
+    let mut open_transaction = in_transaction(target);
     loop {
-        let prompt = if batcher.is_continuing() {
-            CONTINUATION_PROMPT
-        } else {
-            PROMPT
-        };
-        let input = match editor.readline(prompt) {
+        let prompt = prompt(batcher.is_continuing(), open_transaction);
+        let input = match editor.readline(&prompt) {
             Ok(line) => batcher.line(&line),
             Err(ReadlineError::Interrupted) => {
                 batcher.clear();
@@ -240,8 +275,12 @@ fn interactive_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
                     code = stop;
                     break;
                 }
+                open_transaction = in_transaction(target);
             }
         }
+    }
+    if code == exec::EXIT_OK {
+        warn_if_transaction_open(target);
     }
     if let Some(path) = &history
         && let Err(e) = editor.save_history(path)
@@ -309,6 +348,15 @@ mod tests {
             feed(&["CREATE QUEU Q;"]),
             vec![Input::Run("CREATE QUEU Q;\n".into())]
         );
+    }
+
+    #[test]
+    fn the_prompt_shows_an_open_transaction_and_continuations_align_under_it() {
+        assert_eq!(prompt(false, false), "herald> ");
+        assert_eq!(prompt(false, true), "herald*> ");
+        assert_eq!(prompt(true, false), "     -> ");
+        assert_eq!(prompt(true, true), "      -> ");
+        assert_eq!(prompt(true, true).len(), prompt(false, true).len());
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub trait Target {
     fn execute_script(&mut self, script: &str) -> Outcome;
     /// What is queued and in flight.
     fn status(&mut self) -> Result<StatusReport, String>;
+    /// The session's `@@TRANCOUNT`: 0 unless an explicit transaction is open.
+    fn transaction_count(&mut self) -> Result<u32, String>;
 }
 
 /// What running a script did.
@@ -96,6 +98,10 @@ impl Target for Embedded<'_> {
 
     fn status(&mut self) -> Result<StatusReport, String> {
         Ok(StatusReport::of_broker(self.broker))
+    }
+
+    fn transaction_count(&mut self) -> Result<u32, String> {
+        Ok(self.session.transaction_count())
     }
 }
 

@@ -242,6 +242,53 @@ RECEIVE CAST(message_body AS NVARCHAR(MAX)) AS body FROM Q;
 }
 
 #[test]
+fn a_shell_that_ends_with_a_transaction_open_says_it_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = exec(dir.path(), DEFINE_AND_SEND, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let data_dir = dir.path().to_str().unwrap();
+    let depth = || {
+        let output = exec(
+            dir.path(),
+            "SELECT messages FROM sys.service_queues WHERE name = N'TargetQueue'",
+            &["--json"],
+        );
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        json["results"][0]["rows"][0][0].clone()
+    };
+    assert_eq!(depth(), 1);
+    // A committed transaction: nothing to say.
+    let output = herald(
+        &["shell", "--embedded", "--data-dir", data_dir],
+        Some("BEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\nCOMMIT;\n"),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        !stderr(&output).contains("rolled back"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(depth(), 0);
+    // Another dialog and message, as DEFINE_AND_SEND's end sends them.
+    let send_again = &DEFINE_AND_SEND[DEFINE_AND_SEND.find("DECLARE").unwrap()..];
+    let output = exec(dir.path(), send_again, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(depth(), 1);
+    // Left open: the shell says so, and the RECEIVE is undone.
+    let output = herald(
+        &["shell", "--embedded", "--data-dir", data_dir],
+        Some("BEGIN TRANSACTION;\nBEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\n"),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("open transaction (@@TRANCOUNT 2) is rolled back"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(depth(), 1);
+}
+
+#[test]
 fn status_shows_each_queue_with_its_depth() {
     let dir = tempfile::tempdir().unwrap();
     let output = exec(dir.path(), DEFINE_AND_SEND, &[]);

@@ -324,6 +324,14 @@ fn the_shell_and_bench_work_against_a_node() {
     // @h from the first batch was still there for the last SEND.
     let depth = node.exec("SELECT messages FROM sys.service_queues WHERE name = N'TargetQueue'");
     assert!(depth.lines().any(|l| l.trim() == "1"), "{depth}");
+    // The node tells the shell its session's transaction is still open at the end.
+    let output = node.run("shell", &[], Some("BEGIN TRANSACTION;\n"));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("open transaction (@@TRANCOUNT 1) is rolled back"),
+        "{}",
+        stderr(&output)
+    );
 
     let output = node.run(
         "bench",

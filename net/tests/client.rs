@@ -272,6 +272,40 @@ fn a_waitfor_receive_is_woken_by_another_clients_send() {
 }
 
 #[test]
+fn the_session_reports_how_deep_its_transaction_is_nested() {
+    let (_dir, node, mut client) = node_with_services();
+    assert_eq!(client.transaction_count().unwrap(), 0);
+    client.execute("BEGIN TRANSACTION;").unwrap();
+    assert_eq!(client.transaction_count().unwrap(), 1);
+    client.execute("BEGIN TRAN;").unwrap();
+    assert_eq!(client.transaction_count().unwrap(), 2);
+    client.execute("COMMIT;").unwrap();
+    assert_eq!(client.transaction_count().unwrap(), 1);
+    client.execute("ROLLBACK;").unwrap();
+    assert_eq!(client.transaction_count().unwrap(), 0);
+    // The structured BEGIN TRANSACTION is the same session's transaction.
+    let tx = client.begin().unwrap();
+    drop(tx);
+    assert_eq!(client.transaction_count().unwrap(), 0);
+    // @@ROWCOUNT is left as the last statement set it: asking is not a statement.
+    let results = client
+        .execute("SELECT name FROM sys.service_queues;")
+        .unwrap();
+    let rows = results[0].rows_affected.expect("a row count");
+    assert!(rows > 1, "{results:?}");
+    client.transaction_count().unwrap();
+    let results = client.execute("SELECT @@ROWCOUNT AS n;").unwrap();
+    let n = results[0]
+        .result
+        .as_ref()
+        .expect("a result set")
+        .column("n");
+    assert_eq!(n, Some(vec![&Value::Int(rows as i64)]), "{results:?}");
+    drop(client);
+    node.shutdown().unwrap();
+}
+
+#[test]
 fn rollback_returns_received_messages_to_their_queue() {
     let (_dir, node, mut client) = node_with_services();
     send_all(&mut client, &[b"a", b"b"]);

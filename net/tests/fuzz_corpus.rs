@@ -202,6 +202,7 @@ fn client_seeds() -> Vec<(String, Vec<u8>)> {
         Request::Commit,
         Request::Rollback,
         Request::Status,
+        Request::SessionState,
     ]);
     let answers = responses(&[
         Response::Hello {
@@ -225,6 +226,9 @@ fn client_seeds() -> Vec<(String, Vec<u8>)> {
             result: None,
         },
         Response::Done,
+        Response::Session {
+            transaction_count: 1,
+        },
         Response::Ok,
         Response::Dialog { handle: 11 },
         Response::Group { group: Some(12) },

@@ -258,6 +258,15 @@ impl Client {
         }
     }
 
+    /// This session's `@@TRANCOUNT`: how deep its explicit transaction is nested, 0 when none
+    /// is open (`herald shell` shows it in its prompt).
+    pub fn transaction_count(&mut self) -> Result<u32> {
+        match self.call(&Request::SessionState)? {
+            Response::Session { transaction_count } => Ok(transaction_count),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Begins an explicit transaction in this session (BEGIN TRANSACTION); the returned value
     /// runs the engine's transaction operations in it. Dropping it uncommitted rolls it back.
     pub fn begin(&mut self) -> Result<ClientTransaction<'_>> {

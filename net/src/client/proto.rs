@@ -115,7 +115,8 @@ const KIND_END_CONVERSATION: u8 = 10;
 const KIND_BEGIN_CONVERSATION_TIMER: u8 = 11;
 const KIND_MOVE_CONVERSATION: u8 = 12;
 const KIND_STATUS: u8 = 13;
-const REQUEST_KINDS: std::ops::RangeInclusive<u8> = KIND_HELLO..=KIND_STATUS;
+const KIND_SESSION_STATE: u8 = 14;
+const REQUEST_KINDS: std::ops::RangeInclusive<u8> = KIND_HELLO..=KIND_SESSION_STATE;
 
 const KIND_SERVER_HELLO: u8 = 64;
 const KIND_OK: u8 = 65;
@@ -127,7 +128,8 @@ const KIND_STATEMENT: u8 = 70;
 const KIND_VALUES: u8 = 71;
 const KIND_DONE: u8 = 72;
 const KIND_STATUS_REPORT: u8 = 73;
-const RESPONSE_KINDS: std::ops::RangeInclusive<u8> = KIND_SERVER_HELLO..=KIND_STATUS_REPORT;
+const KIND_SESSION: u8 = 74;
+const RESPONSE_KINDS: std::ops::RangeInclusive<u8> = KIND_SERVER_HELLO..=KIND_SESSION;
 
 /// What a client asks; see the module documentation for the responses each gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +181,8 @@ pub enum Request {
     },
     /// → `Status`.
     Status,
+    /// → `Session`: the session's own state (what a shell shows in its prompt).
+    SessionState,
 }
 
 /// The fields of `Request::BeginDialog` (`Transaction::begin_dialog`'s).
@@ -251,6 +255,9 @@ pub enum Response {
     Done,
     /// The answer to `Status`.
     Status(StatusReport),
+    /// The answer to `SessionState`: the session's `@@TRANCOUNT` (0: no explicit transaction
+    /// is open).
+    Session { transaction_count: u32 },
 }
 
 /// A message returned by a structured RECEIVE.
@@ -567,6 +574,7 @@ impl Request {
             Request::BeginConversationTimer { .. } => "begin-conversation-timer",
             Request::MoveConversation { .. } => "move-conversation",
             Request::Status => "status",
+            Request::SessionState => "session-state",
         }
     }
 
@@ -593,7 +601,11 @@ impl Request {
             Request::Execute { script } => {
                 w.long_str("script", script, CLIENT_SCRIPT_BYTES_MAX)?;
             }
-            Request::BeginTransaction | Request::Commit | Request::Rollback | Request::Status => {}
+            Request::BeginTransaction
+            | Request::Commit
+            | Request::Rollback
+            | Request::Status
+            | Request::SessionState => {}
             Request::BeginDialog(d) => {
                 w.name("from service", &d.from_service)?;
                 w.name("to service", &d.to_service)?;
@@ -683,6 +695,7 @@ impl Request {
             Request::BeginConversationTimer { .. } => KIND_BEGIN_CONVERSATION_TIMER,
             Request::MoveConversation { .. } => KIND_MOVE_CONVERSATION,
             Request::Status => KIND_STATUS,
+            Request::SessionState => KIND_SESSION_STATE,
         }
     }
 
@@ -771,6 +784,7 @@ impl Request {
                 group: r.id()?,
             },
             KIND_STATUS => Request::Status,
+            KIND_SESSION_STATE => Request::SessionState,
             other => return Err(Error::UnknownFrameKind { kind: other }),
         };
         r.end()?;
@@ -792,6 +806,7 @@ impl Response {
             Response::Values(_) => "values",
             Response::Done => "done",
             Response::Status(_) => "status",
+            Response::Session { .. } => "session",
         }
     }
 
@@ -875,6 +890,7 @@ impl Response {
                     w.value(value)?;
                 }
             }
+            Response::Session { transaction_count } => w.u32(*transaction_count),
             Response::Status(s) => {
                 let rows = [
                     s.queues.len(),
@@ -940,6 +956,7 @@ impl Response {
             Response::Values(_) => KIND_VALUES,
             Response::Done => KIND_DONE,
             Response::Status(_) => KIND_STATUS_REPORT,
+            Response::Session { .. } => KIND_SESSION,
         }
     }
 
@@ -1075,6 +1092,9 @@ impl Response {
                 }
                 Response::Status(report)
             }
+            KIND_SESSION => Response::Session {
+                transaction_count: r.u32()?,
+            },
             other => return Err(Error::UnknownFrameKind { kind: other }),
         };
         r.end()?;

@@ -369,6 +369,9 @@ fn run_session(
             Request::Execute { script } => execute(&mut session, &script, &mut out),
             Request::Receive(receive) => self::receive(&mut session, &receive, &mut out),
             Request::Status => out.send(&Response::Status((service.status)())),
+            Request::SessionState => out.send(&Response::Session {
+                transaction_count: session.transaction_count(),
+            }),
             other => {
                 let response = match structured(&mut session, other) {
                     Ok(response) => response,
@@ -606,12 +609,14 @@ fn structured(session: &mut sql::Session<'_>, request: Request) -> herald_engine
             })?;
             Ok(Response::Ok)
         }
-        Request::Hello { .. } | Request::Execute { .. } | Request::Receive(_) | Request::Status => {
-            Err(herald_engine::Error::Sql(format!(
-                "{} is not a single-frame request",
-                request.kind_name()
-            )))
-        }
+        Request::Hello { .. }
+        | Request::Execute { .. }
+        | Request::Receive(_)
+        | Request::Status
+        | Request::SessionState => Err(herald_engine::Error::Sql(format!(
+            "{} is not a single-frame request",
+            request.kind_name()
+        ))),
     }
 }
 
