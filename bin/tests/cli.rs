@@ -256,18 +256,19 @@ fn a_shell_that_ends_with_a_transaction_open_says_it_is_rolled_back() {
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         json["results"][0]["rows"][0][0].clone()
     };
+    // The shell's stderr, once it succeeded.
+    let shell = |input: &str| {
+        let output = herald(
+            &["shell", "--embedded", "--data-dir", data_dir],
+            Some(input),
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output)
+    };
     assert_eq!(depth(), 1);
     // A committed transaction: nothing to say.
-    let output = herald(
-        &["shell", "--embedded", "--data-dir", data_dir],
-        Some("BEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\nCOMMIT;\n"),
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert!(
-        !stderr(&output).contains("rolled back"),
-        "{}",
-        stderr(&output)
-    );
+    let said = shell("BEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\nCOMMIT;\n");
+    assert!(!said.contains("rolled back"), "{said}");
     assert_eq!(depth(), 0);
     // Another dialog and message, as DEFINE_AND_SEND's end sends them.
     let send_again = &DEFINE_AND_SEND[DEFINE_AND_SEND.find("DECLARE").unwrap()..];
@@ -275,15 +276,10 @@ fn a_shell_that_ends_with_a_transaction_open_says_it_is_rolled_back() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(depth(), 1);
     // Left open: the shell says so, and the RECEIVE is undone.
-    let output = herald(
-        &["shell", "--embedded", "--data-dir", data_dir],
-        Some("BEGIN TRANSACTION;\nBEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\n"),
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
+    let said = shell("BEGIN TRANSACTION;\nBEGIN TRANSACTION;\nRECEIVE * FROM TargetQueue;\n");
     assert!(
-        stderr(&output).contains("open transaction (@@TRANCOUNT 2) is rolled back"),
-        "{}",
-        stderr(&output)
+        said.contains("open transaction (@@TRANCOUNT 2) is rolled back"),
+        "{said}"
     );
     assert_eq!(depth(), 1);
 }
