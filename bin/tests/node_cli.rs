@@ -298,7 +298,7 @@ fn exec_on_a_node_reports_a_syntax_error_and_runs_nothing() {
     );
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains(&format!("no answer from a node at 127.0.0.1:{port}")),
+        stderr(&output).contains(&format!("nothing listens at 127.0.0.1:{port}")),
         "{}",
         stderr(&output)
     );

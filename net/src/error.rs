@@ -200,6 +200,14 @@ pub enum Error {
         waited: std::time::Duration,
     },
 
+    /// The node's host answered a datagram to the address with ICMP "port unreachable": no
+    /// process listens there (a node not started, or on another port).
+    #[error(
+        "nothing listens at {addr}: its host refused a datagram to that UDP port (is the node \
+         running, and on that port?)"
+    )]
+    NothingListening { addr: std::net::SocketAddr },
+
     /// The client's connection to the node is gone (its open transaction was rolled back by the
     /// node); the client cannot be used any more.
     #[error("connection to the node lost: {reason}")]

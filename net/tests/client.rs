@@ -272,6 +272,39 @@ fn a_waitfor_receive_is_woken_by_another_clients_send() {
 }
 
 #[test]
+fn a_port_nothing_listens_on_is_reported_as_such_and_a_silent_one_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), &[]);
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let free_addr = free.local_addr().unwrap();
+    drop(free);
+    match Client::connect_local(dir.path(), free_addr) {
+        Err(Error::NothingListening { addr }) => assert_eq!(addr, free_addr),
+        other => panic!("expected NothingListening, got {other:?}"),
+    }
+    // A socket that takes datagrams and answers none: the host refuses nothing, so only the
+    // handshake's timeout ends the wait.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    match Client::connect_local(dir.path(), silent_addr) {
+        Err(Error::Unreachable { addr, waited }) => {
+            assert_eq!(addr, silent_addr);
+            assert_eq!(waited, herald_net::quic::CONNECT_TIMEOUT);
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    // The probe's datagram reached the silent socket; a live node takes no harm from one.
+    let mut buffer = vec![0u8; 65536];
+    silent.set_nonblocking(true).unwrap();
+    let sizes: Vec<usize> = std::iter::from_fn(|| silent.recv(&mut buffer).ok()).collect();
+    assert!(sizes.contains(&1), "datagrams of {sizes:?} bytes");
+    let mut client = local(dir.path(), &node);
+    assert_eq!(client.transaction_count().unwrap(), 0);
+    drop(client);
+    node.shutdown().unwrap();
+}
+
+#[test]
 fn the_session_reports_how_deep_its_transaction_is_nested() {
     let (_dir, node, mut client) = node_with_services();
     assert_eq!(client.transaction_count().unwrap(), 0);

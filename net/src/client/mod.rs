@@ -139,19 +139,15 @@ pub struct Client {
 impl Client {
     /// Connects to the node at `addr`, presenting `identity`, checking the node's certificate
     /// against `trust`. [`Error::Refused`] if the node does not accept the certificate, has no
-    /// session to spare, or speaks another protocol version; [`Error::Unreachable`] if nothing
-    /// answers the handshake within `quic::CONNECT_TIMEOUT`.
+    /// session to spare, or speaks another protocol version; [`Error::NothingListening`] as
+    /// soon as `addr`'s host refuses the port (no node there); [`Error::Unreachable`] if
+    /// nothing answers the handshake within `quic::CONNECT_TIMEOUT`.
     pub fn connect(addr: SocketAddr, identity: &ClientIdentity, trust: &Trust) -> Result<Client> {
         let runtime = runtime()?;
         let config = client_config(identity, trust)?;
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
         let endpoint = {
             let _entered = runtime.enter();
-            quinn::Endpoint::client(bind)
+            quinn::Endpoint::client(any_port_for(addr))
                 .map_err(|e| Error::io(format!("binding a UDP socket for {addr}"), &e))?
         };
         let refused = |reason: String| Error::Refused { reason };
@@ -159,7 +155,12 @@ impl Client {
             let connecting = endpoint
                 .connect_with(config, addr, SERVER_NAME)
                 .map_err(|e| refused(format!("connecting to {addr}: {e}")))?;
-            let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            let handshake = tokio::time::timeout(CONNECT_TIMEOUT, connecting);
+            let handshake = tokio::select! {
+                done = handshake => done,
+                () = port_refused(addr) => return Err(Error::NothingListening { addr }),
+            };
+            let connection = match handshake {
                 Ok(Ok(connection)) => connection,
                 // The handshake's idle timeout (as long as `CONNECT_TIMEOUT`) may come first.
                 Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {
@@ -698,6 +699,41 @@ fn wait_ms(timeout: Duration) -> u64 {
 /// The node's certificate fingerprint, from its identity directory.
 fn node_fingerprint(dir: &Path) -> Result<Fingerprint> {
     NodeIdentity::fingerprint_in(dir)
+}
+
+/// Any port on any local address of `addr`'s family: where a socket talking to `addr` binds.
+fn any_port_for(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+/// Resolves if `addr`'s host says nothing listens on that UDP port, and never otherwise: one
+/// datagram from a socket connected to `addr`, whose ICMP "port unreachable" answer the kernel
+/// reports as `ECONNREFUSED` on that socket. A node not started answers so at once (on this
+/// host or a reachable one), where the QUIC handshake alone would wait out `CONNECT_TIMEOUT`;
+/// a live node drops the one-byte datagram as no QUIC packet, and a host that answers nothing
+/// leaves the handshake's timeout to decide.
+async fn port_refused(addr: SocketAddr) {
+    let refused = async {
+        let socket = tokio::net::UdpSocket::bind(any_port_for(addr)).await.ok()?;
+        socket.connect(addr).await.ok()?;
+        socket.send(&[0]).await.ok()?;
+        let mut buffer = [0u8; 64];
+        loop {
+            match socket.recv(&mut buffer).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Some(()),
+                Err(_) => return None,
+                // Something answered (not a QUIC server): keep listening for a refusal.
+                Ok(_) => {}
+            }
+        }
+    };
+    if refused.await.is_none() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The runtime all clients of this process share.
