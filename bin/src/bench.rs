@@ -682,7 +682,8 @@ fn report(args: &BenchArgs, target: &str, shared: &Shared, histogram: &Histogram
         ]],
     };
     let mut out = format!(
-        "herald bench: {target}\n{} producer(s), {} consumer(s), {} dialog(s), {}-byte bodies, {} s{}\n\n",
+        "herald bench: {target}\n{} producer(s), {} consumer(s), {} dialog(s), {}-byte bodies, \
+         {} s{}\n\n",
         args.producers,
         args.consumers,
         args.dialogs,

@@ -47,7 +47,8 @@ const HISTORY_LINES_MAX: usize = 1000;
 const HELP: &str = "\
 Type T-SQL statements. A statement runs when its line ends with ';' (once what you typed is \
 complete: a BEGIN ... END block runs at its END;) or at a line holding only GO.
-Variables and an open transaction last for the whole shell; the prompt is herald*> while a transaction is open.
+Variables and an open transaction last for the whole shell; the prompt is herald*> while
+a transaction is open.
   exit, quit   end the shell (an open transaction is rolled back)
   help         this text";
 

@@ -39,8 +39,9 @@
 //! committer against 15.9×, `cargo bench -p herald-benches --features io-uring --bench wal`).
 //! So each write goes to the ring with `RWF_NOWAIT`: done inline where the file system can
 //! (XFS and btrfs have non-blocking buffered writes since Linux 6.0/6.1; not measured here,
-//! this machine has only ext4 and tmpfs), and otherwise answered at once (`EAGAIN`, or `EOPNOTSUPP` from tmpfs) and
-//! written with `pwrite` on the calling thread, the hand-off saved. A file whose first
+//! this machine has only ext4 and tmpfs), and otherwise answered at once (`EAGAIN`, or
+//! `EOPNOTSUPP` from tmpfs) and written with `pwrite` on the calling thread, the hand-off
+//! saved. A file whose first
 //! [`NOWAIT_PROBE_WRITES`] writes are all refused stops offering them (counted by
 //! [`UringStorage::refused_writes`]); once a write of a file was done inline, refusals are taken
 //! as passing and it keeps offering. Syncs always go through the ring, and there always to a

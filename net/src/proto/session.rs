@@ -620,13 +620,13 @@ impl PeerSession {
         }
     }
 
-    /// Appends message fragments in send order while the batch and the in-flight window allow.
     /// Whether a retransmission is due or a message was never completely transmitted (the
     /// in-flight bound may still hold it back).
     fn has_messages_to_transmit(&self) -> bool {
         !self.retransmit.is_empty() || self.messages.range(self.first_unsent..).next().is_some()
     }
 
+    /// Appends message fragments in send order while the batch and the in-flight window allow.
     fn transmit_messages(&mut self, now: Instant, out: &mut Vec<u8>) {
         loop {
             // Due retransmissions are all before `first_unsent`: in send order, they go first.
