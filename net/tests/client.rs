@@ -339,6 +339,41 @@ fn the_session_reports_how_deep_its_transaction_is_nested() {
 }
 
 #[test]
+fn send_and_receive_outside_a_transaction_commit_each_on_its_own() {
+    let (dir, node, mut client) = node_with_services();
+    let mut other = local(dir.path(), &node);
+    let handle = send_all(&mut client, &[b"first"]);
+    client.send(handle, "//t/Ask", b"second").unwrap();
+    // Committed: another session receives both, in order, and they are gone at once.
+    let bodies: Vec<Vec<u8>> = other
+        .receive("AskQueue", Receive::top(10))
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, [b"first".to_vec(), b"second".to_vec()]);
+    assert!(
+        other
+            .receive("AskQueue", Receive::top(10))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(other.transaction_count().unwrap(), 0);
+    // Inside a transaction a script left open, a SEND is part of it: ROLLBACK undoes it.
+    client.execute("BEGIN TRANSACTION;").unwrap();
+    client.send(handle, "//t/Ask", b"undone").unwrap();
+    client.execute("ROLLBACK;").unwrap();
+    assert!(
+        other
+            .receive("AskQueue", Receive::top(10))
+            .unwrap()
+            .is_empty()
+    );
+    drop((client, other));
+    node.shutdown().unwrap();
+}
+
+#[test]
 fn rollback_returns_received_messages_to_their_queue() {
     let (_dir, node, mut client) = node_with_services();
     send_all(&mut client, &[b"a", b"b"]);

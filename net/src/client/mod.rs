@@ -268,6 +268,81 @@ impl Client {
         }
     }
 
+    /// SEND one message on conversation `handle` in a transaction of its own, in one round
+    /// trip: committed (durable under the node's durability) when this returns. If a script
+    /// left the session's explicit transaction open (`BEGIN TRANSACTION` through
+    /// [`Client::execute`]), the SEND is part of it instead, as in T-SQL.
+    pub fn send(
+        &mut self,
+        handle: ConversationHandle,
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        self.send_many(&[handle], message_type, body)
+    }
+
+    /// [`Client::send`] of one message on each of `handles`, atomically
+    /// (`Transaction::send_many`); at most [`proto::CLIENT_SEND_HANDLES_MAX`] handles.
+    pub fn send_many(
+        &mut self,
+        handles: &[ConversationHandle],
+        message_type: &str,
+        body: &[u8],
+    ) -> Result<()> {
+        self.ok(&Request::Send {
+            handles: handles.iter().map(|h| h.0).collect(),
+            message_type: message_type.to_owned(),
+            body: body.to_vec(),
+        })
+    }
+
+    /// RECEIVE in a transaction of its own, in one round trip: the messages are off the queue,
+    /// committed, when this returns, so a client that fails before handling them loses them
+    /// (as RECEIVE outside BEGIN TRANSACTION does in T-SQL). To handle each message exactly
+    /// once, receive in a [`ClientTransaction`] and commit once they are handled. Like
+    /// [`Client::send`], part of the session's explicit transaction if a script left one open.
+    pub fn receive(&mut self, queue: &str, what: Receive) -> Result<Vec<ReceivedMessage>> {
+        let filter = match (what.conversation, what.group) {
+            (Some(handle), _) => ReceiveFilter::Conversation(handle.0),
+            (None, Some(group)) => ReceiveFilter::Group(group.0),
+            (None, None) => ReceiveFilter::None,
+        };
+        let request = Request::Receive(ReceiveRequest {
+            queue: queue.to_owned(),
+            top: u32::try_from(what.top).unwrap_or(u32::MAX),
+            filter,
+            wait_ms: what.wait.map(wait_ms),
+        });
+        self.request(&request)?;
+        let mut messages = Vec::new();
+        loop {
+            match self.response()? {
+                Response::Message(m) => {
+                    let status = match m.status {
+                        0 => MessageStatus::Received,
+                        1 => MessageStatus::Ready,
+                        3 => MessageStatus::SentCopy,
+                        other => {
+                            return Err(self.violation(&format!("message status {other}")));
+                        }
+                    };
+                    messages.push(ReceivedMessage {
+                        conversation_handle: ConversationHandle(m.conversation_handle),
+                        conversation_group: ConversationGroupId(m.conversation_group),
+                        message_type: m.message_type,
+                        sequence: m.sequence,
+                        queuing_order: m.queuing_order,
+                        status,
+                        body: m.body,
+                    });
+                }
+                Response::Done => return Ok(messages),
+                Response::Error(error) => return Err(Error::Remote(error)),
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
     /// Begins an explicit transaction in this session (BEGIN TRANSACTION); the returned value
     /// runs the engine's transaction operations in it. Dropping it uncommitted rolls it back.
     pub fn begin(&mut self) -> Result<ClientTransaction<'_>> {
@@ -527,55 +602,13 @@ impl ClientTransaction<'_> {
         message_type: &str,
         body: &[u8],
     ) -> Result<()> {
-        self.client.ok(&Request::Send {
-            handles: handles.iter().map(|h| h.0).collect(),
-            message_type: message_type.to_owned(),
-            body: body.to_vec(),
-        })
+        self.client.send_many(handles, message_type, body)
     }
 
     /// RECEIVE up to `what.top` messages of one conversation group from `queue`
     /// (`Receive::wait`: WAITFOR, blocking until messages come or the time passes).
     pub fn receive(&mut self, queue: &str, what: Receive) -> Result<Vec<ReceivedMessage>> {
-        let filter = match (what.conversation, what.group) {
-            (Some(handle), _) => ReceiveFilter::Conversation(handle.0),
-            (None, Some(group)) => ReceiveFilter::Group(group.0),
-            (None, None) => ReceiveFilter::None,
-        };
-        let request = Request::Receive(ReceiveRequest {
-            queue: queue.to_owned(),
-            top: u32::try_from(what.top).unwrap_or(u32::MAX),
-            filter,
-            wait_ms: what.wait.map(wait_ms),
-        });
-        self.client.request(&request)?;
-        let mut messages = Vec::new();
-        loop {
-            match self.client.response()? {
-                Response::Message(m) => {
-                    let status = match m.status {
-                        0 => MessageStatus::Received,
-                        1 => MessageStatus::Ready,
-                        3 => MessageStatus::SentCopy,
-                        other => {
-                            return Err(self.client.violation(&format!("message status {other}")));
-                        }
-                    };
-                    messages.push(ReceivedMessage {
-                        conversation_handle: ConversationHandle(m.conversation_handle),
-                        conversation_group: ConversationGroupId(m.conversation_group),
-                        message_type: m.message_type,
-                        sequence: m.sequence,
-                        queuing_order: m.queuing_order,
-                        status,
-                        body: m.body,
-                    });
-                }
-                Response::Done => return Ok(messages),
-                Response::Error(error) => return Err(Error::Remote(error)),
-                other => return Err(self.client.unexpected(&other)),
-            }
-        }
+        self.client.receive(queue, what)
     }
 
     /// GET CONVERSATION GROUP: locks the group RECEIVE would take next; `None` if none.
