@@ -105,6 +105,11 @@ pub struct Options {
     /// Where time comes from: lock waits, WAITFOR timeouts, conversation timers and dialog
     /// lifetimes all read it. `SystemClock` by default; tests use a `ManualClock`.
     pub clock: Arc<dyn Clock>,
+    /// Where the log lives: `None` (the default) is the data directory's `wal/`. Tests give a
+    /// [`MemStorage`](herald_wal::MemStorage) to fail the log's I/O under a broker (a full
+    /// disk, a failed write) and to take crash images of it; the rest of the broker's files
+    /// (lock, instance id, checkpoints) stay in the data directory.
+    pub log_storage: Option<Arc<dyn herald_wal::Storage>>,
 }
 
 impl Default for Options {
@@ -115,6 +120,7 @@ impl Default for Options {
             segment_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT,
             checkpoint_interval_bytes: herald_wal::format::SEGMENT_BYTES_DEFAULT / 2,
             clock: Arc::new(SystemClock),
+            log_storage: None,
         }
     }
 }
@@ -245,7 +251,10 @@ impl Broker {
             replay_from: image.as_ref().map_or(Lsn(0), |i| i.lsn.next()),
             ..herald_wal::Options::default()
         };
-        let mut recovery = Wal::recover(dir.join("wal"), wal_options)?;
+        let mut recovery = match &options.log_storage {
+            Some(storage) => Wal::recover_storage(storage.clone(), wal_options)?,
+            None => Wal::recover(dir.join("wal"), wal_options)?,
+        };
         let records = recovery.by_ref().collect::<herald_wal::Result<Vec<_>>>()?;
         let wal = recovery.finish()?;
         let mut state = match image {
