@@ -226,6 +226,20 @@ pub fn encode(ops: &[Op]) -> Vec<u8> {
     builder.finish().to_vec()
 }
 
+/// A point of a [`RecordBuilder`]'s record (see [`RecordBuilder::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMark {
+    bytes: usize,
+    ops: u32,
+}
+
+impl RecordMark {
+    /// The record's size at the mark.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// A commit record encoded as a transaction goes: each op is written when it is made, message
 /// bodies straight from the caller's buffer, so commit has nothing left to copy or encode.
 #[derive(Debug)]
@@ -241,10 +255,14 @@ impl Default for RecordBuilder {
 }
 
 impl RecordBuilder {
+    /// Bytes of a record before its first op: the format version and the op count.
+    pub const PREFIX_BYTES: usize = 5;
+
     pub fn new() -> RecordBuilder {
         let mut buf = Vec::with_capacity(256);
         buf.push(FORMAT_VERSION);
         buf.extend_from_slice(&0u32.to_le_bytes());
+        debug_assert_eq!(buf.len(), RecordBuilder::PREFIX_BYTES);
         RecordBuilder { buf, ops: 0 }
     }
 
@@ -279,6 +297,25 @@ impl RecordBuilder {
 
     pub fn is_empty(&self) -> bool {
         self.ops == 0
+    }
+
+    /// Bytes of the record so far (what [`RecordBuilder::finish`] would return).
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Where the record is now, to [`rewind`](RecordBuilder::rewind) to.
+    pub fn mark(&self) -> RecordMark {
+        RecordMark {
+            bytes: self.buf.len(),
+            ops: self.ops,
+        }
+    }
+
+    /// Drops the ops pushed since `mark` was taken.
+    pub fn rewind(&mut self, mark: RecordMark) {
+        self.buf.truncate(mark.bytes);
+        self.ops = mark.ops;
     }
 
     pub fn op_count(&self) -> u32 {

@@ -6,15 +6,16 @@
 //!   order, with where each should go (`Catalog::route`); `transmitted` removes what the far
 //!   broker acknowledged (a logged commit) and pins the dialog to that broker; `remote_failed`
 //!   records an Error the far broker sent instead (the dialog goes to ERROR).
-//! - **Inbound**: `accept_arrivals` takes messages that arrived, in one local transaction: a
-//!   dialog's first message creates its target endpoint (or is refused with Service Broker's
-//!   error code: no such service, contract not accepted…), each message is accepted only as the
-//!   next in its conversation's sequence (earlier ones are duplicates, later ones wait for the
-//!   gap to fill by retransmission). When it returns, what it accepted is committed — durable
-//!   under the default durability — so the caller may acknowledge `Accepted` and `Duplicate`
-//!   messages, and only those. `accept_arrivals_written` returns once the transaction is
-//!   written and applied (receivable), with the `SyncPoint` to pass to `wait_synced` before
-//!   acknowledging.
+//! - **Inbound**: `accept_arrivals` takes messages that arrived, in one local transaction (or
+//!   several, in order, when they do not fit one record of the log; a message no record can
+//!   hold is refused with `codes::MESSAGE_TOO_LARGE`): a dialog's first message creates its
+//!   target endpoint (or is refused with Service Broker's error code: no such service, contract
+//!   not accepted…), each message is accepted only as the next in its conversation's sequence
+//!   (earlier ones are duplicates, later ones wait for the gap to fill by retransmission). When
+//!   it returns, what it accepted is committed — durable under the default durability — so the
+//!   caller may acknowledge `Accepted` and `Duplicate` messages, and only those.
+//!   `accept_arrivals_written` returns once the transactions are written and applied
+//!   (receivable), with the `SyncPoint` to pass to `wait_synced` before acknowledging.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::broker::BrokerCore;
 use crate::catalog::RouteChoice;
 use crate::error::Result;
 use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
-use crate::record::{Op, RemoteDialogRecord};
+use crate::record::{Op, RecordBuilder, RemoteDialogRecord};
 use crate::system;
 use herald_wal::RecordBytes;
 
@@ -45,6 +46,9 @@ pub mod codes {
     pub const VALIDATION_FAILED: i32 = -8430;
     /// The sending broker may not reach this service.
     pub const NO_PERMISSION: i32 = -8494;
+    /// The message is larger than one record of this broker's log can hold (its segments are
+    /// smaller than the sender's): Herald's own code, Service Broker has none.
+    pub const MESSAGE_TOO_LARGE: i32 = -50_001;
 }
 
 /// A whole message from another broker (reassembled by the network layer).
@@ -280,8 +284,9 @@ impl BrokerCore {
             .map(|_| ())
     }
 
-    /// Takes messages that arrived from other brokers, in one local transaction (see the module
-    /// documentation); returns what became of each, in order, once that transaction committed.
+    /// Takes messages that arrived from other brokers, in one local transaction or, for a batch
+    /// larger than one record, several in order (see the module documentation); returns what
+    /// became of each, in order, once they committed.
     pub fn accept_arrivals(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
         let (outcomes, point) = self.accept_arrivals_written(arrivals)?;
         self.wait_synced(point)?;
@@ -334,6 +339,9 @@ impl BrokerCore {
 
     fn accept_arrivals_unsynced(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
         let now = self.clock().now_ms();
+        // One transaction per run of arrivals that fits one record of the log: a batch of
+        // large messages is committed in several, in order (each sees the ones before).
+        let record_bytes_max = self.wal.record_payload_bytes_max() as usize;
         let mut tx = self.begin();
         let mut outcomes = Vec::with_capacity(arrivals.len());
         // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
@@ -400,12 +408,35 @@ impl BrokerCore {
                 outcomes.push(refused);
                 continue;
             }
-            tx.push_arrive(
-                handle,
-                arrival.sequence,
-                &arrival.message_type,
-                &arrival.body,
-            );
+            let push = |tx: &mut crate::Transaction<'_>| {
+                tx.push_arrive(
+                    handle,
+                    arrival.sequence,
+                    &arrival.message_type,
+                    &arrival.body,
+                );
+            };
+            let before = tx.record().mark();
+            push(&mut tx);
+            if tx.record().len_bytes() > record_bytes_max {
+                let arrive_bytes = tx.record().len_bytes() - before.bytes();
+                tx.record().rewind(before);
+                if RecordBuilder::PREFIX_BYTES + arrive_bytes > record_bytes_max {
+                    outcomes.push(ArrivalOutcome::Refused {
+                        code: codes::MESSAGE_TOO_LARGE,
+                        description: format!(
+                            "a message of {} bytes does not fit in one record of this broker's \
+                             log ({record_bytes_max} bytes)",
+                            arrival.body.len()
+                        ),
+                    });
+                    continue;
+                }
+                // Commit what came before it, and go on in a new transaction.
+                let full = std::mem::replace(&mut tx, self.begin());
+                full.commit_written()?;
+                push(&mut tx);
+            }
             expected.insert(side, (handle, arrival.sequence + 1));
             outcomes.push(ArrivalOutcome::Accepted);
         }

@@ -383,6 +383,11 @@ impl<'b> Transaction<'b> {
         self.record.push(op);
     }
 
+    /// The commit record so far: its size, and a mark to drop ops pushed after it.
+    pub(crate) fn record(&mut self) -> &mut RecordBuilder {
+        &mut self.record
+    }
+
     /// `push_op` of an `Op::Arrive`, without building it (no copy of the body).
     pub(crate) fn push_arrive(
         &mut self,

@@ -607,3 +607,55 @@ fn written_arrivals_are_receivable_before_their_sync_and_later_points_cover_earl
     assert_eq!(receive_all(&b, "Server").len(), 2, "stored once");
     invariants::check_idle(&b).unwrap();
 }
+
+#[test]
+fn a_batch_larger_than_a_record_is_taken_in_several_and_a_message_no_record_holds_is_refused() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    drop(b);
+    // B's log takes records of less than 64 KiB; A's of up to about 1 MiB.
+    let b = Broker::open(
+        b_dir.path(),
+        Options {
+            segment_bytes: 64 * 1024,
+            ..options()
+        },
+    )
+    .unwrap();
+    let asks: Vec<String> = (0..30)
+        .map(|i| format!("{i:04}{}", "x".repeat(8 * 1024)))
+        .collect();
+    let h = begin(&a, &asks.iter().map(String::as_str).collect::<Vec<_>>());
+    let too_large = "y".repeat(100 * 1024);
+    let big = begin(&a, &[too_large.as_str()]);
+
+    let outcomes = pump(&a, &b, all);
+    let accepted = outcomes
+        .iter()
+        .filter(|o| matches!(o, ArrivalOutcome::Accepted))
+        .count();
+    assert_eq!(accepted, asks.len(), "{outcomes:?}");
+    assert!(
+        outcomes.iter().any(|o| matches!(
+            o,
+            ArrivalOutcome::Refused { code, .. } if *code == codes::MESSAGE_TOO_LARGE
+        )),
+        "{outcomes:?}"
+    );
+    let got = receive_all(&b, "Server");
+    assert!(got.iter().all(|(handle, _, _)| got[0].0 == *handle));
+    let bodies: Vec<String> = got
+        .into_iter()
+        .map(|(_, _, body)| String::from_utf8(body).unwrap())
+        .collect();
+    assert_eq!(bodies, asks, "every message once, in order");
+    // The refused dialog errored at its initiator; the other goes on.
+    assert_eq!(
+        a.conversation_endpoint(big).unwrap().state,
+        EndpointState::Error
+    );
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Conversing
+    );
+}

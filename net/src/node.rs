@@ -13,7 +13,8 @@
 //!   a pass already running, a listing longer than one pass, a full send queue to wait on, a
 //!   host name to resolve;
 //! - the **receiver** takes the transport's events: messages that arrived go to the broker in
-//!   batches (`accept_arrivals_written`, one local transaction each, which receivers see as
+//!   batches (`accept_arrivals_written`, one local transaction each — several for a batch
+//!   larger than one record of the log — which receivers see as
 //!   soon as it is written) and are acknowledged only once the log is durable through it (under
 //!   the default durability): the **acker** thread waits for that and sends the
 //!   acknowledgements, while the receiver goes on; acknowledgements remove
@@ -63,7 +64,8 @@ pub const INLINE_PASS_MESSAGES_MAX: usize = 16;
 /// the nodes bench for the figure with). Acknowledgements are that much later when nobody
 /// commits, which costs nothing but memory for the sender's unacknowledged messages.
 pub const ACK_SYNC_GRACE: Duration = Duration::from_micros(500);
-/// Transport events the receiver handles per batch (arrivals become one local transaction).
+/// Transport events the receiver handles per batch (arrivals become one local transaction, or
+/// several when their bodies pass what one record of the log holds).
 pub const RECEIVER_BATCH_EVENTS_MAX: usize = 1024;
 /// Worker threads of the node's network runtime (quinn's drivers and the per-peer reader and
 /// writer tasks). One: the tasks hand work to each other all the time, and on one worker that

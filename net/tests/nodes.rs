@@ -8,18 +8,21 @@
 //! - the sending node restarted with messages in its transmission queue;
 //! - a sending node whose certificate the receiver does not pin (nothing arrives, the
 //!   transmission queue says why), then trusted;
-//! - a dialog whose lifetime passes while the target node is down.
+//! - a dialog whose lifetime passes while the target node is down;
+//! - the receiving node's disk full (its log on a `MemStorage`): what it cannot store stays in
+//!   the sender's transmission queue, and arrives once space is back.
 //!
 //! Every wait is bounded by [`WAIT`]; nothing asserts on elapsed time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_engine::{
-    Broker, ConversationHandle, DialogOptions, Durability, QueueOptions, Receive, Route,
-    RouteAddress, SentBy, Validation, system,
+    Broker, ConversationHandle, DialogOptions, Durability, MemStorage, QueueOptions, Receive,
+    Route, RouteAddress, SentBy, Validation, system,
 };
 use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
@@ -349,6 +352,82 @@ fn three_nodes_talk_at_once_end_both_ways_and_clean_up() {
     a.shutdown().unwrap();
     b.shutdown().unwrap();
     c.shutdown().unwrap();
+}
+
+#[test]
+fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
+    let b_log = Arc::new(MemStorage::new());
+    let b = Node::start(NodeConfig {
+        data_dir: b_dir.path().to_path_buf(),
+        listen: loopback(),
+        broker: herald_engine::Options {
+            durability: Durability::Sync,
+            // Two segments (the active one and its spare) hold about a hundred messages.
+            segment_bytes: 64 * 1024,
+            // No checkpoint releases a segment for reuse: the disk stays full.
+            checkpoint_interval_bytes: 1 << 40,
+            log_storage: Some(b_log.clone() as Arc<dyn herald_engine::Storage>),
+            ..herald_engine::Options::default()
+        },
+        trust: Trust::pinned([a_print]),
+        restricted_peers: HashMap::new(),
+    })
+    .unwrap();
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    wait_until("B has a spare segment", || {
+        b_log.file_names().iter().any(|n| n.ends_with(".spare"))
+    });
+    b_log.set_disk_full(true);
+
+    const MESSAGES: u32 = 400;
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(20) {
+        let mut tx = a.broker().begin();
+        for &i in chunk {
+            let mut body = vec![0u8; 1024];
+            body[..4].copy_from_slice(&i.to_le_bytes());
+            tx.send(h, ASK, &body).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // B stores what fits, then refuses; the rest waits at A, unacknowledged.
+    wait_until("B stored some", || {
+        !b.broker().peek("Server").unwrap().is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let stored = b.broker().peek("Server").unwrap().len();
+    assert!(
+        stored < MESSAGES as usize,
+        "the disk never filled: {stored}"
+    );
+    assert!(
+        a.broker().transmission_queue_len() >= MESSAGES as usize - stored,
+        "{} left at A, {stored} stored at B",
+        a.broker().transmission_queue_len()
+    );
+
+    b_log.set_disk_full(false);
+    let got = receive(&b, "Server", MESSAGES as usize);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..MESSAGES).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
 }
 
 #[test]
