@@ -10,7 +10,9 @@
 //!   transmission queue says why), then trusted;
 //! - a dialog whose lifetime passes while the target node is down;
 //! - the receiving node's disk full (its log on a `MemStorage`): what it cannot store stays in
-//!   the sender's transmission queue, and arrives once space is back.
+//!   the sender's transmission queue, and arrives once space is back;
+//! - bodies of several fragments, more together than one record of the receiver's log, and one
+//!   larger than such a record (refused: its dialog errors at the sender).
 //!
 //! Every wait is bounded by [`WAIT`]; nothing asserts on elapsed time.
 
@@ -46,14 +48,29 @@ fn prepare(dir: &Path) -> Fingerprint {
 }
 
 fn start(dir: &Path, listen: SocketAddr, trusted: &[Fingerprint], durability: Durability) -> Node {
-    Node::start(NodeConfig {
-        data_dir: dir.to_path_buf(),
+    start_with(
+        dir,
         listen,
-        broker: herald_engine::Options {
+        trusted,
+        herald_engine::Options {
             durability,
             segment_bytes: 1024 * 1024,
             ..herald_engine::Options::default()
         },
+    )
+}
+
+/// [`start`] with the broker's options given whole.
+fn start_with(
+    dir: &Path,
+    listen: SocketAddr,
+    trusted: &[Fingerprint],
+    broker: herald_engine::Options,
+) -> Node {
+    Node::start(NodeConfig {
+        data_dir: dir.to_path_buf(),
+        listen,
+        broker,
         trust: Trust::pinned(trusted.iter().copied()),
         restricted_peers: HashMap::new(),
     })
@@ -360,10 +377,11 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
     let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
     let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
     let b_log = Arc::new(MemStorage::new());
-    let b = Node::start(NodeConfig {
-        data_dir: b_dir.path().to_path_buf(),
-        listen: loopback(),
-        broker: herald_engine::Options {
+    let b = start_with(
+        b_dir.path(),
+        loopback(),
+        &[a_print],
+        herald_engine::Options {
             durability: Durability::Sync,
             // Two segments (the active one and its spare) hold about a hundred messages.
             segment_bytes: 64 * 1024,
@@ -372,10 +390,7 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
             log_storage: Some(b_log.clone() as Arc<dyn herald_engine::Storage>),
             ..herald_engine::Options::default()
         },
-        trust: Trust::pinned([a_print]),
-        restricted_peers: HashMap::new(),
-    })
-    .unwrap();
+    );
     let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
     define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
     define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
@@ -424,6 +439,72 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
         "exactly once, in order"
     );
     wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+#[test]
+fn large_bodies_cross_in_fragments_and_one_the_receivers_log_cannot_hold_is_refused() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    // A's log takes messages of several MiB; B's records hold less than 1 MiB.
+    let a = start_with(
+        a_dir.path(),
+        loopback(),
+        &[b_print],
+        herald_engine::Options {
+            segment_bytes: 16 * 1024 * 1024,
+            ..herald_engine::Options::default()
+        },
+    );
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::Sync);
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+
+    // Three fragments each, more of them together than one of B's records holds.
+    let bodies: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| (0..700 * 1024).map(|j| (j % 251) as u8 ^ i).collect())
+        .collect();
+    // A new dialog, and `bodies` sent on it in one transaction.
+    let send_on_a_dialog = |bodies: &[Vec<u8>]| {
+        let h = begin(
+            a.broker(),
+            "//t/Client",
+            "//t/Server",
+            DialogOptions::default(),
+        );
+        let mut tx = a.broker().begin();
+        for body in bodies {
+            tx.send(h, ASK, body).unwrap();
+        }
+        tx.commit().unwrap();
+        h
+    };
+    send_on_a_dialog(&bodies);
+    let too_large = send_on_a_dialog(&[vec![7u8; 2 * 1024 * 1024]]);
+
+    let got = receive(&b, "Server", bodies.len());
+    assert!(got.iter().all(|(handle, _, _)| *handle == got[0].0));
+    let received: Vec<Vec<u8>> = got.into_iter().map(|(_, _, body)| body).collect();
+    assert!(received == bodies, "every body whole, once, in order");
+    // The message B cannot store ends its dialog in an error at A, saying why.
+    wait_until("the too-large message's dialog errored at A", || {
+        a.broker()
+            .conversation_endpoint(too_large)
+            .is_some_and(|e| e.state == herald_engine::EndpointState::Error)
+    });
+    let errors = receive(&a, "Client", 1);
+    let (_, message_type, body) = &errors[0];
+    assert_eq!(message_type, system::ERROR);
+    assert!(
+        String::from_utf8_lossy(body).contains("does not fit in one record"),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
+    wait_until("A's transmission queue is empty", || {
         a.broker().transmission_queue().is_empty()
     });
     a.shutdown().unwrap();
