@@ -64,6 +64,9 @@ pub const INLINE_PASS_MESSAGES_MAX: usize = 16;
 /// the nodes bench for the figure with). Acknowledgements are that much later when nobody
 /// commits, which costs nothing but memory for the sender's unacknowledged messages.
 pub const ACK_SYNC_GRACE: Duration = Duration::from_micros(500);
+/// How often the receiver tries again to record acknowledgements its log refused (a full
+/// disk): until recorded, their messages stay in the transmission queue and in `dispatched`.
+pub const ACK_RECORD_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Transport events the receiver handles per batch (arrivals become one local transaction, or
 /// several when their bodies pass what one record of the log holds).
 pub const RECEIVER_BATCH_EVENTS_MAX: usize = 1024;
@@ -737,16 +740,21 @@ fn run_receiver(
     runtime: &tokio::runtime::Handle,
     mut events: crate::quic::Events,
 ) {
-    let next = |events: &mut crate::quic::Events| {
+    // Acknowledgements the log refused to record, by far broker: tried again with the next
+    // events, or after `ACK_RECORD_RETRY_INTERVAL` if none come.
+    let mut unrecorded: HashMap<[u8; 16], Vec<u64>> = HashMap::new();
+    let mut recording_failed = false;
+    let next = |events: &mut crate::quic::Events, retry: bool| {
         runtime.block_on(async {
             tokio::select! {
-                event = events.recv() => event,
+                event = events.recv() => event.map(Some),
                 () = shared.stopped.notified() => None,
+                () = tokio::time::sleep(ACK_RECORD_RETRY_INTERVAL), if retry => Some(None),
             }
         })
     };
-    while let Some(first) = next(&mut events) {
-        let mut batch = vec![first];
+    while let Some(first) = next(&mut events, !unrecorded.is_empty()) {
+        let mut batch: Vec<TransportEvent> = first.into_iter().collect();
         while batch.len() < RECEIVER_BATCH_EVENTS_MAX {
             match events.try_recv() {
                 Some(event) => batch.push(event),
@@ -754,7 +762,7 @@ fn run_receiver(
             }
         }
         let mut arrivals: Vec<(PeerKey, Arrival)> = Vec::new();
-        let mut acknowledged: HashMap<[u8; 16], Vec<u64>> = HashMap::new();
+        let mut acknowledged = std::mem::take(&mut unrecorded);
         for event in batch {
             match event {
                 TransportEvent::Connected {
@@ -832,10 +840,13 @@ fn run_receiver(
                 } => tracing::warn!(%fingerprint, %reason, "peer refused"),
             }
         }
-        for (far, ids) in acknowledged {
-            let far = BrokerInstanceId(u128::from_be_bytes(far));
+        for (far_bytes, ids) in acknowledged {
+            let far = BrokerInstanceId(u128::from_be_bytes(far_bytes));
             match broker.transmitted(&ids, Some(far)) {
                 Ok(()) => {
+                    if std::mem::take(&mut recording_failed) {
+                        tracing::info!("recording acknowledgements works again");
+                    }
                     let mut dispatched = shared.dispatched.lock();
                     for id in ids {
                         dispatched.remove(&id);
@@ -847,8 +858,14 @@ fn run_receiver(
                         shared.room.notify_one();
                     }
                 }
-                // The messages stay queued: sent again after the next restart.
-                Err(e) => tracing::error!(error = %e, "recording acknowledgements failed"),
+                // The messages stay queued (the far broker has them, so nothing is sent again
+                // while this node runs); try again until the log takes the record.
+                Err(e) => {
+                    if !std::mem::replace(&mut recording_failed, true) {
+                        tracing::error!(error = %e, "recording acknowledgements failed; trying again");
+                    }
+                    unrecorded.entry(far_bytes).or_default().extend(ids);
+                }
             }
         }
         if !arrivals.is_empty() {

@@ -10,7 +10,8 @@
 //!   transmission queue says why), then trusted;
 //! - a dialog whose lifetime passes while the target node is down;
 //! - the receiving node's disk full (its log on a `MemStorage`): what it cannot store stays in
-//!   the sender's transmission queue, and arrives once space is back;
+//!   the sender's transmission queue, and arrives once space is back; the sending node's disk
+//!   full when the acknowledgements come: they are recorded once space is back, no restart;
 //! - bodies of several fragments, more together than one record of the receiver's log, and one
 //!   larger than such a record (refused: its dialog errors at the sender).
 //!
@@ -100,6 +101,34 @@ fn start_never_idle(
             idle_timeout: WAIT * 10,
         },
     )
+}
+
+/// A node whose log is on a `MemStorage` of small segments (the active one and its spare hold
+/// about a hundred 1 KiB messages), with no checkpoint to release (and so free for reuse) a
+/// segment: once [`fill_up`] is called, its disk fills after a few more commits.
+fn start_on_a_small_disk(dir: &Path, trusted: &[Fingerprint]) -> (Node, Arc<MemStorage>) {
+    let log = Arc::new(MemStorage::new());
+    let node = start_with(
+        dir,
+        loopback(),
+        trusted,
+        herald_engine::Options {
+            durability: Durability::Sync,
+            segment_bytes: 64 * 1024,
+            checkpoint_interval_bytes: 1 << 40,
+            log_storage: Some(log.clone() as Arc<dyn herald_engine::Storage>),
+            ..herald_engine::Options::default()
+        },
+    );
+    (node, log)
+}
+
+/// Lets the log have its spare segment, then makes the disk refuse any new file.
+fn fill_up(log: &MemStorage) {
+    wait_until("the log has a spare segment", || {
+        log.file_names().iter().any(|n| n.ends_with(".spare"))
+    });
+    log.set_disk_full(true);
 }
 
 fn loopback() -> SocketAddr {
@@ -376,28 +405,11 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
     let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
-    let b_log = Arc::new(MemStorage::new());
-    let b = start_with(
-        b_dir.path(),
-        loopback(),
-        &[a_print],
-        herald_engine::Options {
-            durability: Durability::Sync,
-            // Two segments (the active one and its spare) hold about a hundred messages.
-            segment_bytes: 64 * 1024,
-            // No checkpoint releases a segment for reuse: the disk stays full.
-            checkpoint_interval_bytes: 1 << 40,
-            log_storage: Some(b_log.clone() as Arc<dyn herald_engine::Storage>),
-            ..herald_engine::Options::default()
-        },
-    );
+    let (b, b_log) = start_on_a_small_disk(b_dir.path(), &[a_print]);
     let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
     define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
     define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
-    wait_until("B has a spare segment", || {
-        b_log.file_names().iter().any(|n| n.ends_with(".spare"))
-    });
-    b_log.set_disk_full(true);
+    fill_up(&b_log);
 
     const MESSAGES: u32 = 400;
     let h = begin(
@@ -441,6 +453,60 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
     wait_until("A's transmission queue is acknowledged", || {
         a.broker().transmission_queue().is_empty()
     });
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+#[test]
+fn acknowledgements_a_full_disk_refused_to_record_are_recorded_once_space_is_back() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    // B is defined, then stopped: A's messages wait for it while A's disk fills up.
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::Sync);
+    let b_addr = b.local_addr().unwrap();
+    define(&b, &[("Server", "//t/Server")], &[]);
+    b.shutdown().unwrap();
+    let (a, a_log) = start_on_a_small_disk(a_dir.path(), &[b_print]);
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    fill_up(&a_log);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    // Fill A's log to the last bytes: large messages, then small ones.
+    let mut sent = 0u32;
+    for len in [2048, 4] {
+        loop {
+            let mut body = vec![0u8; len];
+            body[..4].copy_from_slice(&sent.to_le_bytes());
+            let mut tx = a.broker().begin();
+            tx.send(h, ASK, &body).unwrap();
+            if tx.commit().is_err() {
+                break;
+            }
+            sent += 1;
+            assert!(sent < 10_000, "A's disk never filled");
+        }
+    }
+    // B comes back and takes everything; A cannot record the acknowledgements.
+    let b = start(b_dir.path(), b_addr, &[a_print], Durability::Sync);
+    let got = receive(&b, "Server", sent as usize);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..sent).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(a.broker().transmission_queue_len() > 0);
+    // Space is back: the acknowledgements are recorded without a restart, and nothing is sent
+    // twice.
+    a_log.set_disk_full(false);
+    wait_until("A recorded every acknowledgement", || {
+        a.broker().transmission_queue().is_empty()
+    });
+    assert!(b.broker().peek("Server").unwrap().is_empty());
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
