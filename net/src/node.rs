@@ -749,7 +749,10 @@ fn run_receiver(
             tokio::select! {
                 event = events.recv() => event.map(Some),
                 () = shared.stopped.notified() => None,
-                () = tokio::time::sleep(ACK_RECORD_RETRY_INTERVAL), if retry => Some(None),
+                // An async block, so that no timer is made unless a retry is due.
+                () = async { tokio::time::sleep(ACK_RECORD_RETRY_INTERVAL).await }, if retry => {
+                    Some(None)
+                }
             }
         })
     };
