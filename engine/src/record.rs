@@ -233,13 +233,6 @@ pub struct RecordMark {
     ops: u32,
 }
 
-impl RecordMark {
-    /// The record's size at the mark.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
 /// A commit record encoded as a transaction goes: each op is written when it is made, message
 /// bodies straight from the caller's buffer, so commit has nothing left to copy or encode.
 #[derive(Debug)]
@@ -637,6 +630,13 @@ fn encode_send(
     put_str(out, message_type);
     out.extend_from_slice(&sequence.to_le_bytes());
     put_body(out, body);
+}
+
+/// Bytes an `Arrive` op of this message type and body takes in a record: what
+/// [`RecordBuilder::push_arrive`] appends (`encode_arrive` below; a test keeps them together).
+pub fn arrive_op_bytes(message_type: &str, body_bytes: usize) -> usize {
+    // tag, handle, sequence, message type (u16 length and bytes), body (u32 length and bytes)
+    1 + 16 + 8 + 2 + message_type.len() + 4 + body_bytes
 }
 
 /// The one encoding of an `Arrive` op, for ops built whole and for
@@ -1093,6 +1093,33 @@ pub fn fuzz_decode(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrive_op_bytes_is_what_push_arrive_appends() {
+        for (message_type, body) in [
+            ("", 0usize),
+            ("//t/Ask", 1),
+            ("x".repeat(128).as_str(), 70_000),
+        ] {
+            let mut record = RecordBuilder::new();
+            let before = record.len_bytes();
+            record.push_arrive(ConversationHandle(7), 3, message_type, &vec![1u8; body]);
+            assert_eq!(
+                record.len_bytes() - before,
+                arrive_op_bytes(message_type, body),
+                "{message_type:?}, {body} bytes"
+            );
+        }
+        // And a mark rewinds exactly what came after it.
+        let mut record = RecordBuilder::new();
+        record.push_arrive(ConversationHandle(1), 0, "//t/Ask", b"kept");
+        let mark = record.mark();
+        let kept = record.finish().to_vec();
+        record.push_arrive(ConversationHandle(1), 1, "//t/Ask", b"dropped");
+        record.rewind(mark);
+        assert_eq!(record.op_count(), 1);
+        assert_eq!(record.finish(), &kept[..]);
+    }
 
     #[test]
     fn push_arrive_encodes_the_op_it_stands_for() {

@@ -24,7 +24,7 @@ use crate::broker::BrokerCore;
 use crate::catalog::RouteChoice;
 use crate::error::Result;
 use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
-use crate::record::{Op, RecordBuilder, RemoteDialogRecord};
+use crate::record::{self, Op, RecordBuilder, RemoteDialogRecord};
 use crate::system;
 use herald_wal::RecordBytes;
 
@@ -367,6 +367,19 @@ impl BrokerCore {
                 }
             };
             let expired = arrival.expires_at_ms != 0 && arrival.expires_at_ms <= now;
+            // A message no record of this log can hold is refused before it begins a dialog
+            // here (which would then wait for messages that never come).
+            let too_large = RecordBuilder::PREFIX_BYTES
+                + record::arrive_op_bytes(&arrival.message_type, arrival.body.len())
+                > record_bytes_max;
+            let refuse_too_large = || ArrivalOutcome::Refused {
+                code: codes::MESSAGE_TOO_LARGE,
+                description: format!(
+                    "a message of {} bytes does not fit in one record of this broker's log \
+                     ({record_bytes_max} bytes)",
+                    arrival.body.len()
+                ),
+            };
             let (handle, next) = match known {
                 Some(known) => known,
                 // A dialog whose lifetime passed before it got here never begins: acknowledge
@@ -382,6 +395,10 @@ impl BrokerCore {
                 }
                 None if arrival.sequence != 0 => {
                     outcomes.push(ArrivalOutcome::Gap);
+                    continue;
+                }
+                None if too_large => {
+                    outcomes.push(refuse_too_large());
                     continue;
                 }
                 None => match self.accept_new_dialog(&mut tx, arrival)? {
@@ -404,6 +421,10 @@ impl BrokerCore {
                 outcomes.push(ArrivalOutcome::Gap);
                 continue;
             }
+            if too_large {
+                outcomes.push(refuse_too_large());
+                continue;
+            }
             if let Err(refused) = check_message(&mut tx, arrival)? {
                 outcomes.push(refused);
                 continue;
@@ -419,23 +440,13 @@ impl BrokerCore {
             let before = tx.record().mark();
             push(&mut tx);
             if tx.record().len_bytes() > record_bytes_max {
-                let arrive_bytes = tx.record().len_bytes() - before.bytes();
+                // It fits a record alone (`too_large` above): commit what came before it, and
+                // go on in a new transaction.
                 tx.record().rewind(before);
-                if RecordBuilder::PREFIX_BYTES + arrive_bytes > record_bytes_max {
-                    outcomes.push(ArrivalOutcome::Refused {
-                        code: codes::MESSAGE_TOO_LARGE,
-                        description: format!(
-                            "a message of {} bytes does not fit in one record of this broker's \
-                             log ({record_bytes_max} bytes)",
-                            arrival.body.len()
-                        ),
-                    });
-                    continue;
-                }
-                // Commit what came before it, and go on in a new transaction.
                 let full = std::mem::replace(&mut tx, self.begin());
                 full.commit_written()?;
                 push(&mut tx);
+                debug_assert!(tx.record().len_bytes() <= record_bytes_max);
             }
             expected.insert(side, (handle, arrival.sequence + 1));
             outcomes.push(ArrivalOutcome::Accepted);

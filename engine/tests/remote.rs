@@ -649,6 +649,8 @@ fn a_batch_larger_than_a_record_is_taken_in_several_and_a_message_no_record_hold
         .map(|(_, _, body)| String::from_utf8(body).unwrap())
         .collect();
     assert_eq!(bodies, asks, "every message once, in order");
+    // The refused message began no dialog at B: only the other one has an endpoint there.
+    assert_eq!(b.conversation_endpoints().len(), 1);
     // The refused dialog errored at its initiator; the other goes on.
     assert_eq!(
         a.conversation_endpoint(big).unwrap().state,

@@ -562,6 +562,8 @@ fn large_bodies_cross_in_fragments_and_one_the_receivers_log_cannot_hold_is_refu
             .conversation_endpoint(too_large)
             .is_some_and(|e| e.state == herald_engine::EndpointState::Error)
     });
+    // It began no dialog at B: only the other one has an endpoint there.
+    assert_eq!(b.broker().conversation_endpoints().len(), 1);
     let errors = receive(&a, "Client", 1);
     let (_, message_type, body) = &errors[0];
     assert_eq!(message_type, system::ERROR);
