@@ -380,6 +380,7 @@ impl BrokerCore {
                     arrival.body.len()
                 ),
             };
+            let mut checked = false;
             let (handle, next) = match known {
                 Some(known) => known,
                 // A dialog whose lifetime passed before it got here never begins: acknowledge
@@ -402,7 +403,10 @@ impl BrokerCore {
                     continue;
                 }
                 None => match self.accept_new_dialog(&mut tx, arrival)? {
-                    Ok(handle) => (handle, 0),
+                    Ok(handle) => {
+                        checked = true;
+                        (handle, 0)
+                    }
                     Err(refused) => {
                         outcomes.push(refused);
                         continue;
@@ -425,7 +429,7 @@ impl BrokerCore {
                 outcomes.push(refuse_too_large());
                 continue;
             }
-            if let Err(refused) = check_message(&mut tx, arrival)? {
+            if !checked && let Err(refused) = check_message(&mut tx, arrival)? {
                 outcomes.push(refused);
                 continue;
             }
@@ -455,7 +459,7 @@ impl BrokerCore {
         Ok(outcomes)
     }
 
-    /// A dialog's first message: its target endpoint, or why it is refused.
+    /// A dialog's first message: its target endpoint, or why it (or the message) is refused.
     fn accept_new_dialog(
         &self,
         tx: &mut crate::Transaction<'_>,
@@ -487,6 +491,11 @@ impl BrokerCore {
             Ok(Ok(()))
         })?;
         if let Err(refused) = check {
+            return Ok(Err(refused));
+        }
+        // The first message too, before the dialog begins here: a refused first message must
+        // not leave a target endpoint waiting for messages that never come.
+        if let Err(refused) = check_message(tx, arrival)? {
             return Ok(Err(refused));
         }
         let handle = ConversationHandle::random();

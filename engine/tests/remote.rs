@@ -661,3 +661,61 @@ fn a_batch_larger_than_a_record_is_taken_in_several_and_a_message_no_record_hold
         EndpointState::Conversing
     );
 }
+
+#[test]
+fn a_refused_first_message_begins_no_dialog_at_the_target() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    // The brokers' catalogs disagree: A's //t/Other lets TELL be sent, B's does not.
+    let mut tx = b.begin();
+    tx.create_contract("//t/Other", &[(ASK, SentBy::Initiator)])
+        .unwrap();
+    tx.create_service("//t/OtherServer", "Server", &["//t/Other"])
+        .unwrap();
+    tx.commit().unwrap();
+    let mut tx = a.begin();
+    tx.create_contract(
+        "//t/Other",
+        &[(ASK, SentBy::Initiator), (TELL, SentBy::Any)],
+    )
+    .unwrap();
+    tx.create_route(Route {
+        name: "other".into(),
+        service_name: Some("//t/OtherServer".into()),
+        broker_instance: None,
+        address: RouteAddress::parse("quic://b.example:4022").unwrap(),
+        expires_at_ms: None,
+    })
+    .unwrap();
+    let h = tx
+        .begin_dialog(
+            "//t/Client",
+            "//t/OtherServer",
+            "//t/Other",
+            DialogOptions::default(),
+        )
+        .unwrap();
+    tx.send(h, TELL, b"not in B's contract").unwrap();
+    tx.commit().unwrap();
+
+    let outcomes = pump(&a, &b, all);
+    assert!(
+        matches!(
+            outcomes[..],
+            [ArrivalOutcome::Refused {
+                code: codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
+                ..
+            }]
+        ),
+        "{outcomes:?}"
+    );
+    assert!(
+        b.conversation_endpoints().is_empty(),
+        "{:?}",
+        b.conversation_endpoints()
+    );
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Error
+    );
+}
