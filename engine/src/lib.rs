@@ -64,7 +64,7 @@ pub use checkpoint::CheckpointInfo;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use events::{Event, Subscription};
-pub use herald_wal::{Durability, MemStorage, RecordBytes, Storage};
+pub use herald_wal::{Durability, Error as StorageError, MemStorage, RecordBytes, Storage};
 pub use ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
 pub use state::{
     Endpoint as ConversationEndpoint, EndpointState, MessageKey, MessageStatus, UrgentLane,

@@ -30,18 +30,27 @@ CREATE SERVICE [//t/Client] ON QUEUE ReplyQueue;
 /// A node on a fresh directory; `trusted` are the peers (and clients) it trusts besides its own
 /// certificate.
 fn start(dir: &Path, trusted: &[Fingerprint]) -> Node {
+    start_with(
+        dir,
+        trusted,
+        herald_engine::Options {
+            durability: Durability::None,
+            // Room for the 5 MiB messages of `results_larger_than_a_frame_are_streamed_whole`.
+            segment_bytes: 16 * 1024 * 1024,
+            ..herald_engine::Options::default()
+        },
+    )
+}
+
+/// [`start`] with the broker's options given whole.
+fn start_with(dir: &Path, trusted: &[Fingerprint], broker: herald_engine::Options) -> Node {
     let own = NodeIdentity::load_or_create(&dir.join(IDENTITY_DIR))
         .unwrap()
         .fingerprint();
     Node::start(NodeConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        broker: herald_engine::Options {
-            durability: Durability::None,
-            // Room for the 5 MiB messages of `results_larger_than_a_frame_are_streamed_whole`.
-            segment_bytes: 16 * 1024 * 1024,
-            ..herald_engine::Options::default()
-        },
+        broker,
         trust: Trust::pinned(trusted.iter().copied().chain([own])),
         restricted_peers: Default::default(),
     })
@@ -334,6 +343,59 @@ fn the_session_reports_how_deep_its_transaction_is_nested() {
         .expect("a result set")
         .column("n");
     assert_eq!(n, Some(vec![&Value::Int(rows as i64)]), "{results:?}");
+    drop(client);
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn a_full_disk_fails_a_clients_commit_and_the_session_goes_on_once_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(herald_engine::MemStorage::new());
+    let node = start_with(
+        dir.path(),
+        &[],
+        herald_engine::Options {
+            durability: Durability::Sync,
+            segment_bytes: 64 * 1024,
+            checkpoint_interval_bytes: 1 << 40,
+            log_storage: Some(log.clone() as std::sync::Arc<dyn herald_engine::Storage>),
+            ..herald_engine::Options::default()
+        },
+    );
+    let mut client = local(dir.path(), &node);
+    client.execute(DEFINE).unwrap();
+    let handle = send_all(&mut client, &[b"first"]);
+    wait_until(|| log.file_names().iter().any(|n| n.ends_with(".spare")));
+    log.set_disk_full(true);
+    let body = vec![b'x'; 4096];
+    let mut sent = 1;
+    let refused = loop {
+        match client.send(handle, "//t/Ask", &body) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 1000, "the disk never filled");
+    };
+    match &refused {
+        Error::Remote(remote) => {
+            assert_eq!(remote.kind, RemoteErrorKind::StorageFull, "{refused}");
+            assert!(remote.message.contains("no space"), "{refused}");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    // The session is still there, with no transaction left open by the failure.
+    assert_eq!(client.transaction_count().unwrap(), 0);
+    log.set_disk_full(false);
+    client.send(handle, "//t/Ask", b"last").unwrap();
+    let bodies: Vec<Vec<u8>> = client
+        .receive("AskQueue", Receive::top(10_000))
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies.len(), sent + 1);
+    assert_eq!(bodies.first().map(Vec::as_slice), Some(&b"first"[..]));
+    assert_eq!(bodies.last().map(Vec::as_slice), Some(&b"last"[..]));
     drop(client);
     node.shutdown().unwrap();
 }

@@ -323,6 +323,9 @@ pub enum RemoteErrorKind {
     Internal = 14,
     /// The request itself was refused (not valid in this state).
     BadRequest = 15,
+    /// The node's disk is full: nothing was changed, and the same request can succeed once
+    /// space is freed (Service Broker's "transaction log full").
+    StorageFull = 16,
 }
 
 impl RemoteErrorKind {
@@ -344,6 +347,7 @@ impl RemoteErrorKind {
             13 => Interrupted,
             14 => Internal,
             15 => BadRequest,
+            16 => StorageFull,
             _ => return None,
         })
     }
@@ -389,6 +393,11 @@ impl RemoteErrorKind {
                 RemoteErrorKind::Limit
             }
             E::Interrupted => RemoteErrorKind::Interrupted,
+            E::Storage(herald_engine::StorageError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                RemoteErrorKind::StorageFull
+            }
             _ => RemoteErrorKind::Internal,
         }
     }
