@@ -261,6 +261,24 @@ fn numbers_of(got: &[Got], message_type: &str) -> (ConversationHandle, Vec<u32>)
     (h, numbers)
 }
 
+/// Receives `count` messages from B's `Server` queue and checks they are the requests numbered
+/// `0..count` of one conversation: each exactly once, in order.
+fn receive_numbered(b: &Node, count: u32) {
+    let got = receive(b, "Server", count as usize);
+    assert_eq!(
+        numbers_of(&got, ASK).1,
+        (0..count).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+}
+
+/// Waits until A's transmission queue is empty: B acknowledged everything.
+fn wait_acknowledged(a: &Node) {
+    wait_until("A's transmission queue is acknowledged", || {
+        a.broker().transmission_queue().is_empty()
+    });
+}
+
 fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
     while !condition() {
@@ -444,15 +462,8 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
     );
 
     b_log.set_disk_full(false);
-    let got = receive(&b, "Server", MESSAGES as usize);
-    assert_eq!(
-        numbers_of(&got, ASK).1,
-        (0..MESSAGES).collect::<Vec<_>>(),
-        "exactly once, in order"
-    );
-    wait_until("A's transmission queue is acknowledged", || {
-        a.broker().transmission_queue().is_empty()
-    });
+    receive_numbered(&b, MESSAGES);
+    wait_acknowledged(&a);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
@@ -492,12 +503,7 @@ fn acknowledgements_a_full_disk_refused_to_record_are_recorded_once_space_is_bac
     }
     // B comes back and takes everything; A cannot record the acknowledgements.
     let b = start(b_dir.path(), b_addr, &[a_print], Durability::Sync);
-    let got = receive(&b, "Server", sent as usize);
-    assert_eq!(
-        numbers_of(&got, ASK).1,
-        (0..sent).collect::<Vec<_>>(),
-        "exactly once, in order"
-    );
+    receive_numbered(&b, sent);
     std::thread::sleep(Duration::from_secs(2));
     assert!(a.broker().transmission_queue_len() > 0);
     // Space is back: the acknowledgements are recorded without a restart, and nothing is sent
@@ -617,15 +623,8 @@ fn messages_wait_for_a_route_created_after_they_were_sent() {
     let mut tx = a.broker().begin();
     tx.create_route(route("//t/Server", b_addr)).unwrap();
     tx.commit().unwrap();
-    let got = receive(&b, "Server", 30);
-    assert_eq!(
-        numbers_of(&got, ASK).1,
-        (0..30).collect::<Vec<_>>(),
-        "exactly once, in order"
-    );
-    wait_until("A's transmission queue is acknowledged", || {
-        a.broker().transmission_queue().is_empty()
-    });
+    receive_numbered(&b, 30);
+    wait_acknowledged(&a);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
@@ -664,15 +663,8 @@ fn a_sender_restarted_with_a_full_transmission_queue_delivers_everything_once_in
         "survived the restart"
     );
     send_numbered(a.broker(), h, 40..60, 8);
-    let got = receive(&b, "Server", 60);
-    assert_eq!(
-        numbers_of(&got, ASK).1,
-        (0..60).collect::<Vec<_>>(),
-        "exactly once, in order"
-    );
-    wait_until("A's transmission queue is acknowledged", || {
-        a.broker().transmission_queue().is_empty()
-    });
+    receive_numbered(&b, 60);
+    wait_acknowledged(&a);
     assert_eq!(
         a.broker()
             .conversation_endpoint(h)
@@ -822,15 +814,8 @@ fn an_untrusted_sender_delivers_nothing_until_the_receiver_trusts_it() {
     b.shutdown().unwrap();
 
     let b = start(b_dir.path(), b_addr, &[stranger, a_print], Durability::None);
-    let got = receive(&b, "Server", 25);
-    assert_eq!(
-        numbers_of(&got, ASK).1,
-        (0..25).collect::<Vec<_>>(),
-        "exactly once, in order"
-    );
-    wait_until("A's transmission queue is acknowledged", || {
-        a.broker().transmission_queue().is_empty()
-    });
+    receive_numbered(&b, 25);
+    wait_acknowledged(&a);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
