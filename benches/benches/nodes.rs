@@ -30,6 +30,16 @@
 //!   durable log writes per message included, to cost no more than quinn's own send and receive.
 //!   More producer threads help little (2 or 4 producers over the same 64 dialogs, measured before
 //!   segment reuse: 152k and 158k against 134–139k with one): the CPUs are busy.
+//! - `nodes/deliver_1KiB/{sync,none}`: delivery alone, the same floor and target. Each round A
+//!   sends N messages as above while its route to B is dropped (they wait in its transmission
+//!   queue, untimed); the time runs from the commit that creates the route again until A's
+//!   transmission queue is empty (each message stored durably in B's queue and acknowledged);
+//!   B receives them afterwards, untimed. The network's share of the bulk figure: A's sender
+//!   and receiver, quinn on both ends, B's storing of arrivals. It found that a backlog waited
+//!   for the next full pass of the sender (up to `ROUTE_RECHECK_INTERVAL`, 1 s) after its
+//!   route was created (18k msg/s; now the pass starts over on any route change).
+//!   Figures (two runs of the defaults): sync 221–227k msg/s (0.42× the floor), none
+//!   228–230k (0.39–0.41×), CPU per message 7.0–7.2 µs against the floor's 2.5–3.0 µs.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
@@ -92,8 +102,10 @@ fn main() {
     };
     if settings.invocation.list {
         for name in [
-            bulk_name(Durability::Sync),
-            bulk_name(Durability::None),
+            bulk_name(Pipeline::EndToEnd, Durability::Sync),
+            bulk_name(Pipeline::EndToEnd, Durability::None),
+            bulk_name(Pipeline::DeliveryOnly, Durability::Sync),
+            bulk_name(Pipeline::DeliveryOnly, Durability::None),
             RTT_NAME.to_owned(),
         ] {
             println!("{name}: benchmark");
@@ -108,8 +120,23 @@ fn main() {
 
 const RTT_NAME: &str = "nodes/request_reply/sync";
 
-fn bulk_name(durability: Durability) -> String {
-    format!("nodes/bulk_1KiB/{}", durability_name(durability))
+/// What a bulk round times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pipeline {
+    /// A's application sending, delivery, B's application receiving, all at once.
+    EndToEnd,
+    /// Delivery alone: A's transmission queue holds the round's messages (sent while A had no
+    /// route to B) when the route is created; timed until all are acknowledged — stored
+    /// durably in B's queue. B's application receives them afterwards, untimed.
+    DeliveryOnly,
+}
+
+fn bulk_name(pipeline: Pipeline, durability: Durability) -> String {
+    let what = match pipeline {
+        Pipeline::EndToEnd => "bulk_1KiB",
+        Pipeline::DeliveryOnly => "deliver_1KiB",
+    };
+    format!("nodes/{what}/{}", durability_name(durability))
 }
 
 fn durability_name(durability: Durability) -> &'static str {
@@ -144,20 +171,25 @@ fn run(settings: &Settings) -> BenchResult<()> {
         .build()?;
     let floor = runtime.block_on(RawQuicStream::connect())?;
     let mut report = Report::new();
-    for (durability, messages) in [
-        (Durability::Sync, settings.sync_messages),
-        (Durability::None, settings.none_messages),
-    ] {
-        if settings.invocation.selected(&bulk_name(durability)) {
-            bulk(
-                settings,
-                &root,
-                &runtime,
-                &floor,
-                durability,
-                messages,
-                &mut report,
-            )?;
+    for pipeline in [Pipeline::EndToEnd, Pipeline::DeliveryOnly] {
+        for (durability, messages) in [
+            (Durability::Sync, settings.sync_messages),
+            (Durability::None, settings.none_messages),
+        ] {
+            if settings
+                .invocation
+                .selected(&bulk_name(pipeline, durability))
+            {
+                bulk(
+                    settings,
+                    &root,
+                    &runtime,
+                    &floor,
+                    (pipeline, durability),
+                    messages,
+                    &mut report,
+                )?;
+            }
         }
     }
     runtime.block_on(floor.close());
@@ -342,11 +374,11 @@ fn bulk(
     root: &Path,
     runtime: &tokio::runtime::Runtime,
     floor: &RawQuicStream,
-    durability: Durability,
+    (pipeline, durability): (Pipeline, Durability),
     messages: u64,
     report: &mut Report,
 ) -> BenchResult<()> {
-    let bench = bulk_name(durability);
+    let bench = bulk_name(pipeline, durability);
     let pair = Pair::start(root, durability)?;
     let body = pattern(BODY_BYTES);
     // Untimed: the dialogs, the connection and the pinning by one message each.
@@ -377,8 +409,14 @@ fn bulk(
         floor_cpu = add_cpu(floor_cpu, before, after);
         floor_secs += elapsed.as_secs_f64();
         floor_rates.push(messages as f64 / elapsed.as_secs_f64());
-        let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
-        figure_cpu = add_cpu(figure_cpu, after, process_cpu());
+        let (elapsed, cpu) = match pipeline {
+            Pipeline::EndToEnd => {
+                let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
+                (elapsed, (after, process_cpu()))
+            }
+            Pipeline::DeliveryOnly => delivery_round(&pair, &dialogs, &body, messages)?,
+        };
+        figure_cpu = add_cpu(figure_cpu, cpu.0, cpu.1);
         figure_secs += elapsed.as_secs_f64();
         figure_rates.push(messages as f64 / elapsed.as_secs_f64());
     }
@@ -440,6 +478,72 @@ fn add_cpu(
     Some(sum? + after?.checked_sub(before?)?)
 }
 
+/// A's route to B's target service (as `define` creates it).
+fn target_route(pair: &Pair) -> BenchResult<Route> {
+    Ok(Route {
+        name: "to //bench/Target".into(),
+        service_name: Some("//bench/Target".into()),
+        broker_instance: None,
+        address: RouteAddress::parse(&format!("quic://{}", pair.b.local_addr()?))?,
+        expires_at_ms: None,
+    })
+}
+
+/// One timed delivery: with A's route to B dropped, A sends `messages` (as `bulk_round` does,
+/// untimed), then the route is created again and the time runs until A's transmission queue is
+/// empty; B receives them afterwards. Returns the time and the process CPU time before and after
+/// it.
+type CpuSpan = (Option<Duration>, Option<Duration>);
+fn delivery_round(
+    pair: &Pair,
+    dialogs: &[ConversationHandle],
+    body: &[u8],
+    messages: u64,
+) -> BenchResult<(Duration, CpuSpan)> {
+    let mut tx = pair.a.broker().begin();
+    tx.drop_route("to //bench/Target")?;
+    tx.commit()?;
+    send_round_robin(pair.a.broker(), dialogs, body, messages)?;
+    let queued = pair.a.broker().transmission_queue_len();
+    if queued as u64 != messages {
+        return Err(
+            format!("{queued} of {messages} messages wait in A's transmission queue").into(),
+        );
+    }
+    let before = process_cpu();
+    let started = Instant::now();
+    let mut tx = pair.a.broker().begin();
+    tx.create_route(target_route(pair)?)?;
+    tx.commit()?;
+    pair.wait_acknowledged()?;
+    let elapsed = started.elapsed();
+    let after = process_cpu();
+    drain(pair.b.broker(), "Target", messages, None)?;
+    Ok((elapsed, (before, after)))
+}
+
+/// A sends `messages`, 100 per commit, round-robin over `dialogs`.
+fn send_round_robin(
+    broker: &Broker,
+    dialogs: &[ConversationHandle],
+    body: &[u8],
+    messages: u64,
+) -> BenchResult<()> {
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    while sent < messages {
+        let mut tx = broker.begin();
+        let batch = (messages - sent).min(SENDS_PER_TRANSACTION as u64);
+        for _ in 0..batch {
+            tx.send(dialogs[next % dialogs.len()], REQUEST, body)?;
+            next += 1;
+        }
+        tx.commit()?;
+        sent += batch;
+    }
+    Ok(())
+}
+
 /// One timed bulk transfer: A sends `messages` (100 per commit, round-robin over `dialogs`), B
 /// drains them; done when B has them all and A's transmission queue is empty.
 fn bulk_round(
@@ -452,18 +556,7 @@ fn bulk_round(
     std::thread::scope(|s| {
         let receiver =
             s.spawn(|| drain(pair.b.broker(), "Target", messages, None).map_err(|e| e.to_string()));
-        let mut sent = 0u64;
-        let mut next = 0usize;
-        while sent < messages {
-            let mut tx = pair.a.broker().begin();
-            let batch = (messages - sent).min(SENDS_PER_TRANSACTION as u64);
-            for _ in 0..batch {
-                tx.send(dialogs[next % dialogs.len()], REQUEST, body)?;
-                next += 1;
-            }
-            tx.commit()?;
-            sent += batch;
-        }
+        send_round_robin(pair.a.broker(), dialogs, body, messages)?;
         receiver.join().map_err(|_| "receiver panicked")??;
         pair.wait_acknowledged()
     })?;

@@ -686,6 +686,12 @@ impl BrokerCore {
         self.state.lock().transmissions_dropped
     }
 
+    /// Grows each time a commit creates or alters a route: when it changed, messages of the
+    /// transmission queue that had no route (or went elsewhere) should be routed again.
+    pub fn route_changes(&self) -> u64 {
+        self.state.lock().route_changes
+    }
+
     /// Those of `ids` that are no longer in the transmission queue (acknowledged or dropped).
     pub fn transmissions_gone(&self, ids: &[u64]) -> Vec<u64> {
         let state = self.state.lock();

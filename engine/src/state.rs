@@ -597,6 +597,10 @@ pub struct State {
     /// with an error or cleanup, or its lifetime passed): the network's sender compares it to
     /// know when to withdraw what it handed to its transport. In memory only.
     pub(crate) transmissions_dropped: u64,
+    /// How many committed ops created or altered a route: the network's sender compares it to
+    /// know when messages that had no route (or another one) must be looked at again. In
+    /// memory only.
+    pub(crate) route_changes: u64,
     /// Endpoints by (conversation id, is initiator): how messages from other brokers find
     /// their conversation.
     pub(crate) by_conversation: HashMap<(ConversationId, bool), ConversationHandle>,
@@ -678,6 +682,7 @@ impl State {
             }
             if let Op::CreateRoute(_) | Op::AlterRoute(_) = op {
                 // Messages waiting for a route may have one now.
+                self.route_changes += 1;
                 self.touched.push(TRANSMISSION_SIGNAL.to_owned());
             }
             return result;

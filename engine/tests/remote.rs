@@ -344,20 +344,40 @@ fn without_a_route_messages_wait_and_go_once_one_exists() {
         "{queued:?}"
     );
     assert_eq!(*a.outbound(None, 10)[0].route, RouteChoice::NoRoute);
-    let mut tx = a.begin();
-    tx.create_route(Route {
+    let far = Route {
         name: "far".into(),
         service_name: None,
         broker_instance: None,
         address: RouteAddress::parse("quic://b.example:4022").unwrap(),
         expires_at_ms: None,
-    })
-    .unwrap();
+    };
+    // The network's sender routes waiting messages again when `route_changes` moves: only a
+    // committed CREATE or ALTER ROUTE moves it.
+    let changes = a.route_changes();
+    let mut tx = a.begin();
+    tx.create_route(far.clone()).unwrap();
+    tx.rollback();
+    assert_eq!(
+        a.route_changes(),
+        changes,
+        "a rolled-back route is no change"
+    );
+    let mut tx = a.begin();
+    tx.create_route(far.clone()).unwrap();
     tx.commit().unwrap();
+    assert_eq!(a.route_changes(), changes + 1);
     assert!(matches!(
         *a.outbound(None, 10)[0].route,
         RouteChoice::Remote { .. }
     ));
+    let mut tx = a.begin();
+    tx.alter_route(Route {
+        address: RouteAddress::parse("quic://c.example:4022").unwrap(),
+        ..far
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(a.route_changes(), changes + 2);
 }
 
 #[test]

@@ -437,12 +437,14 @@ fn status_report(
 struct Passes {
     /// Host names (and ports) resolved so far (only the sender thread resolves: it may block).
     resolved: HashMap<String, HashMap<u16, SocketAddr>>,
-    /// Passes continue after the last message listed (new ones only); every
-    /// `ROUTE_RECHECK_INTERVAL` a pass starts from the beginning again, for messages that had
-    /// no route (or whose address did not resolve) before.
+    /// Passes continue after the last message listed (new ones only); a pass starts from the
+    /// beginning again after a commit created or altered a route, and every
+    /// `ROUTE_RECHECK_INTERVAL`, for messages that had no route (or whose address did not
+    /// resolve) before.
     cursor: Option<u64>,
     last_full_pass: Instant,
     drops_seen: u64,
+    route_changes_seen: u64,
     /// The peer whose full send queue refused a message in the last pass.
     refused_by: Option<SocketAddr>,
 }
@@ -454,6 +456,7 @@ impl Passes {
             cursor: None,
             last_full_pass: Instant::now(),
             drops_seen: broker.transmission_drops(),
+            route_changes_seen: broker.route_changes(),
             refused_by: None,
         }
     }
@@ -489,7 +492,14 @@ fn pass(
         passes.drops_seen = drops;
         withdraw_dropped(broker, transport, shared);
     }
-    if passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL {
+    // A new or altered route may be the one messages behind the cursor waited for (a peer's
+    // backlog, sent before its route existed): without this they would wait for the next full
+    // pass, up to `ROUTE_RECHECK_INTERVAL` later.
+    let route_changes = broker.route_changes();
+    if route_changes != passes.route_changes_seen
+        || passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL
+    {
+        passes.route_changes_seen = route_changes;
         passes.cursor = None;
         passes.last_full_pass = Instant::now();
     }
