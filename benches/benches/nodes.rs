@@ -58,6 +58,10 @@
 //!   idle vCPU, `perf sched timehist`), quinn on both ends, the hand-off to the receiver thread
 //!   and its write of the arrival, the wake-up of the WAITFOR receiver.
 //!
+//! To profile only the timed parts of the bulk rounds: `mkfifo /tmp/ctl;
+//! HERALD_BENCH_PERF_CONTROL=/tmp/ctl perf record -D -1 --control=fifo:/tmp/ctl <bench binary>
+//! --bench nodes/deliver` (see `PerfControl`).
+//!
 //! Under `cargo test --benches` everything runs once on tiny sizes as a smoke test. Sizes by
 //! environment variable, see [`Settings::from_env`]; a filter argument selects by name.
 
@@ -67,7 +71,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use herald_benches::floors::{OverwriteSync, pattern};
-use herald_benches::measure::si;
+use herald_benches::measure::{PerfControl, si};
 use herald_benches::quic_floor::RawQuicStream;
 use herald_benches::report::{Figure, Report, Target};
 use herald_benches::scratch::{self, bench_root, filesystem_type};
@@ -399,6 +403,7 @@ fn bulk(
     pair.wait_acknowledged()?;
 
     let volume = messages * BODY_BYTES as u64;
+    let mut perf = PerfControl::from_env();
     let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
     let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
     let (mut floor_cpu, mut figure_cpu) = (Some(Duration::ZERO), Some(Duration::ZERO));
@@ -411,10 +416,10 @@ fn bulk(
         floor_rates.push(messages as f64 / elapsed.as_secs_f64());
         let (elapsed, cpu) = match pipeline {
             Pipeline::EndToEnd => {
-                let elapsed = bulk_round(&pair, &dialogs, &body, messages)?;
+                let elapsed = bulk_round(&mut perf, &pair, &dialogs, &body, messages)?;
                 (elapsed, (after, process_cpu()))
             }
-            Pipeline::DeliveryOnly => delivery_round(&pair, &dialogs, &body, messages)?,
+            Pipeline::DeliveryOnly => delivery_round(&mut perf, &pair, &dialogs, &body, messages)?,
         };
         figure_cpu = add_cpu(figure_cpu, cpu.0, cpu.1);
         figure_secs += elapsed.as_secs_f64();
@@ -495,6 +500,7 @@ fn target_route(pair: &Pair) -> BenchResult<Route> {
 /// it.
 type CpuSpan = (Option<Duration>, Option<Duration>);
 fn delivery_round(
+    perf: &mut PerfControl,
     pair: &Pair,
     dialogs: &[ConversationHandle],
     body: &[u8],
@@ -512,10 +518,12 @@ fn delivery_round(
     }
     let before = process_cpu();
     let started = Instant::now();
+    perf.enable();
     let mut tx = pair.a.broker().begin();
     tx.create_route(target_route(pair)?)?;
     tx.commit()?;
     pair.wait_acknowledged()?;
+    perf.disable();
     let elapsed = started.elapsed();
     let after = process_cpu();
     drain(pair.b.broker(), "Target", messages, None)?;
@@ -547,19 +555,23 @@ fn send_round_robin(
 /// One timed bulk transfer: A sends `messages` (100 per commit, round-robin over `dialogs`), B
 /// drains them; done when B has them all and A's transmission queue is empty.
 fn bulk_round(
+    perf: &mut PerfControl,
     pair: &Pair,
     dialogs: &[ConversationHandle],
     body: &[u8],
     messages: u64,
 ) -> BenchResult<Duration> {
     let started = Instant::now();
-    std::thread::scope(|s| {
+    perf.enable();
+    let done = std::thread::scope(|s| {
         let receiver =
             s.spawn(|| drain(pair.b.broker(), "Target", messages, None).map_err(|e| e.to_string()));
         send_round_robin(pair.a.broker(), dialogs, body, messages)?;
         receiver.join().map_err(|_| "receiver panicked")??;
         pair.wait_acknowledged()
-    })?;
+    });
+    perf.disable();
+    done?;
     Ok(started.elapsed())
 }
 

@@ -299,3 +299,42 @@ mod tests {
         assert_eq!((measured.ops, measured.bytes), (1, 10));
     }
 }
+
+/// Switches a `perf record --control=fifo:CTL -D -1` (started with events disabled) on and off
+/// around the timed parts of a bench, so a profile holds only them: the fifo's path comes from
+/// `HERALD_BENCH_PERF_CONTROL`; without it, nothing happens.
+#[derive(Debug)]
+pub struct PerfControl {
+    fifo: Option<std::fs::File>,
+}
+
+impl PerfControl {
+    pub fn from_env() -> PerfControl {
+        let fifo = std::env::var_os("HERALD_BENCH_PERF_CONTROL").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| eprintln!("HERALD_BENCH_PERF_CONTROL {path:?}: {e}"))
+                .ok()
+        });
+        PerfControl { fifo }
+    }
+
+    pub fn enable(&mut self) {
+        self.command(b"enable\n");
+    }
+
+    pub fn disable(&mut self) {
+        self.command(b"disable\n");
+    }
+
+    fn command(&mut self, command: &[u8]) {
+        use std::io::Write;
+        if let Some(fifo) = &mut self.fifo
+            && let Err(e) = fifo.write_all(command)
+        {
+            eprintln!("HERALD_BENCH_PERF_CONTROL: {e}");
+            self.fifo = None;
+        }
+    }
+}
