@@ -46,8 +46,10 @@ use crate::identity::{Fingerprint, NodeIdentity, Trust};
 use crate::proto::{Event, MessageHeader, OutgoingMessage, SEND_QUEUE_MESSAGES_MAX};
 use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent, TransportOptions};
 
-/// How often the sender looks again at messages that had no route (or whose address did not
-/// resolve), besides waking on every commit that adds to the transmission queue.
+/// How often the sender looks again at messages it could not hand on for a reason time may cure
+/// (their address did not resolve, the transport refused them with an error), while there are
+/// any. Messages with no route are looked at again only when a commit creates or alters a
+/// route: a backlog waiting for a route costs nothing while it waits.
 pub const ROUTE_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Messages the sender takes from the transmission queue per pass.
 pub const SENDER_BATCH_MESSAGES_MAX: usize = 4096;
@@ -437,14 +439,21 @@ fn status_report(
 struct Passes {
     /// Host names (and ports) resolved so far (only the sender thread resolves: it may block).
     resolved: HashMap<String, HashMap<u16, SocketAddr>>,
+    /// Host names (and ports) whose last lookup failed, and when: looked up again only
+    /// `ROUTE_RECHECK_INTERVAL` later.
+    unresolved: HashMap<String, HashMap<u16, Instant>>,
     /// Passes continue after the last message listed (new ones only); a pass starts from the
-    /// beginning again after a commit created or altered a route, and every
-    /// `ROUTE_RECHECK_INTERVAL`, for messages that had no route (or whose address did not
-    /// resolve) before.
+    /// beginning again after a commit created or altered a route (for messages that had no
+    /// route), and every `ROUTE_RECHECK_INTERVAL` while `retry_wanted`.
     cursor: Option<u64>,
     last_full_pass: Instant,
+    /// Set when a pass left a message for a reason time may cure (its host name did not
+    /// resolve, the transport refused it with an error other than a full send queue).
+    retry_wanted: bool,
     drops_seen: u64,
     route_changes_seen: u64,
+    /// Messages listed by passes so far (what the passes cost).
+    listed: u64,
     /// The peer whose full send queue refused a message in the last pass.
     refused_by: Option<SocketAddr>,
 }
@@ -453,10 +462,13 @@ impl Passes {
     fn new(broker: &BrokerCore) -> Passes {
         Passes {
             resolved: HashMap::new(),
+            unresolved: HashMap::new(),
             cursor: None,
             last_full_pass: Instant::now(),
+            retry_wanted: false,
             drops_seen: broker.transmission_drops(),
             route_changes_seen: broker.route_changes(),
+            listed: 0,
             refused_by: None,
         }
     }
@@ -493,13 +505,15 @@ fn pass(
         withdraw_dropped(broker, transport, shared);
     }
     // A new or altered route may be the one messages behind the cursor waited for (a peer's
-    // backlog, sent before its route existed): without this they would wait for the next full
-    // pass, up to `ROUTE_RECHECK_INTERVAL` later.
+    // backlog, sent before its route existed): they go at once. Nothing else makes a message
+    // with no route routable, so those are not listed again otherwise — a walk over the whole
+    // transmission queue every `ROUTE_RECHECK_INTERVAL` is only for messages time may help.
     let route_changes = broker.route_changes();
-    if route_changes != passes.route_changes_seen
-        || passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL
-    {
+    let retry_due =
+        passes.retry_wanted && passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL;
+    if route_changes != passes.route_changes_seen || retry_due {
         passes.route_changes_seen = route_changes;
+        passes.retry_wanted = false;
         passes.cursor = None;
         passes.last_full_pass = Instant::now();
     }
@@ -519,6 +533,7 @@ fn pass(
         let dispatched = shared.dispatched.lock();
         broker.outbound_where(passes.cursor, batch, |id| !dispatched.contains_key(&id))
     };
+    passes.listed += waiting.len() as u64;
     let more = waiting.len() == batch;
     let last = waiting.last().map(|m| m.id);
     // What goes in this pass, by address, in order: one hand-over and one status update per
@@ -546,29 +561,56 @@ fn pass(
         };
         let addr = match passes.resolved.get(host).and_then(|ports| ports.get(&port)) {
             Some(addr) => *addr,
-            // Nothing was handed on and the cursor has not moved: the sender thread takes the
-            // same listing again.
-            None if inline => return Pass::Resolve,
-            None => match (host.as_str(), port)
-                .to_socket_addrs()
-                .map(|mut a| a.next())
-            {
-                Ok(Some(addr)) => {
-                    passes
-                        .resolved
-                        .entry(host.clone())
-                        .or_default()
-                        .insert(port, addr);
-                    addr
+            None => {
+                // One lookup per name and `ROUTE_RECHECK_INTERVAL`, not one per message: a
+                // backlog for a name that does not resolve would hold the sender (and every
+                // other peer's messages) for a lookup each.
+                let failed_recently = passes
+                    .unresolved
+                    .get(host)
+                    .and_then(|ports| ports.get(&port))
+                    .is_some_and(|at| at.elapsed() < ROUTE_RECHECK_INTERVAL);
+                let found = if failed_recently {
+                    None
+                } else if inline {
+                    // Nothing was handed on and the cursor has not moved: the sender thread
+                    // takes the same listing again.
+                    return Pass::Resolve;
+                } else {
+                    (host.as_str(), port)
+                        .to_socket_addrs()
+                        .ok()
+                        .and_then(|mut addrs| addrs.next())
+                };
+                match found {
+                    Some(addr) => {
+                        if let Some(ports) = passes.unresolved.get_mut(host) {
+                            ports.remove(&port);
+                        }
+                        passes
+                            .resolved
+                            .entry(host.clone())
+                            .or_default()
+                            .insert(port, addr);
+                        addr
+                    }
+                    None => {
+                        if !failed_recently {
+                            passes
+                                .unresolved
+                                .entry(host.clone())
+                                .or_default()
+                                .insert(port, Instant::now());
+                        }
+                        broker.set_transmission_status(
+                            &[message.id],
+                            &format!("cannot resolve {host}:{port}"),
+                        );
+                        passes.retry_wanted = true;
+                        continue;
+                    }
                 }
-                Ok(None) | Err(_) => {
-                    broker.set_transmission_status(
-                        &[message.id],
-                        &format!("cannot resolve {host}:{port}"),
-                    );
-                    continue;
-                }
-            },
+            }
         };
         let outgoing = OutgoingMessage {
             id: message.id,
@@ -594,7 +636,9 @@ fn pass(
     // only at the next full pass), once acknowledgements have made room.
     let mut refused_from: Option<u64> = None;
     for (addr, messages) in batches {
-        if let Some(id) = hand_over(broker, transport, shared, addr, messages)
+        let handed = hand_over(broker, transport, shared, addr, messages);
+        passes.retry_wanted |= handed.failed;
+        if let Some(id) = handed.queue_full_at
             && refused_from.is_none_or(|first| id < first)
         {
             refused_from = Some(id);
@@ -670,16 +714,25 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
     }
 }
 
+/// What became of messages given to `hand_over`.
+#[derive(Debug)]
+struct HandedOver {
+    /// The first message the transport refused because its send queue was full (it and those
+    /// after it were not taken).
+    queue_full_at: Option<u64>,
+    /// The transport refused some with another error (their status says which).
+    failed: bool,
+}
+
 /// Hands messages for `addr` to the transport, recorded in `dispatched` first (so that an
-/// acknowledgement arriving at once finds them there), and says so in their status. Returns
-/// the first message the transport refused because its send queue was full.
+/// acknowledgement arriving at once finds them there), and says so in their status.
 fn hand_over(
     broker: &BrokerCore,
     transport: &Transport,
     shared: &Shared,
     addr: SocketAddr,
     messages: Vec<OutgoingMessage>,
-) -> Option<u64> {
+) -> HandedOver {
     let mut ids: Vec<u64> = messages.iter().map(|m| m.id).collect();
     {
         let mut dispatched = shared.dispatched.lock();
@@ -702,7 +755,8 @@ fn hand_over(
         .zip(results)
         .filter_map(|(id, result)| result.err().map(|e| (*id, e)))
         .collect();
-    if !failed.is_empty() {
+    let any_failed = !failed.is_empty();
+    if any_failed {
         let mut dispatched = shared.dispatched.lock();
         for (id, _) in &failed {
             dispatched.remove(id);
@@ -718,7 +772,10 @@ fn hand_over(
         &ids,
         &format!("sent to {addr}; waiting for its acknowledgement"),
     );
-    queue_full
+    HandedOver {
+        queue_full_at: queue_full,
+        failed: any_failed,
+    }
 }
 
 /// Takes back from the transport what it holds for transmissions the engine dropped
@@ -1008,4 +1065,134 @@ fn refused_by_access(shared: &Shared, peer: &PeerKey, arrival: &Arrival) -> Opti
             arrival.to_service
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_engine::{DialogOptions, QueueOptions, Route, SentBy, Validation};
+
+    fn listed(node: &Node) -> u64 {
+        node.shared.passes.lock().listed
+    }
+
+    fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !condition() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "timed out waiting until {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A node trusting some other node (none is reached here), with `messages` (a multiple of
+    /// 3) waiting in its transmission queue for service `//far`, which has no route.
+    fn node_with_backlog(dir: &std::path::Path, messages: u64) -> Node {
+        let node = Node::start(NodeConfig {
+            data_dir: dir.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            broker: herald_engine::Options::default(),
+            trust: Trust::pinned([NodeIdentity::generate().unwrap().fingerprint()]),
+            restricted_peers: HashMap::new(),
+        })
+        .unwrap();
+        let mut tx = node.broker().begin();
+        tx.create_message_type("//m", Validation::None).unwrap();
+        tx.create_contract("//c", &[("//m", SentBy::Initiator)])
+            .unwrap();
+        tx.create_queue("q", QueueOptions::default()).unwrap();
+        tx.create_service("//here", "q", &["//c"]).unwrap();
+        for _ in 0..messages / 3 {
+            let h = tx
+                .begin_dialog("//here", "//far", "//c", DialogOptions::default())
+                .unwrap();
+            for _ in 0..3 {
+                tx.send(h, "//m", b"waiting").unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        wait_until("the backlog is listed", || listed(&node) >= messages);
+        node
+    }
+
+    fn far_route(address: &str) -> Route {
+        Route {
+            name: "far".into(),
+            service_name: Some("//far".into()),
+            broker_instance: None,
+            address: RouteAddress::parse(address).unwrap(),
+            expires_at_ms: None,
+        }
+    }
+
+    /// A backlog with no route is listed once, not again at every `ROUTE_RECHECK_INTERVAL`
+    /// (a walk over all of it each time, for nothing); creating a route lists it again at once.
+    #[test]
+    fn messages_without_a_route_are_listed_again_only_when_a_route_changes() {
+        const MESSAGES: u64 = 300;
+        let dir = tempfile::tempdir().unwrap();
+        let node = node_with_backlog(dir.path(), MESSAGES);
+        let once = listed(&node);
+        std::thread::sleep(ROUTE_RECHECK_INTERVAL * 5 / 2);
+        assert_eq!(
+            listed(&node),
+            once,
+            "nothing listed again without a route change"
+        );
+        let statuses = node.broker().transmission_queue();
+        assert!(
+            statuses
+                .iter()
+                .all(|row| row.transmission_status.contains("no route")),
+            "{:?}",
+            statuses[0]
+        );
+
+        // Nothing listens there: the messages are handed to the transport, which keeps trying.
+        let mut tx = node.broker().begin();
+        tx.create_route(far_route("quic://127.0.0.1:9")).unwrap();
+        tx.commit().unwrap();
+        wait_until("the backlog is handed on", || {
+            node.dispatched() == MESSAGES as usize
+        });
+        assert!(listed(&node) >= once + MESSAGES);
+        node.shutdown().unwrap();
+    }
+
+    /// Messages whose route names a host that does not resolve are looked at again every
+    /// `ROUTE_RECHECK_INTERVAL` (the name may resolve later), and go once the route is fixed.
+    #[test]
+    fn messages_whose_host_does_not_resolve_are_tried_again() {
+        const MESSAGES: u64 = 30;
+        let dir = tempfile::tempdir().unwrap();
+        let node = node_with_backlog(dir.path(), MESSAGES);
+        let mut tx = node.broker().begin();
+        // `.invalid` never resolves (RFC 6761).
+        tx.create_route(far_route("quic://herald-test.invalid:4022"))
+            .unwrap();
+        tx.commit().unwrap();
+        let once = listed(&node);
+        wait_until("the backlog is listed twice more", || {
+            listed(&node) >= once + 2 * MESSAGES
+        });
+        let statuses = node.broker().transmission_queue();
+        assert!(
+            statuses
+                .iter()
+                .all(|row| row.transmission_status.contains("cannot resolve")),
+            "{:?}",
+            statuses[0]
+        );
+        assert_eq!(node.dispatched(), 0);
+
+        let mut tx = node.broker().begin();
+        tx.alter_route(far_route("quic://127.0.0.1:9")).unwrap();
+        tx.commit().unwrap();
+        wait_until("the backlog is handed on", || {
+            node.dispatched() == MESSAGES as usize
+        });
+        node.shutdown().unwrap();
+    }
 }
