@@ -910,6 +910,124 @@ async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothin
     assert_seen_stored(&seen.lock(), &sent, true);
 }
 
+/// Waits until `condition` holds of `node`'s peers (polled: retiring a peer emits no event).
+async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usize)]) -> bool) {
+    let waited = tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            let peers: Vec<(PeerKey, usize)> = node
+                .transport
+                .peers()
+                .into_iter()
+                .map(|(key, _, unacknowledged)| (key, unacknowledged))
+                .collect();
+            if condition(&peers) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+/// Peers that come and go (a node gone for good, an address no route names any more, the
+/// certificates a CA signs) must not stay in the transport — dialed for ever, counted against
+/// `PEERS_MAX` until a restart: a peer whose connection ended with nothing left in its session
+/// is retired, on both sides, and the next message for it makes it anew. A peer with
+/// unacknowledged messages stays (and keeps dialing) until they are withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_nothing_left_is_retired_when_its_connection_ends() {
+    init_tracing();
+    let (a_identity, b_identity) = (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    );
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let start_b = |listen| {
+        Node::start(
+            b_identity.clone(),
+            Trust::pinned([a_identity.fingerprint()]),
+            listen,
+        )
+    };
+    let b = start_b(loopback()).unwrap();
+    let b_addr = b.addr;
+    send_many(&a, b_addr, 5, 0, true, 0, 0);
+    a.wait_for("a's messages are acknowledged", |seen| {
+        seen.acknowledged.len() == 5
+    })
+    .await;
+    wait_peers(&b, "b has a's session", |peers| {
+        peers == [(PeerKey::Accepted(a_identity.fingerprint()), 0)]
+    })
+    .await;
+
+    // B goes: A's dialed peer, all acknowledged, is retired and dials no more.
+    b.transport.shutdown().await;
+    drop(b);
+    wait_peers(&a, "a retired its peer b", |peers| peers.is_empty()).await;
+
+    // B back on its address: the next message makes the peer again and gets through.
+    let b = tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            match start_b(b_addr) {
+                Ok(node) => return node,
+                Err(Error::Io { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("restarting b: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("b's port is free again");
+    send_many(&a, b_addr, 5, 5, false, 0, 0);
+    a.wait_for("the new messages are acknowledged", |seen| {
+        seen.acknowledged.len() == 10
+    })
+    .await;
+    // A goes: B's accepted peer, with nothing owed, is retired.
+    a.transport.shutdown().await;
+    wait_peers(&b, "b retired its peer a", |peers| peers.is_empty()).await;
+    b.transport.shutdown().await;
+
+    // C does not trust the node at `nowhere`, so each attempt fails (at once, at the
+    // handshake): the peer keeps its message and dials again and again.
+    let c = Node::start(
+        NodeIdentity::generate().unwrap(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let stranger = Node::start(
+        NodeIdentity::generate().unwrap(),
+        Trust::pinned([c.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let nowhere = stranger.addr;
+    c.transport
+        .send(nowhere, message(7, 1, true, 1, Vec::new()))
+        .unwrap();
+    c.wait_for("a failed attempt", |seen| !seen.disconnected.is_empty())
+        .await;
+    assert_eq!(
+        c.transport.peers().len(),
+        1,
+        "a peer with a message to deliver stays"
+    );
+    assert_eq!(c.transport.withdraw(nowhere, &[7]), 1);
+    wait_peers(&c, "the peer is retired after its next attempt", |peers| {
+        peers.is_empty()
+    })
+    .await;
+    c.transport.shutdown().await;
+    stranger.transport.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_holds_at_most_peers_max_sessions() {
     init_tracing();

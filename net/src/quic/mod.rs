@@ -18,11 +18,19 @@
 //! - [`PeerKey::Dialed`]`(address)`: the connection this node opens to an address, made on the
 //!   first [`Transport::send`] (or acknowledge, or error) to it and kept open; when it is lost it
 //!   is made again after [`RETRY_DELAY_INITIAL`], doubling to [`RETRY_DELAY_MAX`], for as long
-//!   as the transport runs. Each new connection starts with [`PeerSession::reset`], so every
-//!   unacknowledged message is sent again, in order, first.
+//!   as its session has something to deliver. Each new connection starts with
+//!   [`PeerSession::reset`], so every unacknowledged message is sent again, in order, first.
 //! - [`PeerKey::Accepted`]`(fingerprint)`: connections a peer opens to this node, keyed by its
 //!   certificate's fingerprint; a new connection from the same certificate replaces the old one
 //!   (which is closed) and continues its session (pending acknowledgements are kept).
+//!
+//! A peer whose connection ended (or whose dial failed) with an idle session — no message
+//! unacknowledged, no acknowledgement or error owed ([`PeerSession::is_idle`]) — is retired:
+//! it leaves the transport, and a dialed one stops dialing; the next message for it makes it
+//! anew. So peers that come and go (a node gone for good, an address no route names any more,
+//! the many certificates a CA signs) do not count against [`PEERS_MAX`] until a restart. An
+//! acknowledgement for an accepted peer retired meanwhile fails with `UnknownPeer`: its sender
+//! sends the message again when it reconnects, and the duplicate is acknowledged then.
 //!
 //! Messages this node sends always go on its dialed connection to the address. Messages it
 //! receives arrive as [`TransportEvent::Session`] with the key of the session they came on,
@@ -75,7 +83,8 @@ pub use tls::{
 /// caller catches up.
 pub const EVENTS_CAPACITY: usize = 4096;
 
-/// Most peer sessions (dialed and accepted) one transport holds; more are refused.
+/// Most peer sessions (dialed and accepted) one transport holds at once; more are refused
+/// (after retiring any idle peer nobody holds).
 pub const PEERS_MAX: usize = 1024;
 
 /// Longest wait for a dialed connection's handshake.
@@ -529,6 +538,10 @@ struct ClientService {
 struct Peer {
     key: PeerKey,
     session: Mutex<PeerSession>,
+    /// Set (under the session's lock, with the peer taken out of `Shared::peers`) when the
+    /// peer is retired: its connection ended and its session had nothing left. Whoever finds
+    /// it set under the session's lock uses a new peer instead.
+    retired: AtomicBool,
     /// Wakes the writer: new work was queued, or input arrived that may need an answer.
     wake: Notify,
     /// Held by the task driving the session over a connection, for as long as it does: one
@@ -549,24 +562,40 @@ impl Shared {
         if self.shut_down.load(Ordering::SeqCst) {
             return Err(Error::ShutDown);
         }
-        let peer = match key {
-            PeerKey::Dialed(addr) => self.peer_or_insert(key, |shared, peer| {
-                let task = shared.runtime.spawn(dial_loop(shared.clone(), peer, addr));
-                shared.tasks.lock().push(task);
-            })?,
-            PeerKey::Accepted(_) => {
-                self.peers
-                    .lock()
-                    .get(&key)
-                    .cloned()
-                    .ok_or_else(|| Error::UnknownPeer {
-                        peer: key.to_string(),
-                    })?
+        loop {
+            let peer = match key {
+                PeerKey::Dialed(addr) => self.peer_or_insert(key, |shared, peer| {
+                    let task = shared.runtime.spawn(dial_loop(shared.clone(), peer, addr));
+                    shared.tasks.lock().push(task);
+                })?,
+                PeerKey::Accepted(_) => {
+                    self.peers
+                        .lock()
+                        .get(&key)
+                        .cloned()
+                        .ok_or_else(|| Error::UnknownPeer {
+                            peer: key.to_string(),
+                        })?
+                }
+            };
+            let mut session = peer.session.lock();
+            // Retired since it was looked up: a dialed peer is made anew (the map no longer
+            // has this one); an accepted one is gone until the peer connects again.
+            if peer.retired.load(Ordering::SeqCst) {
+                match key {
+                    PeerKey::Dialed(_) => continue,
+                    PeerKey::Accepted(_) => {
+                        return Err(Error::UnknownPeer {
+                            peer: key.to_string(),
+                        });
+                    }
+                }
             }
-        };
-        let result = f(&mut peer.session.lock());
-        peer.wake.notify_one();
-        result
+            let result = f(&mut session);
+            drop(session);
+            peer.wake.notify_one();
+            return result;
+        }
     }
 
     /// The peer of `key`, made (and `start`ed) if there is none yet.
@@ -580,11 +609,17 @@ impl Shared {
             return Ok(peer.clone());
         }
         if peers.len() >= PEERS_MAX {
+            // Peers nobody holds (no connection, no task) whose sessions are idle are what the
+            // end of a connection could not retire (someone held the peer just then).
+            peers.retain(|_, peer| Arc::strong_count(peer) > 1 || !Self::retire_locked(peer));
+        }
+        if peers.len() >= PEERS_MAX {
             return Err(Error::TooManyPeers { max: PEERS_MAX });
         }
         let peer = Arc::new(Peer {
             key,
             session: Mutex::new(PeerSession::new(self.broker_instance)),
+            retired: AtomicBool::new(false),
             wake: Notify::new(),
             driver: tokio::sync::Mutex::new(()),
             connection: Mutex::new(None),
@@ -593,6 +628,34 @@ impl Shared {
         drop(peers);
         start(self, peer.clone());
         Ok(peer)
+    }
+
+    /// Retires `peer` if its session is idle and nobody but its `holders` (the peers map and
+    /// the caller's task) holds it: it leaves the peers map, so that peers that come and go
+    /// (addresses routes no longer name, certificates of a CA) do not fill `PEERS_MAX` for
+    /// good. A later message for it makes a new one.
+    fn retire_if_idle(&self, peer: &Arc<Peer>, holders: usize) -> bool {
+        let mut peers = self.peers.lock();
+        if Arc::strong_count(peer) > holders
+            || !peers.get(&peer.key).is_some_and(|p| Arc::ptr_eq(p, peer))
+            || !Self::retire_locked(peer)
+        {
+            return false;
+        }
+        peers.remove(&peer.key);
+        tracing::debug!(peer = %peer.key, "retired an idle peer");
+        true
+    }
+
+    /// Marks `peer` retired if its session is idle (the caller holds the peers map's lock and
+    /// takes the peer out of it).
+    fn retire_locked(peer: &Peer) -> bool {
+        let session = peer.session.lock();
+        if !session.is_idle() {
+            return false;
+        }
+        peer.retired.store(true, Ordering::SeqCst);
+        true
     }
 
     async fn emit(&self, event: TransportEvent) {
@@ -636,6 +699,11 @@ async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
                 reason,
             })
             .await;
+        // Nothing to deliver: stop dialing (the map and this task hold the peer). The next
+        // message for this address dials again.
+        if shared.retire_if_idle(&peer, 2) {
+            break;
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = until_shut_down(&mut shutdown) => break,
@@ -774,6 +842,8 @@ async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
                 reason: outcome.reason,
             })
             .await;
+        // Unless a new connection of the same peer holds it too (it replaced this one).
+        shared.retire_if_idle(&peer, 2);
     }
 }
 
