@@ -639,22 +639,15 @@ async fn a_peer_that_comes_back_gets_the_unacknowledged_messages_again() {
     drop(b);
     assert!(a.seen.lock().acknowledged.is_empty());
 
-    // The same node again, on the same port: its socket may take a moment to be released.
-    let b = tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            match Node::start(
-                b_identity.clone(),
-                Trust::pinned([a_identity.fingerprint()]),
-                b_addr,
-            ) {
-                Ok(node) => return node,
-                Err(Error::Io { .. }) => tokio::task::yield_now().await,
-                Err(e) => panic!("restarting b: {e}"),
-            }
-        }
+    // The same node again, on the same port.
+    let b = start_again(|| {
+        Node::start(
+            b_identity.clone(),
+            Trust::pinned([a_identity.fingerprint()]),
+            b_addr,
+        )
     })
-    .await
-    .expect("b's port is free again");
+    .await;
     a.wait_for("a's messages are acknowledged by the new b", |seen| {
         seen.acknowledged.len() == COUNT as usize
     })
@@ -728,23 +721,16 @@ async fn a_peer_back_on_its_address_after_a_crash_resets_the_old_connection() {
         .unwrap();
     drop(b);
     let runtime = b_runtime();
-    let b = tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            match Node::start_on(
-                runtime.handle(),
-                options.clone(),
-                b_identity.clone(),
-                Trust::pinned([a_identity.fingerprint()]),
-                b_addr,
-            ) {
-                Ok(node) => return node,
-                Err(Error::Io { .. }) => tokio::task::yield_now().await,
-                Err(e) => panic!("restarting b: {e}"),
-            }
-        }
+    let b = start_again(|| {
+        Node::start_on(
+            runtime.handle(),
+            options.clone(),
+            b_identity.clone(),
+            Trust::pinned([a_identity.fingerprint()]),
+            b_addr,
+        )
     })
-    .await
-    .expect("b's port is free again");
+    .await;
     // Goes out on the old connection first: the new B resets it.
     a.transport
         .send(b_addr, message(1, 2, true, 1, body(2, 1, 1000)))
@@ -910,6 +896,21 @@ async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothin
     assert_seen_stored(&seen.lock(), &sent, true);
 }
 
+/// A node started again on the address it had: its old socket may take a moment to be released.
+async fn start_again(start: impl Fn() -> herald_net::Result<Node>) -> Node {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            match start() {
+                Ok(node) => return node,
+                Err(Error::Io { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("starting the node again: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the node's port is free again")
+}
+
 /// Waits until `condition` holds of `node`'s peers (polled: retiring a peer emits no event).
 async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usize)]) -> bool) {
     let waited = tokio::time::timeout(TEST_TIMEOUT, async {
@@ -973,17 +974,7 @@ async fn a_peer_with_nothing_left_is_retired_when_its_connection_ends() {
     wait_peers(&a, "a retired its peer b", |peers| peers.is_empty()).await;
 
     // B back on its address: the next message makes the peer again and gets through.
-    let b = tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            match start_b(b_addr) {
-                Ok(node) => return node,
-                Err(Error::Io { .. }) => tokio::task::yield_now().await,
-                Err(e) => panic!("restarting b: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("b's port is free again");
+    let b = start_again(|| start_b(b_addr)).await;
     send_many(&a, b_addr, 5, 5, false, 0, 0);
     a.wait_for("the new messages are acknowledged", |seen| {
         seen.acknowledged.len() == 10
