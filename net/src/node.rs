@@ -2,9 +2,12 @@
 //!
 //! - the **sender** lists the broker's transmission queue (`outbound`), routes each message
 //!   (`Catalog::route`), and hands it to the transport, which keeps it until the far node
-//!   acknowledges it (and sends it again after each reconnection); it looks again every
-//!   [`ROUTE_RECHECK_INTERVAL`] for messages that had no route; messages the engine drops from
-//!   its transmission queue unacknowledged (END WITH ERROR or CLEANUP, expiry) are withdrawn
+//!   acknowledges it (and sends it again after each reconnection); messages that had no route
+//!   are looked at again when a commit creates or alters a route, those that failed otherwise
+//!   (a host name that did not resolve) every [`ROUTE_RECHECK_INTERVAL`]; a route's host name
+//!   is looked up on first use and again every [`RESOLVED_ADDRESS_REFRESH_INTERVAL`], and what
+//!   waits unacknowledged at an address the name no longer gives moves to the new one; messages
+//!   the engine drops from its transmission queue unacknowledged (END WITH ERROR or CLEANUP, expiry) are withdrawn
 //!   from the transport (`Transport::withdraw`), so they stop going out and nothing about them
 //!   stays in memory. A commit that adds to the transmission queue or changes a route runs
 //!   that pass itself, on the committing thread (the broker's outbound listener), once it is
@@ -51,6 +54,11 @@ use crate::quic::{PeerKey, Transport, TransportConfig, TransportEvent, Transport
 /// any. Messages with no route are looked at again only when a commit creates or alters a
 /// route: a backlog waiting for a route costs nothing while it waits.
 pub const ROUTE_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the sender uses the address a route's host name resolved to before looking the name
+/// up again: a node that moved (a new address under the same name) is found within this. An
+/// answer that still holds the address in use keeps it (no flapping between the addresses of
+/// one name); a failed lookup keeps it too.
+pub const RESOLVED_ADDRESS_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// Messages the sender takes from the transmission queue per pass.
 pub const SENDER_BATCH_MESSAGES_MAX: usize = 4096;
 /// A committing thread hands new messages to the transport itself (see `on_outbound_commit`)
@@ -433,15 +441,128 @@ fn status_report(
     report
 }
 
+/// Looks a host name and port up (`ToSocketAddrs`, which may block); replaced in tests.
+type Lookup = Box<dyn Fn(&str, u16) -> Vec<SocketAddr> + Send>;
+
+/// The host names routes give, resolved (only by the sender thread: a lookup may block).
+struct Names {
+    /// (host, port) → the address its messages go to, and when it was last looked up.
+    resolved: HashMap<String, HashMap<u16, (SocketAddr, Instant)>>,
+    /// (host, port) whose last lookup failed, and when: looked up again only
+    /// `ROUTE_RECHECK_INTERVAL` later.
+    unresolved: HashMap<String, HashMap<u16, Instant>>,
+    lookup: Lookup,
+    /// How long a resolved address is used before the name is looked up again.
+    refresh_after: Duration,
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Names")
+            .field("resolved", &self.resolved)
+            .field("unresolved", &self.unresolved)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Names {
+    fn new() -> Names {
+        Names {
+            resolved: HashMap::new(),
+            unresolved: HashMap::new(),
+            lookup: Box::new(|host, port| {
+                (host, port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect)
+                    .unwrap_or_default()
+            }),
+            refresh_after: RESOLVED_ADDRESS_REFRESH_INTERVAL,
+        }
+    }
+
+    /// The address `host:port` resolved to, however long ago.
+    fn cached(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        let ports = self.resolved.get(host)?;
+        ports.get(&port).map(|(addr, _)| *addr)
+    }
+
+    /// Whether a lookup of `host:port` failed less than `ROUTE_RECHECK_INTERVAL` ago: one
+    /// lookup per name and interval, not one per message (a backlog for a name that does not
+    /// resolve would hold the sender, and every other peer's messages, for a lookup each).
+    fn failed_recently(&self, host: &str, port: u16) -> bool {
+        self.unresolved
+            .get(host)
+            .and_then(|ports| ports.get(&port))
+            .is_some_and(|at| at.elapsed() < ROUTE_RECHECK_INTERVAL)
+    }
+
+    /// Looks `host:port` up (blocking): its first address, now cached.
+    fn resolve(&mut self, host: &str, port: u16) -> Option<SocketAddr> {
+        match (self.lookup)(host, port).first() {
+            Some(&addr) => {
+                if let Some(ports) = self.unresolved.get_mut(host) {
+                    ports.remove(&port);
+                }
+                self.resolved
+                    .entry(host.to_owned())
+                    .or_default()
+                    .insert(port, (addr, Instant::now()));
+                Some(addr)
+            }
+            None => {
+                self.unresolved
+                    .entry(host.to_owned())
+                    .or_default()
+                    .insert(port, Instant::now());
+                None
+            }
+        }
+    }
+
+    /// Looks up again the names resolved more than `refresh_after` ago (blocking). A name
+    /// whose answer no longer holds its address moves to the answer's first; one whose lookup
+    /// fails keeps its address (a name server's outage should not stop a working peer).
+    /// Returns the addresses left that no name resolves to any more.
+    fn refresh(&mut self) -> Vec<SocketAddr> {
+        let stale: Vec<(String, u16)> = self
+            .resolved
+            .iter()
+            .flat_map(|(host, ports)| {
+                ports
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() >= self.refresh_after)
+                    .map(move |(port, _)| (host.clone(), *port))
+            })
+            .collect();
+        let mut left = Vec::new();
+        for (host, port) in stale {
+            let answer = (self.lookup)(&host, port);
+            let Some(entry) = self.resolved.get_mut(&host).and_then(|p| p.get_mut(&port)) else {
+                continue;
+            };
+            entry.1 = Instant::now();
+            if let Some(&new) = answer.first()
+                && !answer.contains(&entry.0)
+            {
+                tracing::info!(%host, port, old = %entry.0, %new, "a route's host name moved");
+                left.push(std::mem::replace(&mut entry.0, new));
+            }
+        }
+        left.retain(|old| {
+            !self
+                .resolved
+                .values()
+                .any(|ports| ports.values().any(|(addr, _)| addr == old))
+        });
+        left
+    }
+}
+
 /// Where the sender's passes over the transmission queue are; one pass runs at a time, on the
 /// sender thread or on a committing thread (see [`on_outbound_commit`]).
 #[derive(Debug)]
 struct Passes {
-    /// Host names (and ports) resolved so far (only the sender thread resolves: it may block).
-    resolved: HashMap<String, HashMap<u16, SocketAddr>>,
-    /// Host names (and ports) whose last lookup failed, and when: looked up again only
-    /// `ROUTE_RECHECK_INTERVAL` later.
-    unresolved: HashMap<String, HashMap<u16, Instant>>,
+    names: Names,
     /// Passes continue after the last message listed (new ones only); a pass starts from the
     /// beginning again after a commit created or altered a route (for messages that had no
     /// route), and every `ROUTE_RECHECK_INTERVAL` while `retry_wanted`.
@@ -461,8 +582,7 @@ struct Passes {
 impl Passes {
     fn new(broker: &BrokerCore) -> Passes {
         Passes {
-            resolved: HashMap::new(),
-            unresolved: HashMap::new(),
+            names: Names::new(),
             cursor: None,
             last_full_pass: Instant::now(),
             retry_wanted: false,
@@ -508,6 +628,14 @@ fn pass(
     // backlog, sent before its route existed): they go at once. Nothing else makes a message
     // with no route routable, so those are not listed again otherwise — a walk over the whole
     // transmission queue every `ROUTE_RECHECK_INTERVAL` is only for messages time may help.
+    // A name that moved: what went to its old address goes to the new one (the old peer, left
+    // with nothing, is retired by the transport). Only the sender thread looks names up.
+    if !inline {
+        for old in passes.names.refresh() {
+            move_off(transport, shared, old);
+            passes.cursor = None;
+        }
+    }
     let route_changes = broker.route_changes();
     let retry_due =
         passes.retry_wanted && passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL;
@@ -559,57 +687,27 @@ fn pass(
                 continue;
             }
         };
-        let addr = match passes.resolved.get(host).and_then(|ports| ports.get(&port)) {
-            Some(addr) => *addr,
+        let addr = match passes.names.cached(host, port) {
+            Some(addr) => addr,
             None => {
-                // One lookup per name and `ROUTE_RECHECK_INTERVAL`, not one per message: a
-                // backlog for a name that does not resolve would hold the sender (and every
-                // other peer's messages) for a lookup each.
-                let failed_recently = passes
-                    .unresolved
-                    .get(host)
-                    .and_then(|ports| ports.get(&port))
-                    .is_some_and(|at| at.elapsed() < ROUTE_RECHECK_INTERVAL);
-                let found = if failed_recently {
+                let found = if passes.names.failed_recently(host, port) {
                     None
                 } else if inline {
                     // Nothing was handed on and the cursor has not moved: the sender thread
                     // takes the same listing again.
                     return Pass::Resolve;
                 } else {
-                    (host.as_str(), port)
-                        .to_socket_addrs()
-                        .ok()
-                        .and_then(|mut addrs| addrs.next())
+                    passes.names.resolve(host, port)
                 };
-                match found {
-                    Some(addr) => {
-                        if let Some(ports) = passes.unresolved.get_mut(host) {
-                            ports.remove(&port);
-                        }
-                        passes
-                            .resolved
-                            .entry(host.clone())
-                            .or_default()
-                            .insert(port, addr);
-                        addr
-                    }
-                    None => {
-                        if !failed_recently {
-                            passes
-                                .unresolved
-                                .entry(host.clone())
-                                .or_default()
-                                .insert(port, Instant::now());
-                        }
-                        broker.set_transmission_status(
-                            &[message.id],
-                            &format!("cannot resolve {host}:{port}"),
-                        );
-                        passes.retry_wanted = true;
-                        continue;
-                    }
-                }
+                let Some(addr) = found else {
+                    broker.set_transmission_status(
+                        &[message.id],
+                        &format!("cannot resolve {host}:{port}"),
+                    );
+                    passes.retry_wanted = true;
+                    continue;
+                };
+                addr
             }
         };
         let outgoing = OutgoingMessage {
@@ -776,6 +874,25 @@ fn hand_over(
         queue_full_at: queue_full,
         failed: any_failed,
     }
+}
+
+/// Takes back from the transport what it handed to `old` and is not acknowledged yet, so that the
+/// next pass sends it where its route's name resolves now.
+fn move_off(transport: &Transport, shared: &Shared, old: SocketAddr) {
+    let ids: Vec<u64> = {
+        let mut dispatched = shared.dispatched.lock();
+        let ids: Vec<u64> = dispatched
+            .iter()
+            .filter(|(_, addr)| **addr == old)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            dispatched.remove(id);
+        }
+        ids
+    };
+    let withdrawn = transport.withdraw(old, &ids);
+    tracing::debug!(%old, withdrawn, "took back what went to a moved name's old address");
 }
 
 /// Takes back from the transport what it holds for transmissions the engine dropped
@@ -1158,6 +1275,49 @@ mod tests {
             node.dispatched() == MESSAGES as usize
         });
         assert!(listed(&node) >= once + MESSAGES);
+        node.shutdown().unwrap();
+    }
+
+    /// A route's host name that moves to another address takes the messages not acknowledged
+    /// at the old one with it; an answer that still holds the address in use keeps it.
+    #[test]
+    fn messages_follow_a_host_name_to_its_new_address() {
+        const MESSAGES: u64 = 30;
+        let dir = tempfile::tempdir().unwrap();
+        let node = node_with_backlog(dir.path(), MESSAGES);
+        // Nothing listens at these: the transport keeps what it is given, dialing.
+        let [first, second, third] = [1, 2, 3].map(|n| SocketAddr::from(([127, 0, 0, n], 9)));
+        let answer = Arc::new(Mutex::new(vec![first]));
+        {
+            let mut passes = node.shared.passes.lock();
+            let answer = answer.clone();
+            passes.names.lookup = Box::new(move |host, _| match host {
+                "far.test" => answer.lock().clone(),
+                _ => Vec::new(),
+            });
+            passes.names.refresh_after = Duration::from_millis(100);
+        }
+        let held = |addr| {
+            node.transport()
+                .unacknowledged_messages(&PeerKey::Dialed(addr))
+        };
+        let mut tx = node.broker().begin();
+        tx.create_route(far_route("quic://far.test:4022")).unwrap();
+        tx.commit().unwrap();
+        wait_until("the backlog goes to the first address", || {
+            held(first) == MESSAGES as usize
+        });
+
+        *answer.lock() = vec![second];
+        wait_until("the backlog moves to the second address", || {
+            held(second) == MESSAGES as usize && held(first) == 0
+        });
+        assert_eq!(node.dispatched(), MESSAGES as usize);
+
+        *answer.lock() = vec![third, second];
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(held(second), MESSAGES as usize, "still an answer: kept");
+        assert_eq!(held(third), 0);
         node.shutdown().unwrap();
     }
 
