@@ -263,6 +263,9 @@ impl Broker {
         };
         // Replay re-applies what happened before: its wake-ups and events are history.
         let _ = state.take_touched();
+        // Replayed records apply at the time of the open: tombstones they make linger longer
+        // than they would have, never shorter.
+        state.now_ms = options.clock.now_ms();
         for record in records {
             if record.kind != KIND_COMMIT {
                 return Err(Error::Corruption(format!(
@@ -674,6 +677,12 @@ impl BrokerCore {
         self.transmission_status.lock().by_id.len()
     }
 
+    /// Remote conversations ended here that are remembered, for `CLOSED_CONVERSATION_LINGER_MS`,
+    /// so that their late messages are dropped as duplicates.
+    pub fn closed_conversations_held(&self) -> usize {
+        self.state.lock().closed.len()
+    }
+
     /// Messages in the transmission queue (`transmission_queue().len()` without building rows).
     pub fn transmission_queue_len(&self) -> usize {
         self.state.lock().transmission.len()
@@ -922,6 +931,7 @@ impl BrokerCore {
             .map_err(|e| Error::Corruption(format!("own commit record {}: {e}", appended.lsn)))?;
         let mut state = self.state.lock();
         let next_deadline = state.deadlines.first().map(|d| d.0);
+        state.now_ms = self.clock().now_ms();
         let applied = state.apply_in_order(appended.lsn, ops, logged, appended.position);
         self.applied.notify_all();
         let mut touched = state.take_touched();

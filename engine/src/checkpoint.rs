@@ -562,6 +562,13 @@ impl Image {
                 },
             );
         }
+        let mut order: Vec<(u64, (ConversationId, bool))> = self
+            .closed
+            .iter()
+            .map(|(key, until)| (*until, *key))
+            .collect();
+        order.sort_unstable();
+        state.closed_order = order.into();
         state.closed = self.closed.into_iter().collect();
         Ok(state)
     }

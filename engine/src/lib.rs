@@ -67,7 +67,8 @@ pub use events::{Event, Subscription};
 pub use herald_wal::{Durability, Error as StorageError, MemStorage, RecordBytes, Storage};
 pub use ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
 pub use state::{
-    Endpoint as ConversationEndpoint, EndpointState, MessageKey, MessageStatus, UrgentLane,
+    CLOSED_CONVERSATION_LINGER_MS, Endpoint as ConversationEndpoint, EndpointState, MessageKey,
+    MessageStatus, UrgentLane,
 };
 pub use transaction::{
     DialogOptions, MESSAGE_BODY_BYTES_MAX, Message, Receive, ReceiveFuture, Transaction,

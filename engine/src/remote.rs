@@ -358,7 +358,8 @@ impl BrokerCore {
                     let state = self.state.lock();
                     match state.by_conversation.get(&side) {
                         Some(handle) => Some((*handle, state.endpoints[handle].arrived_sequence)),
-                        None if state.closed.contains_key(&side) => {
+                        // Its linger passed: pruned at the next close, ignored already.
+                        None if state.closed.get(&side).is_some_and(|until| *until > now) => {
                             outcomes.push(ArrivalOutcome::Duplicate);
                             continue;
                         }

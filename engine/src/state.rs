@@ -7,7 +7,7 @@
 //! replay, when the original transaction did); an op that no longer fits (a dialog naming a
 //! service dropped since) is a corrupt log, reported, never a panic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use herald_wal::{Lsn, Position, RecordBytes};
@@ -607,6 +607,10 @@ pub struct State {
     /// Remote conversations removed recently: (conversation id, is initiator) → until when
     /// (milliseconds since the UNIX epoch) a message for them is a late duplicate.
     pub(crate) closed: BTreeMap<(ConversationId, bool), u64>,
+    /// `closed`'s entries in the order they were made, (until, key): pruned from the front as
+    /// their time passes (`prune_closed`), so that `closed` holds only the last
+    /// `CLOSED_CONVERSATION_LINGER_MS` of them, however long the broker runs.
+    pub(crate) closed_order: VecDeque<(u64, (ConversationId, bool))>,
     /// The time records are being applied at (set by the committer; at recovery, the time of
     /// the open). Only tombstone expiries read it: replaying later makes them linger longer,
     /// never shorter.
@@ -1405,6 +1409,22 @@ impl State {
         }
     }
 
+    /// Forgets the remote conversations whose linger (`closed`) has passed at `now_ms`. Entries
+    /// are made in time order, so the front is the oldest; after the clock went back, the
+    /// later ones merely linger longer.
+    pub(crate) fn prune_closed(&mut self) {
+        while let Some(&(until, key)) = self.closed_order.front() {
+            if until > self.now_ms {
+                break;
+            }
+            self.closed_order.pop_front();
+            // Unless the same conversation side was closed again since (a later `until`).
+            if self.closed.get(&key) == Some(&until) {
+                self.closed.remove(&key);
+            }
+        }
+    }
+
     /// Removes an endpoint with its messages and deadlines, and its group if that was the
     /// group's last conversation.
     fn remove_endpoint(&mut self, handle: ConversationHandle) {
@@ -1415,10 +1435,10 @@ impl State {
         self.by_conversation.remove(&key);
         if endpoint.far_handle.is_none() {
             self.drop_transmissions(handle);
-            self.closed.insert(
-                key,
-                self.now_ms.saturating_add(CLOSED_CONVERSATION_LINGER_MS),
-            );
+            let until = self.now_ms.saturating_add(CLOSED_CONVERSATION_LINGER_MS);
+            self.closed.insert(key, until);
+            self.closed_order.push_back((until, key));
+            self.prune_closed();
         }
         if let Some(deadline) = endpoint.dialog_timer_ms {
             self.deadlines

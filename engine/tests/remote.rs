@@ -424,6 +424,70 @@ fn the_transmission_queue_and_remote_endpoints_survive_restarts() {
     }
 }
 
+/// One dialog from A to B, ended by both sides, everything delivered: returns the arrival of
+/// its first message, as it reached B.
+fn a_dialog_both_sides_ended(a: &Broker, b: &Broker) -> Arrival {
+    let h = begin(a, &["only"]);
+    let first = arrival(&a.outbound(None, 1)[0], a);
+    let mut tx = a.begin();
+    tx.end_conversation(h).unwrap();
+    tx.commit().unwrap();
+    pump(a, b, all);
+    let target = receive_all(b, "Server")[0].0;
+    let mut tx = b.begin();
+    tx.end_conversation(target).unwrap();
+    tx.commit().unwrap();
+    first
+}
+
+/// A remote conversation ended here is remembered for `CLOSED_CONVERSATION_LINGER_MS`, so that
+/// its late messages are dropped as duplicates, and then forgotten: a broker that runs for
+/// months does not hold one entry per remote conversation it ever ended (it did: their
+/// linger was counted from 1970, never passed, and went into every checkpoint too).
+#[test]
+fn a_closed_conversation_is_remembered_for_its_linger_only() {
+    let clock = herald_engine::ManualClock::new(1_700_000_000_000);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    drop(pair(a_dir.path(), b_dir.path()));
+    let on_clock = |dir: &std::path::Path| {
+        Broker::open(
+            dir,
+            Options {
+                clock: clock.clone(),
+                ..options()
+            },
+        )
+        .unwrap()
+    };
+    let (a, b) = (on_clock(a_dir.path()), on_clock(b_dir.path()));
+    let late = a_dialog_both_sides_ended(&a, &b);
+    assert_eq!(b.closed_conversations_held(), 1);
+    assert_eq!(
+        b.accept_arrivals(std::slice::from_ref(&late)).unwrap(),
+        [ArrivalOutcome::Duplicate],
+        "a late message of a conversation ended here is a duplicate"
+    );
+
+    clock.advance(std::time::Duration::from_millis(
+        herald_engine::CLOSED_CONVERSATION_LINGER_MS,
+    ));
+    a_dialog_both_sides_ended(&a, &b);
+    assert_eq!(
+        b.closed_conversations_held(),
+        1,
+        "the first one's linger passed: only the second is held"
+    );
+    b.checkpoint().unwrap();
+    drop(b);
+    let b = on_clock(b_dir.path());
+    assert_eq!(b.closed_conversations_held(), 1, "and so after a restart");
+    assert_ne!(
+        b.accept_arrivals(std::slice::from_ref(&late)).unwrap(),
+        [ArrivalOutcome::Duplicate],
+        "past its linger, a message is no longer taken for a duplicate"
+    );
+}
+
 #[test]
 fn an_expired_lifetime_drops_what_never_left() {
     let clock = herald_engine::ManualClock::new(1_700_000_000_000);
