@@ -7,14 +7,14 @@
 //!   (a host name that did not resolve) every [`ROUTE_RECHECK_INTERVAL`]; a route's host name
 //!   is looked up on first use and again every [`RESOLVED_ADDRESS_REFRESH_INTERVAL`], and what
 //!   waits unacknowledged at an address the name no longer gives moves to the new one; messages
-//!   the engine drops from its transmission queue unacknowledged (END WITH ERROR or CLEANUP, expiry) are withdrawn
-//!   from the transport (`Transport::withdraw`), so they stop going out and nothing about them
-//!   stays in memory. A commit that adds to the transmission queue or changes a route runs
-//!   that pass itself, on the committing thread (the broker's outbound listener), once it is
-//!   durable: a thread wake-up less between a SEND and the network (two per request/reply
-//!   round trip). The sender thread is woken only for what a committer should not do there:
-//!   a pass already running, a listing longer than one pass, a full send queue to wait on, a
-//!   host name to resolve;
+//!   the engine drops from its transmission queue unacknowledged (END WITH ERROR or CLEANUP,
+//!   expiry) are withdrawn from the transport (`Transport::withdraw`), so they stop going out
+//!   and nothing about them stays in memory. A commit that adds to the transmission queue or
+//!   changes a route runs that pass itself, on the committing thread (the broker's outbound
+//!   listener), once it is durable: a thread wake-up less between a SEND and the network (two
+//!   per request/reply round trip). The sender thread is woken only for what a committer
+//!   should not do there: a pass already running, a listing longer than one pass, a full send
+//!   queue to wait on, a host name to resolve;
 //! - the **receiver** takes the transport's events: messages that arrived go to the broker in
 //!   batches (`accept_arrivals_written`, one local transaction each — several for a batch
 //!   larger than one record of the log — which receivers see as
@@ -624,10 +624,6 @@ fn pass(
         passes.drops_seen = drops;
         withdraw_dropped(broker, transport, shared);
     }
-    // A new or altered route may be the one messages behind the cursor waited for (a peer's
-    // backlog, sent before its route existed): they go at once. Nothing else makes a message
-    // with no route routable, so those are not listed again otherwise — a walk over the whole
-    // transmission queue every `ROUTE_RECHECK_INTERVAL` is only for messages time may help.
     // A name that moved: what went to its old address goes to the new one (the old peer, left
     // with nothing, is retired by the transport). Only the sender thread looks names up.
     if !inline {
@@ -636,6 +632,10 @@ fn pass(
             passes.cursor = None;
         }
     }
+    // A new or altered route may be the one messages behind the cursor waited for (a peer's
+    // backlog, sent before its route existed): they go at once. Nothing else makes a message
+    // with no route routable, so those are not listed again otherwise — a walk over the whole
+    // transmission queue every `ROUTE_RECHECK_INTERVAL` is only for messages time may help.
     let route_changes = broker.route_changes();
     let retry_due =
         passes.retry_wanted && passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL;
