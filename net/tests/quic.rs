@@ -346,22 +346,9 @@ fn assert_acknowledged_once(node: &Node, ids: std::ops::Range<u64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_each_way_arrive_once_in_order_and_are_acknowledged_once() {
     init_tracing();
-    let (a_identity, b_identity) = (
-        NodeIdentity::generate().unwrap(),
-        NodeIdentity::generate().unwrap(),
-    );
-    let a = Node::start(
-        a_identity.clone(),
-        Trust::pinned([b_identity.fingerprint()]),
-        loopback(),
-    )
-    .unwrap();
-    let b = Node::start(
-        b_identity.clone(),
-        Trust::pinned([a_identity.fingerprint()]),
-        loopback(),
-    )
-    .unwrap();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    let b = start_trusting(&b_identity, &a_identity, loopback()).unwrap();
 
     const COUNT: u64 = 1000;
     // Every 100th message is 1 MiB: four fragments, and more than one transmit batch.
@@ -609,22 +596,9 @@ async fn peers_with_certificates_from_a_trusted_ca_connect_and_others_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_comes_back_gets_the_unacknowledged_messages_again() {
     init_tracing();
-    let (a_identity, b_identity) = (
-        NodeIdentity::generate().unwrap(),
-        NodeIdentity::generate().unwrap(),
-    );
-    let a = Node::start(
-        a_identity.clone(),
-        Trust::pinned([b_identity.fingerprint()]),
-        loopback(),
-    )
-    .unwrap();
-    let b = Node::start(
-        b_identity.clone(),
-        Trust::pinned([a_identity.fingerprint()]),
-        loopback(),
-    )
-    .unwrap();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    let b = start_trusting(&b_identity, &a_identity, loopback()).unwrap();
     // B stores but does not acknowledge (its commits never became durable) and then goes away.
     b.acknowledging
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -640,14 +614,7 @@ async fn a_peer_that_comes_back_gets_the_unacknowledged_messages_again() {
     assert!(a.seen.lock().acknowledged.is_empty());
 
     // The same node again, on the same port.
-    let b = start_again(|| {
-        Node::start(
-            b_identity.clone(),
-            Trust::pinned([a_identity.fingerprint()]),
-            b_addr,
-        )
-    })
-    .await;
+    let b = start_again(|| start_trusting(&b_identity, &a_identity, b_addr)).await;
     a.wait_for("a's messages are acknowledged by the new b", |seen| {
         seen.acknowledged.len() == COUNT as usize
     })
@@ -896,6 +863,26 @@ async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothin
     assert_seen_stored(&seen.lock(), &sent, true);
 }
 
+fn two_identities() -> (NodeIdentity, NodeIdentity) {
+    (
+        NodeIdentity::generate().unwrap(),
+        NodeIdentity::generate().unwrap(),
+    )
+}
+
+/// A node of `identity` trusting only `peer`, on `listen`.
+fn start_trusting(
+    identity: &NodeIdentity,
+    peer: &NodeIdentity,
+    listen: SocketAddr,
+) -> herald_net::Result<Node> {
+    Node::start(
+        identity.clone(),
+        Trust::pinned([peer.fingerprint()]),
+        listen,
+    )
+}
+
 /// A node started again on the address it had: its old socket may take a moment to be released.
 async fn start_again(start: impl Fn() -> herald_net::Result<Node>) -> Node {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -939,24 +926,9 @@ async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_nothing_left_is_retired_when_its_connection_ends() {
     init_tracing();
-    let (a_identity, b_identity) = (
-        NodeIdentity::generate().unwrap(),
-        NodeIdentity::generate().unwrap(),
-    );
-    let a = Node::start(
-        a_identity.clone(),
-        Trust::pinned([b_identity.fingerprint()]),
-        loopback(),
-    )
-    .unwrap();
-    let start_b = |listen| {
-        Node::start(
-            b_identity.clone(),
-            Trust::pinned([a_identity.fingerprint()]),
-            listen,
-        )
-    };
-    let b = start_b(loopback()).unwrap();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    let b = start_trusting(&b_identity, &a_identity, loopback()).unwrap();
     let b_addr = b.addr;
     send_many(&a, b_addr, 5, 0, true, 0, 0);
     a.wait_for("a's messages are acknowledged", |seen| {
@@ -974,7 +946,7 @@ async fn a_peer_with_nothing_left_is_retired_when_its_connection_ends() {
     wait_peers(&a, "a retired its peer b", |peers| peers.is_empty()).await;
 
     // B back on its address: the next message makes the peer again and gets through.
-    let b = start_again(|| start_b(b_addr)).await;
+    let b = start_again(|| start_trusting(&b_identity, &a_identity, b_addr)).await;
     send_many(&a, b_addr, 5, 5, false, 0, 0);
     a.wait_for("the new messages are acknowledged", |seen| {
         seen.acknowledged.len() == 10
