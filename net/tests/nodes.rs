@@ -188,14 +188,39 @@ fn send_numbered(
     numbers: std::ops::Range<u32>,
     per_tx: usize,
 ) {
+    send_numbered_of(broker, h, numbers, per_tx, 4);
+}
+
+/// [`send_numbered`] with bodies of `body_bytes` (at least 4).
+fn send_numbered_of(
+    broker: &Broker,
+    h: ConversationHandle,
+    numbers: std::ops::Range<u32>,
+    per_tx: usize,
+    body_bytes: usize,
+) {
     let numbers: Vec<u32> = numbers.collect();
     for chunk in numbers.chunks(per_tx) {
         let mut tx = broker.begin();
-        for i in chunk {
-            tx.send(h, ASK, &i.to_le_bytes()).unwrap();
+        for &i in chunk {
+            tx.send(h, ASK, &numbered(i, body_bytes)).unwrap();
         }
         tx.commit().unwrap();
     }
+}
+
+/// The body of request `i`: its number, then zeros up to `body_bytes` (at least 4).
+fn numbered(i: u32, body_bytes: usize) -> Vec<u8> {
+    let mut body = vec![0u8; body_bytes];
+    body[..4].copy_from_slice(&i.to_le_bytes());
+    body
+}
+
+/// Defines A's `Client` service with a route to B and B's `Server` with a route to A.
+fn define_client_and_server(a: &Node, b: &Node) {
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    define(a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
+    define(b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
 }
 
 fn number(body: &[u8]) -> u32 {
@@ -424,9 +449,7 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
     let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
     let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
     let (b, b_log) = start_on_a_small_disk(b_dir.path(), &[a_print]);
-    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
-    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    define_client_and_server(&a, &b);
     fill_up(&b_log);
 
     const MESSAGES: u32 = 400;
@@ -436,15 +459,7 @@ fn a_receiver_whose_disk_is_full_gets_the_rest_once_space_is_back() {
         "//t/Server",
         DialogOptions::default(),
     );
-    for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(20) {
-        let mut tx = a.broker().begin();
-        for &i in chunk {
-            let mut body = vec![0u8; 1024];
-            body[..4].copy_from_slice(&i.to_le_bytes());
-            tx.send(h, ASK, &body).unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    send_numbered_of(a.broker(), h, 0..MESSAGES, 20, 1024);
     // B stores what fits, then refuses; the rest waits at A, unacknowledged.
     wait_until("B stored some", || {
         !b.broker().peek("Server").unwrap().is_empty()
@@ -490,10 +505,8 @@ fn acknowledgements_a_full_disk_refused_to_record_are_recorded_once_space_is_bac
     let mut sent = 0u32;
     for len in [2048, 4] {
         loop {
-            let mut body = vec![0u8; len];
-            body[..4].copy_from_slice(&sent.to_le_bytes());
             let mut tx = a.broker().begin();
-            tx.send(h, ASK, &body).unwrap();
+            tx.send(h, ASK, &numbered(sent, len)).unwrap();
             if tx.commit().is_err() {
                 break;
             }
@@ -532,9 +545,7 @@ fn large_bodies_cross_in_fragments_and_one_the_receivers_log_cannot_hold_is_refu
         },
     );
     let b = start(b_dir.path(), loopback(), &[a_print], Durability::Sync);
-    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
-    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    define_client_and_server(&a, &b);
 
     // Three fragments each, more of them together than one of B's records holds.
     let bodies: Vec<Vec<u8>> = (0..6u8)
@@ -792,9 +803,8 @@ fn an_untrusted_sender_delivers_nothing_until_the_receiver_trusts_it() {
     let a = start(a_dir.path(), loopback(), &[b_print], Durability::None);
     // B pins someone else, not A.
     let b = start(b_dir.path(), loopback(), &[stranger], Durability::None);
-    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-    define(&a, &[("Client", "//t/Client")], &[("//t/Server", b_addr)]);
-    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    let b_addr = b.local_addr().unwrap();
+    define_client_and_server(&a, &b);
     let h = begin(
         a.broker(),
         "//t/Client",
