@@ -3,10 +3,11 @@
 //! nodes, so a figure's ratio to it is what Herald's protocol and engine cost on top of QUIC.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_net::identity::{NodeIdentity, Trust};
-use herald_net::quic::{client_config, server_config};
+use herald_net::quic::{bind_udp_socket, client_config, server_config};
 
 use crate::floors::pattern;
 
@@ -25,14 +26,20 @@ impl RawQuicStream {
     pub async fn connect() -> Result<RawQuicStream> {
         let (client_identity, server_identity) =
             (NodeIdentity::generate()?, NodeIdentity::generate()?);
-        let server = quinn::Endpoint::server(
-            server_config(
-                &server_identity,
-                &Trust::pinned([client_identity.fingerprint()]),
-            )?,
-            loopback(),
-        )?;
-        let mut client = quinn::Endpoint::client(loopback())?;
+        // Sockets bound as the nodes bind theirs (their buffer sizes).
+        let endpoint = |server: Option<quinn::ServerConfig>| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                server,
+                bind_udp_socket(loopback())?,
+                Arc::new(quinn::TokioRuntime),
+            )
+        };
+        let server = endpoint(Some(server_config(
+            &server_identity,
+            &Trust::pinned([client_identity.fingerprint()]),
+        )?))?;
+        let mut client = endpoint(None)?;
         client.set_default_client_config(client_config(
             &client_identity,
             &Trust::pinned([server_identity.fingerprint()]),

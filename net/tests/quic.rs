@@ -19,7 +19,7 @@ use herald_net::identity::{
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
 use herald_net::quic::{
     CLOSE_PROTOCOL_VIOLATION, EVENTS_CAPACITY, PEERS_MAX, PeerKey, Transport, TransportConfig,
-    TransportEvent, TransportOptions, client_config,
+    TransportEvent, TransportOptions, UDP_SOCKET_BUFFER_BYTES, bind_udp_socket, client_config,
 };
 use parking_lot::Mutex;
 use rustls::pki_types::PrivateKeyDer;
@@ -341,6 +341,27 @@ fn assert_acknowledged_once(node: &Node, ids: std::ops::Range<u64>) {
             "id {id} acknowledged once"
         );
     }
+}
+
+/// The endpoints' sockets get the buffers asked for, as far as the kernel allows: with the
+/// default (~208 KiB) a streaming peer overflows them whenever the network thread pauses.
+#[cfg(target_os = "linux")]
+#[test]
+fn udp_sockets_get_large_buffers() {
+    let limit = |name: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .expect("reading the kernel's socket buffer limit")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let socket = bind_udp_socket(loopback()).expect("binding");
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+    // Linux doubles what it grants (its bookkeeping), and grants at most the limit.
+    let receive = state.recv_buffer_size((&socket).into()).unwrap();
+    assert_eq!(receive, 2 * UDP_SOCKET_BUFFER_BYTES.min(limit("rmem_max")));
+    let send = state.send_buffer_size((&socket).into()).unwrap();
+    assert_eq!(send, 2 * UDP_SOCKET_BUFFER_BYTES.min(limit("wmem_max")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ pub(crate) mod server;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use herald_engine::sql::{ResultSet, StatementResult, Value, statement_kind};
@@ -37,7 +37,9 @@ use quinn::VarInt;
 use crate::error::{Error, Result};
 use crate::identity::{ClientIdentity, Fingerprint, NodeIdentity, Trust};
 use crate::node::IDENTITY_DIR;
-use crate::quic::{ALPN_CLIENT, CONNECT_TIMEOUT, READ_CHUNK_BYTES_MAX, SERVER_NAME};
+use crate::quic::{
+    ALPN_CLIENT, CONNECT_TIMEOUT, READ_CHUNK_BYTES_MAX, SERVER_NAME, bind_udp_socket,
+};
 use proto::{
     BeginDialog, CLIENT_PROTOCOL_VERSION, ClientFrameDecoder, EndHow, ReceiveFilter,
     ReceiveRequest, Request, Response, WAIT_FOREVER_MS,
@@ -147,8 +149,16 @@ impl Client {
         let config = client_config(identity, trust)?;
         let endpoint = {
             let _entered = runtime.enter();
-            quinn::Endpoint::client(any_port_for(addr))
-                .map_err(|e| Error::io(format!("binding a UDP socket for {addr}"), &e))?
+            let bind_error =
+                |e: &std::io::Error| Error::io(format!("binding a UDP socket for {addr}"), e);
+            let socket = bind_udp_socket(any_port_for(addr)).map_err(|e| bind_error(&e))?;
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| bind_error(&e))?
         };
         let refused = |reason: String| Error::Refused { reason };
         let (connection, send, recv) = runtime.block_on(async {
