@@ -623,10 +623,10 @@ impl BrokerCore {
                 Some(TransmissionQueueRow {
                     id: *id,
                     conversation_handle: t.handle,
-                    to_service: endpoint.far_service.clone(),
+                    to_service: endpoint.far_service.to_string(),
                     to_broker_instance: endpoint.far_broker_instance,
-                    from_service: endpoint.service.clone(),
-                    contract: endpoint.contract.clone(),
+                    from_service: endpoint.service.to_string(),
+                    contract: endpoint.contract.to_string(),
                     is_end_of_dialog: message_type == crate::system::END_DIALOG,
                     is_conversation_error: message_type == crate::system::ERROR,
                     message_type,

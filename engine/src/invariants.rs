@@ -303,14 +303,14 @@ impl Checker {
                     endpoint.send_sequence
                 ));
             }
-            let contract = catalog.contracts.get(&endpoint.contract);
+            let contract = catalog.contracts.get(&*endpoint.contract);
             if contract.is_none() {
                 self.fail(format!(
                     "conversation {handle} is on contract {:?}, which does not exist",
                     endpoint.contract
                 ));
             }
-            let service_queue = match catalog.services.get(&endpoint.service) {
+            let service_queue = match catalog.services.get(&*endpoint.service) {
                 Some(service) => Some(service.queue.as_str()),
                 None => {
                     self.fail(format!(

@@ -188,7 +188,7 @@ impl BrokerCore {
             .filter(|(id, _)| wanted(**id))
             .filter_map(|(id, t)| {
                 let endpoint = state.endpoints.get(&t.handle)?;
-                let far = (endpoint.far_service.as_str(), endpoint.far_broker_instance);
+                let far = (&*endpoint.far_service, endpoint.far_broker_instance);
                 let route = match routes.iter().find(|(key, _)| *key == far) {
                     Some((_, route)) => route.clone(),
                     None => {
@@ -206,9 +206,9 @@ impl BrokerCore {
                     .entry(t.handle)
                     .or_insert_with(|| {
                         [
-                            Arc::from(endpoint.service.as_str()),
-                            Arc::from(endpoint.far_service.as_str()),
-                            Arc::from(endpoint.contract.as_str()),
+                            endpoint.service.clone(),
+                            endpoint.far_service.clone(),
+                            endpoint.contract.clone(),
                         ]
                     })
                     .clone();

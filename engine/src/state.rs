@@ -118,9 +118,12 @@ pub struct Endpoint {
     pub conversation_id: ConversationId,
     pub is_initiator: bool,
     /// The local service this side belongs to (its queue receives this side's messages).
-    pub service: String,
-    pub far_service: String,
-    pub contract: String,
+    // Shared, not owned: a transaction copies each endpoint it works on (twice for a SEND: loaded,
+    // then re-read once its group is locked), and three string copies per endpoint were most
+    // of a bulk sender's allocations.
+    pub service: Arc<str>,
+    pub far_service: Arc<str>,
+    pub contract: Arc<str>,
     pub group: ConversationGroupId,
     pub state: EndpointState,
     /// Sequence number the next message sent from this side gets.
@@ -715,7 +718,7 @@ impl State {
                         is_initiator,
                         service: service.into(),
                         far_service: far.into(),
-                        contract: d.contract.clone(),
+                        contract: d.contract.as_str().into(),
                         group,
                         state: if is_initiator {
                             EndpointState::StartedOutbound
@@ -1037,9 +1040,9 @@ impl State {
                     handle: d.handle,
                     conversation_id: d.conversation_id,
                     is_initiator: false,
-                    service: d.service.clone(),
-                    far_service: d.far_service.clone(),
-                    contract: d.contract.clone(),
+                    service: d.service.as_str().into(),
+                    far_service: d.far_service.as_str().into(),
+                    contract: d.contract.as_str().into(),
                     group: d.group,
                     state: EndpointState::Conversing,
                     send_sequence: 0,
@@ -1568,7 +1571,13 @@ impl State {
         if key == group.ready_key {
             return;
         }
-        let ready = self.ready.entry(group.queue.clone()).or_default();
+        // Looked up by reference: an `entry` would copy the queue's name for every message taken.
+        if !self.ready.contains_key(group.queue.as_str()) {
+            self.ready.insert(group.queue.clone(), BTreeSet::new());
+        }
+        let Some(ready) = self.ready.get_mut(group.queue.as_str()) else {
+            return;
+        };
         if let Some(old) = group.ready_key {
             ready.remove(&(old, group_id));
         }

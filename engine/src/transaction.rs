@@ -146,7 +146,7 @@ impl Message {
 /// A SEND permission already checked: `message_type` may be sent by this side on `contract`.
 #[derive(Debug)]
 struct SendRule {
-    contract: String,
+    contract: Arc<str>,
     message_type: String,
     is_initiator: bool,
     validation: Validation,
@@ -355,8 +355,8 @@ impl<'b> Transaction<'b> {
             .lock()
             .endpoints
             .values()
-            .any(|e| e.service == name)
-            || self.endpoints.values().any(|e| e.service == name);
+            .any(|e| *e.service == *name)
+            || self.endpoints.values().any(|e| *e.service == *name);
         if in_use {
             return Err(Error::InUse {
                 kind: "service",
@@ -677,7 +677,7 @@ impl<'b> Transaction<'b> {
         {
             return Err(Error::GroupOnOtherQueue {
                 group: to,
-                service: self.endpoints[&handle].service.clone(),
+                service: self.endpoints[&handle].service.to_string(),
                 queue,
                 actual,
             });
@@ -1010,7 +1010,7 @@ impl<'b> Transaction<'b> {
             }
             let cached = self.send_rules.iter().find(|rule| {
                 rule.is_initiator == endpoint.is_initiator
-                    && rule.contract == endpoint.contract
+                    && *rule.contract == *endpoint.contract
                     && rule.message_type == message_type
             });
             if let Some(rule) = cached {
@@ -1028,7 +1028,7 @@ impl<'b> Transaction<'b> {
                 if !allowed {
                     return Err(Error::ContractViolation {
                         handle: *handle,
-                        contract: contract.clone(),
+                        contract: contract.to_string(),
                         message_type: message_type.into(),
                         side: if is_initiator { "initiator" } else { "target" },
                     });

@@ -143,7 +143,7 @@ fn tutorial_runs_end_to_end() {
     let initiator_handle = handle_of(&initiator, "InitDlgHandle");
     let endpoint = broker.conversation_endpoint(initiator_handle).unwrap();
     assert_eq!(endpoint.state, EndpointState::Conversing);
-    assert_eq!(endpoint.contract, "//AWDB/1DBSample/SampleContract");
+    assert_eq!(&*endpoint.contract, "//AWDB/1DBSample/SampleContract");
     assert_eq!(initiator.transaction_count(), 0);
 
     let mut target = Session::new(&broker);
@@ -377,7 +377,7 @@ fn begin_dialog_options_and_send_bodies() {
     let second = broker.conversation_endpoint(h2).unwrap();
     assert_eq!(second.group, first.group);
     assert_eq!(
-        second.contract, "DEFAULT",
+        &*second.contract, "DEFAULT",
         "ON CONTRACT defaults to DEFAULT"
     );
 

@@ -351,7 +351,7 @@ fn run_round(
     let endpoints: Vec<ConversationEndpoint> = broker
         .conversation_endpoints()
         .into_iter()
-        .filter(|e| [INITIATOR_SERVICE, TARGET_SERVICE].contains(&e.service.as_str()))
+        .filter(|e| [INITIATOR_SERVICE, TARGET_SERVICE].contains(&&*e.service))
         .collect();
     if checkpoint {
         broker
@@ -1029,7 +1029,7 @@ fn receive_life(broker: &Broker, round: u32) -> Queued {
 fn check_life(round: u32, model: &mut Model, life: &LifeFound, opened_ms: u64, stats: &mut Stats) {
     let is_life = |e: &ConversationEndpoint| {
         matches!(
-            (e.service.as_str(), e.far_service.as_str()),
+            (&*e.service, &*e.far_service),
             (LIFE_INITIATOR_SERVICE, LIFE_TARGET_SERVICE)
                 | (LIFE_TARGET_SERVICE, LIFE_INITIATOR_SERVICE)
         )

@@ -275,7 +275,7 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
     let sender_endpoints: Vec<_> = sender_broker
         .conversation_endpoints()
         .into_iter()
-        .filter(|e| e.service == SENDER_SERVICE && e.is_initiator)
+        .filter(|e| &*e.service == SENDER_SERVICE && e.is_initiator)
         .collect();
     let sent: BTreeMap<String, u64> = sender_endpoints
         .iter()
@@ -350,7 +350,7 @@ fn check(setup: &Setup, sender: &Running, receiver: &Running) -> Stats {
     let targets: BTreeMap<String, (u64, u64)> = receiver_broker
         .conversation_endpoints()
         .into_iter()
-        .filter(|e| e.service == RECEIVER_SERVICE)
+        .filter(|e| &*e.service == RECEIVER_SERVICE)
         .map(|e| {
             (
                 e.conversation_id.to_string(),

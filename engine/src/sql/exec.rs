@@ -1564,7 +1564,8 @@ impl<'a> MessageRows<'a> {
                 .get(name)
                 .map_or("N", |t| validation_code(t.validation)),
         };
-        let text = |s: Option<&String>| s.map_or(Value::Null, |s| Value::Text(s.clone()));
+        let text =
+            |s: Option<&std::sync::Arc<str>>| s.map_or(Value::Null, |s| Value::Text(s.to_string()));
         vec![
             Value::Int(message.status as i64),
             endpoint
@@ -1623,13 +1624,13 @@ fn view_rows(broker: &Broker, view: CatalogView) -> (&'static [&'static str], Ve
                         Value::Guid(e.handle.0),
                         Value::Guid(e.conversation_id.0),
                         flag(e.is_initiator),
-                        Value::Text(e.contract),
+                        Value::Text(e.contract.to_string()),
                         Value::Guid(e.group.0),
-                        Value::Text(e.service),
+                        Value::Text(e.service.to_string()),
                         opt_ms(e.expires_at_ms),
                         Value::Text(e.state.code().to_owned()),
                         Value::Text(e.state.description().to_owned()),
-                        Value::Text(e.far_service),
+                        Value::Text(e.far_service.to_string()),
                         e.far_broker_instance
                             .map_or(Value::Null, |b| Value::Guid(b.0)),
                         opt_ms(e.dialog_timer_ms),

@@ -95,7 +95,7 @@ fn run_sender(node: &Node, receiver: SocketAddr, stop: &AtomicBool, mut rng: Sma
     let mut dialogs: Vec<(ConversationHandle, ConversationId, u64)> = broker
         .conversation_endpoints()
         .into_iter()
-        .filter(|e| e.service == SENDER_SERVICE && e.is_initiator)
+        .filter(|e| &*e.service == SENDER_SERVICE && e.is_initiator)
         .map(|e| (e.handle, e.conversation_id, e.send_sequence))
         .collect();
     assert_eq!(dialogs.len(), DIALOGS, "the sender's dialogs");
@@ -173,7 +173,7 @@ fn run_receiver(node: &Node, stop: &AtomicBool) {
     let log = broker
         .conversation_endpoints()
         .into_iter()
-        .find(|e| e.service == RECORDER_SERVICE && e.is_initiator)
+        .find(|e| &*e.service == RECORDER_SERVICE && e.is_initiator)
         .expect("the receiver's log dialog")
         .handle;
     print_line("ready\n");
