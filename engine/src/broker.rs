@@ -196,7 +196,7 @@ pub type OutboundListener = Arc<dyn Fn(&BrokerCore) + Send + Sync>;
 #[derive(Debug, Default)]
 struct TransmissionStatuses {
     /// Status text by transmission id; one text is shared by every id it was set for at once.
-    by_id: std::collections::HashMap<u64, Arc<str>>,
+    by_id: crate::ids::IdMap<u64, Arc<str>>,
     /// `State::transmissions_dropped` when texts of dropped transmissions were last forgotten.
     pruned_at: u64,
 }

@@ -60,9 +60,11 @@ impl BrokerInstanceId {
     }
 }
 
-/// Hash maps and sets keyed by ids. The ids are random 128-bit values (or application-chosen
-/// group ids), so SipHash's cost buys little: the hasher folds the id with a multiply by a
-/// per-process random odd key, which keeps a chosen-id collision attack from being precomputed.
+/// Hash maps and sets keyed by ids: random 128-bit values (or application-chosen group ids),
+/// or the broker's own sequential 64-bit ones (transmission ids), so SipHash's cost buys
+/// little: the hasher folds the id with a multiply by a per-process random odd key, which keeps
+/// a chosen-id collision attack from being precomputed. The node's maps of transmissions in
+/// flight use them too (a few per message, on the bulk path).
 pub type IdMap<K, V> = std::collections::HashMap<K, V, IdHasherBuilder>;
 pub type IdSet<K> = std::collections::HashSet<K, IdHasherBuilder>;
 

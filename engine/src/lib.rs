@@ -65,7 +65,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use events::{Event, Subscription};
 pub use herald_wal::{Durability, Error as StorageError, MemStorage, RecordBytes, Storage};
-pub use ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
+pub use ids::{
+    BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId, IdMap, IdSet,
+};
 pub use state::{
     CLOSED_CONVERSATION_LINGER_MS, Endpoint as ConversationEndpoint, EndpointState, MessageKey,
     MessageStatus, UrgentLane,

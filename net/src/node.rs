@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use herald_engine::remote::{Arrival, ArrivalOutcome, SyncPoint, codes};
 use herald_engine::{
-    Broker, BrokerCore, BrokerInstanceId, ConversationId, OutboundListener, RouteAddress,
+    Broker, BrokerCore, BrokerInstanceId, ConversationId, IdMap, OutboundListener, RouteAddress,
     RouteChoice,
 };
 use parking_lot::Mutex;
@@ -124,7 +124,7 @@ struct Shared {
     stopped: tokio::sync::Notify,
     /// Transmissions handed to the transport (which keeps them until acknowledged), by id,
     /// with the address they went to.
-    dispatched: Mutex<HashMap<u64, SocketAddr>>,
+    dispatched: Mutex<IdMap<u64, SocketAddr>>,
     /// Set by the sender when a transport send queue was full; the receiver then wakes it after
     /// the next acknowledgements (which make room).
     send_queue_full: Mutex<bool>,
@@ -171,7 +171,7 @@ impl Node {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             stopped: tokio::sync::Notify::new(),
-            dispatched: Mutex::new(HashMap::new()),
+            dispatched: Mutex::new(IdMap::default()),
             send_queue_full: Mutex::new(false),
             room: parking_lot::Condvar::new(),
             dialed: Mutex::new(HashMap::new()),
