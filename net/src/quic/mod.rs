@@ -125,6 +125,24 @@ pub fn bind_udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket>
     Ok(socket)
 }
 
+/// Tells the operator when the kernel granted a node's socket less than
+/// [`UDP_SOCKET_BUFFER_BYTES`] of receive buffer (Linux grants at most `net.core.rmem_max`,
+/// ~208 KiB by default): under load, datagrams are dropped and sent again, at a cost.
+fn warn_if_small_receive_buffer(socket: &std::net::UdpSocket) {
+    let granted = quinn::udp::UdpSocketState::new(socket.into())
+        .and_then(|state| state.recv_buffer_size(socket.into()));
+    if let Ok(granted) = granted
+        && granted < UDP_SOCKET_BUFFER_BYTES
+    {
+        tracing::warn!(
+            granted,
+            asked = UDP_SOCKET_BUFFER_BYTES,
+            "the kernel limits the UDP receive buffer (on Linux: raise net.core.rmem_max); \
+             under load datagrams will be dropped and retransmitted"
+        );
+    }
+}
+
 /// The TLS server name a node dials with. Names are not checked (see [`tls`]), but QUIC needs one.
 pub const SERVER_NAME: &str = crate::identity::CERTIFICATE_NAME;
 
@@ -296,6 +314,7 @@ impl Transport {
         let bind_error =
             |e: &std::io::Error| Error::io(format!("binding UDP {}", config.listen), e);
         let socket = bind_udp_socket(config.listen).map_err(|e| bind_error(&e))?;
+        warn_if_small_receive_buffer(&socket);
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(&config.identity),
             Some(server_config),
