@@ -11,6 +11,7 @@
 
 pub mod frame;
 pub mod reassembly;
+mod send_order;
 pub mod session;
 
 pub use frame::{

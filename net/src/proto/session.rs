@@ -26,7 +26,7 @@
 //! acknowledges through [`PeerSession::acknowledge`] once its commit is durable.
 
 use herald_engine::RecordBytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -37,6 +37,7 @@ use crate::proto::frame::{
 use crate::proto::reassembly::{
     REASSEMBLY_BYTES_MAX, REASSEMBLY_ENTRY_OVERHEAD_BYTES, Reassembler,
 };
+use crate::proto::send_order::SendOrderSlots;
 
 /// Largest number of message body bytes transmitted to one peer and not yet acknowledged. At
 /// least one largest message, so every message can go; at most half the reassembly budget, so a
@@ -130,7 +131,7 @@ pub struct PeerSession {
     go_away: GoAway,
     peer_going_away: bool,
     /// Unacknowledged messages by send order.
-    messages: BTreeMap<u64, Pending>,
+    messages: SendOrderSlots<Pending>,
     /// Unacknowledged messages by conversation direction: (sequence, send order), ascending by
     /// sequence. An Ack removes a prefix.
     by_conversation: HashMap<Direction, VecDeque<(u64, u64)>>,
@@ -189,7 +190,7 @@ impl PeerSession {
             hello_sent: false,
             go_away: GoAway::No,
             peer_going_away: false,
-            messages: BTreeMap::new(),
+            messages: SendOrderSlots::default(),
             by_conversation: HashMap::new(),
             first_unsent: 0,
             retransmit: BTreeSet::new(),
@@ -236,7 +237,7 @@ impl PeerSession {
             .entry(conversation)
             .or_default()
             .insert(place, (sequence, order));
-        self.messages.insert(
+        self.messages.push(
             order,
             Pending {
                 id: message.id,
@@ -268,10 +269,10 @@ impl PeerSession {
             .messages
             .iter()
             .filter(|(_, pending)| ids.contains(&pending.id))
-            .map(|(order, _)| *order)
+            .map(|(order, _)| order)
             .collect();
         for &order in &orders {
-            let Some(pending) = self.messages.remove(&order) else {
+            let Some(pending) = self.messages.remove(order) else {
                 continue;
             };
             self.retransmit.remove(&order);
@@ -470,7 +471,7 @@ impl PeerSession {
                 .expect("the earliest timer is a queue's front");
             if let Some(pending) = self
                 .messages
-                .get_mut(&order)
+                .get_mut(order)
                 .filter(|pending| pending.retry_at == Some(at))
             {
                 pending.retry_at = None;
@@ -504,12 +505,7 @@ impl PeerSession {
         self.peer_going_away = false;
         self.timers = Default::default();
         self.retransmit.clear();
-        self.first_unsent = self
-            .messages
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.next_order);
+        self.first_unsent = self.messages.first_order().unwrap_or(self.next_order);
         self.in_flight_bytes = 0;
         for pending in self.messages.values_mut() {
             pending.next_offset = 0;
@@ -582,7 +578,7 @@ impl PeerSession {
             self.by_conversation.remove(&key);
         }
         for order in covered {
-            let Some(pending) = self.messages.remove(&order) else {
+            let Some(pending) = self.messages.remove(order) else {
                 continue;
             };
             if pending.retries > 0 {
@@ -616,7 +612,7 @@ impl PeerSession {
         let messages = &self.messages;
         let live = |&(at, order): &(Instant, u64)| {
             messages
-                .get(&order)
+                .get(order)
                 .is_some_and(|pending| pending.retry_at == Some(at))
         };
         for queue in &mut self.timers {
@@ -632,7 +628,7 @@ impl PeerSession {
     /// Whether a retransmission is due or a message was never completely transmitted (the
     /// in-flight bound may still hold it back).
     fn has_messages_to_transmit(&self) -> bool {
-        !self.retransmit.is_empty() || self.messages.range(self.first_unsent..).next().is_some()
+        !self.retransmit.is_empty() || self.messages.first_from(self.first_unsent).is_some()
     }
 
     /// Appends message fragments in send order while the batch and the in-flight window allow.
@@ -644,12 +640,17 @@ impl PeerSession {
                 Some(order) => {
                     let pending = self
                         .messages
-                        .get_mut(&order)
+                        .get_mut(order)
                         .expect("every order due for retransmission names a message");
                     (order, pending)
                 }
-                None => match self.messages.range_mut(self.first_unsent..).next() {
-                    Some((&order, pending)) => (order, pending),
+                None => match self.messages.first_from_mut(self.first_unsent) {
+                    Some((order, pending)) => {
+                        // Past the slots of messages acknowledged or withdrawn before they
+                        // went, so that the next look does not step over them again.
+                        self.first_unsent = order;
+                        (order, pending)
+                    }
                     None => return,
                 },
             };
