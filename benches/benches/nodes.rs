@@ -12,7 +12,9 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   Figures (2-CPU VM, 2026-11-26, four runs of the defaults): sync 149–170k msg/s (0.27–0.30× of
+//!   Figures (2-CPU VM, 2026-11-26, three runs of the defaults, after the 4 MiB UDP buffers and
+//!   the SEND path's copies, below): sync 142–177k msg/s (0.30–0.32× of 463–553k), none
+//!   206–261k (0.37–0.43× of 560–605k). Earlier: sync 149–170k msg/s (0.27–0.30× of
 //!   544–561k), none 189–204k (0.31–0.35× of 568–623k); the same day's code before this round of
 //!   work: sync 103–107k (0.22×), none 120k (0.25×). What changed, each measured here: bodies
 //!   handed to the transport as the log's own bytes, names shared per listing and per connection,
@@ -38,8 +40,14 @@
 //!   and receiver, quinn on both ends, B's storing of arrivals. It found that a backlog waited
 //!   for the next full pass of the sender (up to `ROUTE_RECHECK_INTERVAL`, 1 s) after its
 //!   route was created (18k msg/s; now the pass starts over on any route change).
-//!   Figures (two runs of the defaults): sync 221–227k msg/s (0.42× the floor), none
-//!   228–230k (0.39–0.41×), CPU per message 7.0–7.2 µs against the floor's 2.5–3.0 µs.
+//!   Figures (three runs of the defaults, 2026-11-26): sync 227–280k msg/s (0.48–0.54× the
+//!   floor), none 258–281k (0.54–0.58×), CPU per message 5.8–7.7 µs against the floor's
+//!   2.7–3.3 µs. Before the nodes' UDP sockets got 4 MiB buffers (`UDP_SOCKET_BUFFER_BYTES`):
+//!   sync 221–233k (0.41–0.42×), none 228–230k; quinn's statistics showed why — the receiving
+//!   node's socket overflowed whenever its network thread paused, 834–1695 datagrams lost per
+//!   run (~2%), each a retransmission and a congestion event; none since. The session's
+//!   unacknowledged messages in a deque by send order instead of a `BTreeMap` (which moved
+//!   ~1 KiB of entries per removal) took CPU per message from 6.3–6.7 to 5.8–6.2 µs.
 //! - `nodes/request_reply/sync`: one dialog, durable on both sides: A sends a request and
 //!   commits, B's WAITFOR receive and its reply commit in one transaction, A's WAITFOR receive
 //!   of the reply commits. A round trip is timed from before A's send until A's receive
