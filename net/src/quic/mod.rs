@@ -109,13 +109,18 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Binds the UDP socket of a QUIC endpoint at `addr`, with buffers of
-/// [`UDP_SOCKET_BUFFER_BYTES`] (as much of it as the kernel allows: a smaller limit is not an
-/// error, only slower under load).
+/// [`UDP_SOCKET_BUFFER_BYTES`] (as much of it as the kernel allows: a smaller limit, or a
+/// kernel that refuses the size outright as some BSDs do past their maximum, is not an error,
+/// only slower under load).
 pub fn bind_udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
-    state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES)?;
-    state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES)?;
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(%addr, error = %e, "UDP receive buffer size refused; kept the default");
+    }
+    if let Err(e) = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(%addr, error = %e, "UDP send buffer size refused; kept the default");
+    }
     tracing::debug!(
         %addr,
         receive = ?state.recv_buffer_size((&socket).into()),
