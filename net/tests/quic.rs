@@ -921,22 +921,24 @@ async fn start_again(start: impl Fn() -> herald_net::Result<Node>) -> Node {
 
 /// Waits until `condition` holds of `node`'s peers (polled: retiring a peer emits no event).
 async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usize)]) -> bool) {
+    let peers = || -> Vec<(PeerKey, usize)> {
+        node.transport
+            .peers()
+            .into_iter()
+            .map(|(key, _, unacknowledged)| (key, unacknowledged))
+            .collect()
+    };
     let waited = tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            let peers: Vec<(PeerKey, usize)> = node
-                .transport
-                .peers()
-                .into_iter()
-                .map(|(key, _, unacknowledged)| (key, unacknowledged))
-                .collect();
-            if condition(&peers) {
-                return;
-            }
+        while !condition(&peers()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    assert!(waited.is_ok(), "timed out waiting until {what}");
+    assert!(
+        waited.is_ok(),
+        "timed out waiting until {what}; peers and their unacknowledged messages: {:?}",
+        peers()
+    );
 }
 
 /// Peers that come and go (a node gone for good, an address no route names any more, the

@@ -530,15 +530,6 @@ impl PeerSession {
         self.in_flight_bytes
     }
 
-    /// Nothing outlives the connection: no unacknowledged message, no acknowledgement, error or
-    /// event waiting. An idle session can be dropped with its connection and made anew later.
-    pub fn is_idle(&self) -> bool {
-        self.messages.is_empty()
-            && self.acks.is_empty()
-            && self.errors.is_empty()
-            && self.events.is_empty()
-    }
-
     /// Messages given to `send` and not yet acknowledged.
     pub fn unacknowledged_messages(&self) -> usize {
         self.messages.len()

@@ -24,13 +24,15 @@
 //!   certificate's fingerprint; a new connection from the same certificate replaces the old one
 //!   (which is closed) and continues its session (pending acknowledgements are kept).
 //!
-//! A peer whose connection ended (or whose dial failed) with an idle session — no message
-//! unacknowledged, no acknowledgement or error owed ([`PeerSession::is_idle`]) — is retired:
-//! it leaves the transport, and a dialed one stops dialing; the next message for it makes it
-//! anew. So peers that come and go (a node gone for good, an address no route names any more,
-//! the many certificates a CA signs) do not count against [`PEERS_MAX`] until a restart. An
-//! acknowledgement for an accepted peer retired meanwhile fails with `UnknownPeer`: its sender
-//! sends the message again when it reconnects, and the duplicate is acknowledged then.
+//! A peer whose connection ended (or whose dial failed) with no message of this node
+//! unacknowledged is retired: it leaves the transport, and a dialed one stops dialing; the next
+//! message for it makes it anew. So peers that come and go (a node gone for good, an address
+//! no route names any more, the many certificates a CA signs) do not count against
+//! [`PEERS_MAX`] until a restart. Acknowledgements and errors it still owed the peer go with
+//! it: they answer messages the peer holds unacknowledged, which it sends again first thing on
+//! its next connection, and those duplicates are acknowledged (or refused) again then. So an
+//! acknowledgement for an accepted peer retired meanwhile fails with `UnknownPeer`, and one
+//! queued after the connection ended does not keep the peer either (the call retires it).
 //!
 //! Messages this node sends always go on its dialed connection to the address. Messages it
 //! receives arrive as [`TransportEvent::Session`] with the key of the session they came on,
@@ -643,6 +645,12 @@ impl Shared {
             let result = f(&mut session);
             drop(session);
             peer.wake.notify_one();
+            // An acknowledgement after the connection ended: its end may have found the peer
+            // held by this call, so it is retired here (the map and this call hold it; the task
+            // of a new connection would too).
+            if matches!(key, PeerKey::Accepted(_)) && peer.connection.lock().is_none() {
+                self.retire_if_idle(&peer, 2);
+            }
             return result;
         }
     }
@@ -658,8 +666,8 @@ impl Shared {
             return Ok(peer.clone());
         }
         if peers.len() >= PEERS_MAX {
-            // Peers nobody holds (no connection, no task) whose sessions are idle are what the
-            // end of a connection could not retire (someone held the peer just then).
+            // Peers nobody holds (no connection, no task) with nothing unacknowledged are what
+            // the end of a connection could not retire (someone held the peer just then).
             peers.retain(|_, peer| Arc::strong_count(peer) > 1 || !Self::retire_locked(peer));
         }
         if peers.len() >= PEERS_MAX {
@@ -679,8 +687,8 @@ impl Shared {
         Ok(peer)
     }
 
-    /// Retires `peer` if its session is idle and nobody but its `holders` (the peers map and
-    /// the caller's task) holds it: it leaves the peers map, so that peers that come and go
+    /// Retires `peer` if its session holds no unacknowledged message and nobody but its
+    /// `holders` (the peers map and the caller's task) holds it: it leaves the peers map, so that peers that come and go
     /// (addresses routes no longer name, certificates of a CA) do not fill `PEERS_MAX` for
     /// good. A later message for it makes a new one.
     fn retire_if_idle(&self, peer: &Arc<Peer>, holders: usize) -> bool {
@@ -696,11 +704,12 @@ impl Shared {
         true
     }
 
-    /// Marks `peer` retired if its session is idle (the caller holds the peers map's lock and
-    /// takes the peer out of it).
+    /// Marks `peer` retired if its session holds no unacknowledged message (the caller holds
+    /// the peers map's lock and takes the peer out of it). What else the session holds is owed
+    /// to the peer and rebuilt when it connects again (see the module documentation).
     fn retire_locked(peer: &Peer) -> bool {
         let session = peer.session.lock();
-        if !session.is_idle() {
+        if session.unacknowledged_messages() > 0 {
             return false;
         }
         peer.retired.store(true, Ordering::SeqCst);
@@ -874,10 +883,12 @@ async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             tracing::debug!(%addr, error = %e, "connection closed before its stream opened");
+            shared.retire_if_idle(&peer, 2);
             return;
         }
         Err(_) => {
             connection.close(CLOSE_PROTOCOL_VIOLATION, b"no stream opened");
+            shared.retire_if_idle(&peer, 2);
             return;
         }
     };
