@@ -941,6 +941,33 @@ async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usiz
     );
 }
 
+/// A trusted peer that connects and goes before opening its stream (it crashed, or lost its
+/// network) leaves nothing behind: its session, made when the connection came, is retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_ends_before_its_stream_opens_leaves_no_peer() {
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(
+        client_config(&b_identity, &Trust::pinned([a_identity.fingerprint()])).unwrap(),
+    );
+    let connection = endpoint
+        .connect(a.addr, "herald-node")
+        .unwrap()
+        .await
+        .unwrap();
+    let peer = PeerKey::Accepted(b_identity.fingerprint());
+    wait_peers(&a, "a made the peer's session", |peers| {
+        peers == [(peer, 0)]
+    })
+    .await;
+    connection.close(0u32.into(), b"gone before the stream");
+    wait_peers(&a, "a retired the peer", |peers| peers.is_empty()).await;
+    endpoint.wait_idle().await;
+    a.transport.shutdown().await;
+}
+
 /// Peers that come and go (a node gone for good, an address no route names any more, the
 /// certificates a CA signs) must not stay in the transport — dialed for ever, counted against
 /// `PEERS_MAX` until a restart: a peer whose connection ended with nothing left in its session
