@@ -769,15 +769,7 @@ async fn a_trusted_peer_sending_garbage_is_closed_and_others_are_still_served() 
 
     // The hostile peer speaks raw QUIC with a trusted certificate and writes a frame header
     // declaring 4 GiB.
-    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
-    endpoint.set_default_client_config(
-        client_config(&hostile, &Trust::pinned([a_identity.fingerprint()])).unwrap(),
-    );
-    let connection = endpoint
-        .connect(a.addr, "herald-node")
-        .unwrap()
-        .await
-        .unwrap();
+    let (endpoint, connection) = raw_connection(&hostile, &a_identity, a.addr).await;
     let (mut send, _recv) = connection.open_bi().await.unwrap();
     send.write_all(&[0xff; 64]).await.unwrap();
     let closed = tokio::time::timeout(TEST_TIMEOUT, connection.closed())
@@ -919,6 +911,25 @@ async fn start_again(start: impl Fn() -> herald_net::Result<Node>) -> Node {
     .expect("the node's port is free again")
 }
 
+/// A raw quinn connection to the node at `addr` (whose identity is `node`), presenting
+/// `identity`'s certificate: a peer that does not speak Herald's protocol, or not yet.
+async fn raw_connection(
+    identity: &NodeIdentity,
+    node: &NodeIdentity,
+    addr: SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(
+        client_config(identity, &Trust::pinned([node.fingerprint()])).unwrap(),
+    );
+    let connection = endpoint
+        .connect(addr, "herald-node")
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, connection)
+}
+
 /// Waits until `condition` holds of `node`'s peers (polled: retiring a peer emits no event).
 async fn wait_peers(node: &Node, what: &str, condition: impl Fn(&[(PeerKey, usize)]) -> bool) {
     let peers = || -> Vec<(PeerKey, usize)> {
@@ -948,15 +959,7 @@ async fn a_connection_that_ends_before_its_stream_opens_leaves_no_peer() {
     init_tracing();
     let (a_identity, b_identity) = two_identities();
     let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
-    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
-    endpoint.set_default_client_config(
-        client_config(&b_identity, &Trust::pinned([a_identity.fingerprint()])).unwrap(),
-    );
-    let connection = endpoint
-        .connect(a.addr, "herald-node")
-        .unwrap()
-        .await
-        .unwrap();
+    let (endpoint, connection) = raw_connection(&b_identity, &a_identity, a.addr).await;
     let peer = PeerKey::Accepted(b_identity.fingerprint());
     wait_peers(&a, "a made the peer's session", |peers| {
         peers == [(peer, 0)]
