@@ -244,7 +244,9 @@ mod tests {
                 prop_assert_eq!(held, expected);
                 let held_orders: Vec<u64> = model.keys().copied().collect();
                 let near_the_end = next_order.saturating_sub(12)..next_order + 2;
-                let around_each_held = held_orders.iter().flat_map(|o| [o.saturating_sub(1), *o, o + 1]);
+                let around_each_held = held_orders
+                    .iter()
+                    .flat_map(|o| [o.saturating_sub(1), *o, o + 1]);
                 for probe in near_the_end.chain(around_each_held) {
                     prop_assert_eq!(slots.get(probe), model.get(&probe));
                     prop_assert_eq!(

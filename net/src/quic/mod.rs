@@ -688,9 +688,9 @@ impl Shared {
     }
 
     /// Retires `peer` if its session holds no unacknowledged message and nobody but its
-    /// `holders` (the peers map and the caller's task) holds it: it leaves the peers map, so that peers that come and go
-    /// (addresses routes no longer name, certificates of a CA) do not fill `PEERS_MAX` for
-    /// good. A later message for it makes a new one.
+    /// `holders` (the peers map and the caller's task) holds it: it leaves the peers map, so
+    /// that peers that come and go (addresses routes no longer name, certificates of a CA) do
+    /// not fill `PEERS_MAX` for good. A later message for it makes a new one.
     fn retire_if_idle(&self, peer: &Arc<Peer>, holders: usize) -> bool {
         let mut peers = self.peers.lock();
         if Arc::strong_count(peer) > holders
