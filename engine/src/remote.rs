@@ -17,7 +17,6 @@
 //!   `accept_arrivals_written` returns once the transactions are written and applied
 //!   (receivable), with the `SyncPoint` to pass to `wait_synced` before acknowledging.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::broker::BrokerCore;
@@ -177,11 +176,10 @@ impl BrokerCore {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
-        // Routes by (far service, far broker) and names by dialog: a listing holds few dialogs'
-        // worth of them, and each message would otherwise search the routes again and copy its
-        // names (allocations the sender would pay per message, under the state lock).
+        // Routes by (far service, far broker): a listing holds few dialogs' worth of them, and
+        // each message would otherwise search the routes again (under the state lock). Names
+        // are the endpoint's own, shared.
         let mut routes: Vec<(FarSide<'_>, Arc<RouteChoice>)> = Vec::new();
-        let mut names: HashMap<ConversationHandle, [Arc<str>; 3]> = HashMap::new();
         state
             .transmission
             .range(from..)
@@ -202,25 +200,15 @@ impl BrokerCore {
                         route
                     }
                 };
-                let [from_service, to_service, contract] = names
-                    .entry(t.handle)
-                    .or_insert_with(|| {
-                        [
-                            endpoint.service.clone(),
-                            endpoint.far_service.clone(),
-                            endpoint.contract.clone(),
-                        ]
-                    })
-                    .clone();
                 Some(Outbound {
                     id: *id,
                     handle: t.handle,
                     conversation_id: endpoint.conversation_id,
                     from_initiator: endpoint.is_initiator,
                     sequence: t.sequence,
-                    from_service,
-                    to_service,
-                    contract,
+                    from_service: endpoint.service.clone(),
+                    to_service: endpoint.far_service.clone(),
+                    contract: endpoint.contract.clone(),
                     message_type: state.message_type_name(t.message.message_type).clone(),
                     body: t.message.body.clone(),
                     to_broker_instance: endpoint.far_broker_instance,
