@@ -1244,6 +1244,13 @@ mod tests {
         }
     }
 
+    /// Commits the route of `//far` to `address`.
+    fn create_far_route(node: &Node, address: &str) {
+        let mut tx = node.broker().begin();
+        tx.create_route(far_route(address)).unwrap();
+        tx.commit().unwrap();
+    }
+
     /// A backlog with no route is listed once, not again at every `ROUTE_RECHECK_INTERVAL`
     /// (a walk over all of it each time, for nothing); creating a route lists it again at once.
     #[test]
@@ -1268,9 +1275,7 @@ mod tests {
         );
 
         // Nothing listens there: the messages are handed to the transport, which keeps trying.
-        let mut tx = node.broker().begin();
-        tx.create_route(far_route("quic://127.0.0.1:9")).unwrap();
-        tx.commit().unwrap();
+        create_far_route(&node, "quic://127.0.0.1:9");
         wait_until("the backlog is handed on", || {
             node.dispatched() == MESSAGES as usize
         });
@@ -1301,9 +1306,7 @@ mod tests {
             node.transport()
                 .unacknowledged_messages(&PeerKey::Dialed(addr))
         };
-        let mut tx = node.broker().begin();
-        tx.create_route(far_route("quic://far.test:4022")).unwrap();
-        tx.commit().unwrap();
+        create_far_route(&node, "quic://far.test:4022");
         wait_until("the backlog goes to the first address", || {
             held(first) == MESSAGES as usize
         });
@@ -1328,11 +1331,8 @@ mod tests {
         const MESSAGES: u64 = 30;
         let dir = tempfile::tempdir().unwrap();
         let node = node_with_backlog(dir.path(), MESSAGES);
-        let mut tx = node.broker().begin();
         // `.invalid` never resolves (RFC 6761).
-        tx.create_route(far_route("quic://herald-test.invalid:4022"))
-            .unwrap();
-        tx.commit().unwrap();
+        create_far_route(&node, "quic://herald-test.invalid:4022");
         let once = listed(&node);
         wait_until("the backlog is listed twice more", || {
             listed(&node) >= once + 2 * MESSAGES
