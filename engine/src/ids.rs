@@ -60,11 +60,14 @@ impl BrokerInstanceId {
     }
 }
 
-/// Hash maps and sets keyed by ids: random 128-bit values (or application-chosen group ids),
-/// or the broker's own sequential 64-bit ones (transmission ids), so SipHash's cost buys
-/// little: the hasher folds the id with a multiply by a per-process random odd key, which keeps
-/// a chosen-id collision attack from being precomputed. The node's maps of transmissions in
-/// flight use them too (a few per message, on the bulk path).
+/// Hash maps and sets keyed by ids — random 128-bit values (or application-chosen group ids),
+/// the broker's own sequential 64-bit ones (transmission ids), a peer's address — and by
+/// catalog names, on the per-message paths, where SipHash costs more than the rest of a
+/// lookup. The hasher folds each 64-bit word into its state with a folded multiply (the 128-bit
+/// product's halves xored) by a per-process random key, as foldhash does: every word passes
+/// through a multiply by the secret key before the next is mixed in, so keys that collide
+/// cannot be computed without it (a peer chooses conversation ids). Not a cryptographic hash:
+/// it makes collisions unpredictable, not impossible to find by probing timings.
 pub type IdMap<K, V> = std::collections::HashMap<K, V, IdHasherBuilder>;
 pub type IdSet<K> = std::collections::HashSet<K, IdHasherBuilder>;
 
@@ -86,7 +89,7 @@ impl std::hash::BuildHasher for IdHasherBuilder {
     type Hasher = IdHasher;
     fn build_hasher(&self) -> IdHasher {
         IdHasher {
-            state: 0,
+            state: self.key.rotate_left(32),
             key: self.key,
         }
     }
@@ -99,23 +102,135 @@ pub struct IdHasher {
     key: u64,
 }
 
+impl IdHasher {
+    /// Mixes one word in: the folded multiply of (state ^ word) by the key.
+    #[inline]
+    fn mix(&mut self, word: u64) {
+        let product = u128::from(self.state ^ word) * u128::from(self.key);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
 impl std::hash::Hasher for IdHasher {
+    #[inline]
     fn finish(&self) -> u64 {
-        let x = self.state.wrapping_mul(self.key);
-        x ^ (x >> 29)
+        self.state
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.state = (self.state ^ *byte as u64).wrapping_mul(0x0100_0000_01b3);
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.mix(u64::from_le_bytes(
+                word.try_into().expect("chunks of 8 bytes"),
+            ));
         }
+        let rest = words.remainder();
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        self.mix(u64::from_le_bytes(last));
+        // The length goes in too: bytes that differ only by trailing zeros differ here.
+        self.mix(bytes.len() as u64);
     }
 
+    #[inline]
+    fn write_u8(&mut self, value: u8) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
+    fn write_u16(&mut self, value: u16) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, value: u32) {
+        self.mix(u64::from(value));
+    }
+
+    #[inline]
     fn write_u64(&mut self, value: u64) {
-        self.state = (self.state ^ value).rotate_left(23);
+        self.mix(value);
     }
 
+    #[inline]
     fn write_u128(&mut self, value: u128) {
-        self.write_u64(value as u64 ^ (value >> 64) as u64);
+        self.mix(value as u64);
+        self.mix((value >> 64) as u64);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, value: usize) {
+        self.mix(value as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::{BuildHasher, Hasher};
+
+    fn hash_u128(key: u64, value: u128) -> u64 {
+        let mut h = IdHasherBuilder { key }.build_hasher();
+        h.write_u128(value);
+        h.finish()
+    }
+
+    #[test]
+    fn equal_values_hash_equal_and_neighbours_apart() {
+        let builder = IdHasherBuilder::default();
+        assert_eq!(builder.hash_one(42u64), builder.hash_one(42u64));
+        assert_eq!(
+            builder.hash_one("//svc"),
+            builder.hash_one(String::from("//svc"))
+        );
+        let sequential: std::collections::HashSet<u64> =
+            (0..10_000u64).map(|id| builder.hash_one(id)).collect();
+        assert_eq!(sequential.len(), 10_000);
+        // The low bits pick buckets, the top seven hashbrown's tags: both must vary.
+        let low: std::collections::HashSet<u64> = (0..4096u64)
+            .map(|id| builder.hash_one(id) & 0xfff)
+            .collect();
+        let top: std::collections::HashSet<u64> =
+            (0..4096u64).map(|id| builder.hash_one(id) >> 57).collect();
+        assert!(
+            low.len() > 2000,
+            "{} distinct low 12 bits of 4096",
+            low.len()
+        );
+        assert_eq!(top.len(), 128);
+    }
+
+    #[test]
+    fn bytes_that_differ_only_in_length_hash_apart() {
+        let builder = IdHasherBuilder::default();
+        let hash = |bytes: &[u8]| {
+            let mut h = builder.build_hasher();
+            h.write(bytes);
+            h.finish()
+        };
+        assert_ne!(hash(b"a"), hash(b"a\0"));
+        assert_ne!(hash(b""), hash(b"\0"));
+        assert_ne!(hash(b"12345678"), hash(b"12345678\0"));
+    }
+
+    #[test]
+    fn ids_colliding_under_one_key_do_not_under_another() {
+        // Under the old xor-and-rotate hasher, any two ids with equal halves xored collided
+        // whatever the key; here the key decides, so a peer cannot pick colliding ids.
+        let (high_a, low_a) = (0x0123_4567_89ab_cdef_u64, 0x1111_u64);
+        let (high_b, low_b) = (high_a ^ low_a, 0);
+        assert_eq!(high_a ^ low_a, high_b ^ low_b);
+        let a = (u128::from(high_a) << 64) | u128::from(low_a);
+        let b = (u128::from(high_b) << 64) | u128::from(low_b);
+        let keys = [
+            0x9e37_79b9_7f4a_7c15_u64,
+            0xc2b2_ae3d_27d4_eb4f,
+            0x1656_67b1_9e37_79f9,
+        ];
+        let colliding = keys
+            .iter()
+            .filter(|key| hash_u128(**key, a) == hash_u128(**key, b))
+            .count();
+        assert_eq!(colliding, 0);
     }
 }

@@ -292,6 +292,12 @@ impl RecordBuilder {
         self.ops == 0
     }
 
+    /// Makes room for `bytes` more (ops about to be pushed whose size is known), so that
+    /// pushing them does not grow the record step by step, copying it each time.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
+    }
+
     /// Bytes of the record so far (what [`RecordBuilder::finish`] would return).
     pub fn len_bytes(&self) -> usize {
         self.buf.len()

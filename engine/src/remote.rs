@@ -331,13 +331,16 @@ impl BrokerCore {
         // large messages is committed in several, in order (each sees the ones before).
         let record_bytes_max = self.wal.record_payload_bytes_max() as usize;
         let mut tx = self.begin();
+        let arrivals_bytes: usize = arrivals
+            .iter()
+            .map(|a| record::arrive_op_bytes(&a.message_type, a.body.len()))
+            .sum();
+        tx.record().reserve(arrivals_bytes.min(record_bytes_max));
         let mut outcomes = Vec::with_capacity(arrivals.len());
         // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
         // next sequence expected, far side is initiator).
-        let mut expected: std::collections::HashMap<
-            (ConversationId, bool),
-            (ConversationHandle, u64),
-        > = Default::default();
+        let mut expected: crate::ids::IdMap<(ConversationId, bool), (ConversationHandle, u64)> =
+            Default::default();
         for arrival in arrivals {
             let side = (arrival.conversation_id, !arrival.from_initiator);
             let known = match expected.get(&side) {

@@ -582,7 +582,7 @@ pub struct State {
         IdMap<ConversationHandle, BTreeMap<MessageKey, (ConversationGroupId, QueuedMessage)>>,
     /// Per queue, the groups with waiting messages, best first (`ReadyKey`): RECEIVE walks
     /// this instead of every group.
-    ready: HashMap<String, BTreeSet<(ReadyKey, ConversationGroupId)>>,
+    ready: IdMap<String, BTreeSet<(ReadyKey, ConversationGroupId)>>,
     /// Every pending conversation timer and dialog lifetime, soonest first.
     pub(crate) deadlines: BTreeSet<(u64, ConversationHandle, DeadlineKind)>,
     /// Queues whose messages or status changed since the last `take_touched` (to wake
@@ -606,7 +606,7 @@ pub struct State {
     pub(crate) route_changes: u64,
     /// Endpoints by (conversation id, is initiator): how messages from other brokers find
     /// their conversation.
-    pub(crate) by_conversation: HashMap<(ConversationId, bool), ConversationHandle>,
+    pub(crate) by_conversation: IdMap<(ConversationId, bool), ConversationHandle>,
     /// Remote conversations removed recently: (conversation id, is initiator) → until when
     /// (milliseconds since the UNIX epoch) a message for them is a late duplicate.
     pub(crate) closed: BTreeMap<(ConversationId, bool), u64>,
@@ -621,7 +621,7 @@ pub struct State {
     /// Message type names by `MessageTypeId`, and the reverse: one shared name per type
     /// instead of one per queued message.
     message_type_names: Vec<Arc<str>>,
-    message_type_ids: HashMap<String, MessageTypeId>,
+    message_type_ids: IdMap<String, MessageTypeId>,
     /// Set when a logged record could not be applied: the state no longer matches the log, so
     /// no later commit may proceed (they would wait forever for this one).
     pub(crate) broken: Option<String>,

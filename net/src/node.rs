@@ -666,7 +666,7 @@ fn pass(
     let last = waiting.last().map(|m| m.id);
     // What goes in this pass, by address, in order: one hand-over and one status update per
     // address.
-    let mut batches: HashMap<SocketAddr, Vec<OutgoingMessage>> = HashMap::new();
+    let mut batches: IdMap<SocketAddr, Vec<OutgoingMessage>> = IdMap::default();
     for message in waiting {
         let (host, port) = match &*message.route {
             RouteChoice::Remote {
@@ -940,17 +940,19 @@ fn run_receiver(
             }
         })
     };
+    // Kept between batches (at most `RECEIVER_BATCH_EVENTS_MAX`): not grown again each time.
+    let mut batch: Vec<TransportEvent> = Vec::new();
     while let Some(first) = next(&mut events, !unrecorded.is_empty()) {
-        let mut batch: Vec<TransportEvent> = first.into_iter().collect();
+        batch.extend(first);
         while batch.len() < RECEIVER_BATCH_EVENTS_MAX {
             match events.try_recv() {
                 Some(event) => batch.push(event),
                 None => break,
             }
         }
-        let mut arrivals: Vec<(PeerKey, Arrival)> = Vec::new();
+        let mut arrivals: Vec<(PeerKey, Arrival)> = Vec::with_capacity(batch.len());
         let mut acknowledged = std::mem::take(&mut unrecorded);
-        for event in batch {
+        for event in batch.drain(..) {
             match event {
                 TransportEvent::Connected {
                     peer, fingerprint, ..
@@ -1065,7 +1067,7 @@ fn run_receiver(
 /// direction of each peer, the highest sequence accepted (or repeated).
 #[derive(Debug, Default)]
 struct PendingAcks {
-    acks: HashMap<(PeerKey, u128, bool), u64>,
+    acks: IdMap<(PeerKey, u128, bool), u64>,
     point: SyncPoint,
 }
 
@@ -1091,7 +1093,7 @@ fn deliver(
             return;
         }
     };
-    let mut acks: HashMap<(PeerKey, u128, bool), u64> = HashMap::new();
+    let mut acks: IdMap<(PeerKey, u128, bool), u64> = IdMap::default();
     for ((peer, arrival), outcome) in peers.iter().zip(&batch).zip(outcomes) {
         match outcome {
             ArrivalOutcome::Accepted | ArrivalOutcome::Duplicate => {
@@ -1123,7 +1125,7 @@ fn deliver(
     shared.acks_waiting.notify_one();
 }
 
-fn acknowledge(transport: &Transport, acks: HashMap<(PeerKey, u128, bool), u64>) {
+fn acknowledge(transport: &Transport, acks: IdMap<(PeerKey, u128, bool), u64>) {
     for ((peer, conversation, from_initiator), sequence) in acks {
         let _ = transport.acknowledge(&peer, conversation.to_be_bytes(), from_initiator, sequence);
     }

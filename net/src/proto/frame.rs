@@ -189,8 +189,14 @@ impl Frame {
                 finish(out, start)
             }
             Frame::Message(m) => {
-                let header = encode_message_header(&m.header, m.body_bytes as usize)?;
-                encode_message_fragment(out, &header, m.body_bytes, m.fragment_offset, &m.fragment)
+                check_message_header(&m.header, m.body_bytes as usize)?;
+                encode_message_fragment(
+                    out,
+                    &m.header,
+                    m.body_bytes,
+                    m.fragment_offset,
+                    &m.fragment,
+                )
             }
             Frame::Ack(ack) => {
                 let start = begin(out, KIND_ACK);
@@ -309,16 +315,11 @@ impl FrameDecoder {
     }
 }
 
-/// The encoded Message payload before the fragment offset: fixed fields, names, body length.
-/// Checked here once, so that every fragment of a message reuses it.
-pub(crate) fn encode_message_header(header: &MessageHeader, body_bytes: usize) -> Result<Vec<u8>> {
-    let names = [
-        ("source service", &header.source_service),
-        ("target service", &header.target_service),
-        ("contract", &header.contract),
-        ("message type", &header.message_type),
-    ];
-    for (field, name) in names {
+/// Checks a Message's names and body length against the limits the decoder enforces: once per
+/// message, so that encoding each of its fragments (see [`encode_message_fragment`]) cannot
+/// fail on them.
+pub(crate) fn check_message_header(header: &MessageHeader, body_bytes: usize) -> Result<()> {
+    for (field, name) in message_names(header) {
         check_name(field, name.len())?;
     }
     if body_bytes > MESSAGE_BODY_BYTES_MAX {
@@ -327,9 +328,36 @@ pub(crate) fn encode_message_header(header: &MessageHeader, body_bytes: usize) -
             max: MESSAGE_BODY_BYTES_MAX,
         });
     }
-    // Exactly its size: a session holds one per unacknowledged message.
-    let names_bytes: usize = names.iter().map(|(_, name)| 2 + name.len()).sum();
-    let mut out = Vec::with_capacity(MESSAGE_FIXED_BYTES + names_bytes + 4);
+    Ok(())
+}
+
+/// A Message's names, in their order on the wire.
+fn message_names(header: &MessageHeader) -> [(&'static str, &str); 4] {
+    [
+        ("source service", &header.source_service),
+        ("target service", &header.target_service),
+        ("contract", &header.contract),
+        ("message type", &header.message_type),
+    ]
+}
+
+/// Appends one Message frame of `header` (checked by [`check_message_header`] for a body of
+/// `body_bytes`), then the fragment. The header's fields are encoded for each fragment: a
+/// session keeps no encoded copy per unacknowledged message.
+pub(crate) fn encode_message_fragment(
+    out: &mut Vec<u8>,
+    header: &MessageHeader,
+    body_bytes: u32,
+    fragment_offset: u32,
+    fragment: &[u8],
+) -> Result<()> {
+    check_fragment(body_bytes, fragment_offset, fragment.len())?;
+    let names = message_names(header);
+    for (field, name) in names {
+        check_name(field, name.len())?;
+    }
+    let start = begin(out, KIND_MESSAGE);
+    out.reserve(message_frame_bytes(header, fragment.len()) - FRAME_HEADER_BYTES);
     out.extend_from_slice(&header.conversation_id);
     let mut flags = direction_flag(header.from_initiator);
     if header.target_broker_instance.is_some() {
@@ -340,32 +368,21 @@ pub(crate) fn encode_message_header(header: &MessageHeader, body_bytes: usize) -
     out.extend_from_slice(&header.lifetime_deadline_secs.to_le_bytes());
     out.extend_from_slice(&header.target_broker_instance.unwrap_or([0; 16]));
     for (_, name) in names {
-        put_str(&mut out, name);
+        put_str(out, name);
     }
-    out.extend_from_slice(&(body_bytes as u32).to_le_bytes());
-    Ok(out)
-}
-
-/// Appends one Message frame: `header` from [`encode_message_header`] for a body of
-/// `body_bytes`, then the fragment.
-pub(crate) fn encode_message_fragment(
-    out: &mut Vec<u8>,
-    header: &[u8],
-    body_bytes: u32,
-    fragment_offset: u32,
-    fragment: &[u8],
-) -> Result<()> {
-    check_fragment(body_bytes, fragment_offset, fragment.len())?;
-    let start = begin(out, KIND_MESSAGE);
-    out.extend_from_slice(header);
+    out.extend_from_slice(&body_bytes.to_le_bytes());
     out.extend_from_slice(&fragment_offset.to_le_bytes());
     out.extend_from_slice(fragment);
     finish(out, start)
 }
 
-/// Bytes a Message frame with this encoded header and fragment length takes.
-pub(crate) fn message_frame_bytes(header: &[u8], fragment_bytes: usize) -> usize {
-    FRAME_HEADER_BYTES + header.len() + 4 + fragment_bytes
+/// Bytes a Message frame of this header and fragment length takes.
+pub(crate) fn message_frame_bytes(header: &MessageHeader, fragment_bytes: usize) -> usize {
+    let names_bytes: usize = message_names(header)
+        .iter()
+        .map(|(_, name)| 2 + name.len())
+        .sum();
+    FRAME_HEADER_BYTES + MESSAGE_FIXED_BYTES + names_bytes + 4 + 4 + fragment_bytes
 }
 
 pub(crate) fn check_error(code: i32, description: &str) -> Result<()> {
@@ -684,8 +701,8 @@ mod tests {
 
     #[test]
     fn the_largest_frames_are_the_sizes_the_limits_assume() {
-        let header = encode_message_header(&longest_header(), MESSAGE_BODY_BYTES_MAX)
-            .expect("the longest header encodes");
+        let header = longest_header();
+        check_message_header(&header, MESSAGE_BODY_BYTES_MAX).expect("the longest header is valid");
         let mut out = Vec::new();
         let fragment = vec![0; FRAGMENT_BODY_BYTES_MAX];
         encode_message_fragment(

@@ -25,8 +25,8 @@
 //! sequence it has durably received per conversation direction, drops duplicates and gaps, and
 //! acknowledges through [`PeerSession::acknowledge`] once its commit is durable.
 
-use herald_engine::RecordBytes;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use herald_engine::{IdMap, RecordBytes};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -134,7 +134,7 @@ pub struct PeerSession {
     messages: SendOrderSlots<Pending>,
     /// Unacknowledged messages by conversation direction: (sequence, send order), ascending by
     /// sequence. An Ack removes a prefix.
-    by_conversation: HashMap<Direction, VecDeque<(u64, u64)>>,
+    by_conversation: IdMap<Direction, VecDeque<(u64, u64)>>,
     /// No message at or after this send order has been completely transmitted on this
     /// connection: the next new message to transmit is the first one from here.
     first_unsent: u64,
@@ -148,7 +148,7 @@ pub struct PeerSession {
     next_order: u64,
     in_flight_bytes: usize,
     /// Acks to send, coalesced per conversation direction, in the order first asked for.
-    acks: HashMap<Direction, u64>,
+    acks: IdMap<Direction, u64>,
     ack_order: VecDeque<Direction>,
     errors: VecDeque<ErrorFrame>,
     events: VecDeque<Event>,
@@ -167,8 +167,8 @@ struct Pending {
     /// (conversation id, from initiator) and sequence: its entry in `by_conversation`.
     conversation: Direction,
     sequence: u64,
-    /// The Message frame's header fields, encoded once for all fragments.
-    header: Vec<u8>,
+    /// The Message frame's header fields (checked by `send`), encoded with each fragment.
+    header: MessageHeader,
     body: RecordBytes,
     /// Next body byte to transmit; 0 when not being transmitted.
     next_offset: usize,
@@ -191,13 +191,13 @@ impl PeerSession {
             go_away: GoAway::No,
             peer_going_away: false,
             messages: SendOrderSlots::default(),
-            by_conversation: HashMap::new(),
+            by_conversation: IdMap::default(),
             first_unsent: 0,
             retransmit: BTreeSet::new(),
             timers: Default::default(),
             next_order: 0,
             in_flight_bytes: 0,
-            acks: HashMap::new(),
+            acks: IdMap::default(),
             ack_order: VecDeque::new(),
             errors: VecDeque::new(),
             events: VecDeque::new(),
@@ -208,7 +208,7 @@ impl PeerSession {
     /// the session as it was, if a name or the body is over its limit, the same (conversation,
     /// direction, sequence) is already queued, or the queue is full.
     pub fn send(&mut self, message: OutgoingMessage) -> Result<()> {
-        let header = frame::encode_message_header(&message.header, message.body.len())?;
+        frame::check_message_header(&message.header, message.body.len())?;
         let conversation = (
             message.header.conversation_id,
             message.header.from_initiator,
@@ -243,7 +243,7 @@ impl PeerSession {
                 id: message.id,
                 conversation,
                 sequence,
-                header,
+                header: message.header,
                 body: message.body,
                 next_offset: 0,
                 in_flight: false,

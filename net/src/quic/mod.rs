@@ -59,7 +59,7 @@
 
 pub mod tls;
 
-use std::collections::HashMap;
+use herald_engine::IdMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -336,7 +336,7 @@ impl Transport {
             client_config,
             broker_instance: *config.identity.broker_instance().as_bytes(),
             identity: config.identity,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(IdMap::default()),
             events: event_sender,
             shutdown,
             shut_down: AtomicBool::new(false),
@@ -554,7 +554,7 @@ struct Shared {
     client_config: quinn::ClientConfig,
     identity: NodeIdentity,
     broker_instance: [u8; 16],
-    peers: Mutex<HashMap<PeerKey, Arc<Peer>>>,
+    peers: Mutex<IdMap<PeerKey, Arc<Peer>>>,
     events: mpsc::Sender<TransportEvent>,
     /// Becomes true when the transport shuts down; every task watches it.
     shutdown: watch::Sender<bool>,
