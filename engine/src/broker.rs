@@ -193,21 +193,101 @@ pub(crate) enum Wait {
 pub type OutboundListener = Arc<dyn Fn(&BrokerCore) + Send + Sync>;
 
 /// Why transmissions have not gone, for `transmission_queue` (network state, not logged).
+///
+/// Each id names a slot of `texts` rather than holding a shared text (an `Arc`) itself: a text
+/// is set for every message of a batch on the node's sender thread and forgotten on its
+/// receiver thread (acknowledgement), and an atomic reference count per message, bumped from
+/// both threads, cost a cache-line transfer per message. A slot's count is a plain integer
+/// under the mutex.
 #[derive(Debug, Default)]
 struct TransmissionStatuses {
-    /// Status text by transmission id; one text is shared by every id it was set for at once.
-    by_id: crate::ids::IdMap<u64, Arc<str>>,
+    /// Status text slot by transmission id.
+    by_id: crate::ids::IdMap<u64, u32>,
+    /// Texts in use, each with how many ids name it; `None` is a free slot (listed in `free`).
+    texts: Vec<Option<(Box<str>, u64)>>,
+    free: Vec<u32>,
+    /// The slot set last.
+    last: Option<u32>,
     /// `State::transmissions_dropped` when texts of dropped transmissions were last forgotten.
     pruned_at: u64,
+}
+
+impl TransmissionStatuses {
+    /// The slot of `text`, taken for `uses` more ids: the slot set last if it still holds the
+    /// same text (a status is usually set as it was the time before), else a new one.
+    fn slot_for(&mut self, text: &str, uses: u64) -> u32 {
+        if let Some(slot) = self.last
+            && let Some((held, count)) = &mut self.texts[slot as usize]
+            && **held == *text
+        {
+            *count += uses;
+            return slot;
+        }
+        let entry = Some((Box::from(text), uses));
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.texts[slot as usize] = entry;
+                slot
+            }
+            None => {
+                self.texts.push(entry);
+                (self.texts.len() - 1) as u32
+            }
+        };
+        self.last = Some(slot);
+        slot
+    }
+
+    /// One id fewer names `slot`; the slot is freed with its last.
+    fn release(&mut self, slot: u32) {
+        let Some((_, count)) = &mut self.texts[slot as usize] else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.texts[slot as usize] = None;
+            self.free.push(slot);
+        }
+    }
+
+    fn text(&self, id: u64) -> Option<&str> {
+        let slot = *self.by_id.get(&id)?;
+        self.texts[slot as usize].as_ref().map(|(text, _)| &**text)
+    }
+
+    /// Sets `text` for `ids`.
+    fn set(&mut self, ids: &[u64], text: &str) {
+        if ids.is_empty() {
+            return;
+        }
+        let slot = self.slot_for(text, ids.len() as u64);
+        for id in ids {
+            if let Some(old) = self.by_id.insert(*id, slot) {
+                self.release(old);
+            }
+        }
+    }
+
+    fn forget(&mut self, id: u64) {
+        if let Some(slot) = self.by_id.remove(&id) {
+            self.release(slot);
+        }
+    }
 }
 
 /// Forgets the texts of transmissions dropped since the last time (a no-op if none were).
 fn prune_statuses(state: &crate::state::State, statuses: &mut TransmissionStatuses) {
     if statuses.pruned_at != state.transmissions_dropped {
         statuses.pruned_at = state.transmissions_dropped;
-        statuses
+        let gone: Vec<u64> = statuses
             .by_id
-            .retain(|id, _| state.transmission.contains_key(id));
+            .keys()
+            .filter(|id| !state.transmission.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            statuses.forget(id);
+        }
     }
 }
 
@@ -600,7 +680,6 @@ impl BrokerCore {
         // Lock order: state, then the statuses.
         let state = self.state.lock();
         let statuses = self.transmission_status.lock();
-        let statuses = &statuses.by_id;
         state
             .transmission
             .iter()
@@ -613,7 +692,7 @@ impl BrokerCore {
                     self.broker_id,
                     now,
                 );
-                let transmission_status = match (statuses.get(id), routed) {
+                let transmission_status = match (statuses.text(*id), routed) {
                     (_, crate::catalog::RouteChoice::NoRoute) => {
                         format!("no route to service {:?} yet", endpoint.far_service)
                     }
@@ -645,7 +724,7 @@ impl BrokerCore {
             return;
         }
         for id in ids {
-            statuses.by_id.remove(id);
+            statuses.forget(*id);
         }
     }
 
@@ -654,15 +733,15 @@ impl BrokerCore {
     /// transmission queue are ignored, and texts of transmissions it dropped since the last
     /// call are forgotten: the texts held never outnumber the queue's messages.
     pub fn set_transmission_status(&self, ids: &[u64], status: &str) {
-        let status: Arc<str> = Arc::from(status);
         let state = self.state.lock();
         let mut statuses = self.transmission_status.lock();
         prune_statuses(&state, &mut statuses);
-        for id in ids {
-            if state.transmission.contains_key(id) {
-                statuses.by_id.insert(*id, status.clone());
-            }
-        }
+        let queued: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| state.transmission.contains_key(id))
+            .collect();
+        statuses.set(&queued, status);
     }
 
     /// Forgets the status texts of transmissions the queue dropped unacknowledged (done by
@@ -1091,5 +1170,55 @@ fn lock_directory(dir: &Path) -> Result<File> {
             context: format!("locking {}", path.display()),
             source: e,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TransmissionStatuses;
+
+    fn slots_in_use(statuses: &TransmissionStatuses) -> usize {
+        statuses.texts.iter().filter(|t| t.is_some()).count()
+    }
+
+    #[test]
+    fn a_status_text_is_kept_while_some_id_names_it() {
+        let mut statuses = TransmissionStatuses::default();
+        statuses.set(&[1, 2, 3], "sent to A");
+        statuses.set(&[4, 5], "sent to A");
+        assert_eq!(
+            slots_in_use(&statuses),
+            1,
+            "the same text again shares the slot"
+        );
+        statuses.set(&[2], "A unreachable");
+        assert_eq!(statuses.text(2), Some("A unreachable"));
+        assert_eq!(statuses.text(1), Some("sent to A"));
+        assert_eq!(statuses.text(9), None);
+        for id in [1, 3, 4] {
+            statuses.forget(id);
+        }
+        assert_eq!(statuses.text(5), Some("sent to A"), "one id still names it");
+        statuses.forget(5);
+        assert_eq!(slots_in_use(&statuses), 1, "only 'unreachable' is left");
+        statuses.forget(5);
+        statuses.forget(2);
+        assert_eq!(slots_in_use(&statuses), 0);
+        assert!(statuses.by_id.is_empty());
+    }
+
+    #[test]
+    fn freed_slots_are_reused_so_texts_stay_bounded_by_the_ids() {
+        let mut statuses = TransmissionStatuses::default();
+        for round in 0..1000u64 {
+            statuses.set(&[round, round], &format!("not sent: error {round}"));
+            statuses.forget(round);
+        }
+        assert!(statuses.texts.len() <= 1, "{} slots", statuses.texts.len());
+        statuses.set(&[7, 8], "x");
+        statuses.set(&[7], "y");
+        statuses.set(&[8], "y");
+        assert_eq!(slots_in_use(&statuses), 1, "'x' went with its last id");
+        assert_eq!(statuses.text(8), Some("y"));
     }
 }
