@@ -396,6 +396,18 @@ impl PeerSession {
         Ok(())
     }
 
+    /// Whether frames that input can queue wait for [`poll_transmit`](PeerSession::poll_transmit):
+    /// the Hello, Acks, Error frames, the GoAway. (Messages wait too after `send`, whose caller
+    /// wakes the writer, and after an acknowledgement opened the window, which the driver sees
+    /// as an [`Event::Acknowledged`].) A driver that has only handed input over needs to wake
+    /// its writer only then: most input is messages, whose acknowledgements come later.
+    pub fn has_control_frames(&self) -> bool {
+        !self.hello_sent
+            || !self.ack_order.is_empty()
+            || !self.errors.is_empty()
+            || self.go_away == GoAway::Queued
+    }
+
     /// The bytes to write to the peer now, if any: the Hello first on a new connection, then
     /// Acks, Error frames, a GoAway, and message fragments in send order, batched up to
     /// [`TRANSMIT_BYTES_MAX`]. Retransmission timers of messages completed here start at `now`.
@@ -771,6 +783,41 @@ mod tests {
             sequence,
             broker_instance: [9; 16],
         });
+    }
+
+    #[test]
+    fn only_control_frames_ask_for_the_writer_after_input() {
+        let now = Instant::now();
+        let (mut sender, mut receiver) = (PeerSession::new([1; 16]), PeerSession::new([2; 16]));
+        assert!(receiver.has_control_frames(), "the Hello waits");
+        let hello = receiver.poll_transmit(now).expect("the Hello");
+        assert!(!receiver.has_control_frames());
+        sender.handle_bytes(now, &hello).expect("a Hello");
+        sender.send(message(0, 1, 0)).expect("queued");
+        let bytes = sender
+            .poll_transmit(now)
+            .expect("the Hello and the message");
+        receiver
+            .handle_bytes(now, &bytes)
+            .expect("a Hello and a message");
+        let mut received = 0;
+        while let Some(event) = receiver.poll_event() {
+            received += matches!(event, Event::Received(_)) as usize;
+        }
+        assert_eq!(received, 1);
+        assert!(
+            !receiver.has_control_frames(),
+            "a message asks for nothing until it is acknowledged"
+        );
+        receiver.acknowledge([1; 16], true, 0);
+        assert!(receiver.has_control_frames(), "the Ack waits");
+        let ack = receiver.poll_transmit(now).expect("the Ack");
+        assert!(!receiver.has_control_frames());
+        sender.handle_bytes(now, &ack).expect("an Ack");
+        assert!(
+            std::iter::from_fn(|| sender.poll_event())
+                .any(|e| matches!(e, Event::Acknowledged { id: 0, .. }))
+        );
     }
 
     #[test]

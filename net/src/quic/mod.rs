@@ -992,16 +992,22 @@ async fn read_loop(
             Ok(None) => return Ended::Lost("the peer ended its stream".into()),
             Err(e) => return Ended::Lost(format!("reading: {e}")),
         };
-        let handled = {
+        let (handled, wake_writer) = {
             let mut session = peer.session.lock();
             let handled = session.handle_bytes(Instant::now().into_std(), &chunk.bytes);
+            let mut wake_writer = session.has_control_frames();
             while let Some(event) = session.poll_event() {
+                wake_writer |= !matches!(event, Event::Received(_));
                 events.push(event);
             }
-            handled
+            (handled, wake_writer)
         };
-        // Input may need an answer (the Hello), and acknowledgements open the window.
-        peer.wake.notify_one();
+        // Input may need an answer (the Hello), and acknowledgements open the window; messages
+        // alone need none (each wake-up of the writer per chunk read cost a task poll, two
+        // session locks and a timer reset on the receiving node, for nothing).
+        if wake_writer {
+            peer.wake.notify_one();
+        }
         for event in events.drain(..) {
             let event = match event {
                 Event::Connected {
