@@ -18,8 +18,9 @@ use herald_net::identity::{
 };
 use herald_net::proto::{Event, MessageHeader, OutgoingMessage};
 use herald_net::quic::{
-    CLOSE_PROTOCOL_VIOLATION, EVENTS_CAPACITY, PEERS_MAX, PeerKey, Transport, TransportConfig,
-    TransportEvent, TransportOptions, UDP_SOCKET_BUFFER_BYTES, bind_udp_socket, client_config,
+    CLOSE_PROTOCOL_VIOLATION, EVENT_OVERHEAD_BYTES, EVENTS_BYTES_MAX, PEERS_MAX, PeerKey,
+    READ_CHUNKS_MAX, Transport, TransportConfig, TransportEvent, TransportOptions,
+    UDP_SOCKET_BUFFER_BYTES, bind_udp_socket, client_config,
 };
 use parking_lot::Mutex;
 use rustls::pki_types::PrivateKeyDer;
@@ -830,18 +831,29 @@ async fn a_caller_that_stops_taking_events_holds_its_peers_back_and_loses_nothin
     .unwrap();
     let b = Arc::new(b);
     let b_addr = b.local_addr().unwrap();
-    let count = 3 * EVENTS_CAPACITY as u64;
-    let sent = send_many(&a, b_addr, count, 0, true, 0, 0);
+    // Messages of 4 KiB, three times what the event channel may hold.
+    const BODY_BYTES: usize = 4096;
+    let count = (3 * EVENTS_BYTES_MAX / BODY_BYTES) as u64;
+    let sent = send_many(&a, b_addr, count, 0, true, 1, BODY_BYTES);
 
     // B's caller takes nothing: the channel fills to its bound and B stops reading.
+    let per_event = BODY_BYTES + EVENT_OVERHEAD_BYTES;
+    let full = EVENTS_BYTES_MAX - READ_CHUNKS_MAX * per_event;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        while b_events.len() < EVENTS_CAPACITY {
+        while b_events.charged_bytes() < full {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
     .expect("the event channel fills");
-    assert_eq!(b_events.len(), EVENTS_CAPACITY);
+    let waiting = b_events.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b_events.len(), waiting, "B stopped reading");
+    assert!(b_events.charged_bytes() <= EVENTS_BYTES_MAX);
+    assert!(
+        waiting * per_event <= EVENTS_BYTES_MAX && waiting * per_event >= full,
+        "{waiting} events of {per_event} bytes"
+    );
 
     // B's engine catches up: every message arrives, once, in order, and is acknowledged once.
     let seen = Mutex::new(Seen::default());

@@ -52,24 +52,26 @@
 //!
 //! # Back-pressure
 //!
-//! Events wait in a channel of [`EVENTS_CAPACITY`]; when it is full, the reader tasks wait for
-//! the caller, which stops reading from the network and lets QUIC's flow control slow the
+//! Events wait for the caller up to [`EVENTS_BYTES_MAX`] (message bodies plus
+//! [`EVENT_OVERHEAD_BYTES`] each); when that is reached, the reader tasks wait for the caller,
+//! which stops reading from the network and lets QUIC's flow control slow the
 //! peers. [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
 //! messages per peer with `Error::SendQueueFull`: the engine keeps them and offers them again.
 
 pub mod tls;
 
 use herald_engine::IdMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -81,9 +83,21 @@ pub use tls::{
     ALPN_CLIENT, ALPN_NODE, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, client_config, server_config,
 };
 
-/// Events buffered for the caller; past it the transport stops reading from its peers until the
-/// caller catches up.
-pub const EVENTS_CAPACITY: usize = 4096;
+/// Bytes of events buffered for the caller — message bodies, plus [`EVENT_OVERHEAD_BYTES`] per
+/// event — past which the transport stops reading from its peers until the caller catches up.
+/// (A bound in events would not bound memory: a message may have 8 MiB.) Half a peer's
+/// `IN_FLIGHT_BYTES_MAX`: the caller stores what it takes and the peers' windows reopen as it
+/// acknowledges, so buffering more only holds memory. What one read yields goes as one batch;
+/// a batch charged more than this whole bound (a largest message) is charged the bound.
+pub const EVENTS_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// What each event is charged against [`EVENTS_BYTES_MAX`] beyond its message body: about its
+/// own size and its allocations', so that many small events are bounded too.
+pub const EVENT_OVERHEAD_BYTES: usize = 256;
+
+/// Most chunks one read takes from a stream (`read_chunks`): the events they yield are handed
+/// to the caller together, one channel operation per read instead of one per message.
+pub const READ_CHUNKS_MAX: usize = 32;
 
 /// Most peer sessions (dialed and accepted) one transport holds at once; more are refused
 /// (after retiring any idle peer nobody holds).
@@ -233,36 +247,134 @@ impl Default for TransportOptions {
     }
 }
 
-/// The receiving end of a transport's events (bounded by [`EVENTS_CAPACITY`]).
+/// Events handed over together, with what they were charged against [`EVENTS_BYTES_MAX`].
+#[derive(Debug)]
+struct EventBatch {
+    events: Vec<TransportEvent>,
+    charged: u32,
+}
+
+/// What an event is charged against [`EVENTS_BYTES_MAX`].
+fn event_bytes(event: &TransportEvent) -> usize {
+    let body = match event {
+        TransportEvent::Session {
+            event: Event::Received(message),
+            ..
+        } => message.body.len(),
+        _ => 0,
+    };
+    EVENT_OVERHEAD_BYTES + body
+}
+
+/// The transport's side of the events channel: batches go into an unbounded channel once the
+/// room they are charged is taken from a semaphore of [`EVENTS_BYTES_MAX`] permits, which
+/// [`Events`] gives back as it takes them.
+#[derive(Debug, Clone)]
+struct EventSender {
+    batches: mpsc::UnboundedSender<EventBatch>,
+    room: Arc<Semaphore>,
+    /// Events in the channel (not yet taken into an `Events` buffer).
+    queued: Arc<AtomicUsize>,
+}
+
+impl EventSender {
+    fn charge(events: &[TransportEvent]) -> u32 {
+        let bytes: usize = events.iter().map(event_bytes).sum();
+        bytes.min(EVENTS_BYTES_MAX) as u32
+    }
+
+    /// Hands `events` over, waiting for room.
+    async fn send_all(&self, events: Vec<TransportEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let charged = EventSender::charge(&events);
+        // The semaphore is never closed; the permits go back when `Events` takes the batch.
+        let Ok(permit) = self.room.acquire_many(charged).await else {
+            return;
+        };
+        permit.forget();
+        self.enqueue(EventBatch { events, charged });
+    }
+
+    /// Hands `event` over if there is room now (best-effort: for callers that must not wait).
+    fn try_send(&self, event: TransportEvent) {
+        let events = vec![event];
+        let charged = EventSender::charge(&events);
+        if let Ok(permit) = self.room.try_acquire_many(charged) {
+            permit.forget();
+            self.enqueue(EventBatch { events, charged });
+        }
+    }
+
+    fn enqueue(&self, batch: EventBatch) {
+        let count = batch.events.len();
+        self.queued.fetch_add(count, Ordering::SeqCst);
+        // Fails only when the caller dropped its `Events`: then nobody is listening.
+        if self.batches.send(batch).is_err() {
+            self.queued.fetch_sub(count, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The receiving end of a transport's events (bounded by [`EVENTS_BYTES_MAX`]).
 #[derive(Debug)]
 pub struct Events {
-    receiver: mpsc::Receiver<TransportEvent>,
+    batches: mpsc::UnboundedReceiver<EventBatch>,
+    /// The rest of the last batch taken (its room is given back already).
+    buffered: VecDeque<TransportEvent>,
+    room: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Events {
     /// The next event; `None` once the transport is shut down and every event was taken.
     pub async fn recv(&mut self) -> Option<TransportEvent> {
-        self.receiver.recv().await
+        if self.buffered.is_empty() {
+            let batch = self.batches.recv().await?;
+            self.take(batch);
+        }
+        self.buffered.pop_front()
     }
 
     /// The next event, blocking the thread (not for use inside the runtime).
     pub fn blocking_recv(&mut self) -> Option<TransportEvent> {
-        self.receiver.blocking_recv()
+        if self.buffered.is_empty() {
+            let batch = self.batches.blocking_recv()?;
+            self.take(batch);
+        }
+        self.buffered.pop_front()
     }
 
     /// The next event if one is waiting.
     pub fn try_recv(&mut self) -> Option<TransportEvent> {
-        self.receiver.try_recv().ok()
+        if self.buffered.is_empty() {
+            let batch = self.batches.try_recv().ok()?;
+            self.take(batch);
+        }
+        self.buffered.pop_front()
     }
 
-    /// Events waiting (at most [`EVENTS_CAPACITY`]).
+    /// Events waiting.
     pub fn len(&self) -> usize {
-        self.receiver.len()
+        self.buffered.len() + self.queued.load(Ordering::SeqCst)
     }
 
     /// Whether no event is waiting.
     pub fn is_empty(&self) -> bool {
-        self.receiver.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes charged for the events in the channel (at most [`EVENTS_BYTES_MAX`]); those
+    /// taken into this side's buffer of one batch no longer count.
+    pub fn charged_bytes(&self) -> usize {
+        EVENTS_BYTES_MAX - self.room.available_permits()
+    }
+
+    fn take(&mut self, batch: EventBatch) {
+        self.queued.fetch_sub(batch.events.len(), Ordering::SeqCst);
+        self.room.add_permits(batch.charged as usize);
+        self.buffered.extend(batch.events);
     }
 }
 
@@ -296,12 +408,23 @@ impl Transport {
         options: TransportOptions,
     ) -> Result<(Transport, Events)> {
         let _entered = runtime.enter();
-        let (event_sender, receiver) = mpsc::channel(EVENTS_CAPACITY);
+        let (batches, batches_received) = mpsc::unbounded_channel();
+        let event_sender = EventSender {
+            batches,
+            room: Arc::new(Semaphore::new(EVENTS_BYTES_MAX)),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let events = Events {
+            batches: batches_received,
+            buffered: VecDeque::new(),
+            room: event_sender.room.clone(),
+            queued: event_sender.queued.clone(),
+        };
         let refusals = event_sender.clone();
         let on_refused: tls::OnRefused = Arc::new(move |fingerprint, reason| {
             // Best-effort: the refusal is logged either way, and a full channel must not stall
             // a handshake.
-            let _ = refusals.try_send(TransportEvent::Refused {
+            refusals.try_send(TransportEvent::Refused {
                 fingerprint,
                 reason,
             });
@@ -352,7 +475,7 @@ impl Transport {
             fingerprint = %shared.identity.fingerprint(),
             "QUIC transport listening"
         );
-        Ok((Transport { shared }, Events { receiver }))
+        Ok((Transport { shared }, events))
     }
 
     /// The address the endpoint listens on.
@@ -457,7 +580,7 @@ impl Transport {
         let shared = &self.shared;
         let events = shared.events.clone();
         let on_refused: tls::OnRefused = Arc::new(move |fingerprint, reason| {
-            let _ = events.try_send(TransportEvent::Refused {
+            events.try_send(TransportEvent::Refused {
                 fingerprint,
                 reason,
             });
@@ -555,7 +678,7 @@ struct Shared {
     identity: NodeIdentity,
     broker_instance: [u8; 16],
     peers: Mutex<IdMap<PeerKey, Arc<Peer>>>,
-    events: mpsc::Sender<TransportEvent>,
+    events: EventSender,
     /// Becomes true when the transport shuts down; every task watches it.
     shutdown: watch::Sender<bool>,
     /// The peers trusted (for `serve_clients` to extend).
@@ -717,8 +840,7 @@ impl Shared {
     }
 
     async fn emit(&self, event: TransportEvent) {
-        // Fails only when the caller dropped its `Events`: then nobody is listening.
-        let _ = self.events.send(event).await;
+        self.events.send_all(vec![event]).await;
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -985,16 +1107,20 @@ async fn read_loop(
     fingerprint: Fingerprint,
     connected: &AtomicBool,
 ) -> Ended {
+    let mut chunks = vec![Bytes::new(); READ_CHUNKS_MAX];
     let mut events = Vec::new();
     loop {
-        let chunk = match recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
-            Ok(Some(chunk)) => chunk,
+        let read = match recv.read_chunks(&mut chunks).await {
+            Ok(Some(read)) => read,
             Ok(None) => return Ended::Lost("the peer ended its stream".into()),
             Err(e) => return Ended::Lost(format!("reading: {e}")),
         };
         let (handled, wake_writer) = {
             let mut session = peer.session.lock();
-            let handled = session.handle_bytes(Instant::now().into_std(), &chunk.bytes);
+            let now = Instant::now().into_std();
+            let handled = chunks[..read]
+                .iter_mut()
+                .try_for_each(|chunk| session.handle_bytes(now, &std::mem::take(chunk)));
             let mut wake_writer = session.has_control_frames();
             while let Some(event) = session.poll_event() {
                 wake_writer |= !matches!(event, Event::Received(_));
@@ -1008,8 +1134,9 @@ async fn read_loop(
         if wake_writer {
             peer.wake.notify_one();
         }
-        for event in events.drain(..) {
-            let event = match event {
+        let batch: Vec<TransportEvent> = events
+            .drain(..)
+            .map(|event| match event {
                 Event::Connected {
                     peer_broker_instance,
                 } => {
@@ -1027,9 +1154,9 @@ async fn read_loop(
                     peer: peer.key,
                     event,
                 },
-            };
-            shared.emit(event).await;
-        }
+            })
+            .collect();
+        shared.events.send_all(batch).await;
         if let Err(e) = handled {
             return Ended::Violation(e.to_string());
         }
