@@ -275,6 +275,26 @@ impl TransmissionStatuses {
     }
 }
 
+/// Those of `ids` that are keys of `queue`. A batch's ids are mostly consecutive: then one walk
+/// over their range of the queue beats a search of its tree per id.
+fn still_queued<V>(queue: &std::collections::BTreeMap<u64, V>, ids: &[u64]) -> Vec<u64> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let (Some(&first), Some(&last)) = (sorted.first(), sorted.last()) else {
+        return sorted;
+    };
+    if last - first > 4 * sorted.len() as u64 {
+        sorted.retain(|id| queue.contains_key(id));
+        return sorted;
+    }
+    let mut queued = queue.range(first..=last).map(|(id, _)| *id).peekable();
+    sorted.retain(|id| {
+        while queued.next_if(|q| q < id).is_some() {}
+        queued.peek() == Some(id)
+    });
+    sorted
+}
+
 /// Forgets the texts of transmissions dropped since the last time (a no-op if none were).
 fn prune_statuses(state: &crate::state::State, statuses: &mut TransmissionStatuses) {
     if statuses.pruned_at != state.transmissions_dropped {
@@ -736,12 +756,7 @@ impl BrokerCore {
         let state = self.state.lock();
         let mut statuses = self.transmission_status.lock();
         prune_statuses(&state, &mut statuses);
-        let queued: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|id| state.transmission.contains_key(id))
-            .collect();
-        statuses.set(&queued, status);
+        statuses.set(&still_queued(&state.transmission, ids), status);
     }
 
     /// Forgets the status texts of transmissions the queue dropped unacknowledged (done by
@@ -1205,6 +1220,21 @@ mod tests {
         statuses.forget(2);
         assert_eq!(slots_in_use(&statuses), 0);
         assert!(statuses.by_id.is_empty());
+    }
+
+    #[test]
+    fn still_queued_keeps_the_ids_in_the_queue_whatever_their_spread() {
+        let queue: std::collections::BTreeMap<u64, ()> = [3, 4, 5, 7, 9, 1000]
+            .into_iter()
+            .map(|id| (id, ()))
+            .collect();
+        // Dense (one walk), with duplicates and ids outside the queue; then sparse (searches).
+        assert_eq!(
+            super::still_queued(&queue, &[9, 4, 6, 3, 4, 10, 2]),
+            [3, 4, 4, 9]
+        );
+        assert_eq!(super::still_queued(&queue, &[1000, 1, 5]), [5, 1000]);
+        assert!(super::still_queued(&queue, &[]).is_empty());
     }
 
     #[test]

@@ -337,6 +337,7 @@ impl BrokerCore {
             .sum();
         tx.record().reserve(arrivals_bytes.min(record_bytes_max));
         let mut outcomes = Vec::with_capacity(arrivals.len());
+        let mut checked_kind: Option<CheckedKind> = None;
         // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
         // next sequence expected, far side is initiator).
         let mut expected: crate::ids::IdMap<(ConversationId, bool), (ConversationHandle, u64)> =
@@ -421,7 +422,9 @@ impl BrokerCore {
                 outcomes.push(refuse_too_large());
                 continue;
             }
-            if !checked && let Err(refused) = check_message(&mut tx, arrival)? {
+            if !checked
+                && let Err(refused) = check_message_memo(&mut tx, arrival, &mut checked_kind)?
+            {
                 outcomes.push(refused);
                 continue;
             }
@@ -441,6 +444,7 @@ impl BrokerCore {
                 tx.record().rewind(before);
                 let full = std::mem::replace(&mut tx, self.begin());
                 full.commit_written()?;
+                checked_kind = None;
                 push(&mut tx);
                 debug_assert!(tx.record().len_bytes() <= record_bytes_max);
             }
@@ -505,59 +509,106 @@ impl BrokerCore {
     }
 }
 
-/// Checks a message against this broker's catalog: its type, who may send it, its body.
-fn check_message(
+/// What an arrival's (contract, message type, direction) was found to allow, kept by
+/// `accept_arrivals_unsynced` for the rest of its transaction: the catalog stays as it was
+/// while the transaction holds its shared lock, and a batch's messages mostly share all three.
+struct CheckedKind {
+    contract: Arc<str>,
+    message_type: Arc<str>,
+    from_initiator: bool,
+    validation: crate::Validation,
+}
+
+/// [`check_message`], from `memo` when it holds the arrival's kind (refreshed otherwise).
+fn check_message_memo(
     tx: &mut crate::Transaction<'_>,
     arrival: &Arrival,
+    memo: &mut Option<CheckedKind>,
 ) -> Result<std::result::Result<(), ArrivalOutcome>> {
     if system::is_system_message_type(&arrival.message_type) {
         return Ok(Ok(()));
     }
-    tx.read_catalog(|catalog| {
-        let refused =
-            |code, description: String| Ok(Err(ArrivalOutcome::Refused { code, description }));
-        let Some(message_type) = catalog.message_types.get(&*arrival.message_type) else {
-            return refused(
-                codes::MESSAGE_TYPE_NOT_FOUND,
-                format!("message type {:?} does not exist", arrival.message_type),
-            );
-        };
-        let sent_by = catalog
-            .contracts
-            .get(&*arrival.contract)
-            .and_then(|c| c.messages.get(&*arrival.message_type));
-        match sent_by {
-            None => {
-                return refused(
-                    codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
-                    format!(
-                        "message type {:?} is not part of contract {:?}",
-                        arrival.message_type, arrival.contract
-                    ),
-                );
-            }
-            Some(sent_by) if !sent_by.allows(arrival.from_initiator) => {
-                return refused(
-                    codes::WRONG_SENDER,
-                    format!(
-                        "message type {:?} may not be sent by the {}",
-                        arrival.message_type,
-                        if arrival.from_initiator {
-                            "initiator"
-                        } else {
-                            "target"
-                        }
-                    ),
-                );
-            }
-            Some(_) => {}
-        }
-        if let Err(e) = message_type
-            .validation
-            .check(&arrival.message_type, &arrival.body)
+    let validation = match memo {
+        Some(kind)
+            if kind.from_initiator == arrival.from_initiator
+                && *kind.message_type == *arrival.message_type
+                && *kind.contract == *arrival.contract =>
         {
-            return refused(codes::VALIDATION_FAILED, e.to_string());
+            kind.validation
         }
-        Ok(Ok(()))
-    })
+        _ => match tx.read_catalog(|catalog| Ok(allowed_kind(catalog, arrival)))? {
+            Ok(validation) => {
+                *memo = Some(CheckedKind {
+                    contract: arrival.contract.clone(),
+                    message_type: arrival.message_type.clone(),
+                    from_initiator: arrival.from_initiator,
+                    validation,
+                });
+                validation
+            }
+            Err(refused) => return Ok(Err(refused)),
+        },
+    };
+    Ok(check_body(validation, arrival))
+}
+
+/// Whether an arrival's message type may come on its contract from its side (and how its
+/// body is validated), or why not.
+fn check_message(
+    tx: &mut crate::Transaction<'_>,
+    arrival: &Arrival,
+) -> Result<std::result::Result<(), ArrivalOutcome>> {
+    check_message_memo(tx, arrival, &mut None)
+}
+
+/// The validation of the arrival's message type if the catalog allows the arrival's kind.
+fn allowed_kind(
+    catalog: &crate::catalog::Catalog,
+    arrival: &Arrival,
+) -> std::result::Result<crate::Validation, ArrivalOutcome> {
+    let refused = |code, description: String| Err(ArrivalOutcome::Refused { code, description });
+    let Some(message_type) = catalog.message_types.get(&*arrival.message_type) else {
+        return refused(
+            codes::MESSAGE_TYPE_NOT_FOUND,
+            format!("message type {:?} does not exist", arrival.message_type),
+        );
+    };
+    let sent_by = catalog
+        .contracts
+        .get(&*arrival.contract)
+        .and_then(|c| c.messages.get(&*arrival.message_type));
+    match sent_by {
+        None => refused(
+            codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
+            format!(
+                "message type {:?} is not part of contract {:?}",
+                arrival.message_type, arrival.contract
+            ),
+        ),
+        Some(sent_by) if !sent_by.allows(arrival.from_initiator) => refused(
+            codes::WRONG_SENDER,
+            format!(
+                "message type {:?} may not be sent by the {}",
+                arrival.message_type,
+                if arrival.from_initiator {
+                    "initiator"
+                } else {
+                    "target"
+                }
+            ),
+        ),
+        Some(_) => Ok(message_type.validation),
+    }
+}
+
+fn check_body(
+    validation: crate::Validation,
+    arrival: &Arrival,
+) -> std::result::Result<(), ArrivalOutcome> {
+    validation
+        .check(&arrival.message_type, &arrival.body)
+        .map_err(|e| ArrivalOutcome::Refused {
+            code: codes::VALIDATION_FAILED,
+            description: e.to_string(),
+        })
 }

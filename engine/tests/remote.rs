@@ -803,3 +803,43 @@ fn a_refused_first_message_begins_no_dialog_at_the_target() {
         EndpointState::Error
     );
 }
+
+/// A batch's messages of one kind are checked against the catalog once, but each body is
+/// validated, and a message of another kind is looked up again.
+#[test]
+fn every_message_of_a_batch_is_checked_though_its_kind_is_looked_up_once() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    begin(&a, &["one", "two", "three", "four"]);
+    begin(&a, &["five", "six"]);
+    let outcomes = pump(&a, &b, |arrivals, _| {
+        assert_eq!(arrivals.len(), 6);
+        // ASK validates as UTF-8: the third message of the first dialog no longer does.
+        arrivals[2].body = vec![0xff, 0xfe];
+        // The second dialog's second message becomes a type its contract does not have.
+        arrivals[5].message_type = "DEFAULT".into();
+    });
+    let codes: Vec<Option<i32>> = outcomes
+        .iter()
+        .map(|o| match o {
+            ArrivalOutcome::Refused { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            None,
+            None,
+            Some(codes::VALIDATION_FAILED),
+            None,
+            None,
+            Some(codes::MESSAGE_TYPE_NOT_IN_CONTRACT)
+        ],
+        "{outcomes:?}"
+    );
+    assert!(matches!(outcomes[3], ArrivalOutcome::Gap), "{outcomes:?}");
+    let got = receive_all(&b, "Server");
+    let bodies: Vec<&[u8]> = got.iter().map(|(_, _, body)| &body[..]).collect();
+    assert_eq!(bodies, [&b"one"[..], b"two", b"five"]);
+}

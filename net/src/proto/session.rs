@@ -215,6 +215,8 @@ impl PeerSession {
         );
         let sequence = message.header.sequence;
         let place = match self.by_conversation.get(&conversation) {
+            // Usually after the last: a conversation's messages are given in sequence order.
+            Some(seqs) if seqs.back().is_none_or(|&(last, _)| last < sequence) => Err(seqs.len()),
             Some(seqs) => seqs.binary_search_by_key(&sequence, |&(seq, _)| seq),
             None => Err(0),
         };
