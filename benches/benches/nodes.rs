@@ -73,7 +73,7 @@
 //! Under `cargo test --benches` everything runs once on tiny sizes as a smoke test. Sizes by
 //! environment variable, see [`Settings::from_env`]; a filter argument selects by name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -415,21 +415,25 @@ fn bulk(
     let (mut floor_secs, mut figure_secs) = (0.0, 0.0);
     let (mut floor_rates, mut figure_rates) = (Vec::new(), Vec::new());
     let (mut floor_cpu, mut figure_cpu) = (Some(Duration::ZERO), Some(Duration::ZERO));
+    let mut figure_threads: BTreeMap<String, Duration> = BTreeMap::new();
     for _ in 0..settings.rounds {
-        let before = process_cpu();
+        let before = CpuSnapshot::now();
         let elapsed = runtime.block_on(floor.transfer(volume, BODY_BYTES, TIMEOUT))?;
-        let after = process_cpu();
-        floor_cpu = add_cpu(floor_cpu, before, after);
+        let after = CpuSnapshot::now();
+        floor_cpu = add_cpu(floor_cpu, before.process, after.process);
         floor_secs += elapsed.as_secs_f64();
         floor_rates.push(messages as f64 / elapsed.as_secs_f64());
         let (elapsed, cpu) = match pipeline {
             Pipeline::EndToEnd => {
                 let elapsed = bulk_round(&mut perf, &pair, &dialogs, &body, messages)?;
-                (elapsed, (after, process_cpu()))
+                (elapsed, (after, CpuSnapshot::now()))
             }
             Pipeline::DeliveryOnly => delivery_round(&mut perf, &pair, &dialogs, &body, messages)?,
         };
-        figure_cpu = add_cpu(figure_cpu, cpu.0, cpu.1);
+        figure_cpu = add_cpu(figure_cpu, cpu.0.process, cpu.1.process);
+        for (thread, spent) in cpu.1.threads_since(&cpu.0) {
+            *figure_threads.entry(thread).or_default() += spent;
+        }
         figure_secs += elapsed.as_secs_f64();
         figure_rates.push(messages as f64 / elapsed.as_secs_f64());
     }
@@ -464,22 +468,67 @@ fn bulk(
             per_message(floor_cpu),
             per_message(figure_cpu) / per_message(floor_cpu)
         );
+        let mut by_thread: Vec<(String, Duration)> = figure_threads.into_iter().collect();
+        by_thread.sort_by_key(|(_, spent)| std::cmp::Reverse(*spent));
+        let listed: Vec<String> = by_thread
+            .iter()
+            .filter(|(_, spent)| !spent.is_zero())
+            .map(|(thread, spent)| format!("{thread} {:.2}", per_message(*spent)))
+            .collect();
+        println!(
+            "{bench}: CPU per message by thread name (both nodes), µs: {}",
+            listed.join(", ")
+        );
     }
     Ok(())
 }
 
-/// CPU time (user + system) this process has used, from `/proc/self/stat` (Linux, where the
-/// clock tick is 10 ms); `None` where there is no such file.
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // After the command name (in parentheses, which may hold spaces): state, ppid, pgrp,
+/// CPU time (user + system) this process has used, and each of its threads by name (both
+/// nodes' threads share names: they add up), from `/proc` (Linux, where the clock tick is
+/// 10 ms); `None` and no threads where there is no such file.
+struct CpuSnapshot {
+    process: Option<Duration>,
+    threads: BTreeMap<String, Duration>,
+}
+
+impl CpuSnapshot {
+    fn now() -> CpuSnapshot {
+        let mut threads: BTreeMap<String, Duration> = BTreeMap::new();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                if let Some((name, spent)) = stat_cpu(&task.path().join("stat")) {
+                    *threads.entry(name).or_default() += spent;
+                }
+            }
+        }
+        CpuSnapshot {
+            process: stat_cpu(Path::new("/proc/self/stat")).map(|(_, spent)| spent),
+            threads,
+        }
+    }
+
+    /// CPU time each thread name used since `earlier` (threads gone meanwhile are not seen).
+    fn threads_since(&self, earlier: &CpuSnapshot) -> BTreeMap<String, Duration> {
+        self.threads
+            .iter()
+            .map(|(name, spent)| {
+                let before = earlier.threads.get(name).copied().unwrap_or_default();
+                (name.clone(), spent.saturating_sub(before))
+            })
+            .collect()
+    }
+}
+
+/// The command name and CPU time (user + system) of a `/proc` `stat` file.
+fn stat_cpu(path: &Path) -> Option<(String, Duration)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name is in parentheses (and may hold spaces); after it: state, ppid, pgrp,
     // session, tty, tpgid, flags, 4 fault counts, then utime and stime.
-    let fields: Vec<&str> = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .collect();
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close)?.to_owned();
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
+    Some((name, Duration::from_millis(ticks * 10)))
 }
 
 /// `sum` plus the CPU time between `before` and `after`, if all are known.
@@ -506,7 +555,7 @@ fn target_route(pair: &Pair) -> BenchResult<Route> {
 /// untimed), then the route is created again and the time runs until A's transmission queue is
 /// empty; B receives them afterwards. Returns the time and the process CPU time before and after
 /// it.
-type CpuSpan = (Option<Duration>, Option<Duration>);
+type CpuSpan = (CpuSnapshot, CpuSnapshot);
 fn delivery_round(
     perf: &mut PerfControl,
     pair: &Pair,
@@ -528,7 +577,7 @@ fn delivery_round(
     // the delivery timed next.
     wait_spare_ready(pair.dirs.0.path())?;
     wait_spare_ready(pair.dirs.1.path())?;
-    let before = process_cpu();
+    let before = CpuSnapshot::now();
     let started = Instant::now();
     perf.enable();
     let mut tx = pair.a.broker().begin();
@@ -537,7 +586,7 @@ fn delivery_round(
     pair.wait_acknowledged()?;
     perf.disable();
     let elapsed = started.elapsed();
-    let after = process_cpu();
+    let after = CpuSnapshot::now();
     drain(pair.b.broker(), "Target", messages, None)?;
     Ok((elapsed, (before, after)))
 }

@@ -61,6 +61,12 @@ pub const ROUTE_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const RESOLVED_ADDRESS_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// Messages the sender takes from the transmission queue per pass.
 pub const SENDER_BATCH_MESSAGES_MAX: usize = 4096;
+/// After a peer's send queue refused messages, the sender offers it more once acknowledgements
+/// brought its unacknowledged messages down to this, so that a whole sender batch fits: waking
+/// it on every acknowledgement made a pass (its listing, statuses, hand-over) per few messages
+/// acknowledged, and doubled the sender's CPU per message behind a backlog larger than the
+/// send queue (the nodes bench's delivery of 100k messages).
+pub const SEND_QUEUE_RESUME_MESSAGES: usize = SEND_QUEUE_MESSAGES_MAX - SENDER_BATCH_MESSAGES_MAX;
 /// A committing thread hands new messages to the transport itself (see `on_outbound_commit`)
 /// only while at most this many wait in the transmission queue unsent; more go to the sender
 /// thread. Measured with the nodes bench: inline passes cut the request/reply round trip, but
@@ -125,9 +131,9 @@ struct Shared {
     /// Transmissions handed to the transport (which keeps them until acknowledged), by id,
     /// with the address they went to.
     dispatched: Mutex<IdMap<u64, SocketAddr>>,
-    /// Set by the sender when a transport send queue was full; the receiver then wakes it after
-    /// the next acknowledgements (which make room).
-    send_queue_full: Mutex<bool>,
+    /// The peer whose full send queue the sender waits on; the receiver wakes it once
+    /// acknowledgements brought that queue down to `SEND_QUEUE_RESUME_MESSAGES`.
+    send_queue_full: Mutex<Option<SocketAddr>>,
     /// Signalled when `send_queue_full` is cleared (or the node stops).
     room: parking_lot::Condvar,
     /// The certificate behind each dialed peer, once connected.
@@ -172,7 +178,7 @@ impl Node {
             stop: AtomicBool::new(false),
             stopped: tokio::sync::Notify::new(),
             dispatched: Mutex::new(IdMap::default()),
-            send_queue_full: Mutex::new(false),
+            send_queue_full: Mutex::new(None),
             room: parking_lot::Condvar::new(),
             dialed: Mutex::new(HashMap::new()),
             passes: Mutex::new(Passes::new(&broker)),
@@ -791,9 +797,12 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
             Pass::Refused => {
                 // Not on the transmission queue's signal, which every SEND commit raises:
                 // listing again before acknowledgements made room would only be refused again.
+                let refused_by = shared.passes.lock().refused_by;
+                *shared.send_queue_full.lock() = refused_by;
+                // Acknowledgements may have made the room before the receiver saw the wait.
+                wake_sender_if_room(transport, shared);
                 let mut full = shared.send_queue_full.lock();
-                *full = true;
-                while *full && !shared.stop.load(Ordering::SeqCst) {
+                while full.is_some() && !shared.stop.load(Ordering::SeqCst) {
                     if shared
                         .room
                         .wait_for(&mut full, ROUTE_RECHECK_INTERVAL)
@@ -802,13 +811,30 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
                         break;
                     }
                 }
-                *full = false;
+                *full = None;
             }
             Pass::More | Pass::Resolve => {}
             Pass::Done => {
                 waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
             }
         }
+    }
+}
+
+/// Wakes the sender if it waits on a send queue that acknowledgements brought down to
+/// `SEND_QUEUE_RESUME_MESSAGES`.
+fn wake_sender_if_room(transport: &Transport, shared: &Shared) {
+    // Not under the lock: the transport takes the peer's session lock.
+    let Some(addr) = *shared.send_queue_full.lock() else {
+        return;
+    };
+    if transport.unacknowledged_messages(&PeerKey::Dialed(addr)) > SEND_QUEUE_RESUME_MESSAGES {
+        return;
+    }
+    let mut full = shared.send_queue_full.lock();
+    if *full == Some(addr) {
+        *full = None;
+        shared.room.notify_one();
     }
 }
 
@@ -1041,11 +1067,7 @@ fn run_receiver(
                         dispatched.remove(&id);
                     }
                     drop(dispatched);
-                    let mut full = shared.send_queue_full.lock();
-                    if *full {
-                        *full = false;
-                        shared.room.notify_one();
-                    }
+                    wake_sender_if_room(transport, shared);
                 }
                 // The messages stay queued (the far broker has them, so nothing is sent again
                 // while this node runs); try again until the log takes the record.
