@@ -12,9 +12,13 @@
 //!   between two endpoints with the nodes' TLS and transport configuration, in 1 KiB writes,
 //!   timed until the receiver has read them all and answered one byte; its messages/s is
 //!   its byte rate over 1 KiB. Rounds interleave floor and figure. Target ≥ 0.5× the floor.
-//!   Figures (2-CPU VM, 2026-11-26, three runs of the defaults, after the 4 MiB UDP buffers and
-//!   the SEND path's copies, below): sync 142–177k msg/s (0.30–0.32× of 463–553k), none
-//!   206–261k (0.37–0.43× of 560–605k). Earlier: sync 149–170k msg/s (0.27–0.30× of
+//!   Figures (2-CPU VM, 2026-11-26, three runs of the defaults, after events batched per read
+//!   and the other changes listed under delivery below): sync 122–199k msg/s (0.30–0.38× of
+//!   406–529k), none 244–272k (0.41–0.47× of 579–598k); CPU per message 6.8–8 µs (12 µs in a
+//!   run where the floor's own rose from 2.7 to 3.8 µs), of which A's SENDs 0.9–1.7 µs and B's
+//!   draining receives ~1.5 µs (the thread that drains is gone when the CPU by thread is read,
+//!   so the by-thread line does not list it). Before them: sync 142–177k msg/s (0.30–0.32× of
+//!   463–553k), none 206–261k (0.37–0.43× of 560–605k). Earlier: sync 149–170k msg/s (0.27–0.30× of
 //!   544–561k), none 189–204k (0.31–0.35× of 568–623k); the same day's code before this round of
 //!   work: sync 103–107k (0.22×), none 120k (0.25×). What changed, each measured here: bodies
 //!   handed to the transport as the log's own bytes, names shared per listing and per connection,
@@ -34,15 +38,29 @@
 //!   segment reuse: 152k and 158k against 134–139k with one): the CPUs are busy.
 //! - `nodes/deliver_1KiB/{sync,none}`: delivery alone, the same floor and target. Each round A
 //!   sends N messages as above while its route to B is dropped (they wait in its transmission
-//!   queue, untimed); the time runs from the commit that creates the route again until A's
+//!   queue, untimed; then both logs' spare segments are let finish); the time runs from the
+//!   commit that creates the route again until A's
 //!   transmission queue is empty (each message stored durably in B's queue and acknowledged);
 //!   B receives them afterwards, untimed. The network's share of the bulk figure: A's sender
 //!   and receiver, quinn on both ends, B's storing of arrivals. It found that a backlog waited
 //!   for the next full pass of the sender (up to `ROUTE_RECHECK_INTERVAL`, 1 s) after its
 //!   route was created (18k msg/s; now the pass starts over on any route change).
-//!   Figures (three runs of the defaults, 2026-11-26): sync 227–280k msg/s (0.48–0.54× the
-//!   floor), none 258–281k (0.54–0.58×), CPU per message 5.8–7.7 µs against the floor's
-//!   2.7–3.3 µs. Before the nodes' UDP sockets got 4 MiB buffers (`UDP_SOCKET_BUFFER_BYTES`):
+//!   Figures (three runs of the defaults, 2026-11-26, late): sync 225–329k msg/s (0.48–0.64×
+//!   the floor; 0.48× in the run where the floor's own CPU per message rose by a third), none
+//!   310–345k (0.58–0.67×), CPU per message 5.3–7.0 µs against the floor's 2.7–3.7 µs; by
+//!   thread (sync, a typical run): the two network threads 2.7 µs, the two receivers 1.3–1.6,
+//!   A's sender 0.5, the acker, checkpointer and spare preparer 0.1–0.2 each. What took it there
+//!   from 5.8–7.7 µs (alternated runs of 100k messages, CPU per message): the transport hands a
+//!   read's events (up to `READ_CHUNKS_MAX` chunks) to the receiver as one batch, one channel
+//!   operation per read instead of per message (6.3–6.7 → 5.7–5.8 µs, +10% msg/s); the
+//!   receiving node's writer is no longer woken for every chunk read; the per-message maps use
+//!   a keyed multiply hasher instead of SipHash; status texts without a reference count bumped
+//!   from two threads per message; arrivals' catalog checks once per batch and kind; a sender
+//!   behind a full send queue resumes once a whole batch fits (`SEND_QUEUE_RESUME_MESSAGES`;
+//!   at 100k messages its CPU per message had doubled in some runs). Earlier the same day:
+//!   sync 227–280k msg/s (0.48–0.54×), none 258–281k (0.54–0.58×), CPU per message 5.8–7.7
+//!   µs against the floor's 2.7–3.3 µs. Before the nodes' UDP sockets got 4 MiB buffers
+//!   (`UDP_SOCKET_BUFFER_BYTES`):
 //!   sync 221–233k (0.41–0.42×), none 228–230k; quinn's statistics showed why — the receiving
 //!   node's socket overflowed whenever its network thread paused, 834–1695 datagrams lost per
 //!   run (~2%), each a retransmission and a congestion event; none since. The session's
@@ -60,11 +78,15 @@
 //!   with everything before it, or by the node's acker after `ACK_SYNC_GRACE`. So of the five
 //!   durable commits (A's send, B's arrival, B's receive + reply, A's arrival, A's receive)
 //!   three `fdatasync`s follow each other; the run prints 3 × and 5 × fdatasync. Target p50 ≤
-//!   1 ms. Figures (same runs as the bulk figures): p50 669–681 µs with 3 × fdatasync at
-//!   421–549 µs (0.78–0.79 ms earlier the same day), p99 1.4–2.0 ms. What remains beyond the
+//!   1 ms. Figures (same runs as the bulk figures): p50 669–694 µs with 3 × fdatasync at
+//!   385–402 µs (669–681 µs and 1.4–2.0 ms in the day's earlier runs, 0.78–0.79 ms before),
+//!   p99 1.6–2.0 ms. What remains beyond the
 //!   three syncs: per direction the network thread's wake-up (~40 µs scheduling delay waking an
 //!   idle vCPU, `perf sched timehist`), quinn on both ends, the hand-off to the receiver thread
 //!   and its write of the arrival, the wake-up of the WAITFOR receiver.
+//!
+//! Each bulk run also prints the CPU per message by thread name, both nodes' threads of a name
+//! added up (from `/proc/self/task`, in 10 ms ticks).
 //!
 //! To profile only the timed parts of the bulk rounds: `mkfifo /tmp/ctl;
 //! HERALD_BENCH_PERF_CONTROL=/tmp/ctl perf record -D -1 --control=fifo:/tmp/ctl <bench binary>
