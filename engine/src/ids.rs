@@ -95,6 +95,10 @@ impl std::hash::BuildHasher for IdHasherBuilder {
     }
 }
 
+/// Xored into the key for [`IdHasher::finish`]'s multiply (the fractional part of the golden
+/// ratio: any fixed pattern with mixed bits would do).
+const FINISH_KEY_MASK: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// See [`IdMap`].
 #[derive(Debug, Clone, Copy)]
 pub struct IdHasher {
@@ -112,9 +116,14 @@ impl IdHasher {
 }
 
 impl std::hash::Hasher for IdHasher {
+    /// One more folded multiply, by a second key: after the last word the state's low bits
+    /// (hashbrown's bucket) and top seven (its tag) are still poorly mixed for sequential ids
+    /// (with some keys, 4096 sequential ids filled a sixth of the buckets random ones would).
     #[inline]
     fn finish(&self) -> u64 {
-        self.state
+        // Odd, so never zero (the key itself could equal the mask).
+        let product = u128::from(self.state) * u128::from((self.key ^ FINISH_KEY_MASK) | 1);
+        (product as u64) ^ ((product >> 64) as u64)
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -192,8 +201,9 @@ mod tests {
             .collect();
         let top: std::collections::HashSet<u64> =
             (0..4096u64).map(|id| builder.hash_one(id) >> 57).collect();
+        // Random values fill ~2590 of 4096 (a few tens either way); the bound leaves room.
         assert!(
-            low.len() > 2000,
+            low.len() > 2300,
             "{} distinct low 12 bits of 4096",
             low.len()
         );

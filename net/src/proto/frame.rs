@@ -268,9 +268,25 @@ pub const NAME_CACHE_ENTRIES_MAX: usize = 1024;
 #[derive(Debug, Default)]
 struct NameCache {
     names: HashSet<Arc<str>>,
+    /// The name returned last, per field of a Message (source service, target service,
+    /// contract, message type): consecutive messages mostly repeat them, and a comparison is
+    /// cheaper than hashing the name.
+    last: [Option<Arc<str>>; 4],
 }
 
 impl NameCache {
+    /// [`NameCache::get`] for field `field` (0–3) of a Message.
+    fn get_field(&mut self, field: usize, name: &str) -> Arc<str> {
+        if let Some(last) = &self.last[field]
+            && **last == *name
+        {
+            return last.clone();
+        }
+        let found = self.get(name);
+        self.last[field] = Some(found.clone());
+        found
+    }
+
     fn get(&mut self, name: &str) -> Arc<str> {
         if let Some(known) = self.names.get(name) {
             return known.clone();
@@ -572,10 +588,10 @@ fn parse_message(payload: &[u8], names: &mut NameCache) -> Result<Frame> {
     } else {
         None
     };
-    let source_service = names.get(r.str("source service", NAME_BYTES_MAX)?);
-    let target_service = names.get(r.str("target service", NAME_BYTES_MAX)?);
-    let contract = names.get(r.str("contract", NAME_BYTES_MAX)?);
-    let message_type = names.get(r.str("message type", NAME_BYTES_MAX)?);
+    let source_service = names.get_field(0, r.str("source service", NAME_BYTES_MAX)?);
+    let target_service = names.get_field(1, r.str("target service", NAME_BYTES_MAX)?);
+    let contract = names.get_field(2, r.str("contract", NAME_BYTES_MAX)?);
+    let message_type = names.get_field(3, r.str("message type", NAME_BYTES_MAX)?);
     let body_bytes = r.u32()?;
     let fragment_offset = r.u32()?;
     let fragment = r.rest();
@@ -697,6 +713,24 @@ mod tests {
             target_broker_instance: Some([2; 16]),
             lifetime_deadline_secs: u64::MAX,
         }
+    }
+
+    #[test]
+    fn a_name_cache_shares_one_allocation_per_name_across_fields_and_messages() {
+        let mut names = NameCache::default();
+        let first = names.get_field(0, "//a");
+        assert!(
+            Arc::ptr_eq(&first, &names.get_field(0, "//a")),
+            "the field's last"
+        );
+        assert!(
+            Arc::ptr_eq(&first, &names.get_field(1, "//a")),
+            "from the set"
+        );
+        let other = names.get_field(0, "//b");
+        assert_eq!(&*other, "//b");
+        assert!(Arc::ptr_eq(&first, &names.get_field(0, "//a")));
+        assert_eq!(names.names.len(), 2);
     }
 
     #[test]

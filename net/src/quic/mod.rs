@@ -365,8 +365,9 @@ impl Events {
         self.len() == 0
     }
 
-    /// Bytes charged for the events in the channel (at most [`EVENTS_BYTES_MAX`]); those
-    /// taken into this side's buffer of one batch no longer count.
+    /// Bytes charged for the events in the channel, and for the room a reader waiting for
+    /// more holds already (at most [`EVENTS_BYTES_MAX`] in all); events taken into this side's
+    /// buffer of one batch no longer count.
     pub fn charged_bytes(&self) -> usize {
         EVENTS_BYTES_MAX - self.room.available_permits()
     }
