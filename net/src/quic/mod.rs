@@ -60,7 +60,6 @@
 
 pub mod tls;
 
-use herald_engine::IdMap;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +67,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_engine::IdMap;
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::runtime::Handle;
