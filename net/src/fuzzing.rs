@@ -36,16 +36,16 @@ pub fn fuzz_frame_decoder(data: &[u8]) {
 /// (`None` if the input ended, possibly inside a frame).
 type Decoded = (Vec<Frame>, Option<Error>);
 
+/// One decoder given the whole input at once (a Message may take its names from the one before
+/// it, so frames are decoded in the stream's context, as the session does).
 fn decode_whole(data: &[u8]) -> Decoded {
+    let mut decoder = FrameDecoder::new();
     let mut frames = Vec::new();
-    let mut at = 0;
-    while at < data.len() {
-        match Frame::decode(&data[at..]) {
-            Ok((frame, used)) => {
-                frames.push(frame);
-                at += used;
-            }
-            Err(Error::Truncated { .. }) => return (frames, None),
+    let mut rest = data;
+    while !rest.is_empty() {
+        match decoder.decode(&mut rest) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => return (frames, None),
             Err(e) => return (frames, Some(e)),
         }
     }

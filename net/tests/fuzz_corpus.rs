@@ -20,7 +20,7 @@ use herald_net::client::proto::{
 use herald_net::fuzzing::{FUZZ_CONVERSATION_ID, fuzz_client_frame_decoder, fuzz_frame_decoder};
 use herald_net::proto::{
     Ack, ErrorFrame, FRAME_BYTES_MAX, Frame, Hello, MessageFragment, MessageHeader,
-    PROTOCOL_VERSION,
+    OutgoingMessage, PROTOCOL_VERSION, PeerSession,
 };
 
 /// The committed seeds; fewer means the corpus went missing and the replay would pass without
@@ -413,6 +413,23 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         "error-and-go-away".into(),
         stream(&[hello(PROTOCOL_VERSION), error.clone(), Frame::GoAway]),
     ));
+
+    // A session's own batch: its Hello, then messages of one conversation whose names are
+    // left out after the first (names as before), as nodes write them.
+    let mut session = PeerSession::new([0x22; 16]);
+    for sequence in 1..=3 {
+        session
+            .send(OutgoingMessage {
+                id: sequence,
+                header: header(FUZZ_CONVERSATION_ID, true, sequence),
+                body: body[..10 * sequence as usize].to_vec().into(),
+            })
+            .expect("a seed message is valid");
+    }
+    let batch = session
+        .poll_transmit(std::time::Instant::now())
+        .expect("the batch");
+    seeds.push(("names-as-before".into(), batch));
 
     let mut everything = one.clone();
     everything.extend(fragmented[1..].iter().cloned());

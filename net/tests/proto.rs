@@ -459,19 +459,19 @@ fn malformed_frames_are_refused_with_a_reason() {
         decode_err(&raw_frame(1, &hello)),
         Error::BadMagic { found: *b"HRLX" }
     );
-    // A v1 Hello has no trailing bytes; a later version's Hello may have some.
-    let mut hello = b"HRLD\x01\x00".to_vec();
+    // This version's Hello has no trailing bytes; a later version's Hello may have some.
+    let mut hello = b"HRLD\x02\x00".to_vec();
     hello.extend_from_slice(&A);
     hello.push(0);
     assert!(matches!(
         decode_err(&raw_frame(1, &hello)),
         Error::Malformed { frame: "hello", .. }
     ));
-    hello[4] = 2;
+    hello[4] = 3;
     assert_eq!(
         Frame::decode(&raw_frame(1, &hello)).expect("decodes").0,
         Frame::Hello(Hello {
-            protocol_version: 2,
+            protocol_version: 3,
             broker_instance: A
         })
     );
@@ -1777,4 +1777,70 @@ fn withdrawn_messages_are_never_sent_again_nor_reported_acknowledged() {
     assert_eq!(s.in_flight_bytes(), 0);
     s.send(outgoing(41, 2, 1, 7))
         .expect("a withdrawn (conversation, sequence) is free again");
+}
+
+/// Messages of a batch with the names of the Message before them leave the names out, and
+/// arrive with them all the same; a batch starts with the names again.
+#[test]
+fn a_batch_leaves_out_repeated_names_and_they_arrive_all_the_same() {
+    let now = Instant::now();
+    let (mut a, mut b) = (PeerSession::new(A), PeerSession::new(B));
+    let mut headers = Vec::new();
+    for sequence in 1..=4 {
+        let mut h = header(1, true, sequence);
+        if sequence >= 3 {
+            h.message_type = "//orders/cancel".into();
+        }
+        headers.push(h.clone());
+        a.send(OutgoingMessage {
+            id: sequence,
+            header: h,
+            body: vec![sequence as u8; 10].into(),
+        })
+        .expect("queued");
+    }
+    let batch = a.poll_transmit(now).expect("a batch");
+    // Each message's names take 2 + 15, 2 + 15, 2 + 17 and 2 + 15 bytes ("//orders/submit" and
+    // "//orders/cancel" are both 15 long).
+    let names_bytes = 2 + 15 + 2 + 15 + 2 + 17 + 2 + 15;
+    let literal: usize = headers
+        .iter()
+        .map(|h| {
+            let frame = Frame::Message(MessageFragment {
+                header: h.clone(),
+                body_bytes: 10,
+                fragment_offset: 0,
+                fragment: vec![0; 10],
+            });
+            frame.to_bytes().expect("encodes").len()
+        })
+        .sum();
+    let hello = Frame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        broker_instance: A,
+    })
+    .to_bytes()
+    .expect("encodes")
+    .len();
+    // The first and the third (another message type) carry names; the second and the fourth,
+    // each like the one before it, do not.
+    assert_eq!(batch.len(), hello + literal - 2 * names_bytes);
+    b.handle_bytes(now, &batch).expect("a valid batch");
+    let received: Vec<MessageHeader> = std::iter::from_fn(|| b.poll_event())
+        .filter_map(|e| match e {
+            Event::Received(m) => Some(m.header),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(received, headers);
+
+    // The next batch starts over: its first message has its names.
+    a.send(OutgoingMessage {
+        id: 5,
+        header: header(1, true, 5),
+        body: vec![5; 10].into(),
+    })
+    .expect("queued");
+    let next = a.poll_transmit(now).expect("a batch");
+    assert!(matches!(Frame::decode(&next), Ok((Frame::Message(_), _))));
 }

@@ -27,6 +27,7 @@
 
 use herald_engine::{IdMap, RecordBytes};
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -128,6 +129,9 @@ pub struct PeerSession {
     peer: Option<[u8; 16]>,
     reassembler: Reassembler,
     hello_sent: bool,
+    /// The names of the last Message frame written with its names in the batch being built: a
+    /// Message with the same leaves them out (`FLAG_NAMES_AS_BEFORE`).
+    last_sent_names: Option<[Arc<str>; 4]>,
     go_away: GoAway,
     peer_going_away: bool,
     /// Unacknowledged messages by send order.
@@ -188,6 +192,7 @@ impl PeerSession {
             peer: None,
             reassembler: Reassembler::new(),
             hello_sent: false,
+            last_sent_names: None,
             go_away: GoAway::No,
             peer_going_away: false,
             messages: SendOrderSlots::default(),
@@ -415,6 +420,9 @@ impl PeerSession {
     /// [`TRANSMIT_BYTES_MAX`]. Retransmission timers of messages completed here start at `now`.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         let mut out = Vec::new();
+        // Names are left out only after a Message of the same batch: each batch decodes on its
+        // own, whatever happened to the ones before it.
+        self.last_sent_names = None;
         if !self.hello_sent {
             self.hello_sent = true;
             encode_control(
@@ -512,6 +520,7 @@ impl PeerSession {
     /// connection.
     pub fn reset(&mut self) {
         self.decoder = FrameDecoder::new();
+        self.last_sent_names = None;
         self.peer = None;
         self.reassembler.clear();
         self.hello_sent = false;
@@ -674,9 +683,13 @@ impl PeerSession {
             loop {
                 let fragment_bytes =
                     (body_bytes - pending.next_offset).min(FRAGMENT_BODY_BYTES_MAX);
+                let names_as_before = self
+                    .last_sent_names
+                    .as_ref()
+                    .is_some_and(|last| same_names(last, &pending.header));
                 if !fits(
                     out,
-                    frame::message_frame_bytes(&pending.header, fragment_bytes),
+                    frame::message_frame_bytes(&pending.header, fragment_bytes, names_as_before),
                 ) {
                     return;
                 }
@@ -687,8 +700,12 @@ impl PeerSession {
                     body_bytes as u32,
                     offset as u32,
                     &pending.body[offset..offset + fragment_bytes],
+                    names_as_before,
                 )
                 .expect("send checked the names and body length; fragments stay within limits");
+                if !names_as_before {
+                    self.last_sent_names = Some(message_names(&pending.header));
+                }
                 pending.next_offset += fragment_bytes;
                 if pending.next_offset >= body_bytes {
                     break;
@@ -734,6 +751,25 @@ const ERROR_FRAME_BYTES_BOUND: usize =
 
 /// Whether a frame of `bytes` may join the batch: it stays within [`TRANSMIT_BYTES_MAX`], or is
 /// the batch's first frame (every frame is within [`FRAME_BYTES_MAX`], which fits).
+/// A Message's four names, in wire order.
+fn message_names(header: &MessageHeader) -> [Arc<str>; 4] {
+    [
+        header.source_service.clone(),
+        header.target_service.clone(),
+        header.contract.clone(),
+        header.message_type.clone(),
+    ]
+}
+
+/// Whether `header` has the names `last`.
+fn same_names(last: &[Arc<str>; 4], header: &MessageHeader) -> bool {
+    let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || **a == **b;
+    same(&last[0], &header.source_service)
+        && same(&last[1], &header.target_service)
+        && same(&last[2], &header.contract)
+        && same(&last[3], &header.message_type)
+}
+
 fn fits(out: &[u8], bytes: usize) -> bool {
     out.is_empty() || out.len() + bytes <= TRANSMIT_BYTES_MAX
 }
