@@ -277,22 +277,18 @@ pub const NAME_CACHE_ENTRIES_MAX: usize = 1024;
 struct NameCache {
     names: HashSet<Arc<str>>,
     /// The name returned last, per field of a Message (source service, target service,
-    /// contract, message type): consecutive messages mostly repeat them, and a comparison is
-    /// cheaper than hashing the name.
+    /// contract, message type), so the names of the last Message that carried them: what a
+    /// Message flagged "names as before" has. Consecutive messages mostly repeat them, and a
+    /// comparison is cheaper than hashing the name.
     last: [Option<Arc<str>>; 4],
-    /// The four names of the last Message that carried them: what a Message flagged "names as
-    /// before" has.
-    last_message: Option<[Arc<str>; 4]>,
 }
 
 impl NameCache {
-    /// The names of the last Message decoded with its names on this stream.
+    /// The names of the last Message decoded with its names on this stream. (A Message that
+    /// failed halfway through its names fails the decoder: none is decoded after it.)
     fn last_message(&self) -> Option<[Arc<str>; 4]> {
-        self.last_message.clone()
-    }
-
-    fn set_last_message(&mut self, names: [Arc<str>; 4]) {
-        self.last_message = Some(names);
+        let [a, b, c, d] = &self.last;
+        Some([a.clone()?, b.clone()?, c.clone()?, d.clone()?])
     }
 
     /// [`NameCache::get`] for field `field` (0–3) of a Message.
@@ -633,12 +629,6 @@ fn parse_message(payload: &[u8], names: &mut NameCache) -> Result<Frame> {
             let target_service = names.get_field(1, r.str("target service", NAME_BYTES_MAX)?);
             let contract = names.get_field(2, r.str("contract", NAME_BYTES_MAX)?);
             let message_type = names.get_field(3, r.str("message type", NAME_BYTES_MAX)?);
-            names.set_last_message([
-                source_service.clone(),
-                target_service.clone(),
-                contract.clone(),
-                message_type.clone(),
-            ]);
             [source_service, target_service, contract, message_type]
         };
     let body_bytes = r.u32()?;
