@@ -136,7 +136,7 @@ struct Shared {
     send_queue_full: Mutex<Option<SocketAddr>>,
     /// Signalled when `send_queue_full` is cleared (or the node stops).
     room: parking_lot::Condvar,
-    /// The certificate behind each dialed peer, once connected.
+    /// The certificate behind each dialed peer while it is connected.
     dialed: Mutex<HashMap<SocketAddr, Fingerprint>>,
     /// The sender's place in the transmission queue; held by the pass running.
     passes: Mutex<Passes>,
@@ -902,16 +902,25 @@ fn hand_over(
     }
 }
 
+/// The transmissions handed to the transport for `addr` and not acknowledged yet.
+fn dispatched_to(shared: &Shared, addr: SocketAddr) -> Vec<u64> {
+    dispatched_to_locked(&shared.dispatched.lock(), addr)
+}
+
+fn dispatched_to_locked(dispatched: &IdMap<u64, SocketAddr>, addr: SocketAddr) -> Vec<u64> {
+    dispatched
+        .iter()
+        .filter(|(_, to)| **to == addr)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// Takes back from the transport what it handed to `old` and is not acknowledged yet, so that the
 /// next pass sends it where its route's name resolves now.
 fn move_off(transport: &Transport, shared: &Shared, old: SocketAddr) {
     let ids: Vec<u64> = {
         let mut dispatched = shared.dispatched.lock();
-        let ids: Vec<u64> = dispatched
-            .iter()
-            .filter(|(_, addr)| **addr == old)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = dispatched_to_locked(&dispatched, old);
         for id in &ids {
             dispatched.remove(id);
         }
@@ -985,6 +994,12 @@ fn run_receiver(
                 } => {
                     if let PeerKey::Dialed(addr) = peer {
                         shared.dialed.lock().insert(addr, fingerprint);
+                        // What a lost connection marked unreachable is sent again first thing
+                        // on this one.
+                        broker.set_transmission_status(
+                            &dispatched_to(shared, addr),
+                            &format!("sent to {addr}; waiting for its acknowledgement"),
+                        );
                     }
                 }
                 TransportEvent::Session { peer, event } => match event {
@@ -1036,15 +1051,12 @@ fn run_receiver(
                 },
                 TransportEvent::Disconnected { peer, reason } => {
                     if let PeerKey::Dialed(addr) = peer {
-                        let ids: Vec<u64> = shared
-                            .dispatched
-                            .lock()
-                            .iter()
-                            .filter(|(_, a)| **a == addr)
-                            .map(|(id, _)| *id)
-                            .collect();
+                        // Its next connection says again whose certificate it is; until then
+                        // nothing arrives on it (events come in order), and the map holds only
+                        // the peers connected now, not every address ever dialed.
+                        shared.dialed.lock().remove(&addr);
                         broker.set_transmission_status(
-                            &ids,
+                            &dispatched_to(shared, addr),
                             &format!("{addr} unreachable ({reason}); retrying"),
                         );
                     }
@@ -1231,14 +1243,25 @@ mod tests {
     /// A node trusting some other node (none is reached here), with `messages` (a multiple of
     /// 3) waiting in its transmission queue for service `//far`, which has no route.
     fn node_with_backlog(dir: &std::path::Path, messages: u64) -> Node {
-        let node = Node::start(NodeConfig {
+        let stranger = NodeIdentity::generate().unwrap().fingerprint();
+        node_with_backlog_trusting(dir, messages, stranger, TransportOptions::default())
+    }
+
+    /// [`node_with_backlog`] trusting the node of certificate `far`, with `options`.
+    fn node_with_backlog_trusting(
+        dir: &std::path::Path,
+        messages: u64,
+        far: Fingerprint,
+        options: TransportOptions,
+    ) -> Node {
+        let config = NodeConfig {
             data_dir: dir.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             broker: herald_engine::Options::default(),
-            trust: Trust::pinned([NodeIdentity::generate().unwrap().fingerprint()]),
+            trust: Trust::pinned([far]),
             restricted_peers: HashMap::new(),
-        })
-        .unwrap();
+        };
+        let node = Node::start_with(config, options).unwrap();
         let mut tx = node.broker().begin();
         tx.create_message_type("//m", Validation::None).unwrap();
         tx.create_contract("//c", &[("//m", SentBy::Initiator)])
@@ -1304,6 +1327,82 @@ mod tests {
             node.dispatched() == MESSAGES as usize
         });
         assert!(listed(&node) >= once + MESSAGES);
+        node.shutdown().unwrap();
+    }
+
+    /// The status of messages handed to a dialed peer follows its connection: "unreachable"
+    /// while it is down, "waiting for its acknowledgement" again once a new connection sends
+    /// them again; and the node remembers the peer's certificate only while it is connected.
+    /// The far peer is a bare transport that never acknowledges, so nothing leaves the queue.
+    #[test]
+    fn the_status_of_handed_over_messages_follows_their_peers_connection() {
+        const MESSAGES: u64 = 30;
+        let dir = tempfile::tempdir().unwrap();
+        let far_identity = NodeIdentity::generate().unwrap();
+        // A dial to a port nobody listens on fails when its handshake idles out.
+        let options = TransportOptions {
+            idle_timeout: Duration::from_secs(2),
+        };
+        let node =
+            node_with_backlog_trusting(dir.path(), MESSAGES, far_identity.fingerprint(), options);
+        let new_runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let far_on = |runtime: &tokio::runtime::Runtime, listen: SocketAddr| {
+            Transport::bind_on(
+                runtime.handle(),
+                TransportConfig {
+                    listen,
+                    identity: far_identity.clone(),
+                    trust: Trust::pinned([node.fingerprint()]),
+                },
+            )
+            .unwrap()
+        };
+        // A free port for the far peer, which is down at first (its socket goes with the
+        // runtime that drives it).
+        let far_addr = {
+            let runtime = new_runtime();
+            let (far, _events) = far_on(&runtime, SocketAddr::from(([127, 0, 0, 1], 0)));
+            runtime.block_on(far.shutdown());
+            far.local_addr().unwrap()
+        };
+        let all_say = |what: &str| {
+            let rows = node.broker().transmission_queue();
+            rows.len() == MESSAGES as usize
+                && rows
+                    .iter()
+                    .all(|row| row.transmission_status.contains(what))
+        };
+        let far_certificate = || node.shared.dialed.lock().get(&far_addr).copied();
+        create_far_route(&node, &format!("quic://{far_addr}"));
+        wait_until("the far peer is found unreachable", || {
+            all_say("unreachable")
+        });
+        assert_eq!(far_certificate(), None);
+
+        let runtime = new_runtime();
+        let (far, _events) = far_on(&runtime, far_addr);
+        // The current-thread runtime runs the far transport only inside `block_on`.
+        runtime
+            .block_on(async {
+                let sent_again = async {
+                    while !all_say("waiting for its acknowledgement") {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(30), sent_again).await
+            })
+            .expect("the messages are sent again on the new connection");
+        assert_eq!(far_certificate(), Some(far_identity.fingerprint()));
+
+        runtime.block_on(far.shutdown());
+        wait_until("the far peer is unreachable again and forgotten", || {
+            all_say("unreachable") && far_certificate().is_none()
+        });
         node.shutdown().unwrap();
     }
 

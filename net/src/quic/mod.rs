@@ -116,6 +116,12 @@ pub const READ_CHUNK_BYTES_MAX: usize = 256 * 1024;
 /// close before it drops them.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest [`Transport::shutdown`] lets the closed endpoint linger, answering a peer's late
+/// packets with the CONNECTION_CLOSE again (each close is sent at once, and the peers have had
+/// their GoAway). Without this bound a dial still in its handshake (its peer down) would keep
+/// the endpoint three probe timeouts of the initial RTT, about 3 s, for nobody.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_millis(500);
+
 /// Receive and send buffer asked of the kernel for each QUIC UDP socket (Linux caps it at
 /// `net.core.rmem_max` / `wmem_max` and doubles it for its bookkeeping). The default (~208 KiB,
 /// some 100 full datagrams) overflows whenever the network thread is busy for a moment while a
@@ -634,9 +640,9 @@ impl Transport {
 
     /// Shuts down cleanly: each connection sends its GoAway and what else it has queued
     /// (acknowledgements), waits for the peer to have it, and closes with [`CLOSE_SHUTDOWN`];
-    /// then the endpoint waits to be idle. Bounded by [`SHUTDOWN_TIMEOUT`] overall; whatever is
-    /// still running then is dropped. Unacknowledged messages are not waited for (they stay the
-    /// engine's, in its transmission queue).
+    /// then the endpoint waits to be idle, at most [`SHUTDOWN_DRAIN_MAX`]. Bounded by
+    /// [`SHUTDOWN_TIMEOUT`] overall; whatever is still running then is dropped. Unacknowledged
+    /// messages are not waited for (they stay the engine's, in its transmission queue).
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         if shared.shut_down.swap(true, Ordering::SeqCst) {
@@ -652,7 +658,8 @@ impl Transport {
             }
         }
         shared.endpoint.close(CLOSE_SHUTDOWN, b"node shutting down");
-        let _ = tokio::time::timeout_at(deadline, shared.endpoint.wait_idle()).await;
+        let drained_by = deadline.min(Instant::now() + SHUTDOWN_DRAIN_MAX);
+        let _ = tokio::time::timeout_at(drained_by, shared.endpoint.wait_idle()).await;
         tracing::info!("QUIC transport shut down");
     }
 }
