@@ -412,9 +412,11 @@ impl BrokerCore {
                 continue;
             }
             // An Error ends the dialog and may follow messages its sender dropped (END WITH
-            // ERROR drops what was not transmitted): it does not wait for them.
+            // ERROR drops what was not transmitted): it does not wait for them. No dialog
+            // reaches the last sequence (it would leave none to expect next): only a broken or
+            // hostile peer sends it, and it is never taken.
             let is_error = *arrival.message_type == *system::ERROR;
-            if arrival.sequence > next && !is_error {
+            if (arrival.sequence > next && !is_error) || arrival.sequence == u64::MAX {
                 outcomes.push(ArrivalOutcome::Gap);
                 continue;
             }

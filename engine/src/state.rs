@@ -408,7 +408,7 @@ impl ConversationQueue {
             self.messages.push_back(message);
         } else if sequence == self.first_sequence + self.messages.len() as u64 {
             self.messages.push_back(message);
-        } else if sequence + 1 == self.first_sequence {
+        } else if sequence.checked_add(1) == Some(self.first_sequence) {
             self.messages.push_front(message);
             self.first_sequence = sequence;
         } else {
@@ -835,7 +835,9 @@ impl State {
                 let Some(endpoint) = self.endpoints.get_mut(handle) else {
                     return Ok(());
                 };
-                endpoint.receive_sequence = endpoint.receive_sequence.max(through_sequence + 1);
+                endpoint.receive_sequence = endpoint
+                    .receive_sequence
+                    .max(through_sequence.saturating_add(1));
                 let group = endpoint.group;
                 let mut received = Vec::new();
                 if let Some(messages) = self
@@ -1077,7 +1079,7 @@ impl State {
                 {
                     return Ok(());
                 }
-                endpoint.arrived_sequence = sequence + 1;
+                endpoint.arrived_sequence = sequence.saturating_add(1);
                 if !endpoint.state.accepts_messages() {
                     // This side ended or failed: what still arrives is dropped (but counted,
                     // so its retransmissions are recognised as duplicates).

@@ -843,3 +843,34 @@ fn every_message_of_a_batch_is_checked_though_its_kind_is_looked_up_once() {
     let bodies: Vec<&[u8]> = got.iter().map(|(_, _, body)| &body[..]).collect();
     assert_eq!(bodies, [&b"one"[..], b"two", b"five"]);
 }
+
+/// A peer that sends the last sequence number (no dialog sends 2^64 messages): never taken, an
+/// Error included (Errors skip the wait for earlier messages, and the expected next sequence
+/// would have overflowed); the dialog goes on as before.
+#[test]
+fn the_last_sequence_number_is_never_taken() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["first"]);
+    let first = arrival(&a.outbound(None, 1)[0], &a);
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
+    let last = |message_type: &str| Arrival {
+        sequence: u64::MAX,
+        message_type: message_type.into(),
+        ..first.clone()
+    };
+    assert_eq!(
+        b.accept_arrivals(&[last(system::ERROR), last(ASK)])
+            .unwrap(),
+        [ArrivalOutcome::Gap, ArrivalOutcome::Gap]
+    );
+    let mut tx = a.begin();
+    tx.send(h, ASK, b"second").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
+    let bodies: Vec<Vec<u8>> = receive_all(&b, "Server")
+        .into_iter()
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(bodies, [b"first".to_vec(), b"second".to_vec()]);
+}

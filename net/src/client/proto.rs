@@ -1552,6 +1552,22 @@ fn utf8(field: &'static str, bytes: &[u8]) -> Result<String> {
 mod tests {
     use super::*;
 
+    /// `String::truncate` inside a character panics: `cut` backs up to its start instead.
+    #[test]
+    fn cut_keeps_whole_characters() {
+        let text = format!("ab{}", "é".repeat(10)); // 'é' is 2 bytes: 2 + 20 bytes
+        assert_eq!(cut(text.clone(), 100), text);
+        assert_eq!(cut(text.clone(), 22), text);
+        assert_eq!(
+            cut(text.clone(), 5),
+            "abé",
+            "byte 5 is inside the second 'é'"
+        );
+        assert_eq!(cut(text.clone(), 4), "abé");
+        assert_eq!(cut(text.clone(), 1), "a");
+        assert_eq!(cut(text, 0), "");
+    }
+
     #[test]
     fn a_largest_script_and_a_largest_body_fit_a_frame() {
         let script = "x".repeat(CLIENT_SCRIPT_BYTES_MAX);

@@ -748,7 +748,7 @@ impl Shared {
             let peer = match key {
                 PeerKey::Dialed(addr) => self.peer_or_insert(key, |shared, peer| {
                     let task = shared.runtime.spawn(dial_loop(shared.clone(), peer, addr));
-                    shared.tasks.lock().push(task);
+                    shared.track(task);
                 })?,
                 PeerKey::Accepted(_) => {
                     self.peers
@@ -847,6 +847,14 @@ impl Shared {
         true
     }
 
+    /// Keeps `task` for shutdown to wait on, dropping the handles of tasks already finished
+    /// (peers retired and made anew, connections ended), which would otherwise pile up.
+    fn track(&self, task: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
+    }
+
     async fn emit(&self, event: TransportEvent) {
         self.events.send_all(vec![event]).await;
     }
@@ -937,9 +945,7 @@ async fn accept_loop(shared: Arc<Shared>) {
         };
         let Some(incoming) = incoming else { break };
         let task = shared.runtime.spawn(accept_one(shared.clone(), incoming));
-        let mut tasks = shared.tasks.lock();
-        tasks.retain(|task| !task.is_finished());
-        tasks.push(task);
+        shared.track(task);
     }
 }
 
@@ -1231,4 +1237,40 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
 async fn until_shut_down(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await: drop it here.
     let _ = shutdown.wait_for(|down| *down).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handles of finished tasks (peers retired and made anew, connections ended) leave
+    /// the list shutdown waits on when the next task is tracked.
+    #[test]
+    fn finished_tasks_are_not_kept() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (transport, _events) = Transport::bind_on(
+            runtime.handle(),
+            TransportConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                identity: NodeIdentity::generate().unwrap(),
+                trust: Trust::pinned([NodeIdentity::generate().unwrap().fingerprint()]),
+            },
+        )
+        .unwrap();
+        for _ in 0..100 {
+            let task = runtime.spawn(async {});
+            runtime.block_on(async {
+                while !task.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            });
+            transport.shared.track(task);
+        }
+        // The accept loop and the last task tracked.
+        assert_eq!(transport.shared.tasks.lock().len(), 2);
+        runtime.block_on(transport.shutdown());
+    }
 }
