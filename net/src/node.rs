@@ -131,11 +131,9 @@ struct Shared {
     /// Transmissions handed to the transport (which keeps them until acknowledged), by id,
     /// with the address they went to.
     dispatched: Mutex<IdMap<u64, SocketAddr>>,
-    /// The peer whose full send queue the sender waits on; the receiver wakes it once
-    /// acknowledgements brought that queue down to `SEND_QUEUE_RESUME_MESSAGES`.
-    send_queue_full: Mutex<Option<SocketAddr>>,
-    /// Signalled when `send_queue_full` is cleared (or the node stops).
-    room: parking_lot::Condvar,
+    /// Peers whose full send queue refused messages: the receiver wakes the sender once
+    /// acknowledgements brought one down to `SEND_QUEUE_RESUME_MESSAGES` (and takes it out).
+    full_peers: Mutex<HashSet<SocketAddr>>,
     /// The certificate behind each dialed peer while it is connected.
     dialed: Mutex<HashMap<SocketAddr, Fingerprint>>,
     /// The sender's place in the transmission queue; held by the pass running.
@@ -178,8 +176,7 @@ impl Node {
             stop: AtomicBool::new(false),
             stopped: tokio::sync::Notify::new(),
             dispatched: Mutex::new(IdMap::default()),
-            send_queue_full: Mutex::new(None),
-            room: parking_lot::Condvar::new(),
+            full_peers: Mutex::new(HashSet::new()),
             dialed: Mutex::new(HashMap::new()),
             passes: Mutex::new(Passes::new(&broker)),
             pending_acks: Mutex::new(PendingAcks::default()),
@@ -320,10 +317,6 @@ impl Node {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopped.notify_one();
         self.broker.wake_outbound();
-        {
-            let _full = self.shared.send_queue_full.lock();
-            self.shared.room.notify_one();
-        }
         let _pending = self.shared.pending_acks.lock();
         self.shared.acks_waiting.notify_one();
     }
@@ -586,8 +579,11 @@ struct Passes {
     route_changes_seen: u64,
     /// Messages listed by passes so far (what the passes cost).
     listed: u64,
-    /// The peer whose full send queue refused a message in the last pass.
-    refused_by: Option<SocketAddr>,
+    /// Peers whose full send queue refused messages, with the first message of theirs not
+    /// handed on since: their messages are held back from every listing after it (so none
+    /// overtakes another) until they have room, then go from there, in order, in passes of
+    /// their own. Other peers' messages go on meanwhile.
+    held: IdMap<SocketAddr, u64>,
 }
 
 impl Passes {
@@ -600,7 +596,7 @@ impl Passes {
             drops_seen: broker.transmission_drops(),
             route_changes_seen: broker.route_changes(),
             listed: 0,
-            refused_by: None,
+            held: IdMap::default(),
         }
     }
 }
@@ -610,19 +606,17 @@ impl Passes {
 enum Pass {
     /// Everything listed was handed on (or has no route yet).
     Done,
-    /// The listing was full: more may wait.
+    /// The listing was full, or a held peer's messages went: more may wait.
     More,
-    /// A full send queue refused a message: the next pass starts there, once acknowledgements
-    /// made room.
-    Refused,
     /// An address must be resolved first (which may block): left, untouched, to the sender
     /// thread.
     Resolve,
 }
 
 /// One pass: withdraws what the engine dropped, lists the transmission queue after the
-/// cursor and hands what it finds to the transport. `inline` (a committing thread) never
-/// resolves a host name.
+/// cursor and hands what it finds to the transport — or, when a peer held back behind its full
+/// send queue has room again, resumes that peer's messages instead (see `Passes::held`).
+/// `inline` (a committing thread) never resolves a host name.
 fn pass(
     broker: &BrokerCore,
     transport: &Transport,
@@ -640,6 +634,8 @@ fn pass(
     if !inline {
         for old in passes.names.refresh() {
             move_off(transport, shared, old);
+            passes.held.remove(&old);
+            shared.full_peers.lock().remove(&old);
             passes.cursor = None;
         }
     }
@@ -656,18 +652,11 @@ fn pass(
         passes.cursor = None;
         passes.last_full_pass = Instant::now();
     }
-    // After a full send queue, take no more than it has room for now: listing (and building)
-    // more would only be refused again.
-    let batch = match passes.refused_by.take() {
-        Some(addr) => {
-            let queued = transport.unacknowledged_messages(&PeerKey::Dialed(addr));
-            SEND_QUEUE_MESSAGES_MAX
-                .saturating_sub(queued)
-                .clamp(1, SENDER_BATCH_MESSAGES_MAX)
-        }
-        None => SENDER_BATCH_MESSAGES_MAX,
-    };
+    if let Some((addr, first, room)) = held_with_room(transport, shared, passes) {
+        return resume_held(broker, transport, shared, passes, inline, addr, first, room);
+    }
     // What the transport already holds is skipped in the listing, without being copied.
+    let batch = SENDER_BATCH_MESSAGES_MAX;
     let waiting = {
         let dispatched = shared.dispatched.lock();
         broker.outbound_where(passes.cursor, batch, |id| !dispatched.contains_key(&id))
@@ -679,89 +668,183 @@ fn pass(
     // address.
     let mut batches: IdMap<SocketAddr, Vec<OutgoingMessage>> = IdMap::default();
     for message in waiting {
-        let (host, port) = match &*message.route {
-            RouteChoice::Remote {
-                address: RouteAddress::Quic { host, port },
-                ..
-            } => (host, *port),
-            // No route: `transmission_queue` says so; the next pass looks again.
-            RouteChoice::NoRoute => continue,
-            RouteChoice::Remote {
-                address: RouteAddress::Local,
-                ..
-            }
-            | RouteChoice::Local => {
-                broker.set_transmission_status(
-                    &[message.id],
-                    "the route says LOCAL, but the dialog's far side is not on this broker",
-                );
-                continue;
-            }
-        };
-        let addr = match passes.names.cached(host, port) {
-            Some(addr) => addr,
-            None => {
-                let found = if passes.names.failed_recently(host, port) {
-                    None
-                } else if inline {
-                    // Nothing was handed on and the cursor has not moved: the sender thread
-                    // takes the same listing again.
-                    return Pass::Resolve;
-                } else {
-                    passes.names.resolve(host, port)
-                };
-                let Some(addr) = found else {
-                    broker.set_transmission_status(
-                        &[message.id],
-                        &format!("cannot resolve {host}:{port}"),
-                    );
-                    passes.retry_wanted = true;
-                    continue;
-                };
-                addr
-            }
-        };
-        let outgoing = OutgoingMessage {
-            id: message.id,
-            header: MessageHeader {
-                conversation_id: message.conversation_id.0.to_be_bytes(),
-                from_initiator: message.from_initiator,
-                sequence: message.sequence,
-                source_service: message.from_service,
-                target_service: message.to_service,
-                contract: message.contract,
-                message_type: message.message_type,
-                target_broker_instance: message.to_broker_instance.map(|b| b.0.to_be_bytes()),
-                lifetime_deadline_secs: message.expires_at_ms.div_ceil(1000),
-            },
-            body: message.body,
-        };
-        batches.entry(addr).or_default().push(outgoing);
+        match route_message(broker, passes, message, inline) {
+            Routed::To(addr, outgoing) => batches.entry(addr).or_default().push(outgoing),
+            Routed::Left => {}
+            // Nothing was handed on and the cursor has not moved: the sender thread takes the
+            // same listing again.
+            Routed::Resolve => return Pass::Resolve,
+        }
     }
     if let Some(last) = last {
         passes.cursor = Some(last);
     }
-    // The first message a full send queue refused: the next pass starts there again (and not
-    // only at the next full pass), once acknowledgements have made room.
-    let mut refused_from: Option<u64> = None;
     for (addr, messages) in batches {
+        if let Some(first) = passes.held.get_mut(&addr) {
+            // Behind what its full send queue refused: they go after it, when it has room.
+            *first = (*first).min(messages[0].id);
+            continue;
+        }
         let handed = hand_over(broker, transport, shared, addr, messages);
         passes.retry_wanted |= handed.failed;
-        if let Some(id) = handed.queue_full_at
-            && refused_from.is_none_or(|first| id < first)
-        {
-            refused_from = Some(id);
-            passes.refused_by = Some(addr);
+        if let Some(id) = handed.queue_full_at {
+            hold(shared, passes, addr, id);
         }
     }
-    if let Some(first) = refused_from {
-        passes.cursor = first.checked_sub(1);
-        Pass::Refused
-    } else if more {
-        Pass::More
-    } else {
-        Pass::Done
+    if more { Pass::More } else { Pass::Done }
+}
+
+/// Holds `addr`'s messages back from `first` on: its send queue is full.
+fn hold(shared: &Shared, passes: &mut Passes, addr: SocketAddr, first: u64) {
+    passes.held.insert(addr, first);
+    shared.full_peers.lock().insert(addr);
+}
+
+/// A held peer whose send queue has room again (acknowledgements brought it down to
+/// `SEND_QUEUE_RESUME_MESSAGES`), with the first message held back and how many messages it
+/// takes now; the one held back longest if several.
+fn held_with_room(
+    transport: &Transport,
+    shared: &Shared,
+    passes: &Passes,
+) -> Option<(SocketAddr, u64, usize)> {
+    let (addr, first, room) = passes
+        .held
+        .iter()
+        .filter_map(|(addr, first)| {
+            let queued = transport.unacknowledged_messages(&PeerKey::Dialed(*addr));
+            (queued <= SEND_QUEUE_RESUME_MESSAGES)
+                .then(|| (*addr, *first, SEND_QUEUE_MESSAGES_MAX - queued))
+        })
+        .min_by_key(|(_, first, _)| *first)?;
+    shared.full_peers.lock().remove(&addr);
+    Some((addr, first, room))
+}
+
+/// A pass of held peer `addr`'s own: lists from its first message held back, at most as many
+/// as it has room for, and hands on its messages (the others listed are either with the
+/// transport or held for their own peer). The peer is let go once a listing reaches the end
+/// of the transmission queue with nothing refused.
+#[allow(clippy::too_many_arguments)]
+fn resume_held(
+    broker: &BrokerCore,
+    transport: &Transport,
+    shared: &Shared,
+    passes: &mut Passes,
+    inline: bool,
+    addr: SocketAddr,
+    first: u64,
+    room: usize,
+) -> Pass {
+    let batch = room.clamp(1, SENDER_BATCH_MESSAGES_MAX);
+    let waiting = {
+        let dispatched = shared.dispatched.lock();
+        broker.outbound_where(first.checked_sub(1), batch, |id| {
+            !dispatched.contains_key(&id)
+        })
+    };
+    passes.listed += waiting.len() as u64;
+    let more = waiting.len() == batch;
+    let last = waiting.last().map(|m| m.id);
+    let mut its = Vec::new();
+    for message in waiting {
+        match route_message(broker, passes, message, inline) {
+            Routed::To(to, outgoing) if to == addr => its.push(outgoing),
+            Routed::To(..) | Routed::Left => {}
+            Routed::Resolve => return Pass::Resolve,
+        }
     }
+    let handed = if its.is_empty() {
+        HandedOver {
+            queue_full_at: None,
+            failed: false,
+        }
+    } else {
+        hand_over(broker, transport, shared, addr, its)
+    };
+    passes.retry_wanted |= handed.failed;
+    match (handed.queue_full_at, last) {
+        (Some(refused), _) => hold(shared, passes, addr, refused),
+        // Its room is used up, or about to be: the receiver wakes the sender for the rest.
+        (None, Some(last)) if more => hold(shared, passes, addr, last + 1),
+        _ => {
+            passes.held.remove(&addr);
+        }
+    }
+    Pass::More
+}
+
+/// Where a listed message goes.
+enum Routed {
+    To(SocketAddr, OutgoingMessage),
+    /// Not now: no route, a name that does not resolve, a LOCAL route (its status says so).
+    Left,
+    /// Its host name must be looked up, which a committing thread does not do.
+    Resolve,
+}
+
+fn route_message(
+    broker: &BrokerCore,
+    passes: &mut Passes,
+    message: herald_engine::remote::Outbound,
+    inline: bool,
+) -> Routed {
+    let (host, port) = match &*message.route {
+        RouteChoice::Remote {
+            address: RouteAddress::Quic { host, port },
+            ..
+        } => (host, *port),
+        // No route: `transmission_queue` says so; the next pass looks again.
+        RouteChoice::NoRoute => return Routed::Left,
+        RouteChoice::Remote {
+            address: RouteAddress::Local,
+            ..
+        }
+        | RouteChoice::Local => {
+            broker.set_transmission_status(
+                &[message.id],
+                "the route says LOCAL, but the dialog's far side is not on this broker",
+            );
+            return Routed::Left;
+        }
+    };
+    let addr = match passes.names.cached(host, port) {
+        Some(addr) => addr,
+        None => {
+            let found = if passes.names.failed_recently(host, port) {
+                None
+            } else if inline {
+                return Routed::Resolve;
+            } else {
+                passes.names.resolve(host, port)
+            };
+            let Some(addr) = found else {
+                broker.set_transmission_status(
+                    &[message.id],
+                    &format!("cannot resolve {host}:{port}"),
+                );
+                passes.retry_wanted = true;
+                return Routed::Left;
+            };
+            addr
+        }
+    };
+    let outgoing = OutgoingMessage {
+        id: message.id,
+        header: MessageHeader {
+            conversation_id: message.conversation_id.0.to_be_bytes(),
+            from_initiator: message.from_initiator,
+            sequence: message.sequence,
+            source_service: message.from_service,
+            target_service: message.to_service,
+            contract: message.contract,
+            message_type: message.message_type,
+            target_broker_instance: message.to_broker_instance.map(|b| b.0.to_be_bytes()),
+            lifetime_deadline_secs: message.expires_at_ms.div_ceil(1000),
+        },
+        body: message.body,
+    };
+    Routed::To(addr, outgoing)
 }
 
 /// The outbound listener (`BrokerCore::set_outbound_listener`): a commit changed the
@@ -799,48 +882,36 @@ fn run_sender(broker: &Broker, transport: &Transport, shared: &Shared) {
         let seen = waiter.generation();
         let outcome = pass(broker, transport, shared, &mut shared.passes.lock(), false);
         match outcome {
-            Pass::Refused => {
-                // Not on the transmission queue's signal, which every SEND commit raises:
-                // listing again before acknowledgements made room would only be refused again.
-                let refused_by = shared.passes.lock().refused_by;
-                *shared.send_queue_full.lock() = refused_by;
-                // Acknowledgements may have made the room before the receiver saw the wait.
-                wake_sender_if_room(transport, shared);
-                let mut full = shared.send_queue_full.lock();
-                while full.is_some() && !shared.stop.load(Ordering::SeqCst) {
-                    if shared
-                        .room
-                        .wait_for(&mut full, ROUTE_RECHECK_INTERVAL)
-                        .timed_out()
-                    {
-                        break;
-                    }
-                }
-                *full = None;
-            }
             Pass::More | Pass::Resolve => {}
             Pass::Done => {
+                // Acknowledgements may have made room before the receiver saw the peer held.
+                wake_sender_if_room(broker, transport, shared);
                 waiter.wait_past(seen, ROUTE_RECHECK_INTERVAL);
             }
         }
     }
 }
 
-/// Wakes the sender if it waits on a send queue that acknowledgements brought down to
-/// `SEND_QUEUE_RESUME_MESSAGES`.
-fn wake_sender_if_room(transport: &Transport, shared: &Shared) {
+/// Wakes the sender if acknowledgements brought a held peer's send queue down to
+/// `SEND_QUEUE_RESUME_MESSAGES` (once per hold: the peer leaves `full_peers`).
+fn wake_sender_if_room(broker: &BrokerCore, transport: &Transport, shared: &Shared) {
+    let full: Vec<SocketAddr> = shared.full_peers.lock().iter().copied().collect();
     // Not under the lock: the transport takes the peer's session lock.
-    let Some(addr) = *shared.send_queue_full.lock() else {
-        return;
-    };
-    if transport.unacknowledged_messages(&PeerKey::Dialed(addr)) > SEND_QUEUE_RESUME_MESSAGES {
+    let with_room: Vec<SocketAddr> = full
+        .into_iter()
+        .filter(|addr| {
+            transport.unacknowledged_messages(&PeerKey::Dialed(*addr)) <= SEND_QUEUE_RESUME_MESSAGES
+        })
+        .collect();
+    if with_room.is_empty() {
         return;
     }
-    let mut full = shared.send_queue_full.lock();
-    if *full == Some(addr) {
-        *full = None;
-        shared.room.notify_one();
+    let mut full = shared.full_peers.lock();
+    for addr in &with_room {
+        full.remove(addr);
     }
+    drop(full);
+    broker.wake_outbound();
 }
 
 /// What became of messages given to `hand_over`.
@@ -1084,7 +1155,7 @@ fn run_receiver(
                         dispatched.remove(&id);
                     }
                     drop(dispatched);
-                    wake_sender_if_room(transport, shared);
+                    wake_sender_if_room(broker, transport, shared);
                 }
                 // The messages stay queued (the far broker has them, so nothing is sent again
                 // while this node runs); try again until the log takes the record.

@@ -29,6 +29,7 @@ use herald_engine::{
 };
 use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
+use herald_net::proto::SEND_QUEUE_MESSAGES_MAX;
 use herald_net::quic::{PeerKey, TransportOptions};
 use herald_net::{Node, NodeConfig};
 
@@ -1020,4 +1021,64 @@ fn a_checkpoint_with_short_message_type_names_in_the_transmission_queue_reopens(
     };
     assert_eq!(a.broker().transmission_queue().len(), 40);
     a.shutdown().unwrap();
+}
+
+/// A peer that is down with a full send queue holds back only its own messages: another
+/// peer's, sent after them, arrive meanwhile (every pass used to start again at the first
+/// message refused, and wait for room there). Once it is up, its messages arrive too, each
+/// once, in order — those the full queue refused included.
+#[test]
+fn a_peer_with_a_full_send_queue_holds_back_only_its_own_messages() {
+    let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+    let [a_print, b_print, c_print] = [0, 1, 2].map(|i| prepare(dirs[i].path()));
+    let b = start(dirs[1].path(), loopback(), &[a_print], Durability::None);
+    let a = start(
+        dirs[0].path(),
+        loopback(),
+        &[b_print, c_print],
+        Durability::None,
+    );
+    define_client_and_server(&a, &b);
+    // C's address answers nothing until C starts there.
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let c_addr = silent.local_addr().unwrap();
+    define(&a, &[], &[("//t/Later", c_addr)]);
+    let to_c = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Later",
+        DialogOptions::default(),
+    );
+    let to_c_count = (SEND_QUEUE_MESSAGES_MAX + 1000) as u32;
+    send_numbered(a.broker(), to_c, 0..to_c_count, 10_000);
+    let held_by_c = || {
+        a.transport()
+            .unacknowledged_messages(&PeerKey::Dialed(c_addr))
+    };
+    wait_until("C's send queue is full", || {
+        held_by_c() == SEND_QUEUE_MESSAGES_MAX
+    });
+
+    let to_b = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), to_b, 0..20, 5);
+    receive_numbered(&b, 20);
+    assert_eq!(held_by_c(), SEND_QUEUE_MESSAGES_MAX);
+
+    drop(silent);
+    let c = start(dirs[2].path(), c_addr, &[a_print], Durability::None);
+    define(
+        &c,
+        &[("Server", "//t/Later")],
+        &[("//t/Client", a.local_addr().unwrap())],
+    );
+    receive_numbered(&c, to_c_count);
+    wait_acknowledged(&a);
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+    c.shutdown().unwrap();
 }
