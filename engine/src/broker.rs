@@ -789,8 +789,8 @@ impl BrokerCore {
         self.state.lock().transmissions_dropped
     }
 
-    /// Grows each time a commit creates or alters a route: when it changed, messages of the
-    /// transmission queue that had no route (or went elsewhere) should be routed again.
+    /// Grows each time a commit creates, alters or drops a route: when it changed, messages of
+    /// the transmission queue that had no route (or went elsewhere) should be routed again.
     pub fn route_changes(&self) -> u64 {
         self.state.lock().route_changes
     }

@@ -687,8 +687,10 @@ impl State {
                 self.poison_rollbacks.remove(name);
                 self.touched.push(name.clone());
             }
-            if let Op::CreateRoute(_) | Op::AlterRoute(_) = op {
-                // Messages waiting for a route may have one now.
+            if let Op::CreateRoute(_) | Op::AlterRoute(_) | Op::DropRoute { .. } = op {
+                // Messages waiting for a route may have one now; messages sent on a route
+                // altered or dropped may have to go elsewhere (a dropped route may leave a
+                // wildcard one to match).
                 self.route_changes += 1;
                 self.touched.push(TRANSMISSION_SIGNAL.to_owned());
             }

@@ -352,7 +352,7 @@ fn without_a_route_messages_wait_and_go_once_one_exists() {
         expires_at_ms: None,
     };
     // The network's sender routes waiting messages again when `route_changes` moves: only a
-    // committed CREATE or ALTER ROUTE moves it.
+    // committed CREATE, ALTER or DROP ROUTE moves it.
     let changes = a.route_changes();
     let mut tx = a.begin();
     tx.create_route(far.clone()).unwrap();
@@ -378,6 +378,11 @@ fn without_a_route_messages_wait_and_go_once_one_exists() {
     .unwrap();
     tx.commit().unwrap();
     assert_eq!(a.route_changes(), changes + 2);
+    let mut tx = a.begin();
+    tx.drop_route("far").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(a.route_changes(), changes + 3);
+    assert_eq!(*a.outbound(None, 10)[0].route, RouteChoice::NoRoute);
 }
 
 #[test]

@@ -493,6 +493,18 @@ impl Names {
     /// Whether a lookup of `host:port` failed less than `ROUTE_RECHECK_INTERVAL` ago: one
     /// lookup per name and interval, not one per message (a backlog for a name that does not
     /// resolve would hold the sender, and every other peer's messages, for a lookup each).
+    /// The address of `host`: cached, else looked up (which may block) unless that failed
+    /// recently.
+    fn lookup(&mut self, host: &str, port: u16) -> Option<SocketAddr> {
+        if let Some(addr) = self.cached(host, port) {
+            return Some(addr);
+        }
+        if self.failed_recently(host, port) {
+            return None;
+        }
+        self.resolve(host, port)
+    }
+
     fn failed_recently(&self, host: &str, port: u16) -> bool {
         self.unresolved
             .get(host)
@@ -646,6 +658,14 @@ fn pass(
     let route_changes = broker.route_changes();
     let retry_due =
         passes.retry_wanted && passes.last_full_pass.elapsed() >= ROUTE_RECHECK_INTERVAL;
+    if route_changes != passes.route_changes_seen {
+        // What the transport holds may have to go elsewhere now: the sender thread's, as
+        // taking it back may need names looked up.
+        if inline {
+            return Pass::Resolve;
+        }
+        reroute_dispatched(broker, transport, shared, passes);
+    }
     if route_changes != passes.route_changes_seen || retry_due {
         passes.route_changes_seen = route_changes;
         passes.retry_wanted = false;
@@ -811,14 +831,10 @@ fn route_message(
     let addr = match passes.names.cached(host, port) {
         Some(addr) => addr,
         None => {
-            let found = if passes.names.failed_recently(host, port) {
-                None
-            } else if inline {
+            if inline && !passes.names.failed_recently(host, port) {
                 return Routed::Resolve;
-            } else {
-                passes.names.resolve(host, port)
-            };
-            let Some(addr) = found else {
+            }
+            let Some(addr) = passes.names.lookup(host, port) else {
                 broker.set_transmission_status(
                     &[message.id],
                     &format!("cannot resolve {host}:{port}"),
@@ -975,6 +991,49 @@ fn hand_over(
     HandedOver {
         queue_full_at: queue_full,
         failed: any_failed,
+    }
+}
+
+/// After a route change: takes back from the transport what it holds for an address its
+/// message's route no longer leads to (the route was altered or dropped), so that the pass
+/// that follows sends it where its route leads now, or leaves it waiting for one. A dialog's
+/// messages all follow one route, so they move together and in order; left where they were,
+/// the earlier ones would have been retried at the old address for ever, and the later ones,
+/// sent to the new one, refused there as a gap.
+fn reroute_dispatched(
+    broker: &BrokerCore,
+    transport: &Transport,
+    shared: &Shared,
+    passes: &mut Passes,
+) {
+    let dispatched: IdMap<u64, SocketAddr> = shared.dispatched.lock().clone();
+    if dispatched.is_empty() {
+        return;
+    }
+    let listed = broker.outbound_where(None, dispatched.len(), |id| dispatched.contains_key(&id));
+    let mut moved: IdMap<SocketAddr, Vec<u64>> = IdMap::default();
+    for message in listed {
+        let leads_to = match &*message.route {
+            RouteChoice::Remote {
+                address: RouteAddress::Quic { host, port },
+                ..
+            } => passes.names.lookup(host, *port),
+            _ => None,
+        };
+        let went_to = dispatched[&message.id];
+        if leads_to != Some(went_to) {
+            moved.entry(went_to).or_default().push(message.id);
+        }
+    }
+    for (old, ids) in moved {
+        {
+            let mut dispatched = shared.dispatched.lock();
+            for id in &ids {
+                dispatched.remove(id);
+            }
+        }
+        let withdrawn = transport.withdraw(old, &ids);
+        tracing::debug!(%old, withdrawn, "took back what a route change sends elsewhere");
     }
 }
 

@@ -1082,3 +1082,47 @@ fn a_peer_with_a_full_send_queue_holds_back_only_its_own_messages() {
     b.shutdown().unwrap();
     c.shutdown().unwrap();
 }
+
+/// Messages handed to the transport for an address that a route change no longer leads to
+/// follow the route: an ALTER ROUTE from a node that never answers to the right one delivers
+/// them there, then the messages sent after it, each once, in order (they used to stay with
+/// the old address for ever, and the later ones wait at the new one as a gap).
+#[test]
+fn messages_already_handed_on_follow_an_altered_route() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::Sync);
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::Sync);
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let wrong = silent.local_addr().unwrap();
+    define(&a, &[("Client", "//t/Client")], &[("//t/Server", wrong)]);
+    define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..10, 5);
+    wait_until("the wrong address holds them", || {
+        a.transport()
+            .unacknowledged_messages(&PeerKey::Dialed(wrong))
+            == 10
+    });
+
+    let mut tx = a.broker().begin();
+    tx.alter_route(route("//t/Server", b_addr)).unwrap();
+    tx.commit().unwrap();
+    send_numbered(a.broker(), h, 10..15, 5);
+    receive_numbered(&b, 15);
+    wait_acknowledged(&a);
+    assert_eq!(
+        a.transport()
+            .unacknowledged_messages(&PeerKey::Dialed(wrong)),
+        0,
+        "taken back from the wrong address"
+    );
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
