@@ -55,7 +55,8 @@
 //! Events wait for the caller up to [`EVENTS_BYTES_MAX`] (message bodies plus
 //! [`EVENT_OVERHEAD_BYTES`] each); when that is reached, the reader tasks wait for the caller,
 //! which stops reading from the network and lets QUIC's flow control slow the
-//! peers. [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
+//! peers. Only received messages wait: acknowledgements, errors and Connected events go at
+//! once, uncharged (few, and not to be lost with a read dropped when its connection ends). [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
 //! messages per peer with `Error::SendQueueFull`: the engine keeps them and offers them again.
 
 pub mod tls;
@@ -303,6 +304,36 @@ impl EventSender {
         self.enqueue(EventBatch { events, charged });
     }
 
+    /// Hands over what one read made of the peer's bytes. Acknowledgements, errors and the
+    /// Connected event go at once, uncharged: they are few (one per message of this node's,
+    /// one per connection) and must not be lost. Were they to wait for room with the messages,
+    /// a connection ending meanwhile (its writer notices first, and the read is dropped) would
+    /// lose them, and the messages they acknowledge would be neither acknowledged again (the
+    /// session let them go) nor sent again: stuck in the transmission queue until a restart.
+    /// Received messages wait for room: one dropped is sent again on the next connection.
+    async fn pass_on(&self, events: Vec<TransportEvent>) {
+        let is_received = |event: &TransportEvent| {
+            matches!(
+                event,
+                TransportEvent::Session {
+                    event: Event::Received(_),
+                    ..
+                }
+            )
+        };
+        let received = events.iter().filter(|e| is_received(e)).count();
+        if received == events.len() {
+            return self.send_all(events).await;
+        }
+        let (received, others): (Vec<TransportEvent>, Vec<TransportEvent>) =
+            events.into_iter().partition(is_received);
+        self.enqueue(EventBatch {
+            events: others,
+            charged: 0,
+        });
+        self.send_all(received).await;
+    }
+
     /// Hands `event` over if there is room now (best-effort: for callers that must not wait).
     fn try_send(&self, event: TransportEvent) {
         let events = vec![event];
@@ -321,6 +352,23 @@ impl EventSender {
             self.queued.fetch_sub(count, Ordering::SeqCst);
         }
     }
+}
+
+/// A transport's events channel, empty.
+fn events_channel() -> (EventSender, Events) {
+    let (batches, batches_received) = mpsc::unbounded_channel();
+    let sender = EventSender {
+        batches,
+        room: Arc::new(Semaphore::new(EVENTS_BYTES_MAX)),
+        queued: Arc::new(AtomicUsize::new(0)),
+    };
+    let events = Events {
+        batches: batches_received,
+        buffered: VecDeque::new(),
+        room: sender.room.clone(),
+        queued: sender.queued.clone(),
+    };
+    (sender, events)
 }
 
 /// The receiving end of a transport's events (bounded by [`EVENTS_BYTES_MAX`]).
@@ -415,18 +463,7 @@ impl Transport {
         options: TransportOptions,
     ) -> Result<(Transport, Events)> {
         let _entered = runtime.enter();
-        let (batches, batches_received) = mpsc::unbounded_channel();
-        let event_sender = EventSender {
-            batches,
-            room: Arc::new(Semaphore::new(EVENTS_BYTES_MAX)),
-            queued: Arc::new(AtomicUsize::new(0)),
-        };
-        let events = Events {
-            batches: batches_received,
-            buffered: VecDeque::new(),
-            room: event_sender.room.clone(),
-            queued: event_sender.queued.clone(),
-        };
+        let (event_sender, events) = events_channel();
         let refusals = event_sender.clone();
         let on_refused: tls::OnRefused = Arc::new(move |fingerprint, reason| {
             // Best-effort: the refusal is logged either way, and a full channel must not stall
@@ -1170,7 +1207,7 @@ async fn read_loop(
                 },
             })
             .collect();
-        shared.events.send_all(batch).await;
+        shared.events.pass_on(batch).await;
         if let Err(e) = handled {
             return Ended::Violation(e.to_string());
         }
@@ -1242,6 +1279,54 @@ async fn until_shut_down(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read waiting for room in the events channel when its connection ends is dropped: the
+    /// acknowledgements it made of the peer's bytes must have gone over already (the session
+    /// let their messages go), the messages not.
+    #[test]
+    fn a_reads_acknowledgements_do_not_wait_for_room() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (sender, mut events) = events_channel();
+        let peer = PeerKey::Dialed(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let received = |bytes: usize| TransportEvent::Session {
+            peer,
+            event: Event::Received(crate::proto::IncomingMessage {
+                header: crate::proto::MessageHeader {
+                    conversation_id: [1; 16],
+                    from_initiator: true,
+                    sequence: 0,
+                    source_service: "//a".into(),
+                    target_service: "//b".into(),
+                    contract: "//c".into(),
+                    message_type: "//m".into(),
+                    target_broker_instance: None,
+                    lifetime_deadline_secs: 0,
+                },
+                body: vec![0; bytes],
+                source_broker_instance: [2; 16],
+            }),
+        };
+        let acknowledged = TransportEvent::Session {
+            peer,
+            event: Event::Acknowledged {
+                id: 7,
+                far_broker_instance: [2; 16],
+            },
+        };
+        runtime.block_on(async {
+            // The channel is full: the next read's messages wait, and the connection ends.
+            sender.send_all(vec![received(EVENTS_BYTES_MAX)]).await;
+            let read = vec![received(1024), acknowledged.clone(), received(1024)];
+            let ended = tokio::time::timeout(Duration::from_millis(50), sender.pass_on(read));
+            assert!(ended.await.is_err(), "the messages wait for room");
+        });
+        let taken: Vec<TransportEvent> = std::iter::from_fn(|| events.try_recv()).collect();
+        assert_eq!(taken.len(), 2, "the first message and the acknowledgement");
+        assert_eq!(taken[1], acknowledged);
+    }
 
     /// The handles of finished tasks (peers retired and made anew, connections ended) leave
     /// the list shutdown waits on when the next task is tracked.
