@@ -92,6 +92,11 @@ pub enum Error {
     #[error("second hello on one stream")]
     DuplicateHello,
 
+    /// An Ack names a broker instance other than the one the peer's Hello gave: taken, it
+    /// would pin the dialog to a broker that does not hold it.
+    #[error("an ack names broker instance {}, but the peer's hello said {}", Uuid::from_bytes(*ack), Uuid::from_bytes(*hello))]
+    AckBrokerMismatch { ack: [u8; 16], hello: [u8; 16] },
+
     /// Two fragments of one message disagree on the message's header, or overlap without being
     /// the same fragment.
     #[error(

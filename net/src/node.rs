@@ -984,10 +984,14 @@ fn hand_over(
         let failed: HashSet<u64> = failed.into_iter().map(|(id, _)| id).collect();
         ids.retain(|id| !failed.contains(id));
     }
-    broker.set_transmission_status(
-        &ids,
-        &format!("sent to {addr}; waiting for its acknowledgement"),
-    );
+    // A peer not connected (yet, or any more) gets them when it is: its Connected event says
+    // "sent" then, and a lost connection "unreachable".
+    let status = if transport.is_connected(&PeerKey::Dialed(addr)) {
+        format!("sent to {addr}; waiting for its acknowledgement")
+    } else {
+        format!("waiting for a connection to {addr}")
+    };
+    broker.set_transmission_status(&ids, &status);
     HandedOver {
         queue_full_at: queue_full,
         failed: any_failed,
@@ -1464,9 +1468,10 @@ mod tests {
         node.shutdown().unwrap();
     }
 
-    /// The status of messages handed to a dialed peer follows its connection: "unreachable"
-    /// while it is down, "waiting for its acknowledgement" again once a new connection sends
-    /// them again; and the node remembers the peer's certificate only while it is connected.
+    /// The status of messages handed to a dialed peer follows its connection: "waiting for a
+    /// connection" while the first dial is under way, "unreachable" while it is down, "waiting
+    /// for its acknowledgement" again once a new connection sends them again; and the node
+    /// remembers the peer's certificate only while it is connected.
     /// The far peer is a bare transport that never acknowledges, so nothing leaves the queue.
     #[test]
     fn the_status_of_handed_over_messages_follows_their_peers_connection() {
@@ -1513,6 +1518,10 @@ mod tests {
         };
         let far_certificate = || node.shared.dialed.lock().get(&far_addr).copied();
         create_far_route(&node, &format!("quic://{far_addr}"));
+        // Handed on while the dial is under way (it fails when its handshake idles out).
+        wait_until("the messages wait for a connection", || {
+            all_say("waiting for a connection")
+        });
         wait_until("the far peer is found unreachable", || {
             all_say("unreachable")
         });

@@ -1013,11 +1013,26 @@ fn acknowledged_messages_are_reported_once_and_repeated_acks_ignored() {
         far_broker_instance: B,
     };
     assert_eq!(events(&mut s), [acked(10), acked(20)]);
+    // An Ack from a broker other than the Hello's would pin the dialog to it: refused.
+    let mut from_other = Ack {
+        conversation_id: [1; 16],
+        from_initiator: true,
+        sequence: 3,
+        broker_instance: A,
+    };
+    assert_eq!(
+        s.handle(now, Frame::Ack(from_other)),
+        Err(Error::AckBrokerMismatch { ack: A, hello: B })
+    );
+    assert_eq!(events(&mut s), []);
+    from_other.broker_instance = B;
+    assert_eq!(s.handle(now, Frame::Ack(from_other)), Ok(()));
+    assert_eq!(events(&mut s), [acked(30)]);
     s.handle(now, ack(2, true)).expect("repeat");
     s.handle(now, ack(1, true)).expect("older");
     assert_eq!(events(&mut s), []);
     s.handle(now, ack(u64::MAX, true)).expect("covers all");
-    assert_eq!(events(&mut s), [acked(30)]);
+    assert_eq!(events(&mut s), []);
     assert_eq!(s.unacknowledged_messages(), 1);
     assert_eq!(s.in_flight_bytes(), 5);
 }

@@ -386,6 +386,12 @@ impl PeerSession {
                     }));
                 }
             }
+            Frame::Ack(ack) if ack.broker_instance != peer => {
+                return Err(Error::AckBrokerMismatch {
+                    ack: ack.broker_instance,
+                    hello: peer,
+                });
+            }
             Frame::Ack(ack) => self.handle_ack(ack),
             Frame::Error(e) => self.events.push_back(Event::RemoteError {
                 conversation_id: e.conversation_id,

@@ -666,6 +666,12 @@ impl Transport {
             .collect()
     }
 
+    /// Whether a connection to `peer` is up now.
+    pub fn is_connected(&self, peer: &PeerKey) -> bool {
+        let peer = self.shared.peers.lock().get(peer).cloned();
+        peer.is_some_and(|peer| peer.connection.lock().is_some())
+    }
+
     /// Messages queued for `peer` and not yet acknowledged (0 for a peer never sent to).
     pub fn unacknowledged_messages(&self, peer: &PeerKey) -> usize {
         self.shared
