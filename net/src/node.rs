@@ -396,11 +396,11 @@ fn status_report(
         let mut sessions = transport.peers();
         // Dialed sessions first: a peer that both dialed this node and was dialed by it has
         // two sessions (one per direction) but is one peer, shown under its route's address.
-        sessions.sort_by_key(|(key, _, _)| matches!(key, PeerKey::Accepted(_)));
+        sessions.sort_by_key(|(key, _, _)| matches!(key, PeerKey::Accepted(..)));
         for (key, remote, unacknowledged) in sessions {
             let (address, fingerprint) = match key {
                 PeerKey::Dialed(addr) => (addr.to_string(), dialed.get(&addr).copied()),
-                PeerKey::Accepted(fingerprint) => (
+                PeerKey::Accepted(fingerprint, _) => (
                     remote.map_or_else(|| "(inbound)".to_owned(), |a| a.to_string()),
                     Some(fingerprint),
                 ),
@@ -1346,7 +1346,7 @@ fn reply_error(transport: &Transport, peer: &PeerKey, arrival: &Arrival, code: i
 /// Why `peer` may not send `arrival` (its certificate may reach only some services), if so.
 fn refused_by_access(shared: &Shared, peer: &PeerKey, arrival: &Arrival) -> Option<String> {
     let fingerprint = match peer {
-        PeerKey::Accepted(fingerprint) => *fingerprint,
+        PeerKey::Accepted(fingerprint, _) => *fingerprint,
         PeerKey::Dialed(addr) => *shared.dialed.lock().get(addr)?,
     };
     let allowed = shared.restricted_peers.get(&fingerprint)?;

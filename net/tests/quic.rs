@@ -402,9 +402,10 @@ async fn a_thousand_messages_each_way_arrive_once_in_order_and_are_acknowledged_
                     && *fp == other.fingerprint()
                     && *id == other.broker_instance())
         );
-        assert!(seen.connected.iter().any(|(peer, fp, id)| *peer
-            == PeerKey::Accepted(other.fingerprint())
-            && *fp == other.fingerprint()
+        assert!(seen.connected.iter().any(|(peer, fp, id)| matches!(
+            peer,
+            PeerKey::Accepted(on, _) if *on == other.fingerprint()
+        ) && *fp == other.fingerprint()
             && *id == other.broker_instance()));
     }
     a.transport.shutdown().await;
@@ -554,14 +555,9 @@ async fn peers_with_certificates_from_a_trusted_ca_connect_and_others_do_not() {
     assert_stored(&a, &to_a, false);
 
     // A broker error about a received message goes back on the session it came on.
+    let from_a = accepted_key(&b, a.fingerprint());
     b.transport
-        .send_error(
-            &PeerKey::Accepted(a.fingerprint()),
-            [1; 16],
-            false,
-            -8490,
-            "no such service",
-        )
+        .send_error(&from_a, [1; 16], false, -8490, "no such service")
         .unwrap();
     a.wait_for("a gets b's error", |seen| !seen.remote_errors.is_empty())
         .await;
@@ -576,8 +572,12 @@ async fn peers_with_certificates_from_a_trusted_ca_connect_and_others_do_not() {
     );
     // A session that never was cannot be acknowledged on.
     assert!(matches!(
-        b.transport
-            .acknowledge(&PeerKey::Accepted(Fingerprint([7; 32])), [1; 16], true, 1),
+        b.transport.acknowledge(
+            &PeerKey::Accepted(Fingerprint([7; 32]), 0),
+            [1; 16],
+            true,
+            1
+        ),
         Err(Error::UnknownPeer { .. })
     ));
 
@@ -786,7 +786,7 @@ async fn a_trusted_peer_sending_garbage_is_closed_and_others_are_still_served() 
     }
     a.wait_for("a reports the violation", |seen| {
         seen.disconnected.iter().any(|(peer, reason)| {
-            *peer == PeerKey::Accepted(hostile.fingerprint())
+            matches!(peer, PeerKey::Accepted(on, _) if *on == hostile.fingerprint())
                 && reason.contains("protocol violation")
         })
     })
@@ -896,6 +896,17 @@ fn two_identities() -> (NodeIdentity, NodeIdentity) {
 }
 
 /// A node of `identity` trusting only `peer`, on `listen`.
+/// The session `node` accepted from the peer of certificate `fingerprint` (it connected).
+fn accepted_key(node: &Node, fingerprint: Fingerprint) -> PeerKey {
+    node.seen
+        .lock()
+        .connected
+        .iter()
+        .map(|(key, ..)| *key)
+        .find(|key| matches!(key, PeerKey::Accepted(on, _) if *on == fingerprint))
+        .expect("the peer connected")
+}
+
 fn start_trusting(
     identity: &NodeIdentity,
     peer: &NodeIdentity,
@@ -972,10 +983,11 @@ async fn a_connection_that_ends_before_its_stream_opens_leaves_no_peer() {
     let (a_identity, b_identity) = two_identities();
     let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
     let (endpoint, connection) = raw_connection(&b_identity, &a_identity, a.addr).await;
-    let peer = PeerKey::Accepted(b_identity.fingerprint());
-    wait_peers(&a, "a made the peer's session", |peers| {
-        peers == [(peer, 0)]
-    })
+    wait_peers(
+        &a,
+        "a made the peer's session",
+        |peers| matches!(peers, [(PeerKey::Accepted(on, _), 0)] if *on == b_identity.fingerprint()),
+    )
     .await;
     connection.close(0u32.into(), b"gone before the stream");
     wait_peers(&a, "a retired the peer", |peers| peers.is_empty()).await;
@@ -1000,9 +1012,11 @@ async fn a_peer_with_nothing_left_is_retired_when_its_connection_ends() {
         seen.acknowledged.len() == 5
     })
     .await;
-    wait_peers(&b, "b has a's session", |peers| {
-        peers == [(PeerKey::Accepted(a_identity.fingerprint()), 0)]
-    })
+    wait_peers(
+        &b,
+        "b has a's session",
+        |peers| matches!(peers, [(PeerKey::Accepted(on, _), 0)] if *on == a_identity.fingerprint()),
+    )
     .await;
 
     // B goes: A's dialed peer, all acknowledged, is retired and dials no more.
@@ -1215,4 +1229,46 @@ fn an_identity_file_over_its_bound_is_refused() {
         NodeIdentity::load_or_create(dir.path()),
         Err(Error::CorruptIdentity { reason, .. }) if reason.contains("larger than")
     ));
+}
+
+/// A peer that dials this node at two addresses (two routes naming it differently, a node
+/// with two interfaces) has a session here for each of its dialing sessions: each
+/// connection's acknowledgements go back on it, and neither connection replaces the other.
+/// With one session per certificate, each new connection closed the other (which dialed again
+/// a second later), and acknowledgements went back on the connection that had not carried
+/// their messages, where they were dropped: nothing was ever acknowledged for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_dialing_two_addresses_of_this_node_has_a_session_for_each() {
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    // B listens on every address: 127.0.0.1 and 127.0.0.2 both reach it.
+    let b = start_trusting(&b_identity, &a_identity, "0.0.0.0:0".parse().unwrap()).unwrap();
+    let [first, second] = [1, 2].map(|n| SocketAddr::from(([127, 0, 0, n], b.addr.port())));
+    const COUNT: u64 = 300;
+    // One direction of the conversations to each address, so that they do not mix at B.
+    let to_first = send_many(&a, first, COUNT, 0, true, 0, 0);
+    let to_second = send_many(&a, second, COUNT, COUNT, false, 0, 0);
+    a.wait_for("every message acknowledged", |seen| {
+        seen.acknowledged.len() == 2 * COUNT as usize
+    })
+    .await;
+    assert_stored(&b, &to_first, true);
+    assert_stored(&b, &to_second, false);
+    assert_acknowledged_once(&a, 0..2 * COUNT);
+    let sessions: Vec<PeerKey> = b
+        .seen
+        .lock()
+        .connected
+        .iter()
+        .map(|(key, ..)| *key)
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "one connection each, none replaced: {sessions:?}"
+    );
+    assert_ne!(sessions[0], sessions[1]);
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
 }

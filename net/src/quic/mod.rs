@@ -20,9 +20,14 @@
 //!   is made again after [`RETRY_DELAY_INITIAL`], doubling to [`RETRY_DELAY_MAX`], for as long
 //!   as its session has something to deliver. Each new connection starts with
 //!   [`PeerSession::reset`], so every unacknowledged message is sent again, in order, first.
-//! - [`PeerKey::Accepted`]`(fingerprint)`: connections a peer opens to this node, keyed by its
-//!   certificate's fingerprint; a new connection from the same certificate replaces the old one
-//!   (which is closed) and continues its session (pending acknowledgements are kept).
+//! - [`PeerKey::Accepted`]`(fingerprint, dialer)`: connections a peer opens to this node, keyed
+//!   by its certificate's fingerprint and the dialed session they belong to (a random token the
+//!   dialing node keeps for as long as it dials that address, sent as the TLS server name); a
+//!   new connection of the same dialed session replaces the old one (which is closed) and
+//!   continues its session (pending acknowledgements are kept). A node that dials this one at
+//!   two addresses (two routes naming it differently, two interfaces) has two sessions here,
+//!   whose connections do not replace each other: each carries its own messages and their
+//!   acknowledgements.
 //!
 //! A peer whose connection ended (or whose dial failed) with no message of this node
 //! unacknowledged is retired: it leaves the transport, and a dialed one stops dialing; the next
@@ -192,15 +197,18 @@ pub const CLOSE_STREAM_ENDED: VarInt = VarInt::from_u32(5);
 pub enum PeerKey {
     /// The connection this node opens to an address.
     Dialed(SocketAddr),
-    /// Connections a peer opens to this node, by its certificate's fingerprint.
-    Accepted(Fingerprint),
+    /// Connections a peer opens to this node, by its certificate's fingerprint and the token of
+    /// the dialed session they belong to (0 when the peer sent none).
+    Accepted(Fingerprint, u64),
 }
 
 impl std::fmt::Display for PeerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PeerKey::Dialed(addr) => write!(f, "dialed {addr}"),
-            PeerKey::Accepted(fingerprint) => write!(f, "accepted {fingerprint}"),
+            PeerKey::Accepted(fingerprint, dialer) => {
+                write!(f, "accepted {fingerprint} (dialer {dialer:016x})")
+            }
         }
     }
 }
@@ -793,7 +801,7 @@ impl Shared {
                     let task = shared.runtime.spawn(dial_loop(shared.clone(), peer, addr));
                     shared.track(task);
                 })?,
-                PeerKey::Accepted(_) => {
+                PeerKey::Accepted(..) => {
                     self.peers
                         .lock()
                         .get(&key)
@@ -809,7 +817,7 @@ impl Shared {
             if peer.retired.load(Ordering::SeqCst) {
                 match key {
                     PeerKey::Dialed(_) => continue,
-                    PeerKey::Accepted(_) => {
+                    PeerKey::Accepted(..) => {
                         return Err(Error::UnknownPeer {
                             peer: key.to_string(),
                         });
@@ -822,7 +830,7 @@ impl Shared {
             // An acknowledgement after the connection ended: its end may have found the peer
             // held by this call, so it is retired here (the map and this call hold it; the task
             // of a new connection would too).
-            if matches!(key, PeerKey::Accepted(_)) && peer.connection.lock().is_none() {
+            if matches!(key, PeerKey::Accepted(..)) && peer.connection.lock().is_none() {
                 self.retire_if_idle(&peer, 2);
             }
             return result;
@@ -910,10 +918,13 @@ impl Shared {
 /// Dials `addr` and drives the session over each connection, reconnecting with backoff.
 async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
     let mut shutdown = shared.shutdown.subscribe();
+    // Every connection of this session names it, so that the peer keeps one session for it
+    // (and another for a session dialing it at another address).
+    let server_name = tls::dialer_server_name(Uuid::new_v4().as_u64_pair().0);
     let mut delay = RETRY_DELAY_INITIAL;
     while !shared.is_shutting_down() {
         let attempt = tokio::select! {
-            attempt = dial(&shared, addr) => attempt,
+            attempt = dial(&shared, addr, &server_name) => attempt,
             _ = until_shut_down(&mut shutdown) => break,
         };
         let reason = match attempt {
@@ -955,10 +966,11 @@ async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
 async fn dial(
     shared: &Shared,
     addr: SocketAddr,
+    server_name: &str,
 ) -> std::result::Result<(quinn::Connection, SendStream, RecvStream, Fingerprint), String> {
     let connecting = shared
         .endpoint
-        .connect_with(shared.client_config.clone(), addr, SERVER_NAME)
+        .connect_with(shared.client_config.clone(), addr, server_name)
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(connection)) => connection,
@@ -1021,8 +1033,8 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
-/// A node connected to us: find or make its session by fingerprint, replace any connection it
-/// had, and drive the session over this one.
+/// A node connected to us: find or make its session by fingerprint and dialed session, replace
+/// the connection that session had, and drive the session over this one.
 async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
     let addr = connection.remote_address();
     let Some(fingerprint) = tls::peer_fingerprint(&connection) else {
@@ -1041,7 +1053,7 @@ async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
         );
         return;
     }
-    let key = PeerKey::Accepted(fingerprint);
+    let key = PeerKey::Accepted(fingerprint, tls::dialer_token(&connection));
     let peer = match shared.peer_or_insert(key, |_, _| {}) {
         Ok(peer) => peer,
         Err(e) => {

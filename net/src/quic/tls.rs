@@ -155,6 +155,37 @@ pub(crate) fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>>
     data.protocol
 }
 
+/// The TLS server name a dialed session gives each of its connections: `token` (random, one
+/// per dialed session) in a DNS label before the node certificate's name. Certificates are
+/// checked by fingerprint or CA, never by this name, so it is free to say which session a
+/// connection belongs to (see [`dialer_token`]).
+pub(crate) fn dialer_server_name(token: u64) -> String {
+    format!("s{token:016x}.{}", crate::identity::CERTIFICATE_NAME)
+}
+
+/// The dialed-session token an accepted connection's server name carries; 0 when it carries
+/// none (a bare certificate name).
+pub(crate) fn dialer_token(connection: &quinn::Connection) -> u64 {
+    let Some(data) = connection.handshake_data() else {
+        return 0;
+    };
+    let Ok(data) = data.downcast::<quinn::crypto::rustls::HandshakeData>() else {
+        return 0;
+    };
+    data.server_name.as_deref().map_or(0, token_of)
+}
+
+/// The token in a server name [`dialer_server_name`] made; 0 for any other name.
+fn token_of(server_name: &str) -> u64 {
+    server_name
+        .strip_prefix('s')
+        .and_then(|name| name.strip_suffix(crate::identity::CERTIFICATE_NAME))
+        .and_then(|name| name.strip_suffix('.'))
+        .filter(|hex| hex.len() == 16)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or(0)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -461,5 +492,30 @@ impl ClientCertVerifier for PeerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dialed_sessions_token_survives_its_server_name_and_other_names_give_none() {
+        for token in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let name = dialer_server_name(token);
+            assert!(rustls::pki_types::ServerName::try_from(name.as_str()).is_ok());
+            assert_eq!(token_of(&name), token);
+        }
+        let certificate_name = crate::identity::CERTIFICATE_NAME;
+        for other in [
+            certificate_name.to_owned(),
+            format!("s12.{certificate_name}"),
+            format!("x0123456789abcdef.{certificate_name}"),
+            format!("s0123456789abcdeg.{certificate_name}"),
+            "s0123456789abcdef.example".to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(token_of(&other), 0, "{other}");
+        }
     }
 }
