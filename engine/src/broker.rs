@@ -2,6 +2,7 @@
 //! checkpoint and the log after it, hands out transactions, and checkpoints as the log grows,
 //! releasing the log segments nothing needs any more.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,6 +124,11 @@ impl Default for Options {
             log_storage: None,
         }
     }
+}
+
+/// The status of a message whose dialog's far service has no route.
+fn no_route_status(far_service: &str) -> String {
+    format!("no route to service {far_service:?} yet")
 }
 
 /// An open data directory: the catalog, conversations and queues, persisted in one log.
@@ -712,12 +718,9 @@ impl BrokerCore {
                     self.broker_id,
                     now,
                 );
-                let transmission_status = match (statuses.text(*id), routed) {
-                    (_, crate::catalog::RouteChoice::NoRoute) => {
-                        format!("no route to service {:?} yet", endpoint.far_service)
-                    }
-                    (Some(status), _) => status.to_string(),
-                    (None, _) => String::new(),
+                let transmission_status = match routed {
+                    crate::catalog::RouteChoice::NoRoute => no_route_status(&endpoint.far_service),
+                    _ => statuses.text(*id).unwrap_or_default().to_string(),
                 };
                 Some(TransmissionQueueRow {
                     id: *id,
@@ -805,6 +808,63 @@ impl BrokerCore {
     }
 
     /// All conversation endpoints, as committed.
+    /// How many messages of the transmission queue have each status text, as
+    /// [`transmission_queue`](Self::transmission_queue) shows them, counted without making its
+    /// rows: `herald status` asks this of a queue of any size, under the state lock.
+    pub fn transmission_status_counts(&self) -> Vec<(String, u64)> {
+        let now = self.clock().now_ms();
+        let state = self.state.lock();
+        let statuses = self.transmission_status.lock();
+        // A dialog's messages share its route: looked up once per dialog.
+        let mut routed: crate::IdMap<crate::ConversationHandle, bool> = Default::default();
+        let mut no_route: HashMap<&str, u64> = HashMap::new();
+        let mut texts: HashMap<&str, u64> = HashMap::new();
+        for (id, t) in &state.transmission {
+            let Some(endpoint) = state.endpoints.get(&t.handle) else {
+                continue;
+            };
+            let has_route = *routed.entry(t.handle).or_insert_with(|| {
+                !matches!(
+                    state.catalog.route(
+                        &endpoint.far_service,
+                        endpoint.far_broker_instance,
+                        self.broker_id,
+                        now,
+                    ),
+                    crate::catalog::RouteChoice::NoRoute
+                )
+            });
+            if has_route {
+                *texts
+                    .entry(statuses.text(*id).unwrap_or_default())
+                    .or_default() += 1;
+            } else {
+                *no_route.entry(&endpoint.far_service).or_default() += 1;
+            }
+        }
+        let mut counts: HashMap<String, u64> = texts
+            .into_iter()
+            .map(|(text, count)| (text.to_owned(), count))
+            .collect();
+        for (service, count) in no_route {
+            *counts.entry(no_route_status(service)).or_default() += count;
+        }
+        counts.into_iter().collect()
+    }
+
+    /// How many conversation endpoints are in each state (the states with none left out).
+    pub fn endpoint_state_counts(&self) -> Vec<(crate::EndpointState, u64)> {
+        let state = self.state.lock();
+        crate::EndpointState::ALL
+            .into_iter()
+            .map(|of| {
+                let count = state.endpoints.values().filter(|e| e.state == of).count();
+                (of, count as u64)
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    }
+
     pub fn conversation_endpoints(&self) -> Vec<crate::ConversationEndpoint> {
         self.state.lock().endpoints.values().cloned().collect()
     }

@@ -879,3 +879,58 @@ fn the_last_sequence_number_is_never_taken() {
         .collect();
     assert_eq!(bodies, [b"first".to_vec(), b"second".to_vec()]);
 }
+
+/// The status counts `herald status` shows are what the transmission queue's rows say, counted
+/// without making the rows; so are the endpoint counts by state.
+#[test]
+fn status_counts_agree_with_the_rows() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let routed = begin(&a, &["1", "2", "3"]);
+    let mut tx = a.begin();
+    let unrouted = tx
+        .begin_dialog(
+            "//t/Client",
+            "//t/Nowhere",
+            CONTRACT,
+            DialogOptions::default(),
+        )
+        .unwrap();
+    tx.send(unrouted, ASK, b"x").unwrap();
+    tx.send(unrouted, ASK, b"y").unwrap();
+    tx.end_conversation(routed).unwrap();
+    tx.commit().unwrap();
+    let ids: Vec<u64> = a.outbound(None, 100).iter().map(|m| m.id).collect();
+    a.set_transmission_status(&ids[..2], "sent to 10.0.0.1:4022; waiting");
+    a.set_transmission_status(&ids[2..], "unreachable");
+
+    let mut from_rows: std::collections::HashMap<String, u64> = Default::default();
+    for row in a.transmission_queue() {
+        *from_rows.entry(row.transmission_status).or_default() += 1;
+    }
+    let counted: std::collections::HashMap<String, u64> =
+        a.transmission_status_counts().into_iter().collect();
+    assert_eq!(counted, from_rows);
+    assert_eq!(counted.len(), 3, "{counted:?}");
+    assert_eq!(counted["no route to service \"//t/Nowhere\" yet"], 2);
+
+    let mut by_state: Vec<(EndpointState, u64)> = Vec::new();
+    for endpoint in a.conversation_endpoints() {
+        match by_state
+            .iter_mut()
+            .find(|(state, _)| *state == endpoint.state)
+        {
+            Some((_, count)) => *count += 1,
+            None => by_state.push((endpoint.state, 1)),
+        }
+    }
+    let mut counted = a.endpoint_state_counts();
+    by_state.sort_by_key(|(state, _)| state.code());
+    counted.sort_by_key(|(state, _)| state.code());
+    assert_eq!(counted, by_state);
+    assert_eq!(
+        counted.len(),
+        2,
+        "one dialog open, one ended here: {counted:?}"
+    );
+}

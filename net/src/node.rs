@@ -270,9 +270,7 @@ impl Node {
     /// durable as its durability says.
     pub fn abandon(mut self) {
         self.signal_stop();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.join_threads();
         // Every task (the QUIC drivers among them) is dropped before the transport is, so the
         // transport's close on drop has nothing left to send it.
         if let Some(runtime) = self.runtime.take() {
@@ -326,8 +324,17 @@ impl Node {
         if let Some(runtime) = &self.runtime {
             runtime.block_on(self.transport.shutdown());
         }
+        self.join_threads();
+    }
+
+    /// Joins the node's threads; one that panicked is reported (its panic message went to
+    /// standard error when it happened).
+    fn join_threads(&mut self) {
         for thread in self.threads.drain(..) {
-            let _ = thread.join();
+            let name = thread.thread().name().unwrap_or("unnamed").to_owned();
+            if thread.join().is_err() {
+                tracing::error!(thread = %name, "a node thread had panicked");
+            }
         }
     }
 }

@@ -502,18 +502,16 @@ impl StatusReport {
             })
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
-        let endpoints = broker.conversation_endpoints();
-        let endpoints_by_state = herald_engine::EndpointState::ALL
+        let endpoints_by_state = broker
+            .endpoint_state_counts()
             .into_iter()
-            .filter_map(|state| {
-                let count = endpoints.iter().filter(|e| e.state == state).count() as u64;
-                (count > 0).then(|| (state.code().to_owned(), count))
-            })
+            .map(|(state, count)| (state.code().to_owned(), count))
             .collect();
         let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
-        for row in broker.transmission_queue() {
-            let text = cut(row.transmission_status, STATUS_TEXT_BYTES_MAX);
-            *statuses.entry(text).or_default() += 1;
+        for (text, count) in broker.transmission_status_counts() {
+            *statuses
+                .entry(cut(text, STATUS_TEXT_BYTES_MAX))
+                .or_default() += count;
         }
         let mut report = StatusReport {
             broker_instance: broker.broker_instance().0,
