@@ -1186,6 +1186,16 @@ fn run_receiver(
                         code,
                         description,
                     } => {
+                        // A far broker's error answers messages this node sent, and those go
+                        // only on connections it dialed: one on a connection the peer opened is
+                        // about nothing this node sent it, and must not fail a dialog.
+                        if let PeerKey::Accepted(fingerprint, _) = peer {
+                            tracing::warn!(
+                                %fingerprint,
+                                "ignoring a broker error on a connection the peer opened"
+                            );
+                            continue;
+                        }
                         let conversation = ConversationId(u128::from_be_bytes(conversation_id));
                         if let Err(e) =
                             broker.remote_failed(conversation, from_initiator, code, &description)

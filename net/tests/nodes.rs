@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_engine::{
-    Broker, ConversationHandle, DialogOptions, Durability, MemStorage, QueueOptions, Receive,
-    Route, RouteAddress, SentBy, Validation, system,
+    Broker, ConversationHandle, DialogOptions, Durability, EndpointState, MemStorage, QueueOptions,
+    Receive, Route, RouteAddress, SentBy, Validation, system,
 };
 use herald_net::identity::{Fingerprint, NodeIdentity, Trust};
 use herald_net::node::IDENTITY_DIR;
@@ -1123,6 +1123,46 @@ fn messages_already_handed_on_follow_an_altered_route() {
         0,
         "taken back from the wrong address"
     );
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+/// A broker error answers a message the node sent, and comes back on the connection the node
+/// dialed to send it: one a peer sends on its own connection (here B, about A's dialog with
+/// it) fails nothing. What B sends after it on that connection (its reply) arriving at A shows
+/// the error was read first.
+#[test]
+fn a_broker_error_on_a_connection_the_peer_opened_fails_nothing() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
+    let b = start(b_dir.path(), loopback(), &[a_print], Durability::None);
+    let a = start(a_dir.path(), loopback(), &[b_print], Durability::None);
+    define_client_and_server(&a, &b);
+    let h = begin(
+        a.broker(),
+        "//t/Client",
+        "//t/Server",
+        DialogOptions::default(),
+    );
+    send_numbered(a.broker(), h, 0..1, 1);
+    let request = receive(&b, "Server", 1);
+    let conversation_id = a.broker().conversation_endpoint(h).unwrap().conversation_id;
+    b.transport()
+        .send_error(
+            &PeerKey::Dialed(a.local_addr().unwrap()),
+            conversation_id.0.to_be_bytes(),
+            true,
+            -8490,
+            "forged",
+        )
+        .unwrap();
+    let mut tx = b.broker().begin();
+    tx.send(request[0].0, TELL, b"reply").unwrap();
+    tx.commit().unwrap();
+    let reply = receive(&a, "Client", 1);
+    assert_eq!(reply[0].2, b"reply");
+    let endpoint = a.broker().conversation_endpoint(h).unwrap();
+    assert_eq!(endpoint.state, EndpointState::Conversing);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
