@@ -655,7 +655,7 @@ fn pass(
             move_off(transport, shared, old);
             passes.held.remove(&old);
             shared.full_peers.lock().remove(&old);
-            passes.cursor = None;
+            list_from_start(passes);
         }
     }
     // A new or altered route may be the one messages behind the cursor waited for (a peer's
@@ -676,7 +676,7 @@ fn pass(
     if route_changes != passes.route_changes_seen || retry_due {
         passes.route_changes_seen = route_changes;
         passes.retry_wanted = false;
-        passes.cursor = None;
+        list_from_start(passes);
         passes.last_full_pass = Instant::now();
     }
     if let Some((addr, first, room)) = held_with_room(transport, shared, passes) {
@@ -689,6 +689,12 @@ fn pass(
         broker.outbound_where(passes.cursor, batch, |id| !dispatched.contains_key(&id))
     };
     passes.listed += waiting.len() as u64;
+    // A route changed since this pass took back what the old routes had sent: what it listed
+    // may be routed past a dialog's earlier messages still at the old address. Nothing goes;
+    // the next pass takes those back first.
+    if broker.route_changes() != passes.route_changes_seen {
+        return Pass::More;
+    }
     let more = waiting.len() == batch;
     let last = waiting.last().map(|m| m.id);
     // What goes in this pass, by address, in order: one hand-over and one status update per
@@ -719,6 +725,16 @@ fn pass(
         }
     }
     if more { Pass::More } else { Pass::Done }
+}
+
+/// Lists the transmission queue from its start again. A held peer resumes from the start too:
+/// messages before its first held back may lead to it now (a route changed, a name moved or
+/// resolved at last), and those after must not overtake them.
+fn list_from_start(passes: &mut Passes) {
+    passes.cursor = None;
+    for first in passes.held.values_mut() {
+        *first = 0;
+    }
 }
 
 /// Holds `addr`'s messages back from `first` on: its send queue is full.
@@ -771,6 +787,10 @@ fn resume_held(
         })
     };
     passes.listed += waiting.len() as u64;
+    // As in `pass`: a route changed meanwhile, the next pass re-routes first.
+    if broker.route_changes() != passes.route_changes_seen {
+        return Pass::More;
+    }
     let more = waiting.len() == batch;
     let last = waiting.last().map(|m| m.id);
     let mut its = Vec::new();

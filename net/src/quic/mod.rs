@@ -60,8 +60,8 @@
 //! Events wait for the caller up to [`EVENTS_BYTES_MAX`] (message bodies plus
 //! [`EVENT_OVERHEAD_BYTES`] each); when that is reached, the reader tasks wait for the caller,
 //! which stops reading from the network and lets QUIC's flow control slow the
-//! peers. Only received messages wait: acknowledgements, errors and Connected events go at
-//! once, uncharged (few, and not to be lost with a read dropped when its connection ends). [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
+//! peers. Acknowledgements and Connected events do not wait: they go at once, uncharged (few,
+//! and not to be lost with a read dropped when its connection ends). [`Transport::send`] refuses more than `SEND_QUEUE_MESSAGES_MAX` unacknowledged
 //! messages per peer with `Error::SendQueueFull`: the engine keeps them and offers them again.
 
 pub mod tls;
@@ -312,34 +312,36 @@ impl EventSender {
         self.enqueue(EventBatch { events, charged });
     }
 
-    /// Hands over what one read made of the peer's bytes. Acknowledgements, errors and the
-    /// Connected event go at once, uncharged: they are few (one per message of this node's,
-    /// one per connection) and must not be lost. Were they to wait for room with the messages,
-    /// a connection ending meanwhile (its writer notices first, and the read is dropped) would
+    /// Hands over what one read made of the peer's bytes. Acknowledgements and the Connected
+    /// event go at once, uncharged: they are few (one per message of this node's, one per
+    /// connection) and must not be lost. Were they to wait for room with the rest, a
+    /// connection ending meanwhile (its writer notices first, and the read is dropped) would
     /// lose them, and the messages they acknowledge would be neither acknowledged again (the
     /// session let them go) nor sent again: stuck in the transmission queue until a restart.
-    /// Received messages wait for room: one dropped is sent again on the next connection.
+    /// The rest waits for room: a received message or a broker error dropped so comes again
+    /// (the peer sends the message again on its next connection; this node sends again the
+    /// message the error refused, and is refused again).
     async fn pass_on(&self, events: Vec<TransportEvent>) {
-        let is_received = |event: &TransportEvent| {
+        let must_not_wait = |event: &TransportEvent| {
             matches!(
                 event,
-                TransportEvent::Session {
-                    event: Event::Received(_),
-                    ..
-                }
+                TransportEvent::Connected { .. }
+                    | TransportEvent::Session {
+                        event: Event::Acknowledged { .. },
+                        ..
+                    }
             )
         };
-        let received = events.iter().filter(|e| is_received(e)).count();
-        if received == events.len() {
+        if !events.iter().any(must_not_wait) {
             return self.send_all(events).await;
         }
-        let (received, others): (Vec<TransportEvent>, Vec<TransportEvent>) =
-            events.into_iter().partition(is_received);
+        let (urgent, rest): (Vec<TransportEvent>, Vec<TransportEvent>) =
+            events.into_iter().partition(must_not_wait);
         self.enqueue(EventBatch {
-            events: others,
+            events: urgent,
             charged: 0,
         });
-        self.send_all(received).await;
+        self.send_all(rest).await;
     }
 
     /// Hands `event` over if there is room now (best-effort: for callers that must not wait).
@@ -1300,7 +1302,7 @@ mod tests {
 
     /// A read waiting for room in the events channel when its connection ends is dropped: the
     /// acknowledgements it made of the peer's bytes must have gone over already (the session
-    /// let their messages go), the messages not.
+    /// let their messages go), the messages and broker errors not (they come again).
     #[test]
     fn a_reads_acknowledgements_do_not_wait_for_room() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1337,11 +1339,21 @@ mod tests {
         runtime.block_on(async {
             // The channel is full: the next read's messages wait, and the connection ends.
             sender.send_all(vec![received(EVENTS_BYTES_MAX)]).await;
-            let read = vec![received(1024), acknowledged.clone(), received(1024)];
+            let error = TransportEvent::Session {
+                peer,
+                event: Event::RemoteError {
+                    conversation_id: [1; 16],
+                    from_initiator: true,
+                    code: -8490,
+                    description: "refused".into(),
+                },
+            };
+            let read = vec![received(1024), acknowledged.clone(), error, received(1024)];
             let ended = tokio::time::timeout(Duration::from_millis(50), sender.pass_on(read));
             assert!(ended.await.is_err(), "the messages wait for room");
         });
         let taken: Vec<TransportEvent> = std::iter::from_fn(|| events.try_recv()).collect();
+        // Not the broker error: one lost is answered again when its message is sent again.
         assert_eq!(taken.len(), 2, "the first message and the acknowledgement");
         assert_eq!(taken[1], acknowledged);
     }
