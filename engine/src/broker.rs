@@ -147,6 +147,9 @@ pub struct BrokerCore {
     pub(crate) applied: Condvar,
     pub(crate) locks: LockTable,
     pub(crate) catalog_lock: CatalogLock,
+    /// Held while arrivals are taken: two callers at once could both begin the same new
+    /// dialog, and the second's messages would be reported accepted and lost.
+    pub(crate) arrivals: Mutex<()>,
     pub(crate) options: Options,
     next_tx: AtomicU64,
     dir: PathBuf,
@@ -399,6 +402,7 @@ impl Broker {
             wal,
             state: Mutex::new(state),
             applied: Condvar::new(),
+            arrivals: Mutex::new(()),
             locks: LockTable::default(),
             catalog_lock: CatalogLock::default(),
             options,

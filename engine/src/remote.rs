@@ -326,6 +326,8 @@ impl BrokerCore {
     }
 
     fn accept_arrivals_unsynced(&self, arrivals: &[Arrival]) -> Result<Vec<ArrivalOutcome>> {
+        // One batch at a time: each decides from what the ones before it committed.
+        let _one_at_a_time = self.arrivals.lock();
         let now = self.clock().now_ms();
         // One transaction per run of arrivals that fits one record of the log: a batch of
         // large messages is committed in several, in order (each sees the ones before).
@@ -339,17 +341,23 @@ impl BrokerCore {
         let mut outcomes = Vec::with_capacity(arrivals.len());
         let mut checked_kind: Option<CheckedKind> = None;
         // Conversations met in this batch: (conversation, this side is initiator) → (endpoint,
-        // next sequence expected, far side is initiator).
-        let mut expected: crate::ids::IdMap<(ConversationId, bool), (ConversationHandle, u64)> =
-            Default::default();
+        // next sequence expected, the dialog's contract).
+        let mut expected: crate::ids::IdMap<
+            (ConversationId, bool),
+            (ConversationHandle, u64, Arc<str>),
+        > = Default::default();
         for arrival in arrivals {
             let side = (arrival.conversation_id, !arrival.from_initiator);
             let known = match expected.get(&side) {
-                Some(known) => Some(*known),
+                Some(known) => Some(known.clone()),
                 None => {
                     let state = self.state.lock();
                     match state.by_conversation.get(&side) {
-                        Some(handle) => Some((*handle, state.endpoints[handle].arrived_sequence)),
+                        Some(handle) => {
+                            let endpoint = &state.endpoints[handle];
+                            let contract = endpoint.contract.clone();
+                            Some((*handle, endpoint.arrived_sequence, contract))
+                        }
                         // Its linger passed: pruned at the next close, ignored already.
                         None if state.closed.get(&side).is_some_and(|until| *until > now) => {
                             outcomes.push(ArrivalOutcome::Duplicate);
@@ -374,7 +382,8 @@ impl BrokerCore {
                 ),
             };
             let mut checked = false;
-            let (handle, next) = match known {
+            let is_error = *arrival.message_type == *system::ERROR;
+            let (handle, next, contract) = match known {
                 Some(known) => known,
                 // A dialog whose lifetime passed before it got here never begins: acknowledge
                 // and drop, so its sender stops sending it.
@@ -384,6 +393,14 @@ impl BrokerCore {
                 }
                 // A reply for an initiator this broker no longer has: nothing to deliver to.
                 None if !arrival.from_initiator => {
+                    outcomes.push(ArrivalOutcome::Duplicate);
+                    continue;
+                }
+                // An Error for a dialog that never began here (its initiator ended it with an
+                // error before anything of it got here): nothing to fail. Acknowledged, so that
+                // it leaves the sender's transmission queue (as a gap it would wait for ever
+                // for the messages the error dropped).
+                None if is_error => {
                     outcomes.push(ArrivalOutcome::Duplicate);
                     continue;
                 }
@@ -398,7 +415,7 @@ impl BrokerCore {
                 None => match self.accept_new_dialog(&mut tx, arrival)? {
                     Ok(handle) => {
                         checked = true;
-                        (handle, 0)
+                        (handle, 0, arrival.contract.clone())
                     }
                     Err(refused) => {
                         outcomes.push(refused);
@@ -406,7 +423,7 @@ impl BrokerCore {
                     }
                 },
             };
-            expected.insert(side, (handle, next));
+            expected.insert(side, (handle, next, contract.clone()));
             if arrival.sequence < next {
                 outcomes.push(ArrivalOutcome::Duplicate);
                 continue;
@@ -415,13 +432,23 @@ impl BrokerCore {
             // ERROR drops what was not transmitted): it does not wait for them. No dialog
             // reaches the last sequence (it would leave none to expect next): only a broken or
             // hostile peer sends it, and it is never taken.
-            let is_error = *arrival.message_type == *system::ERROR;
             if (arrival.sequence > next && !is_error) || arrival.sequence == u64::MAX {
                 outcomes.push(ArrivalOutcome::Gap);
                 continue;
             }
             if too_large {
                 outcomes.push(refuse_too_large());
+                continue;
+            }
+            // The dialog's contract decides what may come on it, not what the header says.
+            if *contract != *arrival.contract {
+                outcomes.push(ArrivalOutcome::Refused {
+                    code: codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
+                    description: format!(
+                        "the message names contract {:?}, but its dialog's contract is {:?}",
+                        arrival.contract, contract
+                    ),
+                });
                 continue;
             }
             if !checked
@@ -450,7 +477,7 @@ impl BrokerCore {
                 push(&mut tx);
                 debug_assert!(tx.record().len_bytes() <= record_bytes_max);
             }
-            expected.insert(side, (handle, arrival.sequence + 1));
+            expected.insert(side, (handle, arrival.sequence + 1, contract));
             outcomes.push(ArrivalOutcome::Accepted);
         }
         tx.commit_written()?;
@@ -528,7 +555,20 @@ fn check_message_memo(
     memo: &mut Option<CheckedKind>,
 ) -> Result<std::result::Result<(), ArrivalOutcome>> {
     if system::is_system_message_type(&arrival.message_type) {
-        return Ok(Ok(()));
+        // END and Error cross brokers; a DialogTimer (or any other system name) never does.
+        let crosses =
+            *arrival.message_type == *system::END_DIALOG || *arrival.message_type == *system::ERROR;
+        return Ok(if crosses {
+            Ok(())
+        } else {
+            Err(ArrivalOutcome::Refused {
+                code: codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
+                description: format!(
+                    "system message type {:?} does not come from another broker",
+                    arrival.message_type
+                ),
+            })
+        });
     }
     let validation = match memo {
         Some(kind)

@@ -934,3 +934,82 @@ fn status_counts_agree_with_the_rows() {
         "one dialog open, one ended here: {counted:?}"
     );
 }
+
+/// A dialog ended with an error before anything of it reached the far broker: its Error (the
+/// SEND before it dropped) is acknowledged there and leaves the sender's transmission queue
+/// (it waited there for ever as a gap), and no endpoint is made for it there.
+#[test]
+fn an_error_for_a_dialog_that_never_reached_the_far_broker_is_acknowledged() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["never sent"]);
+    let mut tx = a.begin();
+    tx.end_conversation_with_error(h, 50_000, "giving up")
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Duplicate]);
+    assert_eq!(a.transmission_queue_len(), 0);
+    assert!(b.conversation_endpoints().is_empty());
+}
+
+/// On a dialog that exists, its contract decides what may come, not the contract a message's
+/// header names; and of the system message types only END and Error come from another broker.
+#[test]
+fn arrivals_on_a_dialog_are_checked_against_its_own_contract() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    begin(&a, &["first"]);
+    let first = arrival(&a.outbound(None, 1)[0], &a);
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
+    let next = |contract: &str, message_type: &str| Arrival {
+        sequence: 1,
+        contract: contract.into(),
+        message_type: message_type.into(),
+        ..first.clone()
+    };
+    let refused = b
+        .accept_arrivals(&[
+            next("DEFAULT", "DEFAULT"),
+            next(CONTRACT, system::DIALOG_TIMER),
+        ])
+        .unwrap();
+    assert!(
+        refused.iter().all(|outcome| matches!(
+            outcome,
+            ArrivalOutcome::Refused { code, .. } if *code == codes::MESSAGE_TYPE_NOT_IN_CONTRACT
+        )),
+        "{refused:?}"
+    );
+    assert_eq!(
+        b.accept_arrivals(&[next(CONTRACT, TELL)]).unwrap(),
+        [ArrivalOutcome::Accepted]
+    );
+}
+
+/// Arrivals taken by two callers at once: both see the new dialog's first message, and only
+/// one may begin it. Every message reported accepted is in the queue (without one batch at a
+/// time, the second caller's begin was dropped and its messages with it, though reported
+/// accepted: about one round in seven lost one).
+#[test]
+fn arrivals_taken_by_two_callers_at_once_are_each_accepted_once() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    for round in 0..40 {
+        begin(&a, &["0", "1"]);
+        let arrivals: Vec<Arrival> = a.outbound(None, 2).iter().map(|m| arrival(m, &a)).collect();
+        let outcomes = std::thread::scope(|s| {
+            let first = s.spawn(|| b.accept_arrivals(&arrivals[..1]).unwrap());
+            let both = s.spawn(|| b.accept_arrivals(&arrivals).unwrap());
+            [first.join().unwrap(), both.join().unwrap()].concat()
+        });
+        let accepted = outcomes
+            .iter()
+            .filter(|o| **o == ArrivalOutcome::Accepted)
+            .count();
+        let received = receive_all(&b, "Server");
+        assert_eq!(received.len(), accepted, "round {round}: {outcomes:?}");
+        assert_eq!(received.len(), 2, "round {round}: {outcomes:?}");
+        let ids: Vec<u64> = a.outbound(None, 2).iter().map(|m| m.id).collect();
+        a.transmitted(&ids, Some(b.broker_instance())).unwrap();
+    }
+}
