@@ -792,6 +792,9 @@ impl State {
                 if sender.state == EndpointState::StartedOutbound {
                     sender.state = EndpointState::Conversing;
                 }
+                // A failure (a far broker's refusal, the lifetime) that committed after this
+                // SEND passed its checks dropped what had not been transmitted: this goes too.
+                let failed = sender.state == EndpointState::Error;
                 let far_handle = sender.far_handle;
                 let sender_group = sender.group;
                 let (body, location) = body_at(body_range)?;
@@ -821,6 +824,7 @@ impl State {
                         body,
                         location,
                     ),
+                    None if failed => Ok(()),
                     None => {
                         self.transmit(*handle, *sequence, message_type, body, location);
                         Ok(())

@@ -858,7 +858,12 @@ impl<'b> Transaction<'b> {
         self.load_endpoint(handle)?;
         self.lock_endpoint_group(handle)?;
         let endpoint = self.endpoints.get_mut(&handle).expect("loaded above");
-        if endpoint.state.is_ended() && end != End::Cleanup {
+        // This side ended already (closed, or waiting for the far side's acknowledgement of
+        // its END): a second END would send the far side another END, or an Error past it.
+        // Only WITH CLEANUP may still remove it.
+        let ended_here =
+            endpoint.state.is_ended() || endpoint.state == EndpointState::DisconnectedOutbound;
+        if ended_here && end != End::Cleanup {
             return Err(Error::ConversationClosed {
                 handle,
                 state: endpoint.state.code(),

@@ -1013,3 +1013,58 @@ fn arrivals_taken_by_two_callers_at_once_are_each_accepted_once() {
         a.transmitted(&ids, Some(b.broker_instance())).unwrap();
     }
 }
+
+/// A side that ended a remote dialog waits (DO) for the far side: a second END, plain or with
+/// an error, is refused (it sent the far application a second EndDialog, or an Error past the
+/// END); WITH CLEANUP still removes it.
+#[test]
+fn a_second_end_of_a_remote_dialog_is_refused_but_cleanup_is_not() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["1"]);
+    let mut tx = a.begin();
+    tx.end_conversation(h).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::DisconnectedOutbound
+    );
+    let mut tx = a.begin();
+    assert!(matches!(
+        tx.end_conversation(h),
+        Err(herald_engine::Error::ConversationClosed { .. })
+    ));
+    assert!(matches!(
+        tx.end_conversation_with_error(h, 1, "again"),
+        Err(herald_engine::Error::ConversationClosed { .. })
+    ));
+    tx.rollback();
+    assert_eq!(a.transmission_queue_len(), 2, "the message and one END");
+    let mut tx = a.begin();
+    tx.end_conversation_with_cleanup(h).unwrap();
+    tx.commit().unwrap();
+    assert!(a.conversation_endpoint(h).is_none());
+    assert_eq!(a.transmission_queue_len(), 0);
+}
+
+/// A SEND that passed its checks before the far broker's refusal failed the dialog, and commits
+/// after it: its message is dropped with the rest of what was not transmitted, not left in the
+/// transmission queue of a dialog in error (sent and refused again and again).
+#[test]
+fn a_send_committed_after_its_dialog_failed_is_not_transmitted() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let h = begin(&a, &["1"]);
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
+    let conversation = a.conversation_endpoint(h).unwrap().conversation_id;
+    let mut tx = a.begin();
+    tx.send(h, ASK, b"2").unwrap();
+    a.remote_failed(conversation, true, codes::VALIDATION_FAILED, "refused")
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Error
+    );
+    assert_eq!(a.transmission_queue_len(), 0);
+}
