@@ -436,52 +436,77 @@ impl BrokerCore {
                 outcomes.push(ArrivalOutcome::Gap);
                 continue;
             }
-            if too_large {
-                outcomes.push(refuse_too_large());
-                continue;
-            }
             // The dialog's contract decides what may come on it, not what the header says.
-            if *contract != *arrival.contract {
-                outcomes.push(ArrivalOutcome::Refused {
+            let refusal = if too_large {
+                Some(refuse_too_large())
+            } else if *contract != *arrival.contract {
+                Some(ArrivalOutcome::Refused {
                     code: codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
                     description: format!(
                         "the message names contract {:?}, but its dialog's contract is {:?}",
                         arrival.contract, contract
                     ),
-                });
+                })
+            } else if checked {
+                None
+            } else {
+                check_message_memo(&mut tx, arrival, &mut checked_kind)?.err()
+            };
+            if let Some(refusal) = refusal {
+                // The sender's side fails on the Error this refusal answers; this side fails
+                // too (an Error in its queue), or its application would wait on a dialog over
+                // for ever, and its endpoint never go.
+                if let ArrivalOutcome::Refused { code, description } = &refusal {
+                    let fail = Op::Fail {
+                        handle,
+                        code: *code,
+                        body: system::error_body(*code, description),
+                        body_range: 0..0,
+                    };
+                    tx = self.push_fitting(tx, record_bytes_max, &mut checked_kind, |tx| {
+                        tx.record().push(&fail);
+                    })?;
+                }
+                outcomes.push(refusal);
                 continue;
             }
-            if !checked
-                && let Err(refused) = check_message_memo(&mut tx, arrival, &mut checked_kind)?
-            {
-                outcomes.push(refused);
-                continue;
-            }
-            let push = |tx: &mut crate::Transaction<'_>| {
+            tx = self.push_fitting(tx, record_bytes_max, &mut checked_kind, |tx| {
                 tx.push_arrive(
                     handle,
                     arrival.sequence,
                     &arrival.message_type,
                     &arrival.body,
                 );
-            };
-            let before = tx.record().mark();
-            push(&mut tx);
-            if tx.record().len_bytes() > record_bytes_max {
-                // It fits a record alone (`too_large` above): commit what came before it, and
-                // go on in a new transaction.
-                tx.record().rewind(before);
-                let full = std::mem::replace(&mut tx, self.begin());
-                full.commit_written()?;
-                checked_kind = None;
-                push(&mut tx);
-                debug_assert!(tx.record().len_bytes() <= record_bytes_max);
-            }
+            })?;
             expected.insert(side, (handle, arrival.sequence + 1, contract));
             outcomes.push(ArrivalOutcome::Accepted);
         }
         tx.commit_written()?;
         Ok(outcomes)
+    }
+
+    /// Runs `push` (one op) on `tx`, or, if the op would grow `tx`'s record past one record of
+    /// the log, commits `tx` as it was and runs it on a new transaction (every op fits a record
+    /// alone: `too_large` arrivals are refused before). Returns the transaction to go on with.
+    fn push_fitting<'a>(
+        &'a self,
+        mut tx: crate::Transaction<'a>,
+        record_bytes_max: usize,
+        checked_kind: &mut Option<CheckedKind>,
+        push: impl Fn(&mut crate::Transaction<'a>),
+    ) -> Result<crate::Transaction<'a>> {
+        let before = tx.record().mark();
+        push(&mut tx);
+        if tx.record().len_bytes() > record_bytes_max {
+            tx.record().rewind(before);
+            tx.commit_written()?;
+            tx = self.begin();
+            // The catalog may change between the transactions.
+            *checked_kind = None;
+            push(&mut tx);
+            debug_assert!(tx.record().len_bytes() <= record_bytes_max);
+        }
+        Ok(tx)
     }
 
     /// A dialog's first message: its target endpoint, or why it (or the message) is refused.

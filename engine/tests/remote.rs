@@ -845,8 +845,15 @@ fn every_message_of_a_batch_is_checked_though_its_kind_is_looked_up_once() {
     );
     assert!(matches!(outcomes[3], ArrivalOutcome::Gap), "{outcomes:?}");
     let got = receive_all(&b, "Server");
-    let bodies: Vec<&[u8]> = got.iter().map(|(_, _, body)| &body[..]).collect();
+    let bodies: Vec<&[u8]> = got
+        .iter()
+        .filter(|(_, message_type, _)| message_type != system::ERROR)
+        .map(|(_, _, body)| &body[..])
+        .collect();
     assert_eq!(bodies, [&b"one"[..], b"two", b"five"]);
+    // Each refusal failed its dialog here too.
+    let errors = got.iter().filter(|(_, t, _)| t == system::ERROR).count();
+    assert_eq!(errors, 2);
 }
 
 /// A peer that sends the last sequence number (no dialog sends 2^64 messages): never taken, an
@@ -954,6 +961,7 @@ fn an_error_for_a_dialog_that_never_reached_the_far_broker_is_acknowledged() {
 
 /// On a dialog that exists, its contract decides what may come, not the contract a message's
 /// header names; and of the system message types only END and Error come from another broker.
+/// A message refused fails the dialog on the receiving side too.
 #[test]
 fn arrivals_on_a_dialog_are_checked_against_its_own_contract() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -980,10 +988,16 @@ fn arrivals_on_a_dialog_are_checked_against_its_own_contract() {
         )),
         "{refused:?}"
     );
-    assert_eq!(
-        b.accept_arrivals(&[next(CONTRACT, TELL)]).unwrap(),
-        [ArrivalOutcome::Accepted]
-    );
+    // A refusal fails the dialog on this side too: its application gets the Error (and ends
+    // it), as the sender's gets the one the refusal answers.
+    let endpoints = b.conversation_endpoints();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].state, EndpointState::Error);
+    let types: Vec<String> = receive_all(&b, "Server")
+        .into_iter()
+        .map(|(_, message_type, _)| message_type)
+        .collect();
+    assert_eq!(types, [system::ERROR, ASK], "the Error comes first");
 }
 
 /// Arrivals taken by two callers at once: both see the new dialog's first message, and only
