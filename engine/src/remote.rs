@@ -231,15 +231,17 @@ impl BrokerCore {
     /// So acknowledgements cost no `fdatasync` of their own, which on the request/reply path
     /// competed with the commits that are on it.
     pub fn transmitted(&self, ids: &[u64], far: Option<BrokerInstanceId>) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
+        // In records the log takes: acknowledgements that piled up while it refused to write
+        // (a full disk) may be more than one record holds.
+        let per_record = (self.wal.record_payload_bytes_max() as usize / 2 / 8).max(1);
+        for ids in ids.chunks(per_record) {
+            let op = Op::Transmitted {
+                ids: ids.to_vec(),
+                far_broker_instance: far,
+            };
+            self.log_and_apply_written(&crate::record::encode(&[op]))?;
+            self.forget_transmission_status(ids);
         }
-        let op = Op::Transmitted {
-            ids: ids.to_vec(),
-            far_broker_instance: far,
-        };
-        self.log_and_apply_written(&crate::record::encode(&[op]))?;
-        self.forget_transmission_status(ids);
         Ok(())
     }
 

@@ -1082,3 +1082,35 @@ fn a_send_committed_after_its_dialog_failed_is_not_transmitted() {
     );
     assert_eq!(a.transmission_queue_len(), 0);
 }
+
+/// Acknowledgements of more messages than one record of the log can name (they pile up while
+/// the log refuses to write, a full disk) are recorded in several records.
+#[test]
+fn acknowledgements_of_more_than_a_record_holds_are_recorded() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    drop(pair(a_dir.path(), b_dir.path()));
+    let a = Broker::open(
+        a_dir.path(),
+        Options {
+            segment_bytes: 64 * 1024,
+            ..options()
+        },
+    )
+    .unwrap();
+    let h = begin(&a, &[]);
+    for _ in 0..40 {
+        let mut tx = a.begin();
+        for _ in 0..500 {
+            tx.send(h, TELL, b"").unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let ids: Vec<u64> = a.outbound(None, 100_000).iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids.len(),
+        20_000,
+        "160 KB of ids: more than a 64 KiB segment's record"
+    );
+    a.transmitted(&ids, None).unwrap();
+    assert_eq!(a.transmission_queue_len(), 0);
+}
