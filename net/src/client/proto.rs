@@ -716,9 +716,13 @@ impl Request {
                 if magic != CLIENT_HELLO_MAGIC {
                     return Err(Error::BadMagic { found: magic });
                 }
-                Request::Hello {
-                    protocol_version: r.u16()?,
+                let protocol_version = r.u16()?;
+                // Another version's Hello may carry more: it is answered with an Error naming
+                // the version this node speaks, not closed as malformed.
+                if protocol_version != CLIENT_PROTOCOL_VERSION {
+                    r.rest();
                 }
+                Request::Hello { protocol_version }
             }
             KIND_EXECUTE => Request::Execute {
                 script: r.long_str("script", CLIENT_SCRIPT_BYTES_MAX)?,
@@ -1549,6 +1553,27 @@ fn utf8(field: &'static str, bytes: &[u8]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Hello of another version may carry fields this node does not know: it decodes (to be
+    /// answered with an Error naming this node's version), where this version's must be exact.
+    #[test]
+    fn another_versions_hello_may_carry_more() {
+        let with_more = |protocol_version: u16| {
+            let mut bytes = Request::Hello { protocol_version }.to_bytes().unwrap();
+            bytes.extend_from_slice(&[1, 2, 3]);
+            let payload = (bytes.len() - CLIENT_FRAME_HEADER_BYTES) as u32;
+            bytes[..4].copy_from_slice(&payload.to_le_bytes());
+            bytes
+        };
+        let newer = CLIENT_PROTOCOL_VERSION + 1;
+        assert_eq!(
+            decode_request(&with_more(newer)).unwrap().0,
+            Request::Hello {
+                protocol_version: newer
+            }
+        );
+        assert!(decode_request(&with_more(CLIENT_PROTOCOL_VERSION)).is_err());
+    }
 
     /// `String::truncate` inside a character panics: `cut` backs up to its start instead.
     #[test]
