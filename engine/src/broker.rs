@@ -796,8 +796,10 @@ impl BrokerCore {
         self.state.lock().transmissions_dropped
     }
 
-    /// Grows each time a commit creates, alters or drops a route: when it changed, messages of
-    /// the transmission queue that had no route (or went elsewhere) should be routed again.
+    /// Grows each time a commit creates, alters or drops a route, and each time a dialog is
+    /// pinned to its far broker instance while some route names a broker instance: when it
+    /// changed, messages of the transmission queue that had no route (or went elsewhere)
+    /// should be routed again.
     pub fn route_changes(&self) -> u64 {
         self.state.lock().route_changes
     }

@@ -1141,8 +1141,20 @@ impl State {
                     let Some(endpoint) = self.endpoints.get_mut(&sent.handle) else {
                         continue;
                     };
-                    if endpoint.far_broker_instance.is_none() {
+                    if endpoint.far_broker_instance.is_none() && far_broker_instance.is_some() {
                         endpoint.far_broker_instance = *far_broker_instance;
+                        // Pinned, the dialog may match another route now (one naming that
+                        // broker instance): its messages must be routed again, as after a
+                        // route change. Only counted where such routes exist: a re-routing
+                        // walks everything the sender handed on.
+                        if self
+                            .catalog
+                            .routes
+                            .values()
+                            .any(|route| route.broker_instance.is_some())
+                        {
+                            self.route_changes += 1;
+                        }
                     }
                     if closing && endpoint.state == EndpointState::DisconnectedOutbound {
                         // The far side has this side's end: nothing more to do here.

@@ -1114,3 +1114,49 @@ fn acknowledgements_of_more_than_a_record_holds_are_recorded() {
     a.transmitted(&ids, None).unwrap();
     assert_eq!(a.transmission_queue_len(), 0);
 }
+
+/// A dialog pinned to its far broker instance by the first acknowledgement may match another
+/// route (one naming that instance): the pin counts as a route change, so that what the
+/// network already handed on is routed again; with no route naming an instance it does not.
+#[test]
+fn a_pin_that_may_change_a_dialogs_route_counts_as_a_route_change() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = pair(a_dir.path(), b_dir.path());
+    begin(&a, &["1"]);
+    let before = a.route_changes();
+    pump(&a, &b, all);
+    assert_eq!(a.route_changes(), before, "no route names an instance");
+
+    let mut tx = a.begin();
+    tx.create_route(Route {
+        name: "b itself".into(),
+        service_name: Some("//t/Server".into()),
+        broker_instance: Some(b.broker_instance()),
+        address: RouteAddress::parse("quic://b2.example:4022").unwrap(),
+        expires_at_ms: None,
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    let h = begin(&a, &["1", "2"]);
+    let unpinned = a.outbound(None, 10);
+    assert!(
+        matches!(&*unpinned[0].route, RouteChoice::Remote { address, .. }
+            if *address == RouteAddress::parse("quic://b.example:4022").unwrap()),
+        "{:?}",
+        unpinned[0].route
+    );
+    let before = a.route_changes();
+    // The first message is acknowledged (and pins the dialog), the second not yet.
+    a.transmitted(&[unpinned[0].id], Some(b.broker_instance()))
+        .unwrap();
+    assert_eq!(a.route_changes(), before + 1);
+    let pinned = a.outbound(None, 10);
+    assert_eq!(pinned.len(), 1);
+    assert_eq!(pinned[0].handle, h);
+    assert!(
+        matches!(&*pinned[0].route, RouteChoice::Remote { address, .. }
+            if *address == RouteAddress::parse("quic://b2.example:4022").unwrap()),
+        "{:?}",
+        pinned[0].route
+    );
+}
