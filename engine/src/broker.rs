@@ -860,13 +860,17 @@ impl BrokerCore {
 
     /// How many conversation endpoints are in each state (the states with none left out).
     pub fn endpoint_state_counts(&self) -> Vec<(crate::EndpointState, u64)> {
-        let state = self.state.lock();
+        let mut counts = [0u64; crate::EndpointState::ALL.len()];
+        for endpoint in self.state.lock().endpoints.values() {
+            let at = crate::EndpointState::ALL
+                .iter()
+                .position(|state| *state == endpoint.state)
+                .expect("ALL lists every state");
+            counts[at] += 1;
+        }
         crate::EndpointState::ALL
             .into_iter()
-            .map(|of| {
-                let count = state.endpoints.values().filter(|e| e.state == of).count();
-                (of, count as u64)
-            })
+            .zip(counts)
             .filter(|(_, count)| *count > 0)
             .collect()
     }

@@ -69,6 +69,14 @@ fn pair(a_dir: &std::path::Path, b_dir: &std::path::Path) -> (Broker, Broker) {
     (a, b)
 }
 
+/// [`pair`] in new directories, kept alive by the returned guards (first, so that bound as
+/// `let (_dirs, a, b)` they go after the brokers).
+fn fresh_pair() -> ([tempfile::TempDir; 2], Broker, Broker) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = pair(dirs[0].path(), dirs[1].path());
+    (dirs, a, b)
+}
+
 /// Moves `from`'s transmission queue into `to` (every message, in order, after `shuffle` picked
 /// and ordered them), and the acknowledgements and refusals back. Returns the outcomes.
 fn pump(
@@ -167,8 +175,7 @@ fn begin(a: &Broker, asks: &[&str]) -> ConversationHandle {
 
 #[test]
 fn a_dialog_crosses_brokers_both_ways_exactly_once_and_in_order() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["one", "two", "three"]);
     let queued = a.transmission_queue();
     assert_eq!(queued.len(), 3);
@@ -216,8 +223,7 @@ fn a_dialog_crosses_brokers_both_ways_exactly_once_and_in_order() {
 
 #[test]
 fn end_conversation_crosses_brokers_and_both_sides_go() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["only"]);
     let mut tx = a.begin();
     tx.end_conversation(h).unwrap();
@@ -265,8 +271,7 @@ fn end_conversation_crosses_brokers_and_both_sides_go() {
 
 #[test]
 fn end_with_error_and_refusals_reach_the_initiator_as_errors() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["question"]);
     pump(&a, &b, all);
     let target = receive_all(&b, "Server")[0].0;
@@ -332,8 +337,7 @@ fn end_with_error_and_refusals_reach_the_initiator_as_errors() {
 
 #[test]
 fn without_a_route_messages_wait_and_go_once_one_exists() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, _b) = fresh_pair();
     let mut tx = a.begin();
     tx.drop_route("far").unwrap();
     tx.commit().unwrap();
@@ -544,8 +548,7 @@ fn an_expired_lifetime_drops_what_never_left() {
 /// ignored, so a long-running node's texts never outnumber its queue.
 #[test]
 fn status_texts_of_dropped_transmissions_are_forgotten() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, _b) = fresh_pair();
     let kept = begin(&a, &["k1", "k2"]);
     let dropped = begin(&a, &["d1", "d2", "d3"]);
     let ids: Vec<u64> = a.transmission_queue().iter().map(|row| row.id).collect();
@@ -584,8 +587,7 @@ fn status_texts_of_dropped_transmissions_are_forgotten() {
 #[test]
 fn the_outbound_listener_replaces_the_waiters_wake_up_on_the_committing_thread() {
     use std::sync::{Arc, Mutex};
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, _b) = fresh_pair();
     // (thread, messages listed, the dialog's group could be locked) at each call.
     type Calls = Arc<Mutex<Vec<(std::thread::ThreadId, usize, bool)>>>;
     let calls: Calls = Arc::default();
@@ -753,8 +755,7 @@ fn a_batch_larger_than_a_record_is_taken_in_several_and_a_message_no_record_hold
 
 #[test]
 fn a_refused_first_message_begins_no_dialog_at_the_target() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     // The brokers' catalogs disagree: A's //t/Other lets TELL be sent, B's does not.
     let mut tx = b.begin();
     tx.create_contract("//t/Other", &[(ASK, SentBy::Initiator)])
@@ -813,8 +814,7 @@ fn a_refused_first_message_begins_no_dialog_at_the_target() {
 /// validated, and a message of another kind is looked up again.
 #[test]
 fn every_message_of_a_batch_is_checked_though_its_kind_is_looked_up_once() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     begin(&a, &["one", "two", "three", "four"]);
     begin(&a, &["five", "six"]);
     let outcomes = pump(&a, &b, |arrivals, _| {
@@ -861,8 +861,7 @@ fn every_message_of_a_batch_is_checked_though_its_kind_is_looked_up_once() {
 /// would have overflowed); the dialog goes on as before.
 #[test]
 fn the_last_sequence_number_is_never_taken() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["first"]);
     let first = arrival(&a.outbound(None, 1)[0], &a);
     assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
@@ -891,8 +890,7 @@ fn the_last_sequence_number_is_never_taken() {
 /// without making the rows; so are the endpoint counts by state.
 #[test]
 fn status_counts_agree_with_the_rows() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, _b) = fresh_pair();
     let routed = begin(&a, &["1", "2", "3"]);
     let mut tx = a.begin();
     let unrouted = tx
@@ -947,8 +945,7 @@ fn status_counts_agree_with_the_rows() {
 /// (it waited there for ever as a gap), and no endpoint is made for it there.
 #[test]
 fn an_error_for_a_dialog_that_never_reached_the_far_broker_is_acknowledged() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["never sent"]);
     let mut tx = a.begin();
     tx.end_conversation_with_error(h, 50_000, "giving up")
@@ -964,8 +961,7 @@ fn an_error_for_a_dialog_that_never_reached_the_far_broker_is_acknowledged() {
 /// A message refused fails the dialog on the receiving side too.
 #[test]
 fn arrivals_on_a_dialog_are_checked_against_its_own_contract() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     begin(&a, &["first"]);
     let first = arrival(&a.outbound(None, 1)[0], &a);
     assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
@@ -1006,8 +1002,7 @@ fn arrivals_on_a_dialog_are_checked_against_its_own_contract() {
 /// accepted: about one round in seven lost one).
 #[test]
 fn arrivals_taken_by_two_callers_at_once_are_each_accepted_once() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     for round in 0..40 {
         begin(&a, &["0", "1"]);
         let arrivals: Vec<Arrival> = a.outbound(None, 2).iter().map(|m| arrival(m, &a)).collect();
@@ -1033,8 +1028,7 @@ fn arrivals_taken_by_two_callers_at_once_are_each_accepted_once() {
 /// END); WITH CLEANUP still removes it.
 #[test]
 fn a_second_end_of_a_remote_dialog_is_refused_but_cleanup_is_not() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, _b) = fresh_pair();
     let h = begin(&a, &["1"]);
     let mut tx = a.begin();
     tx.end_conversation(h).unwrap();
@@ -1066,8 +1060,7 @@ fn a_second_end_of_a_remote_dialog_is_refused_but_cleanup_is_not() {
 /// transmission queue of a dialog in error (sent and refused again and again).
 #[test]
 fn a_send_committed_after_its_dialog_failed_is_not_transmitted() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     let h = begin(&a, &["1"]);
     assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
     let conversation = a.conversation_endpoint(h).unwrap().conversation_id;
@@ -1120,8 +1113,7 @@ fn acknowledgements_of_more_than_a_record_holds_are_recorded() {
 /// network already handed on is routed again; with no route naming an instance it does not.
 #[test]
 fn a_pin_that_may_change_a_dialogs_route_counts_as_a_route_change() {
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = pair(a_dir.path(), b_dir.path());
+    let (_dirs, a, b) = fresh_pair();
     begin(&a, &["1"]);
     let before = a.route_changes();
     pump(&a, &b, all);

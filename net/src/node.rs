@@ -682,19 +682,10 @@ fn pass(
     if let Some((addr, first, room)) = held_with_room(transport, shared, passes) {
         return resume_held(broker, transport, shared, passes, inline, addr, first, room);
     }
-    // What the transport already holds is skipped in the listing, without being copied.
     let batch = SENDER_BATCH_MESSAGES_MAX;
-    let waiting = {
-        let dispatched = shared.dispatched.lock();
-        broker.outbound_where(passes.cursor, batch, |id| !dispatched.contains_key(&id))
-    };
-    passes.listed += waiting.len() as u64;
-    // A route changed since this pass took back what the old routes had sent: what it listed
-    // may be routed past a dialog's earlier messages still at the old address. Nothing goes;
-    // the next pass takes those back first.
-    if broker.route_changes() != passes.route_changes_seen {
+    let Some(waiting) = list_waiting(broker, shared, passes, passes.cursor, batch) else {
         return Pass::More;
-    }
+    };
     let more = waiting.len() == batch;
     let last = waiting.last().map(|m| m.id);
     // What goes in this pass, by address, in order: one hand-over and one status update per
@@ -735,6 +726,25 @@ fn list_from_start(passes: &mut Passes) {
     for first in passes.held.values_mut() {
         *first = 0;
     }
+}
+
+/// Up to `batch` messages of the transmission queue after `after` that the transport does not
+/// hold already (skipped without being copied). `None` if a route changed since this pass took
+/// back what the old routes had sent: what it listed may be routed past a dialog's earlier
+/// messages still at an old address, so nothing goes; the next pass takes those back first.
+fn list_waiting(
+    broker: &BrokerCore,
+    shared: &Shared,
+    passes: &mut Passes,
+    after: Option<u64>,
+    batch: usize,
+) -> Option<Vec<herald_engine::remote::Outbound>> {
+    let waiting = {
+        let dispatched = shared.dispatched.lock();
+        broker.outbound_where(after, batch, |id| !dispatched.contains_key(&id))
+    };
+    passes.listed += waiting.len() as u64;
+    (broker.route_changes() == passes.route_changes_seen).then_some(waiting)
 }
 
 /// Holds `addr`'s messages back from `first` on: its send queue is full.
@@ -780,17 +790,9 @@ fn resume_held(
     room: usize,
 ) -> Pass {
     let batch = room.clamp(1, SENDER_BATCH_MESSAGES_MAX);
-    let waiting = {
-        let dispatched = shared.dispatched.lock();
-        broker.outbound_where(first.checked_sub(1), batch, |id| {
-            !dispatched.contains_key(&id)
-        })
-    };
-    passes.listed += waiting.len() as u64;
-    // As in `pass`: a route changed meanwhile, the next pass re-routes first.
-    if broker.route_changes() != passes.route_changes_seen {
+    let Some(waiting) = list_waiting(broker, shared, passes, first.checked_sub(1), batch) else {
         return Pass::More;
-    }
+    };
     let more = waiting.len() == batch;
     let last = waiting.last().map(|m| m.id);
     let mut its = Vec::new();
@@ -801,14 +803,7 @@ fn resume_held(
             Routed::Resolve => return Pass::Resolve,
         }
     }
-    let handed = if its.is_empty() {
-        HandedOver {
-            queue_full_at: None,
-            failed: false,
-        }
-    } else {
-        hand_over(broker, transport, shared, addr, its)
-    };
+    let handed = hand_over(broker, transport, shared, addr, its);
     passes.retry_wanted |= handed.failed;
     match (handed.queue_full_at, last) {
         (Some(refused), _) => hold(shared, passes, addr, refused),
@@ -976,6 +971,12 @@ fn hand_over(
     addr: SocketAddr,
     messages: Vec<OutgoingMessage>,
 ) -> HandedOver {
+    if messages.is_empty() {
+        return HandedOver {
+            queue_full_at: None,
+            failed: false,
+        };
+    }
     let mut ids: Vec<u64> = messages.iter().map(|m| m.id).collect();
     {
         let mut dispatched = shared.dispatched.lock();

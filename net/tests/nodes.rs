@@ -62,14 +62,14 @@ fn start(dir: &Path, listen: SocketAddr, trusted: &[Fingerprint], durability: Du
     )
 }
 
-/// Nodes A and B, each in its own new data directory (kept alive by the returned guards),
-/// trusting each other, both with `durability`.
-fn two_nodes(durability: Durability) -> (Node, Node, [tempfile::TempDir; 2]) {
+/// Nodes A and B, each in its own new data directory (kept alive by the returned guards, bound
+/// first so that they go after the nodes), trusting each other, both with `durability`.
+fn two_nodes(durability: Durability) -> ([tempfile::TempDir; 2], Node, Node) {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a_print, b_print) = (prepare(a_dir.path()), prepare(b_dir.path()));
     let b = start(b_dir.path(), loopback(), &[a_print], durability);
     let a = start(a_dir.path(), loopback(), &[b_print], durability);
-    (a, b, [a_dir, b_dir])
+    ([a_dir, b_dir], a, b)
 }
 
 /// [`start`] with the broker's options given whole.
@@ -609,7 +609,7 @@ fn large_bodies_cross_in_fragments_and_one_the_receivers_log_cannot_hold_is_refu
 
 #[test]
 fn messages_wait_for_a_route_created_after_they_were_sent() {
-    let (a, b, _dirs) = two_nodes(Durability::None);
+    let (_dirs, a, b) = two_nodes(Durability::None);
     let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
     define(&a, &[("Client", "//t/Client")], &[]);
     define(&b, &[("Server", "//t/Server")], &[("//t/Client", a_addr)]);
@@ -1096,7 +1096,7 @@ fn a_peer_with_a_full_send_queue_holds_back_only_its_own_messages() {
 /// the old address for ever, and the later ones wait at the new one as a gap).
 #[test]
 fn messages_already_handed_on_follow_an_altered_route() {
-    let (a, b, _dirs) = two_nodes(Durability::Sync);
+    let (_dirs, a, b) = two_nodes(Durability::Sync);
     let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
     let silent = std::net::UdpSocket::bind(loopback()).unwrap();
     let wrong = silent.local_addr().unwrap();
@@ -1137,7 +1137,7 @@ fn messages_already_handed_on_follow_an_altered_route() {
 /// the error was read first.
 #[test]
 fn a_broker_error_on_a_connection_the_peer_opened_fails_nothing() {
-    let (a, b, _dirs) = two_nodes(Durability::None);
+    let (_dirs, a, b) = two_nodes(Durability::None);
     define_client_and_server(&a, &b);
     let h = begin(
         a.broker(),
