@@ -351,14 +351,15 @@ impl BrokerCore {
         for arrival in arrivals {
             let side = (arrival.conversation_id, !arrival.from_initiator);
             let known = match expected.get(&side) {
-                Some(known) => Some(known.clone()),
+                Some((handle, next, _)) => Some((*handle, *next)),
                 None => {
                     let state = self.state.lock();
                     match state.by_conversation.get(&side) {
                         Some(handle) => {
                             let endpoint = &state.endpoints[handle];
-                            let contract = endpoint.contract.clone();
-                            Some((*handle, endpoint.arrived_sequence, contract))
+                            let next = endpoint.arrived_sequence;
+                            expected.insert(side, (*handle, next, endpoint.contract.clone()));
+                            Some((*handle, next))
                         }
                         // Its linger passed: pruned at the next close, ignored already.
                         None if state.closed.get(&side).is_some_and(|until| *until > now) => {
@@ -385,7 +386,7 @@ impl BrokerCore {
             };
             let mut checked = false;
             let is_error = *arrival.message_type == *system::ERROR;
-            let (handle, next, contract) = match known {
+            let (handle, next) = match known {
                 Some(known) => known,
                 // A dialog whose lifetime passed before it got here never begins: acknowledge
                 // and drop, so its sender stops sending it.
@@ -417,7 +418,8 @@ impl BrokerCore {
                 None => match self.accept_new_dialog(&mut tx, arrival)? {
                     Ok(handle) => {
                         checked = true;
-                        (handle, 0, arrival.contract.clone())
+                        expected.insert(side, (handle, 0, arrival.contract.clone()));
+                        (handle, 0)
                     }
                     Err(refused) => {
                         outcomes.push(refused);
@@ -425,7 +427,6 @@ impl BrokerCore {
                     }
                 },
             };
-            expected.insert(side, (handle, next, contract.clone()));
             if arrival.sequence < next {
                 outcomes.push(ArrivalOutcome::Duplicate);
                 continue;
@@ -439,9 +440,10 @@ impl BrokerCore {
                 continue;
             }
             // The dialog's contract decides what may come on it, not what the header says.
+            let contract = &expected[&side].2;
             let refusal = if too_large {
                 Some(refuse_too_large())
-            } else if *contract != *arrival.contract {
+            } else if **contract != *arrival.contract {
                 Some(ArrivalOutcome::Refused {
                     code: codes::MESSAGE_TYPE_NOT_IN_CONTRACT,
                     description: format!(
@@ -480,7 +482,9 @@ impl BrokerCore {
                     &arrival.body,
                 );
             })?;
-            expected.insert(side, (handle, arrival.sequence + 1, contract));
+            if let Some(known) = expected.get_mut(&side) {
+                known.1 = arrival.sequence + 1;
+            }
             outcomes.push(ArrivalOutcome::Accepted);
         }
         tx.commit_written()?;
