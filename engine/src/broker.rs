@@ -533,23 +533,35 @@ impl Broker {
     }
 }
 
+/// Where routing stands (see `BrokerCore::route_changes`): compared, not interpreted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    /// Route changes committed (and dialogs pinned or established) so far.
+    committed: u64,
+    /// Routes expired by now (an ALTER ROUTE reviving one also counts in `committed`).
+    expired: usize,
+}
+
 impl BrokerCore {
     /// Begins a transaction (see `Broker::begin`).
     pub fn begin(&self) -> Transaction<'_> {
         Transaction::new(self, self.next_tx.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Where a message for `service` goes now (see `Catalog::route`).
+    /// Where a new conversation's messages for `service` go now (see `Catalog::route`).
     pub fn route(
         &self,
         service: &str,
         broker_instance: Option<crate::ids::BrokerInstanceId>,
     ) -> crate::catalog::RouteChoice {
         let now = self.clock().now_ms();
-        self.state
-            .lock()
-            .catalog
-            .route(service, broker_instance, self.broker_id, now)
+        self.state.lock().catalog.route(
+            service,
+            broker_instance,
+            self.broker_id,
+            now,
+            crate::catalog::ConversationStage::New,
+        )
     }
 
     /// This broker's instance id (Service Broker's `service_broker_guid`).
@@ -721,6 +733,7 @@ impl BrokerCore {
                     endpoint.far_broker_instance,
                     self.broker_id,
                     now,
+                    endpoint.stage(),
                 );
                 let transmission_status = match routed {
                     crate::catalog::RouteChoice::NoRoute => no_route_status(&endpoint.far_service),
@@ -796,12 +809,22 @@ impl BrokerCore {
         self.state.lock().transmissions_dropped
     }
 
-    /// Grows each time a commit creates, alters or drops a route, and each time a dialog is
-    /// pinned to its far broker instance while some route names a broker instance: when it
-    /// changed, messages of the transmission queue that had no route (or went elsewhere)
-    /// should be routed again.
-    pub fn route_changes(&self) -> u64 {
-        self.state.lock().route_changes
+    /// Changes each time a commit creates, alters or drops a route, each time a dialog is
+    /// pinned or established while routes it could match differently exist, and each time a
+    /// route expires: when it changed, messages of the transmission queue that had no route (or
+    /// went elsewhere) should be routed again.
+    pub fn route_changes(&self) -> RouteChanges {
+        let now = self.clock().now_ms();
+        let state = self.state.lock();
+        RouteChanges {
+            committed: state.route_changes,
+            expired: state
+                .catalog
+                .routes
+                .values()
+                .filter(|route| route.expires_at_ms.is_some_and(|at| at <= now))
+                .count(),
+        }
     }
 
     /// Those of `ids` that are no longer in the transmission queue (acknowledged or dropped).
@@ -836,6 +859,7 @@ impl BrokerCore {
                         endpoint.far_broker_instance,
                         self.broker_id,
                         now,
+                        endpoint.stage(),
                     ),
                     crate::catalog::RouteChoice::NoRoute
                 )

@@ -210,6 +210,14 @@ impl std::fmt::Display for RouteAddress {
     }
 }
 
+/// Whether the conversation a route is chosen for is new or established (its far side has taken
+/// part: see `Endpoint::established`). Expired routes are ignored for new conversations only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversationStage {
+    New,
+    Established,
+}
+
 /// Where a message for a service goes, by Service Broker's routing rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteChoice {
@@ -581,19 +589,24 @@ impl Catalog {
     /// naming the service and that broker instance; else naming the service and no instance;
     /// else (no instance wanted) naming the service and some instance, one instance's routes
     /// only; else wildcard routes. Among the matches a LOCAL route wins if the service is here,
-    /// then a network address. Expired routes are ignored. A service on this broker with no
-    /// route matching otherwise is local (what Service Broker's AutoCreatedLocal route does).
+    /// then a network address. Expired routes are ignored for a new conversation (an established
+    /// one keeps using them, as in Service Broker). A service on this broker with no route
+    /// matching otherwise is local (what Service Broker's AutoCreatedLocal route does).
     pub fn route(
         &self,
         service: &str,
         broker_instance: Option<BrokerInstanceId>,
         this_broker: BrokerInstanceId,
         now_ms: u64,
+        stage: ConversationStage,
     ) -> RouteChoice {
         let live: Vec<&Route> = self
             .routes
             .values()
-            .filter(|r| r.expires_at_ms.is_none_or(|at| at > now_ms))
+            .filter(|r| {
+                stage == ConversationStage::Established
+                    || r.expires_at_ms.is_none_or(|at| at > now_ms)
+            })
             .collect();
         let named = |r: &&&Route| r.service_name.as_deref() == Some(service);
         let mut matches: Vec<&Route> = Vec::new();
@@ -719,6 +732,7 @@ mod tests {
 
     #[test]
     fn routes_match_by_name_then_instance_then_wildcard_and_expire() {
+        use ConversationStage::{Established, New};
         let mut c = Catalog::default();
         let this = BrokerInstanceId(1);
         let far = BrokerInstanceId(2);
@@ -729,7 +743,7 @@ mod tests {
             address: RouteAddress::parse(address).unwrap(),
             expires_at_ms: None,
         };
-        assert_eq!(c.route("//far", None, this, 0), RouteChoice::NoRoute);
+        assert_eq!(c.route("//far", None, this, 0, New), RouteChoice::NoRoute);
         c.create_route(route("any", None, None, "quic://hub:4022"))
             .unwrap();
         let remote = |route: &str, host: &str, instance| RouteChoice::Remote {
@@ -740,19 +754,25 @@ mod tests {
             },
             broker_instance: instance,
         };
-        assert_eq!(c.route("//far", None, this, 0), remote("any", "hub", None));
+        assert_eq!(
+            c.route("//far", None, this, 0, New),
+            remote("any", "hub", None)
+        );
         c.create_route(route("pinned", Some("//far"), Some(far), "TCP://b:4022"))
             .unwrap();
         assert_eq!(
-            c.route("//far", None, this, 0),
+            c.route("//far", None, this, 0, New),
             remote("pinned", "b", Some(far)),
             "a route naming the service beats the wildcard"
         );
         c.create_route(route("named", Some("//far"), None, "quic://a:4022"))
             .unwrap();
-        assert_eq!(c.route("//far", None, this, 0), remote("named", "a", None));
         assert_eq!(
-            c.route("//far", Some(far), this, 0),
+            c.route("//far", None, this, 0, New),
+            remote("named", "a", None)
+        );
+        assert_eq!(
+            c.route("//far", Some(far), this, 0, New),
             remote("pinned", "b", Some(far)),
             "the conversation's instance first"
         );
@@ -761,18 +781,26 @@ mod tests {
             ..route("named", Some("//far"), None, "quic://a:4022")
         })
         .unwrap();
-        assert_eq!(c.route("//far", None, this, 99), remote("named", "a", None));
         assert_eq!(
-            c.route("//far", None, this, 100),
+            c.route("//far", None, this, 99, New),
+            remote("named", "a", None)
+        );
+        assert_eq!(
+            c.route("//far", None, this, 100, New),
             remote("pinned", "b", Some(far)),
-            "an expired route is ignored"
+            "an expired route is ignored for a new conversation"
+        );
+        assert_eq!(
+            c.route("//far", None, this, 100, Established),
+            remote("named", "a", None),
+            "an established conversation keeps using it"
         );
         // A local service is local unless a route naming it says otherwise.
         c.create_queue("Q", QueueOptions::default()).unwrap();
         c.create_service("//here", "Q", &[]).unwrap();
-        assert_eq!(c.route("//here", None, this, 0), RouteChoice::Local);
+        assert_eq!(c.route("//here", None, this, 0, New), RouteChoice::Local);
         assert_eq!(
-            c.route("//here", Some(far), this, 0),
+            c.route("//here", Some(far), this, 0, New),
             remote("any", "hub", Some(far)),
             "another instance's copy of the service is not here"
         );

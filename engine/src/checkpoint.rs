@@ -4,7 +4,7 @@
 //!
 //! File `<dir>/CHECKPOINT`, replaced atomically: written to `CHECKPOINT.tmp`, synced, renamed,
 //! directory synced. Layout (little-endian):
-//! `magic "HRLDCKPT" | version u32 = 1 | lsn u64 | body_len u64 | body | crc32 u32` where the
+//! `magic "HRLDCKPT" | version u32 (`VERSION`) | lsn u64 | body_len u64 | body | crc32 u32` where the
 //! CRC covers everything before it. The body: the catalog as a commit-record payload of create
 //! ops (`record` codec), then `next_queuing_order u64`, the endpoints, and the groups with their
 //! queued messages. Decoding checks every length and tag and never panics.
@@ -30,7 +30,10 @@ use crate::state::{
 pub const CHECKPOINT_FILE: &str = "CHECKPOINT";
 const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
 const MAGIC: &[u8; 8] = b"HRLDCKPT";
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
+/// Versions this build reads: 4 differs only in never marking a dialog established (tag 2 of
+/// an endpoint's far broker), which its dialogs then are not.
+const VERSIONS_READ: std::ops::RangeInclusive<u32> = 4..=VERSION;
 
 /// What a checkpoint captured, as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,10 +71,12 @@ pub fn encode(state: &State) -> (Vec<u8>, Option<Lsn>) {
                 put_u128(&mut body, h.0);
             }
         }
+        // 0: no far broker known; 1: known, dialog not established; 2: known and established
+        // (version 5; version 4 wrote only 0 and 1).
         match e.far_broker_instance {
             None => body.push(0),
             Some(id) => {
-                body.push(1);
+                body.push(1 + e.established as u8);
                 put_u128(&mut body, id.0);
             }
         }
@@ -353,8 +358,12 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
     }
     let mut r = Reader::new(content, 8);
     let version = r.u32()?;
-    if version != VERSION {
-        return Err(format!("version {version}; this build reads {VERSION}"));
+    if !VERSIONS_READ.contains(&version) {
+        return Err(format!(
+            "version {version}; this build reads {} to {}",
+            VERSIONS_READ.start(),
+            VERSIONS_READ.end()
+        ));
     }
     let lsn = Lsn(r.u64()?);
     let body_len = r.u64()?;
@@ -367,27 +376,41 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
     let endpoint_count = r.count(16)?;
     let mut endpoints = Vec::with_capacity(endpoint_count);
     for _ in 0..endpoint_count {
+        let handle = ConversationHandle(r.u128()?);
+        let conversation_id = ConversationId(r.u128()?);
+        let is_initiator = r.flag()?;
+        let service = r.string()?.into();
+        let far_service = r.string()?.into();
+        let contract = r.string()?.into();
+        let group = ConversationGroupId(r.u128()?);
+        let state = endpoint_state(r.u8()?)?;
+        let send_sequence = r.u64()?;
+        let receive_sequence = r.u64()?;
+        let far_handle = if r.flag()? {
+            Some(ConversationHandle(r.u128()?))
+        } else {
+            None
+        };
+        let (far_broker_instance, established) = match r.u8()? {
+            0 => (None, false),
+            1 => (Some(BrokerInstanceId(r.u128()?)), false),
+            2 => (Some(BrokerInstanceId(r.u128()?)), true),
+            other => return Err(format!("bad far broker tag {other}")),
+        };
         endpoints.push(Endpoint {
-            handle: ConversationHandle(r.u128()?),
-            conversation_id: ConversationId(r.u128()?),
-            is_initiator: r.flag()?,
-            service: r.string()?.into(),
-            far_service: r.string()?.into(),
-            contract: r.string()?.into(),
-            group: ConversationGroupId(r.u128()?),
-            state: endpoint_state(r.u8()?)?,
-            send_sequence: r.u64()?,
-            receive_sequence: r.u64()?,
-            far_handle: if r.flag()? {
-                Some(ConversationHandle(r.u128()?))
-            } else {
-                None
-            },
-            far_broker_instance: if r.flag()? {
-                Some(BrokerInstanceId(r.u128()?))
-            } else {
-                None
-            },
+            handle,
+            conversation_id,
+            is_initiator,
+            service,
+            far_service,
+            contract,
+            group,
+            state,
+            send_sequence,
+            receive_sequence,
+            far_handle,
+            far_broker_instance,
+            established,
             arrived_sequence: r.u64()?,
             expires_at_ms: Some(r.u64()?).filter(|ms| *ms != 0),
             dialog_timer_ms: Some(r.u64()?).filter(|ms| *ms != 0),

@@ -55,7 +55,7 @@ mod transaction;
 pub use activation::{ActivatedReader, ActivationOptions, HandlerError};
 pub use broker::{
     BROKER_ID_FILE_NAME, Broker, BrokerCore, ConversationGroupInfo, LOCK_FILE_NAME, Options,
-    OutboundListener, POISON_ROLLBACKS_MAX, QueueInfo, TransmissionQueueRow,
+    OutboundListener, POISON_ROLLBACKS_MAX, QueueInfo, RouteChanges, TransmissionQueueRow,
 };
 pub use catalog::{
     BrokerPriority, QueueOptions, Route, RouteAddress, RouteChoice, SentBy, Validation,

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use crate::broker::BrokerCore;
-use crate::catalog::RouteChoice;
+use crate::catalog::{ConversationStage, RouteChoice};
 use crate::error::Result;
 use crate::ids::{BrokerInstanceId, ConversationGroupId, ConversationHandle, ConversationId};
 use crate::record::{self, Op, RecordBuilder, RemoteDialogRecord};
@@ -109,7 +109,7 @@ pub struct Outbound {
 }
 
 /// A dialog's far side as routes see it: the far service and the far broker, if known.
-type FarSide<'a> = (&'a str, Option<BrokerInstanceId>);
+type FarSide<'a> = (&'a str, Option<BrokerInstanceId>, ConversationStage);
 
 /// Waits for the transmission queue to grow (for the network's sender). While one exists,
 /// every commit that adds to the transmission queue signals it.
@@ -176,7 +176,7 @@ impl BrokerCore {
         let now = self.clock().now_ms();
         let state = self.state.lock();
         let from = after.map_or(0, |id| id.saturating_add(1));
-        // Routes by (far service, far broker): a listing holds few dialogs' worth of them, and
+        // Routes by (far service, far broker, stage): a listing holds few dialogs' worth of them, and
         // each message would otherwise search the routes again (under the state lock). Names
         // are the endpoint's own, shared.
         let mut routes: Vec<(FarSide<'_>, Arc<RouteChoice>)> = Vec::new();
@@ -186,7 +186,11 @@ impl BrokerCore {
             .filter(|(id, _)| wanted(**id))
             .filter_map(|(id, t)| {
                 let endpoint = state.endpoints.get(&t.handle)?;
-                let far = (&*endpoint.far_service, endpoint.far_broker_instance);
+                let far = (
+                    &*endpoint.far_service,
+                    endpoint.far_broker_instance,
+                    endpoint.stage(),
+                );
                 let route = match routes.iter().find(|(key, _)| *key == far) {
                     Some((_, route)) => route.clone(),
                     None => {
@@ -195,6 +199,7 @@ impl BrokerCore {
                             endpoint.far_broker_instance,
                             self.broker_instance(),
                             now,
+                            endpoint.stage(),
                         ));
                         routes.push((far, route.clone()));
                         route

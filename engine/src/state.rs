@@ -136,6 +136,11 @@ pub struct Endpoint {
     /// The broker hosting the far side, once known (named at BEGIN DIALOG, or learned from its
     /// first acknowledgement: the dialog is pinned to it from then on). `None` for local dialogs.
     pub far_broker_instance: Option<BrokerInstanceId>,
+    /// Remote dialogs: the far side has taken part — it acknowledged a message of this side, or
+    /// its first message created this side. Routes that expired since still serve an
+    /// established dialog: Service Broker ignores expired routes for *new* conversations only
+    /// (reference §1.5). Implies `far_broker_instance` is known.
+    pub established: bool,
     /// Remote dialogs: the sequence number of the next message expected from the far side
     /// (earlier ones are duplicates, later ones wait for the gap to fill).
     pub arrived_sequence: u64,
@@ -145,6 +150,17 @@ pub struct Endpoint {
     pub dialog_timer_ms: Option<u64>,
     /// 1..=10, from the best matching broker priority when the endpoint was created.
     pub priority: u8,
+}
+
+impl Endpoint {
+    /// Where routing stands for this side's messages (see `established`).
+    pub fn stage(&self) -> crate::catalog::ConversationStage {
+        if self.established {
+            crate::catalog::ConversationStage::Established
+        } else {
+            crate::catalog::ConversationStage::New
+        }
+    }
 }
 
 /// A message waiting in the transmission queue for a far side on another broker, until that
@@ -735,6 +751,7 @@ impl State {
                         } else {
                             d.far_broker_instance
                         },
+                        established: false,
                         arrived_sequence: 0,
                         expires_at_ms,
                         dialog_timer_ms: None,
@@ -1057,6 +1074,7 @@ impl State {
                     receive_sequence: 0,
                     far_handle: None,
                     far_broker_instance: Some(d.far_broker_instance),
+                    established: true,
                     arrived_sequence: 0,
                     expires_at_ms: (d.expires_at_ms != 0).then_some(d.expires_at_ms),
                     dialog_timer_ms: None,
@@ -1141,18 +1159,21 @@ impl State {
                     let Some(endpoint) = self.endpoints.get_mut(&sent.handle) else {
                         continue;
                     };
-                    if endpoint.far_broker_instance.is_none() && far_broker_instance.is_some() {
-                        endpoint.far_broker_instance = *far_broker_instance;
+                    if far_broker_instance.is_some() && !endpoint.established {
+                        let newly_pinned = endpoint.far_broker_instance.is_none();
+                        if newly_pinned {
+                            endpoint.far_broker_instance = *far_broker_instance;
+                        }
+                        endpoint.established = true;
                         // Pinned, the dialog may match another route now (one naming that
-                        // broker instance): its messages must be routed again, as after a
-                        // route change. Only counted where such routes exist: a re-routing
-                        // walks everything the sender handed on.
-                        if self
-                            .catalog
-                            .routes
-                            .values()
-                            .any(|route| route.broker_instance.is_some())
-                        {
+                        // broker instance), and established, expired routes serve it again:
+                        // its messages must be routed again, as after a route change. Only
+                        // counted where such routes exist: a re-routing walks everything the
+                        // sender handed on.
+                        if self.catalog.routes.values().any(|route| {
+                            (newly_pinned && route.broker_instance.is_some())
+                                || route.expires_at_ms.is_some()
+                        }) {
                             self.route_changes += 1;
                         }
                     }

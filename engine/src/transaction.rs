@@ -439,7 +439,13 @@ impl<'b> Transaction<'b> {
         let (from_queue, to_queue) = self.read_catalog(|catalog| {
             let from_service = catalog.service(from)?;
             catalog.contract(contract)?;
-            let route = catalog.route(to, options.target_broker_instance, this_broker, now);
+            let route = catalog.route(
+                to,
+                options.target_broker_instance,
+                this_broker,
+                now,
+                crate::catalog::ConversationStage::New,
+            );
             if route != crate::catalog::RouteChoice::Local {
                 // The far side is on another broker (or has no route yet: its messages wait in
                 // the transmission queue, which is not an error).
@@ -523,6 +529,7 @@ impl<'b> Transaction<'b> {
                 } else {
                     None
                 },
+                established: false,
                 arrived_sequence: 0,
                 expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
                 dialog_timer_ms: None,

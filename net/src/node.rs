@@ -595,7 +595,7 @@ struct Passes {
     /// resolve, the transport refused it with an error other than a full send queue).
     retry_wanted: bool,
     drops_seen: u64,
-    route_changes_seen: u64,
+    route_changes_seen: herald_engine::RouteChanges,
     /// Messages listed by passes so far (what the passes cost).
     listed: u64,
     /// Peers whose full send queue refused messages, with the first message of theirs not
