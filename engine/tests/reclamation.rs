@@ -139,6 +139,43 @@ fn a_damaged_checkpoint_is_reported_not_ignored() {
     }
 }
 
+/// Checkpoint version 4 (before dialogs were marked established) is still read; a version
+/// this build does not know is refused, by name.
+#[test]
+fn an_older_checkpoint_version_is_read_and_an_unknown_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let dialog = {
+        let broker = Broker::open(dir.path(), options()).unwrap();
+        let dialog = setup(&broker);
+        broker.checkpoint().unwrap();
+        dialog
+    };
+    let path = dir.path().join("CHECKPOINT");
+    let with_version = |version: u32| {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        let content = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..content]);
+        bytes[content..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+    };
+    with_version(4);
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    assert!(
+        broker
+            .conversation_endpoints()
+            .iter()
+            .any(|e| e.handle == dialog),
+        "the version 4 checkpoint's dialog is there"
+    );
+    drop(broker);
+    with_version(99);
+    match Broker::open(dir.path(), options()) {
+        Err(Error::Corruption(reason)) => assert!(reason.contains("version 99"), "{reason}"),
+        other => panic!("expected Corruption, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_stuck_old_message_is_compacted_instead_of_pinning_the_log() {
     let dir = tempfile::tempdir().unwrap();
