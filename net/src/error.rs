@@ -167,6 +167,12 @@ pub enum Error {
     #[error("{max} peer sessions exist already")]
     TooManyPeers { max: usize },
 
+    /// The transport already holds
+    /// [`ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX`](crate::quic::ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX)
+    /// sessions accepted from this certificate.
+    #[error("{max} sessions accepted from the peer with certificate {fingerprint} exist already")]
+    TooManySessionsOfPeer { fingerprint: String, max: usize },
+
     /// The transport was shut down.
     #[error("transport is shut down")]
     ShutDown,

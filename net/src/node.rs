@@ -1519,6 +1519,7 @@ mod tests {
         // A dial to a port nobody listens on fails when its handshake idles out.
         let options = TransportOptions {
             idle_timeout: Duration::from_secs(2),
+            ..TransportOptions::default()
         };
         let node =
             node_with_backlog_trusting(dir.path(), MESSAGES, far_identity.fingerprint(), options);

@@ -110,6 +110,7 @@ fn start_never_idle(
         },
         TransportOptions {
             idle_timeout: WAIT * 10,
+            ..TransportOptions::default()
         },
     )
 }

@@ -665,6 +665,7 @@ async fn a_peer_back_on_its_address_after_a_crash_resets_the_old_connection() {
     init_tracing();
     let options = TransportOptions {
         idle_timeout: Duration::from_secs(3600),
+        ..TransportOptions::default()
     };
     let (a_identity, b_identity) = (
         NodeIdentity::generate().unwrap(),
@@ -1271,4 +1272,95 @@ async fn a_peer_dialing_two_addresses_of_this_node_has_a_session_for_each() {
     assert_ne!(sessions[0], sessions[1]);
     a.transport.shutdown().await;
     b.transport.shutdown().await;
+}
+
+/// A trusted peer that opens its stream but never sends its Hello (keeping the connection alive)
+/// is closed at the Hello timeout, and its session goes: it held a slot of `PEERS_MAX`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_says_hello_is_closed() {
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let a = Node::start_on(
+        &tokio::runtime::Handle::current(),
+        TransportOptions {
+            hello_timeout: Duration::from_millis(300),
+            ..TransportOptions::default()
+        },
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let (endpoint, connection) = raw_connection(&b_identity, &a_identity, a.addr).await;
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    // One byte of a frame header: the stream opens, no frame ever completes.
+    send.write_all(&[1]).await.unwrap();
+    let closed = tokio::time::timeout(TEST_TIMEOUT, connection.closed())
+        .await
+        .expect("closed within the test's timeout");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, herald_net::quic::CLOSE_PROTOCOL_VIOLATION);
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("no Hello within"), "{reason}");
+        }
+        other => panic!("expected a close by the node, got {other}"),
+    }
+    wait_peers(&a, "a retired the silent peer", |peers| peers.is_empty()).await;
+    endpoint.wait_idle().await;
+    a.transport.shutdown().await;
+}
+
+/// The dialer names its session (the token in the TLS server name), so one certificate could
+/// make sessions without end: it gets `ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX`, and another
+/// peer still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_gets_a_bounded_number_of_sessions() {
+    use herald_net::quic::ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX as MAX;
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let c_identity = NodeIdentity::generate().unwrap();
+    let a = Node::start(
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint(), c_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    let connect = |identity: &NodeIdentity, token: u64| {
+        let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        endpoint.set_default_client_config(
+            client_config(identity, &Trust::pinned([a_identity.fingerprint()])).unwrap(),
+        );
+        let connecting = endpoint
+            .connect(a.addr, &format!("s{token:016x}.herald-node"))
+            .unwrap();
+        async move { (endpoint, connecting.await.unwrap()) }
+    };
+    let mut held = Vec::new();
+    for token in 1..=MAX as u64 {
+        held.push(connect(&b_identity, token).await);
+    }
+    wait_peers(&a, "a holds b's sessions", |peers| peers.len() == MAX).await;
+    let (_endpoint, refused) = connect(&b_identity, MAX as u64 + 1).await;
+    match tokio::time::timeout(TEST_TIMEOUT, refused.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, herald_net::quic::CLOSE_TOO_MANY_PEERS);
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(
+                reason.contains(&format!("{MAX} sessions accepted")),
+                "{reason}"
+            );
+        }
+        other => panic!("expected the session past the bound refused, got {other:?}"),
+    }
+    let (_c_endpoint, _c) = connect(&c_identity, 1).await;
+    wait_peers(&a, "another certificate still gets a session", |peers| {
+        peers.len() == MAX + 1
+            && peers.iter().any(
+                |(key, _)| matches!(key, PeerKey::Accepted(on, _) if *on == c_identity.fingerprint()),
+            )
+    })
+    .await;
+    drop(held);
+    a.transport.shutdown().await;
 }

@@ -389,18 +389,11 @@ impl Client {
                     let Some((set, pending, rows_left)) = current.as_mut() else {
                         return Err(self.violation("values without a result set"));
                     };
-                    let width = set.columns.len();
                     pending.extend(values);
-                    if width == 0 {
-                        return Err(self.violation("values for a result set without columns"));
-                    }
-                    while pending.len() >= width {
-                        if *rows_left == 0 {
-                            return Err(self.violation("more rows than the result set announced"));
-                        }
-                        let rest = pending.split_off(width);
-                        set.rows.push(std::mem::replace(pending, rest));
-                        *rows_left -= 1;
+                    if let Err(reason) =
+                        take_whole_rows(pending, set.columns.len(), &mut set.rows, rows_left)
+                    {
+                        return Err(self.violation(reason));
                     }
                     if *rows_left == 0 && pending.is_empty() {
                         let (set, _, _) = current.take().expect("checked above");
@@ -799,5 +792,64 @@ fn runtime() -> Result<&'static tokio::runtime::Handle> {
             kind: std::io::ErrorKind::Other,
             message: message.clone(),
         }),
+    }
+}
+
+/// Moves the whole rows of `width` values at the front of `pending` into `rows` (each row its
+/// own allocation of exactly `width`: a row split off the front kept the whole buffer behind
+/// it, which made a large result quadratic in memory and time), counting them off `rows_left`.
+/// What is left in `pending` is the start of the next row.
+fn take_whole_rows(
+    pending: &mut Vec<Value>,
+    width: usize,
+    rows: &mut Vec<Vec<Value>>,
+    rows_left: &mut u64,
+) -> std::result::Result<(), &'static str> {
+    if width == 0 {
+        return Err("values for a result set without columns");
+    }
+    let whole = pending.len() / width;
+    if whole as u64 > *rows_left {
+        return Err("more rows than the result set announced");
+    }
+    let mut values = pending.drain(..whole * width);
+    rows.reserve(whole);
+    for _ in 0..whole {
+        rows.push(values.by_ref().take(width).collect());
+    }
+    *rows_left -= whole as u64;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_taken_whole_each_in_its_own_buffer() {
+        let mut pending: Vec<Value> = (0..100_001).map(Value::Int).collect();
+        let mut rows = Vec::new();
+        let mut rows_left = 50_001;
+        take_whole_rows(&mut pending, 2, &mut rows, &mut rows_left).unwrap();
+        assert_eq!(rows.len(), 50_000);
+        assert_eq!(rows_left, 1);
+        assert_eq!(pending, [Value::Int(100_000)], "the next row's start stays");
+        assert!(
+            rows.iter().all(|row| row.capacity() == 2),
+            "no row keeps more"
+        );
+        assert_eq!(rows[49_999], [Value::Int(99_998), Value::Int(99_999)]);
+        pending.push(Value::Int(7));
+        take_whole_rows(&mut pending, 2, &mut rows, &mut rows_left).unwrap();
+        assert_eq!((rows.len(), rows_left, pending.len()), (50_001, 0, 0));
+        pending.extend([Value::Int(1), Value::Int(2)]);
+        assert_eq!(
+            take_whole_rows(&mut pending, 2, &mut rows, &mut rows_left),
+            Err("more rows than the result set announced")
+        );
+        assert_eq!(
+            take_whole_rows(&mut pending, 0, &mut rows, &mut rows_left),
+            Err("values for a result set without columns")
+        );
     }
 }

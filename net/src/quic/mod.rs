@@ -115,6 +115,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait, after an accepted connection's handshake, for the peer to open its stream.
 pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest wait, once a connection's stream is open, for the peer's Hello. A peer that never
+/// sends it but keeps the connection alive would otherwise hold its session — counted against
+/// [`PEERS_MAX`] — for as long as it likes.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most sessions accepted at once from one certificate. A node dialing this one at several of
+/// its addresses has one each (see [`PeerKey::Accepted`]); the token telling them apart is the
+/// dialer's choice, so without this bound one trusted certificate could fill [`PEERS_MAX`] and
+/// lock every other peer out.
+pub const ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX: usize = 16;
+
 /// Largest chunk read from a stream at once.
 pub const READ_CHUNK_BYTES_MAX: usize = 256 * 1024;
 
@@ -252,12 +263,15 @@ pub struct TransportOptions {
     /// A connection with no traffic for this long is lost (the smaller of both sides' values
     /// applies). Default [`IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
+    /// Default [`HELLO_TIMEOUT`].
+    pub hello_timeout: Duration,
 }
 
 impl Default for TransportOptions {
     fn default() -> TransportOptions {
         TransportOptions {
             idle_timeout: IDLE_TIMEOUT,
+            hello_timeout: HELLO_TIMEOUT,
         }
     }
 }
@@ -520,6 +534,7 @@ impl Transport {
             tasks: Mutex::new(Vec::new()),
             trust: config.trust,
             idle_timeout: options.idle_timeout,
+            hello_timeout: options.hello_timeout,
             clients: Mutex::new(None),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
@@ -746,6 +761,8 @@ struct Shared {
     trust: Trust,
     /// How long a silent connection lives (for `serve_clients`' configuration too).
     idle_timeout: Duration,
+    /// How long a connection may go without the peer's Hello.
+    hello_timeout: Duration,
     /// The client protocol's service, once `serve_clients` installed it.
     clients: Mutex<Option<ClientService>>,
     shut_down: AtomicBool,
@@ -856,6 +873,18 @@ impl Shared {
         }
         if peers.len() >= PEERS_MAX {
             return Err(Error::TooManyPeers { max: PEERS_MAX });
+        }
+        if let PeerKey::Accepted(certificate, _) = key {
+            let sessions = peers
+                .keys()
+                .filter(|other| matches!(other, PeerKey::Accepted(c, _) if *c == certificate))
+                .count();
+            if sessions >= ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX {
+                return Err(Error::TooManySessionsOfPeer {
+                    fingerprint: certificate.to_string(),
+                    max: ACCEPTED_SESSIONS_PER_CERTIFICATE_MAX,
+                });
+            }
         }
         let peer = Arc::new(Peer {
             key,
@@ -1060,7 +1089,7 @@ async fn accept_node(shared: Arc<Shared>, connection: quinn::Connection) {
         Ok(peer) => peer,
         Err(e) => {
             tracing::warn!(%addr, %fingerprint, error = %e, "refusing a connection");
-            connection.close(CLOSE_TOO_MANY_PEERS, b"too many peers");
+            connection.close(CLOSE_TOO_MANY_PEERS, e.to_string().as_bytes());
             return;
         }
     };
@@ -1122,6 +1151,7 @@ async fn drive(
     let ended = tokio::select! {
         ended = read_loop(shared, peer, &connection, recv, fingerprint, &connected) => ended,
         ended = write_loop(shared, peer, send) => ended,
+        ended = hello_deadline(shared.hello_timeout, &connected) => ended,
     };
     let reason = match ended {
         Ended::Violation(reason) => {
@@ -1158,6 +1188,16 @@ async fn drive(
         connected: connected.load(Ordering::SeqCst),
         reason,
     }
+}
+
+/// Ends the connection as a violation if the peer's Hello has not come within `timeout`;
+/// never ends once it has.
+async fn hello_deadline(timeout: Duration, connected: &AtomicBool) -> Ended {
+    tokio::time::sleep(timeout).await;
+    if connected.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    Ended::Violation(format!("no Hello within {timeout:?}"))
 }
 
 enum Ended {
