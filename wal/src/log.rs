@@ -265,7 +265,7 @@ impl Wal {
                 (active, SEGMENT_HEADER_BYTES)
             }
         };
-        let written_through = Lsn(next_lsn.0 - 1);
+        let written_through = Lsn(next_lsn.0.saturating_sub(1));
         let inner = Arc::new(Inner {
             group: GroupCommit::new(written_through, active.clone()),
             storage,
@@ -340,6 +340,12 @@ impl Wal {
     /// records refused by the new salt) instead of zero-filled.
     pub fn segments_reused(&self) -> u64 {
         self.inner.spares.reused()
+    }
+
+    /// Spare segments ready for the next roll-overs now (the spare thread keeps
+    /// `Options::spare_segments` of them).
+    pub fn spares_ready(&self) -> usize {
+        self.inner.spares.ready()
     }
 
     /// LSN the next append will get.
@@ -488,10 +494,18 @@ impl Wal {
             let storage = &self.inner.storage;
             storage
                 .rename(&segment.name, &retired)
-                .and_then(|()| storage.sync_dir())
                 .map_err(|e| Error::io(format!("releasing segment {}", segment.name), e))?;
+            // Renamed, it is released whether or not the directory sync below succeeds (a
+            // crash before it leaves the old name, which recovery takes as released history):
+            // kept live, every later release would fail to rename it again.
             self.inner.segments.write().remove(&segment.first_lsn);
             segment.retire(self.inner.spares.clone(), retired);
+            storage.sync_dir().map_err(|e| {
+                Error::io(
+                    format!("syncing the directory after releasing {}", segment.name),
+                    e,
+                )
+            })?;
         }
         Ok(victims.len())
     }

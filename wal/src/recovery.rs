@@ -62,9 +62,8 @@ pub struct Recovery {
     lock: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
     spares: Vec<Spare>,
     last_spare_id: u64,
-    /// Index of the segment the scan started in (the one holding `replay_from`).
-    scan_start: usize,
-    /// Walks all live segments; the segments before `scan_start` are only header-checked.
+    /// Walks all live segments; those before the one holding `replay_from` are only
+    /// header-checked.
     scanner: Scanner,
     state: ScanState,
     report: RecoveryReport,
@@ -173,7 +172,6 @@ impl Recovery {
             lock: Some(lock),
             spares,
             last_spare_id,
-            scan_start,
             scanner: Scanner::new(segments, scan_start),
             state,
             report: RecoveryReport::default(),
@@ -209,14 +207,23 @@ impl Recovery {
         if !self.scanner.segments.is_empty() {
             self.cut_tail(index, offset, reason)?;
             // Make what was recovered durable: the crashed process may never have synced it, and
-            // the caller is about to act on it.
-            for segment in &self.scanner.segments[self.scan_start..] {
+            // the log about to start counts all of it durable (`Wal::start`). Every segment, not
+            // only those replayed: under `None`/`Batched` the pages of older ones may be dirty
+            // still (a sync of a clean file costs little).
+            for segment in &self.scanner.segments {
                 segment
                     .file
                     .sync_data()
                     .map_err(|e| Error::io(format!("syncing segment {}", segment.name), e))?;
             }
         }
+        // And the names: a crash between a spare's rename to a segment and the directory sync
+        // leaves a segment whose name is not durable. Commits into it are synced file by file,
+        // which does not make the rename durable: after a power failure it would be a spare
+        // again, and every commit acknowledged in it lost.
+        self.storage
+            .sync_dir()
+            .map_err(|e| Error::io("syncing the log directory after recovery", e))?;
         self.report.segments = self.scanner.segments.len().max(1);
         self.report.next_lsn = expected;
         let spares = Arc::new(Spares::new(
@@ -290,11 +297,16 @@ impl Recovery {
             ref segments,
             ..
         } = self.scanner;
-        // No record after the break can have an LSN beyond the number of record headers that
-        // fit in the segments from the break on.
-        let bytes_after: u64 = segments[index..].iter().map(|s| s.segment_bytes).sum();
-        let lsn_bound = expected.0.saturating_add(bytes_after / RECORD_HEADER_BYTES);
         for (i, segment) in segments.iter().enumerate().skip(index) {
+            // No record of a segment can have an LSN beyond its first (from its header) plus
+            // the record headers that fit in it. (A bound from the break's LSN and the sizes of
+            // the segments present was wrong when a segment in between was missing: the later
+            // segments' records were beyond it, no proof was accepted, and recovery cut
+            // acknowledged segments away as a torn tail.)
+            let lsn_bound = segment
+                .first_lsn
+                .0
+                .saturating_add(segment.segment_bytes / RECORD_HEADER_BYTES);
             let view = segment.scan_view(SEGMENT_HEADER_BYTES)?;
             let payload_max = payload_max_for(segment.segment_bytes);
             let mut candidate = if i == index {
@@ -464,6 +476,10 @@ fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<S
         },
         other => bad(other.to_string()),
     })?;
+    if header.first_lsn.0 == 0 {
+        // LSNs start at 1 (0 is "nothing": the log counts durable through `first - 1`).
+        return Err(bad("header says first LSN 0; LSNs start at 1".into()));
+    }
     if header.first_lsn != first_lsn {
         return Err(bad(format!(
             "header says first LSN {}, name says {first_lsn}",

@@ -159,6 +159,11 @@ impl Spares {
         self.segment_bytes
     }
 
+    /// Spares ready to become segments now.
+    pub fn ready(&self) -> usize {
+        self.state.lock().ready.len()
+    }
+
     /// Spares made from released segments since open.
     pub fn reused(&self) -> u64 {
         self.reused.load(Ordering::Relaxed)

@@ -19,10 +19,13 @@ fn open(storage: &MemStorage) -> Wal {
 }
 
 /// Waits (bounded) until the spare-segment thread has a spare ready, so that fault counts
-/// below only see the writes of the operations under test.
-fn wait_for_spare(storage: &MemStorage) {
+/// below only see the writes of the operations under test. Asked of the log, not of the file
+/// names: the spare's name appears before the log counts it ready (a roll-over just then
+/// found none and failed early on a full disk, and the spare, ready a moment later, made the
+/// next commit succeed).
+fn wait_for_spare(wal: &Wal) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !storage.file_names().iter().any(|n| n.ends_with(".spare")) {
+    while wal.spares_ready() == 0 {
         assert!(Instant::now() < deadline, "no spare segment appeared");
         std::thread::yield_now();
     }
@@ -32,7 +35,7 @@ fn wait_for_spare(storage: &MemStorage) {
 fn failed_write_poisons_and_earlier_commits_survive() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     let kept = wal.commit(1, b"acknowledged before the failure").unwrap();
     storage.fail_nth_write(1);
     match wal.commit(1, b"this write fails") {
@@ -62,7 +65,7 @@ fn failed_write_poisons_and_earlier_commits_survive() {
 fn failed_sync_poisons_the_log() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     let kept = wal.commit(1, b"durable").unwrap();
     storage.fail_nth_sync(1);
     match wal.commit(1, b"its sync fails") {
@@ -91,7 +94,7 @@ fn failed_sync_poisons_the_log() {
 fn poisoning_wakes_every_waiting_committer() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     storage.fail_nth_sync(1);
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
@@ -116,7 +119,7 @@ fn poisoning_wakes_every_waiting_committer() {
 fn short_write_is_completed() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     storage.short_nth_write(1);
     let payload = vec![0xAB; 3000];
     let appended = wal.commit(7, &payload).unwrap();
@@ -136,7 +139,7 @@ fn short_write_is_completed() {
 fn full_disk_fails_the_append_and_work_resumes_when_space_returns() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     storage.set_disk_full(true);
     // Use the ready spare, then run out: the next roll-over finds no spare and cannot make one.
     let mut acknowledged = Vec::new();
@@ -173,7 +176,7 @@ fn full_disk_fails_the_append_and_work_resumes_when_space_returns() {
 fn crash_image_frozen_at_a_sync_holds_everything_acknowledged_before_it() {
     let storage = MemStorage::new();
     let wal = open(&storage);
-    wait_for_spare(&storage);
+    wait_for_spare(&wal);
     let mut before_freeze = Vec::new();
     for i in 0..20u8 {
         before_freeze.push(wal.commit(1, &[i; 300]).unwrap());
@@ -200,7 +203,7 @@ fn every_crash_point_keeps_acknowledged_commits() {
     for freeze_after in 1..12 {
         let storage = MemStorage::new();
         let wal = open(&storage);
-        wait_for_spare(&storage);
+        wait_for_spare(&wal);
         let syncs_at_start = storage.syncs();
         storage.freeze_durability_after_nth_sync(freeze_after);
         let mut acknowledged_before_freeze = Vec::new();
