@@ -46,8 +46,13 @@ pub enum Error {
         supported: u32,
     },
 
-    /// Another `Wal` (in this or another process) holds the directory's lock file.
-    #[error("log directory {} is locked by another opener ({reason})", dir.display())]
+    /// Another `Wal` (in this or another process) holds the directory's lock file — or, in this
+    /// process, bytes borrowed from a closed one (`RecordBytes` of its mapped segments) still
+    /// live: they hold the lock until they drop.
+    #[error(
+        "log directory {} is locked by another opener, or by bytes still borrowed from a log          closed in this process ({reason})",
+        dir.display()
+    )]
     Locked { dir: PathBuf, reason: String },
 
     /// An append asked for more bytes than one record may hold.

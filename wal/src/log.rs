@@ -177,7 +177,7 @@ impl std::fmt::Debug for Wal {
 pub(crate) struct Inner {
     pub storage: Arc<dyn Storage>,
     pub options: Options,
-    _lock: Box<dyn std::fmt::Debug + Send + Sync>,
+    dir_lock: crate::segment::DirLock,
     append: Mutex<AppendState>,
     /// Live segments by first LSN, the active one last.
     segments: RwLock<BTreeMap<Lsn, Arc<Segment>>>,
@@ -198,7 +198,7 @@ struct AppendState {
 pub(crate) struct Recovered {
     pub storage: Arc<dyn Storage>,
     pub options: Options,
-    pub lock: Box<dyn std::fmt::Debug + Send + Sync>,
+    pub lock: crate::segment::DirLock,
     /// Live segments, oldest first; the last one is active. Empty for a new log.
     pub segments: Vec<Arc<Segment>>,
     pub next_lsn: Lsn,
@@ -260,7 +260,7 @@ impl Wal {
         let (active, reserved_end) = match segments.last() {
             Some(active) => (active.clone(), tail_offset),
             None => {
-                let active = activate_spare(storage.as_ref(), &spares, next_lsn, false)?;
+                let active = activate_spare(storage.as_ref(), &spares, next_lsn, false, &lock)?;
                 segments.push(active.clone());
                 (active, SEGMENT_HEADER_BYTES)
             }
@@ -269,7 +269,7 @@ impl Wal {
         let inner = Arc::new(Inner {
             group: GroupCommit::new(written_through, active.clone()),
             storage,
-            _lock: lock,
+            dir_lock: lock.clone(),
             append: Mutex::new(AppendState {
                 next_lsn,
                 active,
@@ -611,8 +611,13 @@ impl Inner {
         let (lsn, segment, offset) = {
             let mut state = self.append.lock();
             if state.reserved_end + stored > state.active.segment_bytes {
-                let next =
-                    activate_spare(self.storage.as_ref(), &self.spares, state.next_lsn, true)?;
+                let next = activate_spare(
+                    self.storage.as_ref(),
+                    &self.spares,
+                    state.next_lsn,
+                    true,
+                    &self.dir_lock,
+                )?;
                 self.segments.write().insert(next.first_lsn, next.clone());
                 state.active = next;
                 state.reserved_end = SEGMENT_HEADER_BYTES;
@@ -678,6 +683,7 @@ pub(crate) fn activate_spare(
     spares: &Spares,
     first_lsn: Lsn,
     for_roll_over: bool,
+    dir_lock: &crate::segment::DirLock,
 ) -> Result<Arc<Segment>> {
     let spare = spares.take(for_roll_over)?;
     let name = segment_file_name(first_lsn);
@@ -709,6 +715,7 @@ pub(crate) fn activate_spare(
         name,
         spare.file,
         SEGMENT_HEADER_BYTES,
+        dir_lock,
     )?))
 }
 

@@ -13,7 +13,9 @@
 //! before any readable end is published past it; (c) a segment file is deleted, or reused as a
 //! new segment (and written again), only after the last `Arc<Segment>` is dropped and its map
 //! unmapped, and Herald never shortens a segment file; and
-//! (d) the directory's exclusive lock file keeps other Herald processes out.
+//! (d) the directory's exclusive lock file keeps other Herald logs out — other processes, and
+//! other opens in this one: every `Segment` holds the lock (`segment::DirLock`), so it is held
+//! until the last map of the directory is gone, not only while a `Wal` handle lives.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -59,7 +59,7 @@ pub struct TruncatedTail {
 pub struct Recovery {
     storage: Arc<dyn Storage>,
     options: Options,
-    lock: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    lock: Option<crate::segment::DirLock>,
     spares: Vec<Spare>,
     last_spare_id: u64,
     /// Walks all live segments; those before the one holding `replay_from` are only
@@ -88,16 +88,17 @@ impl std::fmt::Debug for Recovery {
 impl Recovery {
     pub(crate) fn start(storage: Arc<dyn Storage>, options: Options) -> Result<Recovery> {
         options.validate()?;
-        let lock = storage.lock().map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock => Error::Locked {
-                dir: storage.location(),
-                reason: e.to_string(),
-            },
-            _ => Error::io(
-                format!("locking log directory {}", storage.location().display()),
-                e,
-            ),
-        })?;
+        let lock: crate::segment::DirLock =
+            Arc::from(storage.lock().map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock => Error::Locked {
+                    dir: storage.location(),
+                    reason: e.to_string(),
+                },
+                _ => Error::io(
+                    format!("locking log directory {}", storage.location().display()),
+                    e,
+                ),
+            })?);
         let names = storage.list().map_err(|e| {
             Error::io(
                 format!("listing log directory {}", storage.location().display()),
@@ -144,7 +145,12 @@ impl Recovery {
         }
         let mut segments = Vec::with_capacity(segment_names.len());
         for (first_lsn, name) in segment_names {
-            segments.push(Arc::new(open_segment(storage.as_ref(), first_lsn, name)?));
+            segments.push(Arc::new(open_segment(
+                storage.as_ref(),
+                first_lsn,
+                name,
+                &lock,
+            )?));
         }
         let replay_from = options.replay_from;
         let scan_start = segments
@@ -454,7 +460,12 @@ fn own_records_end(segment: &Segment, offset: u64, bytes: &[u8]) -> Option<u64> 
 }
 
 /// Opens a segment file and checks its header against its name and its size.
-fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<Segment> {
+fn open_segment(
+    storage: &dyn Storage,
+    first_lsn: Lsn,
+    name: String,
+    dir_lock: &crate::segment::DirLock,
+) -> Result<Segment> {
     let file = storage
         .open(&name)
         .map_err(|e| Error::io(format!("opening segment {name}"), e))?;
@@ -494,7 +505,7 @@ fn open_segment(storage: &dyn Storage, first_lsn: Lsn, name: String) -> Result<S
     }
     debug_assert_eq!(name, segment_file_name(first_lsn));
     let readable_end = header.segment_bytes;
-    Segment::new(&header, name, file, readable_end)
+    Segment::new(&header, name, file, readable_end, dir_lock)
 }
 
 /// Fuzzing entry point: builds a memory log whose segment files come from `data`, recovers it,

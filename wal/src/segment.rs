@@ -39,6 +39,12 @@ pub fn parse_segment_file_name(name: &str) -> Option<Lsn> {
     digits.parse().ok().map(Lsn)
 }
 
+/// The log directory's lock (`Storage::lock`), shared: the log holds it, and so does every
+/// segment, so that it outlives the last `RecordBytes` borrowing a segment's map. Released
+/// while bytes were still borrowed, another `Wal::open` of the directory could reuse the
+/// segment's file and rewrite bytes handed out as immutable.
+pub(crate) type DirLock = Arc<dyn fmt::Debug + Send + Sync>;
+
 pub(crate) struct Segment {
     pub first_lsn: Lsn,
     pub name: String,
@@ -55,6 +61,7 @@ pub(crate) struct Segment {
     /// Set by release: the file's new name, handed to the spares (reused or deleted) when this
     /// segment drops.
     retired_as: Mutex<Option<(Arc<Spares>, String)>>,
+    _dir_lock: DirLock,
 }
 
 impl fmt::Debug for Segment {
@@ -72,6 +79,7 @@ impl Segment {
         name: String,
         file: Arc<dyn StorageFile>,
         readable_end: u64,
+        dir_lock: &DirLock,
     ) -> Result<Segment> {
         let segment_bytes = header.segment_bytes;
         let map = file
@@ -87,6 +95,7 @@ impl Segment {
             map,
             readable_end: AtomicU64::new(readable_end),
             retired_as: Mutex::new(None),
+            _dir_lock: dir_lock.clone(),
         })
     }
 

@@ -165,3 +165,27 @@ fn a_torn_record_in_a_reused_segment_is_cut_and_the_log_goes_on() {
     assert_eq!(wal.next_lsn(), last.lsn.next());
     assert_eq!(&*wal.read(again.position).unwrap().payload, b"short");
 }
+
+/// Bytes borrowed from a log's mapped segment outlive the `Wal` handle: the directory stays
+/// locked until the last of them drops, so another open cannot reuse that segment's file and
+/// rewrite bytes handed out as immutable.
+#[test]
+fn the_directory_stays_locked_while_mapped_bytes_are_borrowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), options()).unwrap();
+    let appended = wal.commit(1, &[OLD_FILL; 1000]).unwrap();
+    let body = wal.read(appended.position).unwrap().payload;
+    assert!(
+        body.is_mapped(),
+        "a sealed or active segment is read through its map"
+    );
+    drop(wal);
+    match Wal::open(dir.path(), options()) {
+        Err(herald_wal::Error::Locked { .. }) => {}
+        other => panic!("expected Locked while bytes are borrowed, got {other:?}"),
+    }
+    assert!(body.iter().all(|&b| b == OLD_FILL));
+    drop(body);
+    let wal = Wal::open(dir.path(), options()).expect("unlocked once the last borrow dropped");
+    assert_eq!(wal.next_lsn(), appended.lsn.next());
+}
