@@ -42,6 +42,9 @@ struct MemState {
 #[derive(Debug, Default, Clone)]
 struct FileData {
     current: Vec<u8>,
+    /// Bytes from the start with blocks behind them (written or allocated); past them, up to
+    /// `current.len()`, a hole (`set_len`), which a write on a full disk cannot fill.
+    allocated_bytes: u64,
     durable: Vec<u8>,
     /// Sectors written since the last sync: a torn crash image keeps some of them.
     dirty_sectors: BTreeSet<u64>,
@@ -97,7 +100,8 @@ impl MemStorage {
         s.faults.freeze_after_sync = Some(s.faults.syncs + n);
     }
 
-    /// While set, creating a file fails as on a full disk (`ErrorKind::StorageFull`).
+    /// While set, the disk has no free block (`ErrorKind::StorageFull`): creating a file fails,
+    /// and so do writes and `allocate` past a file's blocks (into a hole `set_len` left).
     pub fn set_disk_full(&self, full: bool) {
         self.state.lock().faults.disk_full = full;
     }
@@ -136,6 +140,7 @@ impl MemStorage {
             id,
             FileData {
                 current: bytes.clone(),
+                allocated_bytes: bytes.len() as u64,
                 durable: bytes,
                 dirty_sectors: BTreeSet::new(),
             },
@@ -177,6 +182,7 @@ impl MemStorage {
                 *id,
                 FileData {
                     current: bytes.clone(),
+                    allocated_bytes: bytes.len() as u64,
                     durable: bytes,
                     dirty_sectors: BTreeSet::new(),
                 },
@@ -247,10 +253,7 @@ impl Storage for MemStorage {
     fn create(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
         let mut s = self.state.lock();
         if s.faults.disk_full {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "no space left on device (injected)",
-            ));
+            return Err(no_space());
         }
         if s.names.contains_key(name) {
             return Err(io::Error::new(
@@ -320,9 +323,14 @@ impl StorageFile for MemFile {
         } else {
             buf.len()
         };
+        let disk_full = s.faults.disk_full;
         let data = s.files.get_mut(&self.id).expect("open file has data");
         let start = offset as usize;
         let end = start + len;
+        if disk_full && end as u64 > data.allocated_bytes {
+            return Err(no_space());
+        }
+        data.allocated_bytes = data.allocated_bytes.max(end as u64);
         if data.current.len() < end {
             data.current.resize(end, 0);
         }
@@ -373,10 +381,32 @@ impl StorageFile for MemFile {
         let mut s = self.state.lock();
         let data = s.files.get_mut(&self.id).expect("open file has data");
         data.current.resize(len as usize, 0);
+        data.allocated_bytes = data.allocated_bytes.min(len);
+        Ok(())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let disk_full = s.faults.disk_full;
+        let data = s.files.get_mut(&self.id).expect("open file has data");
+        if disk_full && len > data.allocated_bytes {
+            return Err(no_space());
+        }
+        if (data.current.len() as u64) < len {
+            data.current.resize(len as usize, 0);
+        }
+        data.allocated_bytes = data.allocated_bytes.max(len);
         Ok(())
     }
 
     fn map(&self, _len: u64, _readable_end: u64) -> io::Result<Option<Map>> {
         Ok(None)
     }
+}
+
+fn no_space() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::StorageFull,
+        "no space left on device (injected)",
+    )
 }

@@ -12,9 +12,10 @@
 //! moves so many bytes that the allocation it journals is noise, and the zero-filler only halves
 //! the bandwidth left for the log. So the preparer measures, without a clock: if the log wrote
 //! at least half a segment while one spare was being zero-filled, or if the log had to take a
-//! spare that was not ready, the next spares are only *extended* (`set_len`: holes, which read as
-//! zeros, so invariant 3 of `FORMAT.md` still holds) and a zero-filled spare is tried again every
-//! few segments to re-measure.
+//! spare that was not ready, the next spares are only *allocated* (`fallocate`: blocks reserved,
+//! reading as zeros, so invariant 3 of `FORMAT.md` still holds, and the log's writes into them
+//! cannot fail on a full disk) and a zero-filled spare is tried again every few segments to
+//! re-measure.
 //!
 //! Zeros are written in the background a chunk at a time, each chunk synced and followed by a
 //! short pause ([`ZERO_FILL_CHUNK_PAUSE`]): the log's own writes and syncs share the device and
@@ -392,9 +393,12 @@ impl Spares {
                         }
                     }
                 }
+                // Reserved, not only extended: on a nearly full disk a file with holes is made
+                // at once, and then the log's writes into it fail (and poison the log) instead
+                // of this, which fails the roll-over with an error that goes with the cause.
                 Preparation::Extended => file
-                    .set_len(self.segment_bytes)
-                    .map_err(|e| Error::io(context("extending"), e))?,
+                    .allocate(self.segment_bytes)
+                    .map_err(|e| Error::io(context("allocating"), e))?,
             }
             file.sync_data()
                 .map_err(|e| Error::io(context("syncing"), e))?;
@@ -477,6 +481,35 @@ mod tests {
                 .file_names()
                 .iter()
                 .all(|n| n.ends_with(SPARE_SUFFIX))
+        );
+    }
+
+    /// A spare made at a roll-over (no time to zero-fill) has its blocks reserved: the log's
+    /// writes into it succeed on a disk that filled up since. (Extended with `set_len`, it had
+    /// holes, the first record write failed, and the log was poisoned until reopened.)
+    #[test]
+    fn a_roll_over_spare_can_be_written_on_a_full_disk() {
+        let storage = MemStorage::new();
+        let spares = spares(&storage);
+        let rolled = spares.take(true).unwrap();
+        storage.set_disk_full(true);
+        write_all_at(rolled.file.as_ref(), &[7u8; 8192], 0).expect("blocks were reserved");
+        let hole = storage.create("sparse").unwrap_err();
+        assert_eq!(
+            hole.kind(),
+            std::io::ErrorKind::StorageFull,
+            "the disk is full"
+        );
+        storage.set_disk_full(false);
+        let sparse = storage.create("sparse").unwrap();
+        sparse.set_len(8192).unwrap();
+        storage.set_disk_full(true);
+        assert_eq!(
+            write_all_at(sparse.as_ref(), &[7u8; 8192], 0)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::StorageFull,
+            "a hole is not reserved"
         );
     }
 

@@ -47,6 +47,11 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Extends (or shortens) the file to `len` bytes; new bytes read as zeros. The log only ever
     /// extends unmapped spare files with it.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Extends the file to `len` bytes, reading as zeros, with its blocks reserved: writes into
+    /// them cannot fail for want of space (a file only extended has holes, and a write into a
+    /// hole on a full disk fails — which poisons the log). Falls back to `set_len` where the
+    /// file system cannot reserve blocks.
+    fn allocate(&self, len: u64) -> io::Result<()>;
     /// A read-only map of the first `len` bytes, where the backend supports one; `None` means the
     /// log reads through `read_at` instead.
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>>;
@@ -208,7 +213,25 @@ impl StorageFile for DiskFile {
         self.file.set_len(len)
     }
 
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        allocate(&self.file, len)
+    }
+
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>> {
         Map::new(&self.file, len, readable_end).map(Some)
     }
+}
+
+/// `StorageFile::allocate` for a file of the OS: `fallocate` (mode 0: blocks reserved, the
+/// size extended), else `set_len` where the file system does not support it.
+pub(crate) fn allocate(file: &File, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    file.set_len(len)
 }

@@ -244,6 +244,10 @@ impl StorageFile for UringFile {
         self.file.set_len(len)
     }
 
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        crate::storage::allocate(&self.file, len)
+    }
+
     fn map(&self, len: u64, readable_end: u64) -> io::Result<Option<Map>> {
         Map::new(&self.file, len, readable_end).map(Some)
     }
