@@ -1364,3 +1364,75 @@ async fn one_certificate_gets_a_bounded_number_of_sessions() {
     drop(held);
     a.transport.shutdown().await;
 }
+
+/// Anyone can start a handshake, before any certificate is seen: the handshakes in progress
+/// are bounded, and once half the slots are taken an unvalidated source is sent a Retry first.
+/// Initials from a source that never answers (a flood, or forged addresses) hold at most half
+/// the slots; a real peer answers the Retry and still connects and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_that_never_finish_do_not_lock_a_real_peer_out() {
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let a = Node::start_on(
+        &tokio::runtime::Handle::current(),
+        TransportOptions {
+            handshakes_in_progress_max: 2,
+            ..TransportOptions::default()
+        },
+        a_identity.clone(),
+        Trust::pinned([b_identity.fingerprint()]),
+        loopback(),
+    )
+    .unwrap();
+    // Each an Initial of its own connection, never followed by anything.
+    let flood = std::net::UdpSocket::bind(loopback()).unwrap();
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        true,
+        None,
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let config = client_config(&b_identity, &Trust::pinned([a_identity.fingerprint()]));
+        let (_, mut connection) = endpoint
+            .connect(
+                std::time::Instant::now(),
+                config.unwrap(),
+                a.addr,
+                "herald-node",
+            )
+            .unwrap();
+        let mut datagram = Vec::new();
+        let transmit = connection
+            .poll_transmit(std::time::Instant::now(), 1, &mut datagram)
+            .expect("an Initial to send");
+        flood.send_to(&datagram[..transmit.size], a.addr).unwrap();
+        stalled.push(connection);
+    }
+    let waited = tokio::time::timeout(TEST_TIMEOUT, async {
+        while a.transport.handshakes_in_progress() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the flood's first handshake never began");
+    // The rest of the flood is answered with Retries (unbounded, it would all be accepted by
+    // now: each Initial is handled in well under this).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        a.transport.handshakes_in_progress(),
+        1,
+        "an unvalidated flood holds half the slots, no more"
+    );
+    let b = start_trusting(&b_identity, &a_identity, loopback()).unwrap();
+    send_many(&b, a.addr, 5, 0, true, 0, 0);
+    b.wait_for(
+        "b's messages are acknowledged while the flood stalls",
+        |seen| seen.acknowledged.len() == 5,
+    )
+    .await;
+    drop(stalled);
+    b.transport.shutdown().await;
+    a.transport.shutdown().await;
+}

@@ -115,6 +115,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait, after an accepted connection's handshake, for the peer to open its stream.
 pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most incoming handshakes in progress at once. Anyone can start one (before any certificate
+/// is seen), each costs a signature and may live [`CONNECT_TIMEOUT`], and they run on the
+/// network thread every peer's traffic runs on: beyond this bound new ones are refused. From
+/// half of it on, a source whose address QUIC has not validated is first sent a Retry (a
+/// round trip a spoofed source cannot complete), so a flood from forged addresses cannot take
+/// the slots; a real peer's dialer answers the Retry and comes in.
+pub const HANDSHAKES_IN_PROGRESS_MAX: usize = 64;
+
 /// Longest wait, once a connection's stream is open, for the peer's Hello. A peer that never
 /// sends it but keeps the connection alive would otherwise hold its session — counted against
 /// [`PEERS_MAX`] — for as long as it likes.
@@ -265,6 +273,8 @@ pub struct TransportOptions {
     pub idle_timeout: Duration,
     /// Default [`HELLO_TIMEOUT`].
     pub hello_timeout: Duration,
+    /// Default [`HANDSHAKES_IN_PROGRESS_MAX`].
+    pub handshakes_in_progress_max: usize,
 }
 
 impl Default for TransportOptions {
@@ -272,6 +282,7 @@ impl Default for TransportOptions {
         TransportOptions {
             idle_timeout: IDLE_TIMEOUT,
             hello_timeout: HELLO_TIMEOUT,
+            handshakes_in_progress_max: HANDSHAKES_IN_PROGRESS_MAX,
         }
     }
 }
@@ -535,6 +546,8 @@ impl Transport {
             trust: config.trust,
             idle_timeout: options.idle_timeout,
             hello_timeout: options.hello_timeout,
+            handshakes: Arc::new(Semaphore::new(options.handshakes_in_progress_max)),
+            handshakes_max: options.handshakes_in_progress_max,
             clients: Mutex::new(None),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
@@ -670,6 +683,11 @@ impl Transport {
         Ok(())
     }
 
+    /// Incoming handshakes in progress now (at most [`HANDSHAKES_IN_PROGRESS_MAX`]).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.shared.handshakes_max - self.shared.handshakes.available_permits()
+    }
+
     /// Every peer session: its key, the address of the connection driving it now (`None`: not
     /// connected), and its unacknowledged messages.
     pub fn peers(&self) -> Vec<(PeerKey, Option<SocketAddr>, usize)> {
@@ -763,6 +781,9 @@ struct Shared {
     idle_timeout: Duration,
     /// How long a connection may go without the peer's Hello.
     hello_timeout: Duration,
+    /// Incoming handshakes in progress (see [`HANDSHAKES_IN_PROGRESS_MAX`]).
+    handshakes: Arc<Semaphore>,
+    handshakes_max: usize,
     /// The client protocol's service, once `serve_clients` installed it.
     clients: Mutex<Option<ClientService>>,
     shut_down: AtomicBool,
@@ -1030,14 +1051,70 @@ async fn accept_loop(shared: Arc<Shared>) {
             _ = until_shut_down(&mut shutdown) => break,
         };
         let Some(incoming) = incoming else { break };
-        let task = shared.runtime.spawn(accept_one(shared.clone(), incoming));
-        shared.track(task);
+        let in_progress = shared.handshakes_max - shared.handshakes.available_permits();
+        match admit(
+            in_progress,
+            shared.handshakes_max,
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Admission::Accept => {
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    incoming.refuse();
+                    continue;
+                };
+                let task = shared
+                    .runtime
+                    .spawn(accept_one(shared.clone(), incoming, permit));
+                shared.track(task);
+            }
+            Admission::Retry => {
+                // Fails only if the address was validated after all: then it may come in.
+                let _ = incoming.retry();
+            }
+            Admission::Refuse => {
+                tracing::debug!(addr = %incoming.remote_address(), "refusing a handshake: too many in progress");
+                incoming.refuse();
+            }
+        }
     }
 }
 
-async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming) {
+/// What becomes of an incoming connection attempt (see [`HANDSHAKES_IN_PROGRESS_MAX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Accept,
+    /// Validate the source address first.
+    Retry,
+    Refuse,
+}
+
+fn admit(in_progress: usize, max: usize, address_validated: bool, may_retry: bool) -> Admission {
+    if in_progress >= max {
+        Admission::Refuse
+    } else if in_progress >= max / 2 && !address_validated && may_retry {
+        Admission::Retry
+    } else {
+        Admission::Accept
+    }
+}
+
+/// Completes an incoming connection's handshake (holding one of the handshake slots until
+/// then) and serves it by its ALPN.
+async fn accept_one(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    handshake_slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let addr = incoming.remote_address();
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
+    let mut shutdown = shared.shutdown.subscribe();
+    // A handshake that never completes is not waited for at shutdown.
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(CONNECT_TIMEOUT, incoming) => handshake,
+        _ = until_shut_down(&mut shutdown) => return,
+    };
+    drop(handshake_slot);
+    let connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             tracing::debug!(%addr, error = %e, "incoming handshake failed");
@@ -1339,6 +1416,26 @@ async fn until_shut_down(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_are_admitted_then_validated_first_then_refused() {
+        let max = HANDSHAKES_IN_PROGRESS_MAX;
+        assert_eq!(admit(0, max, false, true), Admission::Accept);
+        assert_eq!(admit(max / 2 - 1, max, false, true), Admission::Accept);
+        assert_eq!(admit(max / 2, max, false, true), Admission::Retry);
+        assert_eq!(
+            admit(max / 2, max, true, true),
+            Admission::Accept,
+            "validated"
+        );
+        assert_eq!(
+            admit(max / 2, max, false, false),
+            Admission::Accept,
+            "a Retry once is all QUIC allows"
+        );
+        assert_eq!(admit(max - 1, max, true, true), Admission::Accept);
+        assert_eq!(admit(max, max, true, true), Admission::Refuse);
+    }
 
     /// A read waiting for room in the events channel when its connection ends is dropped: the
     /// acknowledgements it made of the peer's bytes must have gone over already (the session

@@ -350,12 +350,16 @@ impl PeerVerifier {
                 }
             }
         };
-        tracing::warn!(
-            %fingerprint,
-            peer = side.name(),
-            %reason,
-            "refusing an untrusted peer"
-        );
+        if refusal_warnings().allow() {
+            tracing::warn!(
+                %fingerprint,
+                peer = side.name(),
+                %reason,
+                "refusing an untrusted peer"
+            );
+        } else {
+            tracing::debug!(%fingerprint, peer = side.name(), %reason, "refusing an untrusted peer");
+        }
         (self.on_refused)(fingerprint, reason);
         Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,
@@ -495,9 +499,66 @@ impl ClientCertVerifier for PeerVerifier {
     }
 }
 
+/// Warnings about refused peers per second, at most: anyone can make this node refuse them,
+/// as fast as it completes handshakes, and each warning is a line in the node's log. The rest
+/// go at debug level.
+pub const REFUSAL_WARNINGS_PER_SECOND_MAX: u32 = 10;
+
+/// Counts the refusal warnings of the current second (process-wide).
+fn refusal_warnings() -> &'static RateLimit {
+    static LIMIT: RateLimit = RateLimit::new(REFUSAL_WARNINGS_PER_SECOND_MAX);
+    &LIMIT
+}
+
+/// Allows at most `per_second` events in each second of the clock.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: u32,
+    /// The second counted (UNIX time) in the high 32 bits, events in it in the low 32.
+    state: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    const fn new(per_second: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            state: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn allow(&self) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32);
+        self.allow_at(second)
+    }
+
+    fn allow_at(&self, second: u32) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut allowed = false;
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |state| {
+                let (counted, events) = ((state >> 32) as u32, state as u32);
+                let events = if counted == second { events } else { 0 };
+                allowed = events < self.per_second;
+                Some((u64::from(second) << 32) | u64::from(events.saturating_add(1)))
+            });
+        allowed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_the_limit_in_a_second_and_again_in_the_next() {
+        let limit = RateLimit::new(3);
+        let allowed: Vec<bool> = (0..5).map(|_| limit.allow_at(7)).collect();
+        assert_eq!(allowed, [true, true, true, false, false]);
+        assert!(limit.allow_at(8), "a new second");
+    }
 
     #[test]
     fn a_dialed_sessions_token_survives_its_server_name_and_other_names_give_none() {
