@@ -1222,6 +1222,11 @@ impl BrokerCore {
     pub fn log_bytes_on_disk(&self) -> u64 {
         self.wal.segments().iter().map(|s| s.segment_bytes).sum()
     }
+
+    /// Records written to the log since it began (the LSN the next one gets, less one).
+    pub fn log_records_written(&self) -> u64 {
+        self.wal.next_lsn().0 - 1
+    }
 }
 
 /// Reads the broker instance id of `dir`, creating it (atomically and durably) the first time.

@@ -260,12 +260,22 @@ impl BrokerCore {
         code: i32,
         description: &str,
     ) -> Result<()> {
-        let handle = self
-            .state
-            .lock()
-            .by_conversation
-            .get(&(conversation_id, is_initiator))
-            .copied();
+        let handle = {
+            let state = self.state.lock();
+            let handle = state
+                .by_conversation
+                .get(&(conversation_id, is_initiator))
+                .copied();
+            // An endpoint that takes no more messages has nothing to fail (applying the Fail
+            // would change nothing): a peer repeating its Error costs no log write and no sync
+            // (each one did, on the thread every peer's arrivals wait on).
+            handle.filter(|handle| {
+                state.endpoints.get(handle).is_some_and(|endpoint| {
+                    endpoint.state == crate::EndpointState::DisconnectedOutbound
+                        || endpoint.state.accepts_messages()
+                })
+            })
+        };
         let Some(handle) = handle else {
             return Ok(());
         };

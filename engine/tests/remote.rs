@@ -1227,3 +1227,32 @@ fn an_expired_route_still_serves_an_established_dialog_only() {
         "and so after a restart from the checkpoint"
     );
 }
+
+/// A far broker's Error fails a dialog once: repeated (a peer sending it again and again), it
+/// writes nothing — each one was a log record and a sync on the thread all arrivals wait on.
+#[test]
+fn a_repeated_far_error_is_not_written_again() {
+    let (_dirs, a, b) = fresh_pair();
+    let h = begin(&a, &["1"]);
+    assert_eq!(pump(&a, &b, all), [ArrivalOutcome::Accepted]);
+    let conversation = a.conversation_endpoint(h).unwrap().conversation_id;
+    let before = a.log_records_written();
+    a.remote_failed(conversation, true, codes::VALIDATION_FAILED, "refused")
+        .unwrap();
+    assert_eq!(a.log_records_written(), before + 1);
+    for _ in 0..100 {
+        a.remote_failed(conversation, true, codes::VALIDATION_FAILED, "again")
+            .unwrap();
+    }
+    assert_eq!(
+        a.log_records_written(),
+        before + 1,
+        "the repeats wrote nothing"
+    );
+    assert_eq!(
+        a.conversation_endpoint(h).unwrap().state,
+        EndpointState::Error
+    );
+    let errors = receive_all(&a, "Client");
+    assert_eq!(errors.len(), 1, "one Error in the queue");
+}

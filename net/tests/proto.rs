@@ -869,7 +869,10 @@ fn reassembly_budget_drops_the_oldest_partial_at_the_edge() {
     let h = header(6, true, 0);
     let names =
         h.source_service.len() + h.target_service.len() + h.contract.len() + h.message_type.len();
-    let cost = FRAGMENT_BODY_BYTES_MAX + 2 * REASSEMBLY_ENTRY_OVERHEAD_BYTES + names;
+    let cost = FRAGMENT_BODY_BYTES_MAX
+        + REASSEMBLY_ENTRY_OVERHEAD_BYTES
+        + REASSEMBLY_MESSAGE_OVERHEAD_BYTES
+        + names;
     let fit = REASSEMBLY_BYTES_MAX / cost;
     let mut r = Reassembler::new();
     for sequence in 0..fit as u64 {
@@ -1563,6 +1566,36 @@ fn the_send_queue_and_control_queues_stop_at_their_limits() {
             .iter()
             .any(|a| a.conversation_id == conversation(PENDING_CONTROL_FRAMES_MAX))
     );
+}
+
+/// Error frames waiting are bounded in bytes, not only in number: with the longest
+/// descriptions, the frames that fit `PENDING_ERROR_BYTES_MAX` queue and the rest are dropped;
+/// once sent, their room is free again.
+#[test]
+fn pending_error_frames_are_bounded_in_bytes() {
+    let now = Instant::now();
+    let mut s = PeerSession::new(A);
+    let description = "d".repeat(DESCRIPTION_BYTES_MAX);
+    // Conversation id 16, direction 1, code 4, description length 2, the description.
+    let frame_bytes = FRAME_HEADER_BYTES + 16 + 1 + 4 + 2 + DESCRIPTION_BYTES_MAX;
+    let fitting = PENDING_ERROR_BYTES_MAX / frame_bytes;
+    for n in 0..fitting + 10 {
+        s.send_error([n as u8; 16], true, -1, description.clone())
+            .unwrap();
+    }
+    let errors = |s: &mut PeerSession| {
+        transmit(s, now)
+            .into_iter()
+            .filter(|f| matches!(f, Frame::Error(_)))
+            .count()
+    };
+    assert_eq!(errors(&mut s), fitting);
+    assert!(
+        fitting < PENDING_CONTROL_FRAMES_MAX,
+        "the bytes, not the count, bound it"
+    );
+    s.send_error([1; 16], true, -1, description).unwrap();
+    assert_eq!(errors(&mut s), 1, "sent, their room is free again");
 }
 
 #[test]

@@ -36,7 +36,8 @@ use crate::proto::frame::{
     MESSAGE_BODY_BYTES_MAX, MessageHeader, PROTOCOL_VERSION,
 };
 use crate::proto::reassembly::{
-    REASSEMBLY_BYTES_MAX, REASSEMBLY_ENTRY_OVERHEAD_BYTES, Reassembler,
+    REASSEMBLY_BYTES_MAX, REASSEMBLY_ENTRY_OVERHEAD_BYTES, REASSEMBLY_MESSAGE_OVERHEAD_BYTES,
+    Reassembler,
 };
 use crate::proto::send_order::SendOrderSlots;
 
@@ -65,10 +66,17 @@ pub const SEND_QUEUE_MESSAGES_MAX: usize = 65_536;
 /// message is retransmitted and the receiver acknowledges (or fails) it again.
 pub const PENDING_CONTROL_FRAMES_MAX: usize = 65_536;
 
+/// Most bytes of Error frames waiting for transmission (their encoded size). Counting frames
+/// alone bounds nothing: a peer that stops reading and sends tiny messages to a service it may
+/// not reach is answered with an Error of up to `DESCRIPTION_BYTES_MAX` each. Past it new ones
+/// are dropped, as past [`PENDING_CONTROL_FRAMES_MAX`].
+pub const PENDING_ERROR_BYTES_MAX: usize = 1024 * 1024;
+
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= MESSAGE_BODY_BYTES_MAX);
 const _: () = assert!(
     IN_FLIGHT_BYTES_MAX
-        + (IN_FLIGHT_BYTES_MAX / FRAGMENT_BODY_BYTES_MAX + 1) * 2 * REASSEMBLY_ENTRY_OVERHEAD_BYTES
+        + (IN_FLIGHT_BYTES_MAX / FRAGMENT_BODY_BYTES_MAX + 1)
+            * (REASSEMBLY_ENTRY_OVERHEAD_BYTES + REASSEMBLY_MESSAGE_OVERHEAD_BYTES)
         <= REASSEMBLY_BYTES_MAX
 );
 const _: () = assert!(TRANSMIT_BYTES_MAX >= FRAME_BYTES_MAX);
@@ -155,6 +163,8 @@ pub struct PeerSession {
     acks: IdMap<Direction, u64>,
     ack_order: VecDeque<Direction>,
     errors: VecDeque<ErrorFrame>,
+    /// Encoded bytes of `errors` (see [`PENDING_ERROR_BYTES_MAX`]).
+    error_bytes: usize,
     events: VecDeque<Event>,
 }
 
@@ -205,6 +215,7 @@ impl PeerSession {
             acks: IdMap::default(),
             ack_order: VecDeque::new(),
             errors: VecDeque::new(),
+            error_bytes: 0,
             events: VecDeque::new(),
         }
     }
@@ -331,10 +342,14 @@ impl PeerSession {
     ) -> Result<()> {
         let description = description.into();
         frame::check_error(code, &description)?;
-        if self.errors.len() >= PENDING_CONTROL_FRAMES_MAX {
+        let bytes = error_frame_bytes(&description);
+        if self.errors.len() >= PENDING_CONTROL_FRAMES_MAX
+            || self.error_bytes + bytes > PENDING_ERROR_BYTES_MAX
+        {
             tracing::warn!("too many error frames pending: dropping one");
             return Ok(());
         }
+        self.error_bytes += bytes;
         self.errors.push_back(ErrorFrame {
             conversation_id,
             from_initiator,
@@ -463,7 +478,9 @@ impl PeerSession {
                 return Some(out);
             }
             encode_control(&mut out, &frame);
-            self.errors.pop_front();
+            if let Some(sent) = self.errors.pop_front() {
+                self.error_bytes -= error_frame_bytes(&sent.description);
+            }
         }
         if self.go_away == GoAway::Queued {
             if !fits(&out, frame::FRAME_HEADER_BYTES) {
@@ -752,6 +769,11 @@ pub fn retry_delay(retries: u32) -> Duration {
 }
 
 const ACK_FRAME_BYTES: usize = frame::FRAME_HEADER_BYTES + 16 + 1 + 8 + 16;
+/// Encoded bytes of an Error frame with `description`.
+fn error_frame_bytes(description: &str) -> usize {
+    ERROR_FRAME_BYTES_BOUND - frame::DESCRIPTION_BYTES_MAX + description.len()
+}
+
 const ERROR_FRAME_BYTES_BOUND: usize =
     frame::FRAME_HEADER_BYTES + 16 + 1 + 4 + 2 + frame::DESCRIPTION_BYTES_MAX;
 
