@@ -629,6 +629,20 @@ fn admin_identity(data_dir: &Path) -> ClientIdentity {
     .unwrap()
 }
 
+/// A QUIC connection to `node` with `config` (its endpoint must live as long).
+async fn raw_connection(
+    config: quinn::ClientConfig,
+    node: &Node,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connection = endpoint
+        .connect_with(config, node.local_addr().unwrap(), "herald-node")
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, connection)
+}
+
 /// What a raw client (frames written by hand) needs to reach `node` as its admin: the QUIC
 /// client configuration, and a runtime to drive the connection in.
 fn raw_admin_client(
@@ -676,12 +690,7 @@ fn the_admin_certificate_is_written_once_and_trusted_for_clients_only() {
         .build()
         .unwrap();
     let closed = runtime.block_on(async {
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let connection = endpoint
-            .connect_with(config, node.local_addr().unwrap(), "herald-node")
-            .unwrap()
-            .await
-            .unwrap();
+        let (_endpoint, connection) = raw_connection(config, &node).await;
         tokio::time::timeout(WAIT, connection.closed()).await
     });
     let closed = closed.expect("the node closed the connection");
@@ -732,12 +741,7 @@ fn hostile_frames_close_the_connection_and_the_node_serves_on() {
     ];
     for (what, bytes, reason) in cases {
         let closed = runtime.block_on(async {
-            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            let connection = endpoint
-                .connect_with(config.clone(), node.local_addr().unwrap(), "herald-node")
-                .unwrap()
-                .await
-                .unwrap();
+            let (_endpoint, connection) = raw_connection(config.clone(), &node).await;
             let (mut send, _recv) = connection.open_bi().await.unwrap();
             send.write_all(&bytes).await.unwrap();
             tokio::time::timeout(WAIT, connection.closed()).await
@@ -857,12 +861,7 @@ fn a_connection_lost_during_a_waitfor_ends_the_wait_and_rolls_back() {
     // The runtime drives the connection only inside `block_on`: the whole life of this client
     // is one block.
     runtime.block_on(async {
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let connection = endpoint
-            .connect_with(config, node.local_addr().unwrap(), "herald-node")
-            .unwrap()
-            .await
-            .unwrap();
+        let (endpoint, connection) = raw_connection(config, &node).await;
         let (mut send, _recv) = connection.open_bi().await.unwrap();
         send.write_all(&requests).await.unwrap();
         // Its RECEIVE took the messages (a peek no longer shows them): its WAITFOR comes next.
@@ -1018,5 +1017,42 @@ fn a_peer_restricted_to_some_services_may_not_open_a_client_session() {
     }
     assert_eq!(node.client_sessions(), 0);
     local(dir.path(), &node).close();
+    node.shutdown().unwrap();
+}
+
+/// A client connection that opens its stream but never says Hello is closed at the Hello
+/// timeout: keep-alives would keep it, and `CLIENT_SESSIONS_MAX` of them would lock every
+/// client out, the admin too.
+#[test]
+fn a_client_that_never_says_hello_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = NodeIdentity::load_or_create(&dir.path().join(IDENTITY_DIR))
+        .unwrap()
+        .fingerprint();
+    let node = Node::start_with(
+        NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            broker: herald_engine::Options::default(),
+            trust: Trust::pinned([own]),
+            restricted_peers: Default::default(),
+        },
+        herald_net::quic::TransportOptions {
+            hello_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (config, runtime) = raw_admin_client(dir.path(), &node);
+    let closed = runtime.block_on(async {
+        let (_endpoint, connection) = raw_connection(config, &node).await;
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        send.write_all(&[1]).await.unwrap();
+        tokio::time::timeout(WAIT, connection.closed()).await
+    });
+    let closed = closed.expect("the node closed the connection");
+    assert!(closed.to_string().contains("no Hello within"), "{closed}");
+    // Its session slot is free: a real client gets in.
+    local(dir.path(), &node).execute("CREATE QUEUE Q").unwrap();
     node.shutdown().unwrap();
 }

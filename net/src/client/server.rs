@@ -101,7 +101,12 @@ impl ClientService {
 
     /// Serves one client connection (its handshake done, its certificate trusted) until it
     /// ends.
-    pub(crate) async fn accept(self: &Arc<Self>, connection: quinn::Connection) {
+    /// The client's Hello must come within `hello_timeout` of its stream.
+    pub(crate) async fn accept(
+        self: &Arc<Self>,
+        connection: quinn::Connection,
+        hello_timeout: Duration,
+    ) {
         let addr = connection.remote_address();
         match crate::quic::tls::peer_fingerprint(&connection) {
             Some(fingerprint) if !self.not_clients.contains(&fingerprint) => {}
@@ -182,10 +187,14 @@ impl ClientService {
             }
         }
         tracing::debug!(%addr, "client session started");
+        // A connection that never says Hello would hold its session slot for ever (keep-alives
+        // keep it up), and `CLIENT_SESSIONS_MAX` such lock every client out, the admin too.
+        let greeted = AtomicBool::new(false);
         let ended = tokio::select! {
-            ended = read_requests(recv, request_sender) => ended,
+            ended = read_requests(recv, request_sender, &greeted) => ended,
             ended = write_responses(send, responses) => ended,
             error = connection.closed() => Ended::Lost(error.to_string()),
+            ended = hello_deadline(hello_timeout, &greeted) => ended,
         };
         // Whatever ended it, the session's wait (if any) must end too, and its transaction with
         // it: the thread sees its request channel closed and drops the session.
@@ -277,7 +286,23 @@ enum Ended {
     Lost(String),
 }
 
-async fn read_requests(mut recv: quinn::RecvStream, requests: mpsc::Sender<Request>) -> Ended {
+/// Ends the session as a violation if no request has come within `timeout`; never ends once
+/// one has.
+async fn hello_deadline(timeout: Duration, greeted: &AtomicBool) -> Ended {
+    tokio::time::sleep(timeout).await;
+    if greeted.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    Ended::Violation(format!("no Hello within {timeout:?}"))
+}
+
+/// Decodes the client's requests and hands them to the session thread; sets `greeted` at the
+/// first (the Hello).
+async fn read_requests(
+    mut recv: quinn::RecvStream,
+    requests: mpsc::Sender<Request>,
+    greeted: &AtomicBool,
+) -> Ended {
     let mut decoder = ClientFrameDecoder::requests();
     loop {
         let chunk = match recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
@@ -289,6 +314,7 @@ async fn read_requests(mut recv: quinn::RecvStream, requests: mpsc::Sender<Reque
         while !input.is_empty() {
             match decoder.decode::<Request>(&mut input) {
                 Ok(Some(request)) => {
+                    greeted.store(true, Ordering::SeqCst);
                     if requests.send(request).await.is_err() {
                         return Ended::Lost("the session ended".into());
                     }

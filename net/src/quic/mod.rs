@@ -296,14 +296,21 @@ struct EventBatch {
 
 /// What an event is charged against [`EVENTS_BYTES_MAX`].
 fn event_bytes(event: &TransportEvent) -> usize {
-    let body = match event {
+    // What the peer sized: a body, or a text (an Error's description, a disconnection's reason
+    // quoting the peer's close) of up to a few KB, more than the overhead covers.
+    let sized = match event {
         TransportEvent::Session {
             event: Event::Received(message),
             ..
         } => message.body.len(),
+        TransportEvent::Session {
+            event: Event::RemoteError { description, .. },
+            ..
+        } => description.len(),
+        TransportEvent::Disconnected { reason, .. } => reason.len(),
         _ => 0,
     };
-    EVENT_OVERHEAD_BYTES + body
+    EVENT_OVERHEAD_BYTES + sized
 }
 
 /// The transport's side of the events channel: batches go into an unbounded channel once the
@@ -1130,7 +1137,12 @@ async fn accept_one(
         Some(ALPN_CLIENT) => {
             let clients = shared.clients.lock().clone();
             match clients {
-                Some(clients) => clients.service.accept(connection).await,
+                Some(clients) => {
+                    clients
+                        .service
+                        .accept(connection, shared.hello_timeout)
+                        .await
+                }
                 None => connection.close(CLOSE_UNKNOWN_ALPN, b"client protocol not served"),
             }
         }
@@ -1416,6 +1428,26 @@ async fn until_shut_down(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_charged_the_texts_peers_size() {
+        let peer = PeerKey::Dialed("127.0.0.1:1".parse().unwrap());
+        let reason = "r".repeat(3000);
+        assert_eq!(
+            event_bytes(&TransportEvent::Disconnected { peer, reason }),
+            EVENT_OVERHEAD_BYTES + 3000
+        );
+        let error = Event::RemoteError {
+            conversation_id: [0; 16],
+            from_initiator: true,
+            code: -1,
+            description: "d".repeat(2000),
+        };
+        assert_eq!(
+            event_bytes(&TransportEvent::Session { peer, event: error }),
+            EVENT_OVERHEAD_BYTES + 2000
+        );
+    }
 
     #[test]
     fn handshakes_are_admitted_then_validated_first_then_refused() {

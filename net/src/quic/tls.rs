@@ -253,7 +253,9 @@ fn transport_config(idle_timeout: Duration) -> Result<Arc<quinn::TransportConfig
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
         .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        // Nothing reads datagrams: none are taken (quinn's default buffers 1.25 MB of them).
+        .datagram_receive_buffer_size(None);
     Ok(Arc::new(config))
 }
 
