@@ -64,12 +64,15 @@ pub const CLOSE_CLIENT_NOT_ALLOWED: VarInt = VarInt::from_u32(7);
 /// Application close code a client closes its connection with when it is done.
 pub const CLOSE_CLIENT_DONE: VarInt = VarInt::from_u32(0);
 
-/// Most bytes of response frames a client accepts for one request: a streamed response (an
-/// Execute's results, a Receive's messages) from an honest node stays under it — values are
-/// bounded by `sql::RESULT_BYTES_MAX` (256 MiB, at 5 bytes of framing per value of at least 16
-/// counted), statements by `sql::STATEMENTS_MAX`, column names by the script —, so more is a
-/// protocol violation rather than memory the client gives away.
-pub const CLIENT_RESPONSE_BYTES_MAX: usize = 2 * herald_engine::sql::RESULT_BYTES_MAX;
+/// Most bytes a client accepts for one request's response, counting both the frames' bytes and
+/// the decoded values' own size (a NULL is one byte on the wire and a 32-byte `Value` in
+/// memory: counting the wire alone let a node make a client hold 32 times the bound). A
+/// streamed response (an Execute's results, a Receive's messages) from an honest node stays
+/// under it — values are bounded by `sql::RESULT_BYTES_MAX` (256 MiB, each counted at least 16,
+/// so at most 16 Mi of them: 512 MiB decoded, plus their bytes and 5 of framing each),
+/// statements by `sql::STATEMENTS_MAX`, column names by the script —, so more is a protocol
+/// violation rather than memory the client gives away.
+pub const CLIENT_RESPONSE_BYTES_MAX: usize = 4 * herald_engine::sql::RESULT_BYTES_MAX;
 
 /// Longest [`Client::close`] waits for the connection to drain.
 pub const CLOSE_WAIT_MAX: Duration = Duration::from_secs(1);
@@ -487,11 +490,9 @@ impl Client {
                 let decoded = self.decoder.decode::<Response>(&mut input);
                 let used = before - input.len();
                 self.read_at += used;
-                self.response_bytes += used;
-                if self.response_bytes > CLIENT_RESPONSE_BYTES_MAX {
-                    return Err(self.violation(&format!(
-                        "a response of more than {CLIENT_RESPONSE_BYTES_MAX} bytes"
-                    )));
+                self.charge_response(used)?;
+                if let Ok(Some(Response::Values(values))) = &decoded {
+                    self.charge_response(std::mem::size_of_val(values.as_slice()))?;
                 }
                 match decoded {
                     Ok(Some(response)) => return Ok(response),
@@ -523,6 +524,17 @@ impl Client {
         let error = Error::ConnectionLost { reason };
         self.broken = Some(error.clone());
         error
+    }
+
+    /// Counts `bytes` against [`CLIENT_RESPONSE_BYTES_MAX`] for the current request.
+    fn charge_response(&mut self, bytes: usize) -> Result<()> {
+        self.response_bytes += bytes;
+        if self.response_bytes > CLIENT_RESPONSE_BYTES_MAX {
+            return Err(self.violation(&format!(
+                "a response of more than {CLIENT_RESPONSE_BYTES_MAX} bytes"
+            )));
+        }
+        Ok(())
     }
 
     fn violation(&mut self, reason: &str) -> Error {
