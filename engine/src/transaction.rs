@@ -349,6 +349,11 @@ impl<'b> Transaction<'b> {
     /// Drops a service; refused while conversations still use it (ending them is the life-cycle
     /// issue's END CONVERSATION).
     pub fn drop_service(&mut self, name: &str) -> Result<()> {
+        // The catalog's exclusive lock first: a transaction beginning a dialog from or to the
+        // service holds the catalog shared until it ends, so once this lock is held its
+        // conversation is committed (and counted below) or gone. Checked before, a dialog
+        // begun meanwhile was left belonging to a service that no longer exists.
+        self.lock_catalog(CatalogMode::Exclusive)?;
         let in_use = self
             .broker
             .state
@@ -482,11 +487,12 @@ impl<'b> Transaction<'b> {
             });
         }
         // Checks first, lock last: a refused BEGIN DIALOG leaves no lock behind. (A MOVE can only
-        // change a conversation's group within its queue, so the check above still holds.)
+        // change a conversation's group within its queue, so the check above still holds for a
+        // related conversation's group; a group named by id is checked again under its lock.)
         let group = match options.related_conversation {
             Some(related) => self.lock_endpoint_group(related)?,
             None => {
-                self.lock_group(group)?;
+                self.lock_group_on_queue(group, &from_queue, from)?;
                 group
             }
         };
@@ -691,7 +697,8 @@ impl<'b> Transaction<'b> {
         }
         // Checks first, locks last: a refused MOVE leaves no lock behind.
         self.lock_endpoint_group(handle)?;
-        self.lock_group(to)?;
+        let service = self.endpoints[&handle].service.to_string();
+        self.lock_group_on_queue(to, &queue, &service)?;
         self.new_groups.entry(to).or_insert(queue);
         if let Some(endpoint) = self.endpoints.get_mut(&handle) {
             endpoint.group = to;
@@ -1069,6 +1076,39 @@ impl<'b> Transaction<'b> {
             .groups
             .get(&group)
             .map(|g| g.queue.clone())
+    }
+
+    /// Locks `group` for a conversation of `service` on `queue`, and checks again, under the
+    /// lock, that the group is on that queue: a group that did not exist when this transaction
+    /// checked may have been created on another queue since, by a transaction that held the
+    /// lock then. (Unchecked, this commit's record was logged and then failed to apply: the
+    /// broker refused every later commit, and every open replayed the same failure.) Refused,
+    /// a lock this call took is let go.
+    fn lock_group_on_queue(
+        &mut self,
+        group: ConversationGroupId,
+        queue: &str,
+        service: &str,
+    ) -> Result<()> {
+        let held_before = self.locked_groups.contains(&group);
+        self.lock_group(group)?;
+        match self.group_queue(group) {
+            Some(actual) if actual != queue => {
+                if !held_before {
+                    self.locked_groups.remove(&group);
+                    let one: crate::IdSet<ConversationGroupId> = [group].into_iter().collect();
+                    self.broker.locks.release(self.id, &one);
+                    self.broker.signal_unlocked_groups(&one);
+                }
+                Err(Error::GroupOnOtherQueue {
+                    group,
+                    service: service.into(),
+                    queue: queue.into(),
+                    actual,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Locks the group of loaded endpoint `handle` and returns it. A MOVE committed by another
