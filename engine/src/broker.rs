@@ -993,7 +993,11 @@ impl BrokerCore {
     fn take_checkpoint(&self, last_size: &mut u64) -> Result<CheckpointInfo> {
         self.log_bytes_since_checkpoint.store(0, Ordering::Relaxed);
         let applied = self.state.lock().applied_through;
-        self.compact_oldest_segment(applied)?;
+        // Compaction only lets the log shrink sooner: its failure must not stop the checkpoint
+        // (and what a checkpoint releases).
+        if let Err(e) = self.compact_oldest_segment(applied) {
+            tracing::warn!(error = %e, "could not compact the oldest log segment");
+        }
         let (bytes, oldest_body_segment, lsn) = {
             let state = self.state.lock();
             let (bytes, oldest) = checkpoint::encode(&state);
@@ -1210,12 +1214,38 @@ impl BrokerCore {
             }
             checkpoint::relocations_from_segment(&state, oldest)
         };
-        if ops.is_empty() {
-            return Ok(0);
+        // In as many records as they take: the segment's live bodies are few bytes (checked
+        // above), but each relocation costs its op's bytes too, and a segment of many small or
+        // empty messages (or retained ones, counted twice) took more than one record — which
+        // failed, and with it every checkpoint after, for good (the same segment was chosen
+        // each time). A relocation is one message's: records may split them anywhere.
+        let record_max = self.wal.record_payload_bytes_max() as usize;
+        let mut relocated = 0;
+        let mut builder = record::RecordBuilder::new();
+        for op in &ops {
+            let mark = builder.mark();
+            builder.push(op);
+            if builder.len_bytes() <= record_max {
+                continue;
+            }
+            builder.rewind(mark);
+            if !builder.is_empty() {
+                self.log_and_apply(builder.finish())?;
+                relocated += builder.op_count() as usize;
+            }
+            builder = record::RecordBuilder::new();
+            builder.push(op);
+            if builder.len_bytes() > record_max {
+                // Too large to move alone (a body as large as records allow): it stays.
+                builder = record::RecordBuilder::new();
+            }
         }
-        self.log_and_apply(&record::encode(&ops))?;
-        tracing::debug!(relocated = ops.len(), "compacted the oldest log segment");
-        Ok(ops.len())
+        if !builder.is_empty() {
+            self.log_and_apply(builder.finish())?;
+            relocated += builder.op_count() as usize;
+        }
+        tracing::debug!(relocated, "compacted the oldest log segment");
+        Ok(relocated)
     }
 
     /// Bytes of log segment files on disk now.

@@ -18,11 +18,16 @@ fn options() -> Options {
 }
 
 fn setup(broker: &Broker) -> herald_engine::ConversationHandle {
+    setup_queues(broker, QueueOptions::default())
+}
+
+/// [`setup`] with queues of `queue_options`.
+fn setup_queues(broker: &Broker, queue_options: QueueOptions) -> herald_engine::ConversationHandle {
     let mut tx = broker.begin();
     tx.create_message_type("//m", Validation::None).unwrap();
     tx.create_contract("//c", &[("//m", SentBy::Any)]).unwrap();
-    tx.create_queue("In", QueueOptions::default()).unwrap();
-    tx.create_queue("Out", QueueOptions::default()).unwrap();
+    tx.create_queue("In", queue_options).unwrap();
+    tx.create_queue("Out", queue_options).unwrap();
     tx.create_service("//in", "In", &["//c"]).unwrap();
     tx.create_service("//out", "Out", &[]).unwrap();
     let h = tx
@@ -249,4 +254,46 @@ fn close_checkpoints_so_the_next_open_replays_little() {
     let broker = Broker::open(dir.path(), options()).unwrap();
     let mut tx = broker.begin();
     assert_eq!(tx.receive("In", Receive::top(100)).unwrap().len(), 10);
+}
+
+/// A segment of many empty messages holds few live body bytes, so it is compacted, but its
+/// relocations take more than one log record (retained, each SEND leaves two messages): they
+/// go in several, and checkpoints go on (the one record failed, and so did every checkpoint
+/// after it, for good).
+#[test]
+fn relocations_larger_than_a_record_do_not_stop_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || Options {
+        segment_bytes: 64 * 1024,
+        checkpoint_interval_bytes: 1 << 40,
+        ..options()
+    };
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    let h = setup_queues(
+        &broker,
+        QueueOptions {
+            retention: true,
+            ..QueueOptions::default()
+        },
+    );
+    let send_empty = |count: usize| {
+        for _ in 0..count / 100 {
+            let mut tx = broker.begin();
+            for _ in 0..100 {
+                tx.send(h, "//m", b"").unwrap();
+            }
+            tx.commit().unwrap();
+        }
+    };
+    send_empty(6000);
+    broker.checkpoint().expect("the first checkpoint");
+    send_empty(6000);
+    broker.checkpoint().expect("the second checkpoint");
+    broker.checkpoint().expect("and the next");
+    drop(broker);
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    let mut tx = broker.begin();
+    let got = tx.receive("In", Receive::top(20_000)).unwrap();
+    assert_eq!(got.len(), 12_000, "every message is there once");
+    tx.commit().unwrap();
 }
