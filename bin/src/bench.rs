@@ -138,6 +138,7 @@ fn run_on_node(args: &BenchArgs, node: &str) -> Result<String, String> {
         })
     });
     let cleanup = names.clean_up(&mut setup);
+    setup.into_client().close();
     let report = report?;
     cleanup?;
     Ok(report)
@@ -189,6 +190,10 @@ fn run_embedded(args: &BenchArgs) -> Result<String, String> {
     Ok(report)
 }
 
+/// Longest `--duration`: a year (longer ones do not fit a `Duration` from floating seconds,
+/// or make no sense).
+const DURATION_SECONDS_MAX: f64 = 365.0 * 24.0 * 3600.0;
+
 fn check(args: &BenchArgs) -> Result<(), String> {
     let threads = 1..=THREADS_MAX;
     if !threads.contains(&args.producers) || !threads.contains(&args.consumers) {
@@ -211,8 +216,10 @@ fn check(args: &BenchArgs) -> Result<(), String> {
             herald_engine::MESSAGE_BODY_BYTES_MAX
         ));
     }
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
-        return Err("--duration must be a positive number of seconds".into());
+    if !(args.duration > 0.0 && args.duration <= DURATION_SECONDS_MAX) {
+        return Err(format!(
+            "--duration must be a positive number of seconds, at most {DURATION_SECONDS_MAX}"
+        ));
     }
     if let Some(rate) = args.rate
         && !(rate > 0.0 && rate.is_finite())
@@ -228,6 +235,12 @@ trait Load: Send {
     fn send(&mut self, handle: u128, body: &[u8]) -> Result<(), String>;
     /// One WAITFOR RECEIVE from the target queue, committed; the stamps of the bodies taken.
     fn receive(&mut self, wait: Duration, stamps: &mut Vec<u64>) -> Result<(), String>;
+    /// Done: lets go of what it holds (a node's session, at once).
+    fn finish(self)
+    where
+        Self: Sized,
+    {
+    }
 }
 
 struct EmbeddedLoad<'b> {
@@ -281,6 +294,10 @@ impl Load for NodeLoad<'_> {
             .map_err(|e| format!("RECEIVE: {e}"))?;
         stamps.extend(batch.iter().filter_map(|m| stamp_of(&m.body)));
         Ok(())
+    }
+
+    fn finish(self) {
+        self.client.close();
     }
 }
 
@@ -459,12 +476,22 @@ fn load<L: Load>(
                     .step_by(args.producers)
                     .copied()
                     .collect();
-                scope.spawn(move || produce(args, index, &mine, duration, shared, load))
+                scope.spawn(move || {
+                    let mut load = load;
+                    produce(args, index, &mine, duration, shared, &mut load);
+                    load.finish();
+                })
             })
             .collect();
         let consumers: Vec<_> = consumer_loads
             .drain(..)
-            .map(|load| scope.spawn(move || consume(shared, load)))
+            .map(|mut load| {
+                scope.spawn(move || {
+                    let histogram = consume(shared, &mut load);
+                    load.finish();
+                    histogram
+                })
+            })
             .collect();
         let progress_thread = progress.then(|| scope.spawn(move || show_progress(shared)));
         for producer in producers {
@@ -512,7 +539,7 @@ fn produce(
     handles: &[u128],
     duration: Duration,
     shared: &Shared,
-    mut load: impl Load,
+    load: &mut impl Load,
 ) {
     let mut body = vec![0u8; args.message_bytes];
     // With a rate: this producer's interval, and its first message's offset (producers
@@ -553,7 +580,7 @@ fn produce(
     }
 }
 
-fn consume(shared: &Shared, mut load: impl Load) -> Histogram<u64> {
+fn consume(shared: &Shared, load: &mut impl Load) -> Histogram<u64> {
     let mut histogram = new_histogram();
     let mut stamps = Vec::with_capacity(RECEIVE_TOP);
     while !shared.stop.load(Ordering::SeqCst) {

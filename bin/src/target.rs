@@ -146,6 +146,16 @@ pub fn with_target<T>(
         position: None,
     };
     if how.embedded {
+        // A directory that is not there is a mistyped path far more often than a wish for a
+        // new broker: made silently (64 MiB of log), it answered as if all were well. (An
+        // existing directory may get a new broker: scripts set one up that way.)
+        if !how.data_dir.is_dir() {
+            return Err(failed(format!(
+                "{} is not a directory: --embedded opens the data directory of a stopped node \
+                 (or makes a new broker in an existing directory)",
+                how.data_dir.display()
+            )));
+        }
         let broker = Broker::open(&how.data_dir, herald_engine::Options::default())
             .map_err(|e| failed(format!("opening {}: {e}", how.data_dir.display())))?;
         let mut target = Embedded::new(&broker);
@@ -157,5 +167,11 @@ pub fn with_target<T>(
         return Ok(result);
     }
     let mut target = crate::remote::Remote::connect(&how.node, &how.data_dir)?;
-    Ok(work(&mut target))
+    let result = work(&mut target);
+    // Closed, not dropped: the node learns at once that the session is over (and rolls back a
+    // transaction it left open, freeing its locks). Dropped, the close often never left the
+    // process: the node kept the session — and its locks and one of its 64 slots — until its
+    // idle timeout, and a loop of `herald exec` ran out of sessions.
+    target.into_client().close();
+    Ok(result)
 }

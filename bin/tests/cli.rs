@@ -486,3 +486,29 @@ fn configured_routes_are_printed_and_checked() {
         stderr(&output)
     );
 }
+
+/// `--embedded` on a directory that is not there (a mistyped path) is refused and makes
+/// nothing; an existing directory may get a new broker.
+#[test]
+fn embedded_on_a_missing_directory_is_refused_and_makes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("herald-dat");
+    let output = exec(&missing, "SELECT 1;", &[]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("is not a directory"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!missing.exists(), "nothing was made");
+}
+
+/// A `--duration` too long for a `Duration` is refused, not a panic.
+#[test]
+fn bench_refuses_a_duration_out_of_range() {
+    let output = herald(&["bench", "--duration", "1e20"], None);
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(error.contains("--duration"), "{error}");
+    assert!(!error.contains("panicked"), "{error}");
+}

@@ -466,3 +466,30 @@ fn two_nodes_with_configured_peers_and_routes_deliver_a_message_sent_with_exec()
     a.stop();
     b.stop();
 }
+
+/// `herald exec` closes its session before it exits, so the node ends it at once: a
+/// transaction the script left open is rolled back and its group lock freed for the next
+/// command (dropped unclosed, the session lived on until the node's idle timeout, locks and
+/// all, and a loop of execs ran the node out of client sessions).
+#[test]
+fn an_exec_leaving_a_transaction_open_frees_its_locks_as_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("node");
+    let node = RunningNode::on(&data_dir, "127.0.0.1:0");
+    node.exec(&define());
+    node.exec(SEND);
+    let taken =
+        node.exec("BEGIN TRANSACTION; RECEIVE TOP (1) conversation_handle FROM TargetQueue;");
+    assert!(taken.contains("(1 row affected)"), "{taken}");
+    // At once, without waiting: both messages are back, their group unlocked.
+    let again = node.exec("RECEIVE CAST(message_body AS NVARCHAR(MAX)) AS body FROM TargetQueue;");
+    assert!(
+        again.contains("<order id=\"1\"/>") && again.contains("<order id=\"2\"/>"),
+        "{again}"
+    );
+    // More execs in a row than the node has client sessions.
+    for _ in 0..herald_net::client::CLIENT_SESSIONS_MAX + 6 {
+        node.exec("SELECT 1;");
+    }
+    node.stop();
+}
