@@ -103,7 +103,7 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> u8 {
     match run_bench(args) {
         Ok(report) => {
-            print!("{report}");
+            out!("{report}");
             crate::exec::EXIT_OK
         }
         Err(message) => {

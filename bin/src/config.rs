@@ -82,13 +82,31 @@ impl Config {
             .map_err(|e| format!("reading configuration {}: {e}", path.display()))?;
         let config: Config =
             toml::from_str(&text).map_err(|e| format!("configuration {}: {e}", path.display()))?;
-        // Every route is checked before the node starts, not halfway through applying them.
-        for route in &config.routes {
-            route
-                .to_route(0)
-                .map_err(|e| format!("configuration {}: {e}", path.display()))?;
-        }
+        config
+            .check()
+            .map_err(|e| format!("configuration {}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// Everything in the file that can be checked without the node's data: before the node
+    /// starts (it made its identity, opened its broker and bound its port before a bad
+    /// durability or a repeated route name stopped it), and for `--print-config` (which showed
+    /// a file the node would refuse).
+    fn check(&self) -> Result<(), String> {
+        self.durability()?;
+        for peer in &self.peers {
+            peer.fingerprint
+                .parse::<Fingerprint>()
+                .map_err(|e| format!("peer fingerprint {:?}: {e}", peer.fingerprint))?;
+        }
+        let mut names = HashSet::new();
+        for route in &self.routes {
+            route.to_route(0)?;
+            if !names.insert(route.name.as_str()) {
+                return Err(format!("route {:?} is configured twice", route.name));
+            }
+        }
+        Ok(())
     }
 
     pub fn durability(&self) -> Result<Durability, String> {
@@ -260,6 +278,27 @@ mod tests {
         let error = apply_routes(&broker, &routes).unwrap_err();
         assert!(error.contains("\"bad\""), "{error}");
         assert!(broker.catalog().routes.is_empty());
+    }
+
+    #[test]
+    fn a_file_the_node_would_refuse_is_refused_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("herald.toml");
+        let route = "[[routes]]\nname = \"r\"\naddress = \"quic://127.0.0.1:5000\"\n";
+        for (text, expected) in [
+            ("durability = \"fast\"\n".to_owned(), "durability"),
+            (
+                "[[peers]]\nfingerprint = \"ab\"\n".to_owned(),
+                "peer fingerprint",
+            ),
+            (format!("{route}{route}"), "configured twice"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let error = Config::load(Some(&path)).unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        std::fs::write(&path, route).unwrap();
+        assert_eq!(Config::load(Some(&path)).unwrap().routes.len(), 1);
     }
 
     #[test]

@@ -65,12 +65,12 @@ impl OutputArgs {
     /// stderr.
     pub fn print(&self, script: &str, outcome: &target::Outcome) {
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 output::results_json(&outcome.results, outcome.error.as_ref())
             );
         } else {
-            print!(
+            out!(
                 "{}",
                 output::render_results(
                     &outcome.results,
@@ -113,7 +113,7 @@ pub fn run(args: &ExecArgs) -> u8 {
         }
         Err(error) => {
             if args.output.json {
-                println!("{}", output::results_json(&[], Some(&error)));
+                outln!("{}", output::results_json(&[], Some(&error)));
             }
             eprint!("{}", output::render_error(&error, &script));
             exit_code(Some(&error))

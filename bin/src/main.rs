@@ -12,6 +12,18 @@
 //! this process opens.
 #![deny(unsafe_code)]
 
+/// `print!` to stdout that ends the process quietly when stdout is gone (a closed pipe, as with
+/// `herald exec … | head`), as Unix tools do, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` the same way (see `out!`).
+macro_rules! outln {
+    () => { $crate::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod bench;
 mod config;
 mod exec;
@@ -102,7 +114,7 @@ fn main() -> ExitCode {
                     config.durability = durability;
                 }
                 if print_config {
-                    print!(
+                    out!(
                         "{}",
                         toml::to_string(&config).map_err(|e| format!("printing: {e}"))?
                     );

@@ -3,6 +3,15 @@
 //! closed). Its start-up lines on stdout say what it found, where it listens and with which
 //! certificate; tests wait for the last one ("Ctrl-C to stop").
 
+/// `println!` for the node's banner, ignoring a closed stdout: the node runs on whether anyone
+/// reads it (`herald node | head -1` must not stop it).
+macro_rules! banner {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use herald_net::identity::Fingerprint;
 use herald_net::{Node, NodeConfig};
 
@@ -30,8 +39,8 @@ pub fn run(config: Config) -> Result<(), String> {
     .map_err(|e| format!("starting the node in {}: {e}", data_dir.display()))?;
     let broker = node.broker();
     let catalog = broker.catalog();
-    println!("herald node: data directory {}", data_dir.display());
-    println!(
+    banner!("herald node: data directory {}", data_dir.display());
+    banner!(
         "  {} queue(s), {} service(s), {} contract(s), {} route(s), {} conversation endpoint(s), \
          {} message(s) in the transmission queue",
         catalog.queues.len(),
@@ -43,17 +52,19 @@ pub fn run(config: Config) -> Result<(), String> {
     );
     let routes = config::apply_routes(broker, &config.routes)?;
     if !config.routes.is_empty() {
-        println!(
+        banner!(
             "  configured routes: {} created, {} altered, {} unchanged",
-            routes.created, routes.altered, routes.unchanged
+            routes.created,
+            routes.altered,
+            routes.unchanged
         );
     }
-    println!(
+    banner!(
         "  log: {} bytes in segment files",
         broker.log_bytes_on_disk()
     );
-    println!("  broker instance {}", broker.broker_instance());
-    println!(
+    banner!("  broker instance {}", broker.broker_instance());
+    banner!(
         "  listening on quic://{} (certificate fingerprint {}), {} trusted peer(s)",
         node.local_addr().map_err(|e| e.to_string())?,
         node.fingerprint(),
@@ -62,14 +73,21 @@ pub fn run(config: Config) -> Result<(), String> {
     // The handlers are in place before the node says it is ready: a signal sent on that cue
     // must not meet the default action (which would kill the process without a checkpoint).
     let shutdown = ShutdownSignals::install()?;
-    println!(
+    banner!(
         "  serving clients (herald exec, shell, status with --data-dir {}) and peers. Ctrl-C to stop.",
         data_dir.display()
     );
-    shutdown.wait()?;
+    let mut shutdown = shutdown;
+    shutdown.wait();
+    // From here a second signal, or a shutdown that takes too long, ends the process at once:
+    // nothing acknowledged is lost (the log is crash-safe), only the checkpoint is not taken.
+    std::thread::Builder::new()
+        .name("herald-shutdown-watch".into())
+        .spawn(move || shutdown.exit_on_second_or_after(SHUTDOWN_GRACE))
+        .map_err(|e| format!("starting the shutdown watch: {e}"))?;
     node.shutdown()
         .map_err(|e| format!("stopping the node: {e}"))?;
-    println!("herald node: connections closed, checkpoint written, log synced and closed");
+    banner!("herald node: connections closed, checkpoint written, log synced and closed");
     Ok(())
 }
 
@@ -96,6 +114,7 @@ impl ShutdownSignals {
         use tokio::signal::unix::{SignalKind, signal};
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| format!("starting the signal runtime: {e}"))?;
         let (interrupt, terminate) = runtime.block_on(async {
@@ -113,13 +132,34 @@ impl ShutdownSignals {
     }
 
     /// Blocks until SIGINT or SIGTERM.
-    fn wait(mut self) -> Result<(), String> {
+    fn wait(&mut self) {
         self.runtime.block_on(async {
             tokio::select! {
                 _ = self.interrupt.recv() => {}
                 _ = self.terminate.recv() => {}
             }
         });
-        Ok(())
+    }
+
+    /// Ends the process (exit status 1) at the next SIGINT or SIGTERM, or once `grace` has
+    /// passed: the clean shutdown under way is taking too long for whoever runs the node.
+    fn exit_on_second_or_after(mut self, grace: std::time::Duration) {
+        let why = self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.interrupt.recv() => "a second signal".to_owned(),
+                _ = self.terminate.recv() => "a second signal".to_owned(),
+                _ = tokio::time::sleep(grace) => format!("the shutdown took over {grace:?}"),
+            }
+        });
+        eprintln!(
+            "herald node: {why}: exiting now, without a checkpoint (nothing acknowledged is lost; \
+             the next start recovers from the log)"
+        );
+        std::process::exit(1);
     }
 }
+
+/// Longest a clean shutdown may take before the process ends without it (see
+/// `ShutdownSignals::exit_on_second_or_after`): client scripts stop between statements and the
+/// network's drain is bounded, so only a stalled disk gets near it.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(60);

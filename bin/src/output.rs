@@ -25,6 +25,19 @@ use serde_json::json;
 
 use crate::target::{ErrorKind, ScriptError};
 
+/// Writes to stdout (see the `out!` macro); a closed stdout ends the process, exit status 0:
+/// whoever read the output has what it wanted. Other write errors are reported on stderr.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "herald: writing to stdout: {e}");
+    }
+}
+
 /// Characters of a value shown in a table cell before it is cut (`--max-cell-chars`; 0 shows
 /// everything). Enough for a GUID, a service name or a short body in hex.
 pub const CELL_CHARS_DEFAULT: usize = 80;

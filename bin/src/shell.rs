@@ -210,7 +210,7 @@ fn piped_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
         match input {
             None => {}
             Some(Input::Quit) => break,
-            Some(Input::Help) => println!("{HELP}"),
+            Some(Input::Help) => outln!("{HELP}"),
             Some(Input::Run(script)) => match run_script(target, output, &script) {
                 Ok(ok) => failed |= !ok,
                 Err(code) => return code,
@@ -245,7 +245,7 @@ fn interactive_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
         // A missing history file is the first run, not an error.
         let _ = editor.load_history(path);
     }
-    println!("herald shell: statements run at a line ending in ';' or at GO; 'help', 'exit'.");
+    outln!("herald shell: statements run at a line ending in ';' or at GO; 'help', 'exit'.");
     let mut batcher = Batcher::default();
     let mut code = exec::EXIT_OK;
     let mut open_transaction = in_transaction(target);
@@ -270,7 +270,7 @@ fn interactive_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
         match input {
             None => {}
             Some(Input::Quit) => break,
-            Some(Input::Help) => println!("{HELP}"),
+            Some(Input::Help) => outln!("{HELP}"),
             Some(Input::Run(script)) => {
                 if let Err(stop) = run_script(target, output, &script) {
                     code = stop;

@@ -23,9 +23,9 @@ pub fn run(args: &StatusArgs) -> u8 {
     match status {
         Ok(Ok(status)) => {
             if args.json {
-                println!("{}", status_json(&status));
+                outln!("{}", status_json(&status));
             } else {
-                print!("{}", render_status(&status));
+                out!("{}", render_status(&status));
             }
             crate::exec::EXIT_OK
         }

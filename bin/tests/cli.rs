@@ -512,3 +512,34 @@ fn bench_refuses_a_duration_out_of_range() {
     assert!(error.contains("--duration"), "{error}");
     assert!(!error.contains("panicked"), "{error}");
 }
+
+/// A reader that stops early (`herald exec … | head`): the command ends quietly, exit status 0,
+/// instead of panicking on the closed pipe.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    // Far more output than a pipe holds.
+    let script = "SELECT N'a fairly long line of output, again and again';\n".repeat(5000);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["exec", "--embedded", "--data-dir"])
+        .arg(dir.path())
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).unwrap();
+    }
+    let mut first = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The read end is closed now.
+    let output = child.wait_with_output().unwrap();
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(!error.contains("panicked"), "{error}");
+    assert!(output.status.success(), "{:?}: {error}", output.status);
+}

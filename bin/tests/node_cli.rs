@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 use common::{bench_sent_and_received, herald, stderr, stdout};
@@ -491,5 +491,66 @@ fn an_exec_leaving_a_transaction_open_frees_its_locks_as_it_exits() {
     for _ in 0..herald_net::client::CLIENT_SESSIONS_MAX + 6 {
         node.exec("SELECT 1;");
     }
+    node.stop();
+}
+
+/// A node told to stop while a client runs a long script stops at the script's next statement
+/// (it waited for the last one): the statements that ran stay, the rest never run, and the
+/// node exits cleanly.
+#[test]
+fn a_node_stopping_ends_a_running_script_between_statements() {
+    const SENDS: usize = 60_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("node");
+    let node = RunningNode::on(&data_dir, "127.0.0.1:0");
+    node.exec(&define());
+    let mut script = String::from(
+        "DECLARE @h UNIQUEIDENTIFIER;
+         BEGIN DIALOG @h FROM SERVICE [//test/Initiator] TO SERVICE '//test/Target'
+             ON CONTRACT [//test/Contract];\n",
+    );
+    for n in 0..SENDS {
+        script.push_str(&format!(
+            "SEND ON CONVERSATION @h MESSAGE TYPE [//test/Request] (N'<n>{n}</n>');\n"
+        ));
+    }
+    let long = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["exec", "--node", &node.addr, "--data-dir"])
+        .arg(&data_dir)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut long = long;
+    {
+        use std::io::Write as _;
+        let mut stdin = long.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).unwrap();
+    }
+    // Wait until the script is under way.
+    let queued = |node: &RunningNode| -> usize {
+        let out = node.exec("SELECT messages FROM sys.service_queues WHERE name = N'TargetQueue'");
+        out.lines()
+            .filter_map(|l| l.trim().parse::<usize>().ok())
+            .next()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queued(&node) == 0 {
+        assert!(Instant::now() < deadline, "the script never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.stop();
+    let ended = long.wait_with_output().unwrap();
+    assert!(
+        !ended.status.success(),
+        "the script was cut short: {}",
+        stderr(&ended)
+    );
+    let node = RunningNode::on(&data_dir, "127.0.0.1:0");
+    let kept = queued(&node);
+    assert!(kept > 0 && kept < SENDS, "{kept} of {SENDS} SENDs ran");
     node.stop();
 }

@@ -1389,3 +1389,24 @@ fn every_statement_kind_is_listed_in_statement_kinds() {
     kinds.dedup();
     assert_eq!(kinds.len(), sql::STATEMENT_KINDS.len(), "{kinds:?}");
 }
+
+/// A session being ended (its client gone, the node shutting down) stops its script at the
+/// next statement, not only in a wait: what ran stays, nothing after runs.
+#[test]
+fn an_interrupted_session_stops_between_statements() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _clock) = open(dir.path());
+    let mut session = Session::new(&broker);
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    session.set_interrupt(flag.clone());
+    run(&mut session, "CREATE QUEUE Before;");
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (line, _, statement, error) = statement_error(
+        &mut session,
+        "CREATE QUEUE A;\nIF 1 = 1 BEGIN CREATE QUEUE B; END",
+    );
+    assert_eq!((line, statement), (1, "CREATE QUEUE"));
+    assert!(matches!(error, Error::Interrupted), "{error:?}");
+    let queues: Vec<String> = broker.catalog().queues.keys().cloned().collect();
+    assert_eq!(queues, ["Before"], "nothing ran after the interrupt");
+}

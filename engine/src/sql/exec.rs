@@ -407,6 +407,19 @@ impl<'b> Session<'b> {
                 Ok(())
             }
             leaf => {
+                // A session being ended (its client gone, the node shutting down) stops between
+                // statements too, not only in a wait: a long script held the node's shutdown
+                // until its last statement.
+                if self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
+                {
+                    return Err(Failed {
+                        statement: leaf.kind(),
+                        error: Error::Interrupted,
+                    });
+                }
                 let result = self.leaf(leaf).map_err(|error| Failed {
                     statement: leaf.kind(),
                     error,
