@@ -25,7 +25,9 @@ pub(crate) struct QueueSignals {
 pub(crate) struct QueueSignal {
     generation: Mutex<u64>,
     changed: Condvar,
-    wakers: Mutex<Vec<Waker>>,
+    /// Async waiters' wakers by registration (`register`), until the next change wakes them
+    /// or their future lets go (`unregister`).
+    wakers: Mutex<Vec<(u64, Waker)>>,
 }
 
 /// A registered waiter on one queue; unregisters when dropped.
@@ -88,7 +90,7 @@ impl QueueSignal {
     fn notify(&self) {
         *self.generation.lock() += 1;
         self.changed.notify_all();
-        for waker in self.wakers.lock().drain(..) {
+        for (_, waker) in self.wakers.lock().drain(..) {
             waker.wake();
         }
     }
@@ -107,17 +109,35 @@ impl QueueSignal {
         }
     }
 
-    /// Leaves `waker` to be woken when the generation moves past `seen`; returns false (and
-    /// leaves nothing) if it already has.
-    pub fn register(&self, seen: u64, waker: &Waker) -> bool {
+    /// Leaves `waker` to be woken when the generation moves past `seen`, as registration `id`
+    /// (one per future: a later call replaces its waker); returns false (and leaves nothing) if
+    /// the generation has moved already.
+    pub fn register(&self, seen: u64, waker: &Waker, id: u64) -> bool {
         let generation = self.generation.lock();
         if *generation != seen {
             return false;
         }
         let mut wakers = self.wakers.lock();
-        if !wakers.iter().any(|w| w.will_wake(waker)) {
-            wakers.push(waker.clone());
+        match wakers.iter_mut().find(|(registered, _)| *registered == id) {
+            Some((_, registered)) if registered.will_wake(waker) => {}
+            Some((_, registered)) => *registered = waker.clone(),
+            None => wakers.push((id, waker.clone())),
         }
         true
     }
+
+    /// Takes back registration `id` (its future is gone): otherwise its waker — and the task
+    /// behind it — stayed until the queue's next change, which may never come (commits do not
+    /// signal a queue nobody waits on).
+    pub fn unregister(&self, id: u64) {
+        self.wakers
+            .lock()
+            .retain(|(registered, _)| *registered != id);
+    }
+}
+
+/// A registration number for [`QueueSignal::register`], unique in the process.
+pub(crate) fn next_registration() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }

@@ -57,23 +57,43 @@ impl Timers {
     }
 }
 
+/// A registration of [`BrokerCore::wake_at`], to take back with [`BrokerCore::cancel_wake`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TimerKey {
+    deadline_ms: u64,
+    registration: u64,
+}
+
 impl BrokerCore {
-    /// Wakes `waker` once `deadline_ms` passes on the broker's clock.
-    pub(crate) fn wake_at(&self, deadline_ms: u64, waker: &Waker) {
+    /// Wakes `waker` once `deadline_ms` passes on the broker's clock. Each call is a
+    /// registration of its own (two futures of one task may wait for different deadlines):
+    /// its owner cancels it when it no longer waits.
+    pub(crate) fn wake_at(&self, deadline_ms: u64, waker: &Waker) -> TimerKey {
         let mut control = self.timers.control.lock();
-        if control
-            .wakers
-            .values()
-            .any(|registered| registered.will_wake(waker))
-        {
-            return;
-        }
         let registration = control.next_registration;
         control.next_registration += 1;
         control
             .wakers
             .insert((deadline_ms, registration), waker.clone());
         self.timers.signal.notify_all();
+        TimerKey {
+            deadline_ms,
+            registration,
+        }
+    }
+
+    /// Takes back a [`wake_at`](BrokerCore::wake_at) registration (gone already if it fired).
+    pub(crate) fn cancel_wake(&self, key: TimerKey) {
+        self.timers
+            .control
+            .lock()
+            .wakers
+            .remove(&(key.deadline_ms, key.registration));
+    }
+
+    /// Wakers registered with the timer thread now.
+    pub fn timer_wakers(&self) -> usize {
+        self.timers.control.lock().wakers.len()
     }
 
     /// The timer thread.

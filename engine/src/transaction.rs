@@ -774,6 +774,8 @@ impl<'b> Transaction<'b> {
             held_catalog,
             deadline_ms: None,
             waiter: None,
+            timer: None,
+            registration: crate::signal::next_registration(),
         }
     }
 
@@ -1276,6 +1278,22 @@ pub struct ReceiveFuture<'t, 'b> {
     /// Registered on the first poll and kept until the future is dropped: while it exists,
     /// commits into the queue signal it (commits skip signalling when nobody waits).
     waiter: Option<crate::signal::Waiter<'b>>,
+    /// This future's registration with the timer thread, while it waits: taken back at each
+    /// poll and when it is dropped (left behind, each kept its task's waker alive for good).
+    timer: Option<crate::timers::TimerKey>,
+    /// This future's registration with its queue's signal (taken back when it is dropped).
+    registration: u64,
+}
+
+impl Drop for ReceiveFuture<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.timer.take() {
+            self.tx.broker.cancel_wake(key);
+        }
+        if let Some(waiter) = &self.waiter {
+            waiter.signal.unregister(self.registration);
+        }
+    }
 }
 
 impl std::future::Future for ReceiveFuture<'_, '_> {
@@ -1288,6 +1306,9 @@ impl std::future::Future for ReceiveFuture<'_, '_> {
         use std::task::Poll;
         let this = self.get_mut();
         let broker = this.tx.broker;
+        if let Some(key) = this.timer.take() {
+            broker.cancel_wake(key);
+        }
         let signal = this
             .waiter
             .get_or_insert_with(|| broker.signals.wait_on(this.queue))
@@ -1314,8 +1335,8 @@ impl std::future::Future for ReceiveFuture<'_, '_> {
             if !this.held_catalog {
                 this.tx.release_catalog_lock();
             }
-            if signal.register(seen, cx.waker()) {
-                broker.wake_at(deadline, cx.waker());
+            if signal.register(seen, cx.waker(), this.registration) {
+                this.timer = Some(broker.wake_at(deadline, cx.waker()));
                 return Poll::Pending;
             }
         }

@@ -537,6 +537,59 @@ fn the_waitfor_future_is_woken_by_a_commit_and_by_its_deadline() {
     });
 }
 
+/// A waiting future registers its task's waker with the broker's timer for its deadline, and
+/// takes it back once it is done — returned or dropped (each registration was kept for good,
+/// the task's memory with it, and every registration scanned them all).
+#[test]
+fn a_waitfor_future_leaves_no_timer_registration_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let broker = broker(dir.path(), &clock);
+    let (client, _server) = dialog(&broker, &[], None);
+    struct Idle;
+    impl std::task::Wake for Idle {
+        fn wake(self: Arc<Self>) {}
+    }
+    let task = Arc::new(Idle);
+    let waker = std::task::Waker::from(task.clone());
+    let mut context = std::task::Context::from_waker(&waker);
+    {
+        let mut tx = broker.begin();
+        let mut future = Box::pin(tx.receive_async("Server", Receive::top(5).wait(Duration::MAX)));
+        assert!(future.as_mut().poll(&mut context).is_pending());
+        assert!(future.as_mut().poll(&mut context).is_pending());
+        assert_eq!(
+            broker.timer_wakers(),
+            1,
+            "one registration, however often polled"
+        );
+        let mut sender = broker.begin();
+        sender.send(client, ASK, b"wanted").unwrap();
+        sender.commit().unwrap();
+        match future.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(got) => assert_eq!(got.unwrap().len(), 1),
+            std::task::Poll::Pending => panic!("the message was there"),
+        }
+        assert_eq!(broker.timer_wakers(), 0, "taken back when it returned");
+        drop(future);
+        tx.commit().unwrap();
+    }
+    {
+        let mut tx = broker.begin();
+        let mut future =
+            std::pin::pin!(tx.receive_async("Server", Receive::top(5).wait(Duration::MAX)));
+        assert!(future.as_mut().poll(&mut context).is_pending());
+    }
+    assert_eq!(broker.timer_wakers(), 0, "taken back when dropped");
+    let _ = context;
+    drop(waker);
+    assert_eq!(
+        Arc::strong_count(&task),
+        1,
+        "the broker keeps no waker of the task"
+    );
+}
+
 #[test]
 fn waitfor_get_conversation_group_locks_the_group_that_arrives() {
     let dir = tempfile::tempdir().unwrap();
