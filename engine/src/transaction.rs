@@ -803,7 +803,22 @@ impl<'b> Transaction<'b> {
                         actual,
                     });
                 }
-                self.lock_endpoint_group(handle)?
+                let group = self.lock_endpoint_group(handle)?;
+                // Moved by this transaction (MOVE CONVERSATION), its messages are still where
+                // the committed state has them until the commit: in the group it came from,
+                // which this transaction holds too.
+                let held_in = self
+                    .broker
+                    .state
+                    .lock()
+                    .endpoints
+                    .get(&handle)
+                    .map_or(group, |e| e.group);
+                if self.locked_groups.contains(&held_in) {
+                    held_in
+                } else {
+                    group
+                }
             }
             (None, Some(group)) => {
                 if self.group_queue(group).as_deref() != Some(queue) {
@@ -925,6 +940,21 @@ impl<'b> Transaction<'b> {
         // waits, so holding the state lock here cannot deadlock.
         let group = state
             .ready_groups(queue)
+            // A group this transaction holds may have nothing left for it: the conversations
+            // with messages it ended (they go at commit). Taken, the RECEIVE came back empty
+            // though another group had messages — and a WAITFOR waited for ever.
+            .filter(|group| {
+                !self.locked_groups.contains(group)
+                    || state.groups.get(group).is_some_and(|g| {
+                        g.conversations.iter().any(|(handle, messages)| {
+                            messages.oldest().is_some()
+                                && self
+                                    .endpoints
+                                    .get(handle)
+                                    .is_none_or(|e| !e.state.is_ended())
+                        })
+                    })
+            })
             .find(|group| self.broker.locks.try_lock(*group, self.id))?;
         drop(state);
         if self.locked_groups.insert(group) {
@@ -980,7 +1010,9 @@ impl<'b> Transaction<'b> {
                 self.taken.push((handle, key));
                 batch.push(Message {
                     conversation_handle: handle,
-                    conversation_group: group_id,
+                    // As this transaction sees it (a MOVE of its own moves the messages at
+                    // commit).
+                    conversation_group: self.endpoints.get(&handle).map_or(group_id, |e| e.group),
                     message_type: state.message_type_name(message.message_type).clone(),
                     sequence: key.sequence(),
                     queuing_order: message.queuing_order,

@@ -40,6 +40,19 @@ fn shop(broker: &Broker) {
     tx.commit().unwrap();
 }
 
+/// A committed dialog from the client to the order service with `orders` sent on it.
+fn dialog_with_orders(broker: &Broker, orders: &[u32]) -> herald_engine::ConversationHandle {
+    let mut tx = broker.begin();
+    let h = tx
+        .begin_dialog(CLIENT, ORDERS, CONTRACT, DialogOptions::default())
+        .unwrap();
+    for n in orders {
+        tx.send(h, ORDER, &order(*n)).unwrap();
+    }
+    tx.commit().unwrap();
+    h
+}
+
 fn order(n: u32) -> Vec<u8> {
     format!("{{\"order\": {n}}}").into_bytes()
 }
@@ -730,4 +743,56 @@ fn queue_views_count_and_peek_without_consuming() {
     tx.commit().unwrap();
     assert_eq!(depth("OrderQueue"), (1, 1));
     assert!(matches!(broker.peek("Nope"), Err(Error::UnknownQueue(_))));
+}
+
+/// A transaction that received from one conversation and ended it holds that group, whose
+/// remaining messages are gone for it: its next RECEIVE takes another group's (it came back
+/// empty, and a WAITFOR waited for ever).
+#[test]
+fn a_receive_after_end_conversation_moves_on_to_another_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    shop(&broker);
+    dialog_with_orders(&broker, &[1, 2]);
+    dialog_with_orders(&broker, &[3]);
+    let mut tx = broker.begin();
+    let first = tx.receive("OrderQueue", Receive::top(1)).unwrap();
+    assert_eq!(first[0].body(), order(1));
+    tx.end_conversation(first[0].conversation_handle).unwrap();
+    let next = tx
+        .receive("OrderQueue", Receive::top(10).wait(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(next.len(), 1, "the other group's message");
+    assert_eq!(next[0].body(), order(3));
+    tx.commit().unwrap();
+}
+
+/// After its own MOVE CONVERSATION, a transaction receives the moved conversation's messages
+/// by its handle (they move in the state only at commit; the RECEIVE found none), reported in
+/// the new group.
+#[test]
+fn a_conversation_moved_in_this_transaction_is_received_by_its_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), options()).unwrap();
+    shop(&broker);
+    dialog_with_orders(&broker, &[1]);
+    let mut peek = broker.begin();
+    let target = peek.receive("OrderQueue", Receive::top(1)).unwrap()[0].conversation_handle;
+    peek.rollback();
+    let group = herald_engine::ConversationGroupId(99);
+    let mut tx = broker.begin();
+    tx.move_conversation(target, group).unwrap();
+    let got = tx
+        .receive("OrderQueue", Receive::top(10).conversation(target))
+        .unwrap();
+    assert_eq!(got.len(), 1, "the moved conversation's message");
+    assert_eq!(got[0].conversation_group, group);
+    tx.commit().unwrap();
+    let mut tx = broker.begin();
+    assert!(
+        tx.receive("OrderQueue", Receive::top(10))
+            .unwrap()
+            .is_empty(),
+        "received once"
+    );
 }
