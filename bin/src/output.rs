@@ -25,17 +25,31 @@ use serde_json::json;
 
 use crate::target::{ErrorKind, ScriptError};
 
-/// Writes to stdout (see the `out!` macro); a closed stdout ends the process, exit status 0:
-/// whoever read the output has what it wanted. Other write errors are reported on stderr.
+/// Set once stdout is found closed (its reader gone, as with `| head`).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes to stdout (see the `out!` macro). A closed stdout is noted (`stdout_closed`), not a
+/// panic: whoever read the output has what it wanted, and the command ends as it would — its
+/// session closed, an embedded broker closed — printing nothing more. Other write errors are
+/// reported on stderr.
 pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
+    if stdout_closed() {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
         }
         let _ = writeln!(std::io::stderr(), "herald: writing to stdout: {e}");
     }
+}
+
+/// Whether stdout was found closed: a command reading more input (the shell) stops.
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Characters of a value shown in a table cell before it is cut (`--max-cell-chars`; 0 shows

@@ -216,6 +216,10 @@ fn piped_loop(target: &mut dyn Target, output: &OutputArgs) -> u8 {
                 Err(code) => return code,
             },
         }
+        if crate::output::stdout_closed() {
+            // Nobody reads what the rest would print: stop, closing as at the end.
+            break;
+        }
     }
     warn_if_transaction_open(target);
     if failed {

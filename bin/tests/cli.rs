@@ -513,33 +513,47 @@ fn bench_refuses_a_duration_out_of_range() {
     assert!(!error.contains("panicked"), "{error}");
 }
 
-/// A reader that stops early (`herald exec … | head`): the command ends quietly, exit status 0,
-/// instead of panicking on the closed pipe.
+/// A reader that stops early (`herald exec … | head`, `herald shell < script | head`): the
+/// command ends quietly, exit status 0, instead of panicking on the closed pipe.
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
-    use std::io::Read as _;
     let dir = tempfile::tempdir().unwrap();
+    for command in [&["exec", "-f", "-"][..], &["shell"][..]] {
+        into_a_closed_pipe(dir.path(), command);
+    }
+}
+
+fn into_a_closed_pipe(data_dir: &Path, command: &[&str]) {
+    use std::io::Read as _;
     // Far more output than a pipe holds.
     let script = "SELECT N'a fairly long line of output, again and again';\n".repeat(5000);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["exec", "--embedded", "--data-dir"])
-        .arg(dir.path())
-        .args(["-f", "-"])
+        .arg(command[0])
+        .args(["--embedded", "--data-dir"])
+        .arg(data_dir)
+        .args(&command[1..])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    {
+    // Fed from a thread: the shell prints as it reads, and would block on a full stdout.
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
         use std::io::Write as _;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(script.as_bytes()).unwrap();
-    }
+        // The shell may stop reading once its output is closed.
+        let _ = stdin.write_all(script.as_bytes());
+    });
     let mut first = [0u8; 10];
     child.stdout.take().unwrap().read_exact(&mut first).unwrap();
     // The read end is closed now.
     let output = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
     let error = String::from_utf8_lossy(&output.stderr);
-    assert!(!error.contains("panicked"), "{error}");
-    assert!(output.status.success(), "{:?}: {error}", output.status);
+    assert!(!error.contains("panicked"), "{command:?}: {error}");
+    assert!(
+        output.status.success(),
+        "{command:?} {:?}: {error}",
+        output.status
+    );
 }

@@ -32,7 +32,7 @@ const CHECKPOINT_TMP_FILE: &str = "CHECKPOINT.tmp";
 const MAGIC: &[u8; 8] = b"HRLDCKPT";
 const VERSION: u32 = 5;
 /// Versions this build reads: 4 differs only in never marking a dialog established (tag 2 of
-/// an endpoint's far broker), which its dialogs then are not.
+/// an endpoint's far broker): its target sides are taken as established, its initiators not.
 const VERSIONS_READ: std::ops::RangeInclusive<u32> = 4..=VERSION;
 
 /// What a checkpoint captured, as written.
@@ -393,9 +393,15 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Image, String> {
         };
         let (far_broker_instance, established) = match r.u8()? {
             0 => (None, false),
-            1 => (Some(BrokerInstanceId(r.u128()?)), false),
-            2 => (Some(BrokerInstanceId(r.u128()?)), true),
-            other => return Err(format!("bad far broker tag {other}")),
+            // Version 4 did not say; a target side (made by its initiator's first message) is
+            // established by its nature, an initiator as if never acknowledged (it routes as
+            // that version did).
+            1 => (
+                Some(BrokerInstanceId(r.u128()?)),
+                version == 4 && !is_initiator,
+            ),
+            2 if version >= 5 => (Some(BrokerInstanceId(r.u128()?)), true),
+            other => return Err(format!("bad far broker tag {other} (version {version})")),
         };
         endpoints.push(Endpoint {
             handle,

@@ -90,7 +90,10 @@ impl QueueSignal {
     fn notify(&self) {
         *self.generation.lock() += 1;
         self.changed.notify_all();
-        for (_, waker) in self.wakers.lock().drain(..) {
+        // Woken after the lock is let go: a wake may drop the last hold on a task, and with it
+        // a waiting future, whose drop takes this lock (`unregister`).
+        let wakers: Vec<(u64, Waker)> = std::mem::take(&mut *self.wakers.lock());
+        for (_, waker) in wakers {
             waker.wake();
         }
     }

@@ -105,11 +105,22 @@ impl BrokerCore {
                 return;
             }
             let now = clock.now_ms();
+            let mut due = Vec::new();
             while let Some(entry) = control.wakers.first_entry() {
                 if entry.key().0 > now {
                     break;
                 }
-                entry.remove().wake();
+                due.push(entry.remove());
+            }
+            if !due.is_empty() {
+                // Woken without the lock: a wake may drop a waiting future, whose drop takes
+                // it (`cancel_wake`).
+                drop(control);
+                for waker in due {
+                    waker.wake();
+                }
+                control = self.timers.control.lock();
+                continue;
             }
             let next_deadline = self.state.lock().deadlines.first().map(|d| d.0);
             if next_deadline.is_some_and(|d| d <= now) {

@@ -696,9 +696,15 @@ impl<'b> Transaction<'b> {
             });
         }
         // Checks first, locks last: a refused MOVE leaves no lock behind.
-        self.lock_endpoint_group(handle)?;
+        let held_before = self.locked_groups.clone();
+        let from = self.lock_endpoint_group(handle)?;
         let service = self.endpoints[&handle].service.to_string();
-        self.lock_group_on_queue(to, &queue, &service)?;
+        if let Err(e) = self.lock_group_on_queue(to, &queue, &service) {
+            if !held_before.contains(&from) {
+                self.release_group(from);
+            }
+            return Err(e);
+        }
         self.new_groups.entry(to).or_insert(queue);
         if let Some(endpoint) = self.endpoints.get_mut(&handle) {
             endpoint.group = to;
@@ -1129,10 +1135,7 @@ impl<'b> Transaction<'b> {
         match self.group_queue(group) {
             Some(actual) if actual != queue => {
                 if !held_before {
-                    self.locked_groups.remove(&group);
-                    let one: crate::IdSet<ConversationGroupId> = [group].into_iter().collect();
-                    self.broker.locks.release(self.id, &one);
-                    self.broker.signal_unlocked_groups(&one);
+                    self.release_group(group);
                 }
                 Err(Error::GroupOnOtherQueue {
                     group,
@@ -1143,6 +1146,15 @@ impl<'b> Transaction<'b> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Lets go of one group this transaction locked and has not changed anything in (a
+    /// statement refused after taking it).
+    fn release_group(&mut self, group: ConversationGroupId) {
+        self.locked_groups.remove(&group);
+        let one: crate::IdSet<ConversationGroupId> = [group].into_iter().collect();
+        self.broker.locks.release(self.id, &one);
+        self.broker.signal_unlocked_groups(&one);
     }
 
     /// Locks the group of loaded endpoint `handle` and returns it. A MOVE committed by another

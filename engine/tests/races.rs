@@ -21,7 +21,7 @@ const HOLD: Duration = Duration::from_millis(300);
 
 fn options() -> Options {
     Options {
-        lock_timeout: Duration::from_secs(30),
+        lock_timeout: Duration::from_secs(5),
         segment_bytes: 1024 * 1024,
         ..Options::default()
     }
@@ -133,7 +133,16 @@ fn a_move_into_a_group_made_meanwhile_on_another_queue_is_refused() {
                 .begin_dialog(CLIENT, ORDERS, CONTRACT, in_group(group))
                 .unwrap();
         },
-        |second| second.move_conversation(on_orders, group),
+        |second| {
+            let moved = second.move_conversation(on_orders, group);
+            // Refused, it holds nothing: the conversation's own group is free for others.
+            let mut third = broker.begin();
+            third
+                .move_conversation(on_orders, ConversationGroupId(78))
+                .expect("the refused MOVE left no lock on the conversation's group");
+            third.rollback();
+            moved
+        },
     );
     assert!(
         matches!(moved.0, Err(Error::GroupOnOtherQueue { .. })),

@@ -1256,3 +1256,27 @@ fn a_repeated_far_error_is_not_written_again() {
     let errors = receive_all(&a, "Client");
     assert_eq!(errors.len(), 1, "one Error in the queue");
 }
+
+/// Checkpoint version 4 never marked a dialog established: a file saying version 4 with that
+/// mark is refused as damaged, not half-read.
+#[test]
+fn an_established_mark_in_a_version_4_checkpoint_is_refused() {
+    let (dirs, a, b) = fresh_pair();
+    begin(&a, &["1"]);
+    pump(&a, &b, all);
+    b.checkpoint().unwrap();
+    drop((a, b));
+    let path = dirs[1].path().join("CHECKPOINT");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
+    let content = bytes.len() - 4;
+    let crc = crc32fast::hash(&bytes[..content]);
+    bytes[content..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    match Broker::open(dirs[1].path(), options()) {
+        Err(herald_engine::Error::Corruption(reason)) => {
+            assert!(reason.contains("tag 2 (version 4)"), "{reason}")
+        }
+        other => panic!("expected Corruption, got {:?}", other.map(|_| ())),
+    }
+}

@@ -1384,42 +1384,9 @@ async fn handshakes_that_never_finish_do_not_lock_a_real_peer_out() {
         loopback(),
     )
     .unwrap();
-    // Each an Initial of its own connection, never followed by anything.
-    let flood = std::net::UdpSocket::bind(loopback()).unwrap();
-    let mut endpoint = quinn_proto::Endpoint::new(
-        Arc::new(quinn_proto::EndpointConfig::default()),
-        None,
-        true,
-        None,
-    );
-    let mut stalled = Vec::new();
-    for _ in 0..8 {
-        let config = client_config(&b_identity, &Trust::pinned([a_identity.fingerprint()]));
-        let (_, mut connection) = endpoint
-            .connect(
-                std::time::Instant::now(),
-                config.unwrap(),
-                a.addr,
-                "herald-node",
-            )
-            .unwrap();
-        let mut datagram = Vec::new();
-        let transmit = connection
-            .poll_transmit(std::time::Instant::now(), 1, &mut datagram)
-            .expect("an Initial to send");
-        flood.send_to(&datagram[..transmit.size], a.addr).unwrap();
-        stalled.push(connection);
-    }
-    let waited = tokio::time::timeout(TEST_TIMEOUT, async {
-        while a.transport.handshakes_in_progress() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "the flood's first handshake never began");
-    // The rest of the flood is answered with Retries (unbounded, it would all be accepted by
-    // now: each Initial is handled in well under this).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = stall_handshakes("127.0.0.1:0", 8, &b_identity, &a_identity, a.addr);
+    settle_handshakes(&a).await;
+    // The rest of the flood was answered with Retries.
     assert_eq!(
         a.transport.handshakes_in_progress(),
         1,
@@ -1431,6 +1398,84 @@ async fn handshakes_that_never_finish_do_not_lock_a_real_peer_out() {
         "b's messages are acknowledged while the flood stalls",
         |seen| seen.acknowledged.len() == 5,
     )
+    .await;
+    drop(stalled);
+    b.transport.shutdown().await;
+    a.transport.shutdown().await;
+}
+
+/// Initials from `from`, each of its own connection, never followed by anything: handshakes
+/// that never finish. The connections are returned (dropping them sends nothing).
+fn stall_handshakes(
+    from: &str,
+    count: usize,
+    identity: &NodeIdentity,
+    node: &NodeIdentity,
+    addr: SocketAddr,
+) -> Vec<quinn_proto::Connection> {
+    let flood = std::net::UdpSocket::bind(from).unwrap();
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        true,
+        None,
+    );
+    (0..count)
+        .map(|_| {
+            let config = client_config(identity, &Trust::pinned([node.fingerprint()])).unwrap();
+            let (_, mut connection) = endpoint
+                .connect(std::time::Instant::now(), config, addr, "herald-node")
+                .unwrap();
+            let mut datagram = Vec::new();
+            let transmit = connection
+                .poll_transmit(std::time::Instant::now(), 1, &mut datagram)
+                .expect("an Initial to send");
+            flood.send_to(&datagram[..transmit.size], addr).unwrap();
+            connection
+        })
+        .collect()
+}
+
+/// Waits until `node` works on a handshake, then a moment more for the rest of a flood to be
+/// handled (each Initial takes well under it: unbounded, all would be accepted by then).
+async fn settle_handshakes(node: &Node) {
+    let waited = tokio::time::timeout(TEST_TIMEOUT, async {
+        while node.transport.handshakes_in_progress() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the flood's first handshake never began");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// A source that could answer the Retry (its address is real) must not take every slot with
+/// handshakes it never finishes: one source gets `HANDSHAKES_PER_ADDRESS_MAX`, and a peer at
+/// another address still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_gets_a_bounded_number_of_handshakes() {
+    use herald_net::quic::HANDSHAKES_PER_ADDRESS_MAX;
+    init_tracing();
+    let (a_identity, b_identity) = two_identities();
+    let a = start_trusting(&a_identity, &b_identity, loopback()).unwrap();
+    let stalled = stall_handshakes(
+        "127.0.0.2:0",
+        HANDSHAKES_PER_ADDRESS_MAX + 4,
+        &b_identity,
+        &a_identity,
+        a.addr,
+    );
+    settle_handshakes(&a).await;
+    assert_eq!(
+        a.transport.handshakes_in_progress(),
+        HANDSHAKES_PER_ADDRESS_MAX,
+        "one source's share, though far fewer than all the slots are taken"
+    );
+    let b = start_trusting(&b_identity, &a_identity, loopback()).unwrap();
+    send_many(&b, a.addr, 5, 0, true, 0, 0);
+    b.wait_for("b's messages are acknowledged", |seen| {
+        seen.acknowledged.len() == 5
+    })
     .await;
     drop(stalled);
     b.transport.shutdown().await;

@@ -50,7 +50,8 @@ pub enum Error {
     /// process, bytes borrowed from a closed one (`RecordBytes` of its mapped segments) still
     /// live: they hold the lock until they drop.
     #[error(
-        "log directory {} is locked by another opener, or by bytes still borrowed from a log          closed in this process ({reason})",
+        "log directory {} is locked by another opener, or by bytes still borrowed from a log closed in this \
+         process ({reason})",
         dir.display()
     )]
     Locked { dir: PathBuf, reason: String },

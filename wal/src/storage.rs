@@ -47,10 +47,11 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Extends (or shortens) the file to `len` bytes; new bytes read as zeros. The log only ever
     /// extends unmapped spare files with it.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Extends the file to `len` bytes, reading as zeros, with its blocks reserved: writes into
-    /// them cannot fail for want of space (a file only extended has holes, and a write into a
-    /// hole on a full disk fails — which poisons the log). Falls back to `set_len` where the
-    /// file system cannot reserve blocks.
+    /// Extends the file to `len` bytes, reading as zeros, with its blocks reserved, so that on
+    /// file systems that write in place (ext4, xfs) writes into them do not fail for want of
+    /// space (a file only extended has holes, and a write into a hole on a full disk fails —
+    /// which poisons the log). Copy-on-write file systems (btrfs, zfs) may still fail such a
+    /// write; where the file system cannot reserve blocks this falls back to `set_len`.
     fn allocate(&self, len: u64) -> io::Result<()>;
     /// A read-only map of the first `len` bytes, where the backend supports one; `None` means the
     /// log reads through `read_at` instead.

@@ -123,6 +123,12 @@ pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// the slots; a real peer's dialer answers the Retry and comes in.
 pub const HANDSHAKES_IN_PROGRESS_MAX: usize = 64;
 
+/// Most incoming handshakes in progress at once from one source address (an IPv6 source's
+/// /64). A source that answers the Retry has a validated address, and could otherwise keep all
+/// [`HANDSHAKES_IN_PROGRESS_MAX`] slots busy with handshakes it never finishes, locking every
+/// peer and client out; with this bound it takes its own few.
+pub const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
+
 /// Longest wait, once a connection's stream is open, for the peer's Hello. A peer that never
 /// sends it but keeps the connection alive would otherwise hold its session — counted against
 /// [`PEERS_MAX`] — for as long as it likes.
@@ -555,6 +561,7 @@ impl Transport {
             hello_timeout: options.hello_timeout,
             handshakes: Arc::new(Semaphore::new(options.handshakes_in_progress_max)),
             handshakes_max: options.handshakes_in_progress_max,
+            handshakes_by_source: Arc::default(),
             clients: Mutex::new(None),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
@@ -791,6 +798,8 @@ struct Shared {
     /// Incoming handshakes in progress (see [`HANDSHAKES_IN_PROGRESS_MAX`]).
     handshakes: Arc<Semaphore>,
     handshakes_max: usize,
+    /// Handshakes in progress by source (see [`HANDSHAKES_PER_ADDRESS_MAX`]).
+    handshakes_by_source: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// The client protocol's service, once `serve_clients` installed it.
     clients: Mutex<Option<ClientService>>,
     shut_down: AtomicBool,
@@ -903,6 +912,14 @@ impl Shared {
             return Err(Error::TooManyPeers { max: PEERS_MAX });
         }
         if let PeerKey::Accepted(certificate, _) = key {
+            // Its idle sessions nobody holds first (as at PEERS_MAX): a node reconnecting
+            // under a new token must not be refused for sessions that only could not be
+            // retired when their connections ended.
+            peers.retain(|other, peer| {
+                !matches!(other, PeerKey::Accepted(c, _) if *c == certificate)
+                    || Arc::strong_count(peer) > 1
+                    || !Self::retire_locked(peer)
+            });
             let sessions = peers
                 .keys()
                 .filter(|other| matches!(other, PeerKey::Accepted(c, _) if *c == certificate))
@@ -1066,17 +1083,19 @@ async fn accept_loop(shared: Arc<Shared>) {
             incoming.may_retry(),
         ) {
             Admission::Accept => {
-                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                let Some(slot) = HandshakeSlot::take(&shared, incoming.remote_address()) else {
+                    tracing::debug!(addr = %incoming.remote_address(), "refusing a handshake: too many in progress from its source or in all");
                     incoming.refuse();
                     continue;
                 };
                 let task = shared
                     .runtime
-                    .spawn(accept_one(shared.clone(), incoming, permit));
+                    .spawn(accept_one(shared.clone(), incoming, slot));
                 shared.track(task);
             }
             Admission::Retry => {
-                // Fails only if the address was validated after all: then it may come in.
+                // Fails only if the address was validated after all (it is dropped then, and
+                // its peer tries again).
                 let _ = incoming.retry();
             }
             Admission::Refuse => {
@@ -1084,6 +1103,56 @@ async fn accept_loop(shared: Arc<Shared>) {
                 incoming.refuse();
             }
         }
+    }
+}
+
+/// One incoming handshake's share of the bounds: a slot of [`HANDSHAKES_IN_PROGRESS_MAX`] and
+/// one of its source's [`HANDSHAKES_PER_ADDRESS_MAX`], both given back when dropped.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    source: std::net::IpAddr,
+    by_source: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl HandshakeSlot {
+    fn take(shared: &Shared, addr: SocketAddr) -> Option<HandshakeSlot> {
+        let source = handshake_source(addr.ip());
+        let mut by_source = shared.handshakes_by_source.lock();
+        let count = by_source.entry(source).or_default();
+        if *count >= HANDSHAKES_PER_ADDRESS_MAX {
+            return None;
+        }
+        let permit = shared.handshakes.clone().try_acquire_owned().ok()?;
+        *count += 1;
+        Some(HandshakeSlot {
+            _permit: permit,
+            source,
+            by_source: shared.handshakes_by_source.clone(),
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut by_source = self.by_source.lock();
+        if let Some(count) = by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The source a handshake counts against: the address, or an IPv6 address's /64 (one host
+/// commonly has a whole one).
+fn handshake_source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        other => other,
     }
 }
 
@@ -1108,11 +1177,7 @@ fn admit(in_progress: usize, max: usize, address_validated: bool, may_retry: boo
 
 /// Completes an incoming connection's handshake (holding one of the handshake slots until
 /// then) and serves it by its ALPN.
-async fn accept_one(
-    shared: Arc<Shared>,
-    incoming: quinn::Incoming,
-    handshake_slot: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake_slot: HandshakeSlot) {
     let addr = incoming.remote_address();
     let mut shutdown = shared.shutdown.subscribe();
     // A handshake that never completes is not waited for at shutdown.
