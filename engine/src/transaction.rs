@@ -172,6 +172,9 @@ pub struct Transaction<'b> {
     taken: Vec<(ConversationHandle, MessageKey)>,
     /// Queues this transaction received messages from (poison-message counting).
     received_from: Vec<String>,
+    /// Conversations this transaction moved to another group (MOVE CONVERSATION): their
+    /// messages stay in their old groups until the commit, and RECEIVE looks for them there.
+    moved: Vec<ConversationHandle>,
     /// Endpoints this transaction created (not committed, so not in the state yet).
     created: IdSet<ConversationHandle>,
     /// Contract checks already made by this transaction's SENDs.
@@ -204,6 +207,7 @@ impl<'b> Transaction<'b> {
             locked_groups: IdSet::default(),
             taken: Vec::new(),
             received_from: Vec::new(),
+            moved: Vec::new(),
             created: IdSet::default(),
             send_rules: Vec::new(),
             interrupt: None,
@@ -709,6 +713,7 @@ impl<'b> Transaction<'b> {
         if let Some(endpoint) = self.endpoints.get_mut(&handle) {
             endpoint.group = to;
         }
+        self.moved.push(handle);
         self.record
             .push(&Op::MoveConversation { handle, group: to });
         Ok(())
@@ -841,7 +846,33 @@ impl<'b> Transaction<'b> {
                 None => return Ok(Vec::new()),
             },
         };
-        let batch = self.take_messages(group, what);
+        let mut batch = self.take_messages(group, what);
+        if what.conversation.is_none() && !self.moved.is_empty() {
+            // Conversations this transaction moved into the group (MOVE CONVERSATION): their
+            // messages stay in the groups they came from until the commit, which this
+            // transaction holds too.
+            let moved_in: Vec<(ConversationHandle, ConversationGroupId)> = {
+                let state = self.broker.state.lock();
+                self.moved
+                    .iter()
+                    .filter(|handle| self.endpoints.get(handle).is_some_and(|e| e.group == group))
+                    .filter_map(|handle| Some((*handle, state.endpoints.get(handle)?.group)))
+                    .filter(|(_, held_in)| *held_in != group)
+                    .filter(|(_, held_in)| self.locked_groups.contains(held_in))
+                    .collect()
+            };
+            for (handle, held_in) in moved_in {
+                if batch.len() >= what.top {
+                    break;
+                }
+                let rest = Receive {
+                    top: what.top - batch.len(),
+                    conversation: Some(handle),
+                    ..what
+                };
+                batch.extend(self.take_messages(held_in, rest));
+            }
+        }
         if !batch.is_empty() && !self.received_from.iter().any(|q| q == queue) {
             self.received_from.push(queue.to_owned());
         }

@@ -768,10 +768,10 @@ fn a_receive_after_end_conversation_moves_on_to_another_group() {
 }
 
 /// After its own MOVE CONVERSATION, a transaction receives the moved conversation's messages
-/// by its handle (they move in the state only at commit; the RECEIVE found none), reported in
-/// the new group.
+/// by its handle or by its new group (they move in the state only at commit; the RECEIVE found
+/// none), reported in the new group.
 #[test]
-fn a_conversation_moved_in_this_transaction_is_received_by_its_handle() {
+fn a_conversation_moved_in_this_transaction_is_received_by_handle_and_new_group() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(dir.path(), options()).unwrap();
     shop(&broker);
@@ -786,6 +786,19 @@ fn a_conversation_moved_in_this_transaction_is_received_by_its_handle() {
         .receive("OrderQueue", Receive::top(10).conversation(target))
         .unwrap();
     assert_eq!(got.len(), 1, "the moved conversation's message");
+    assert_eq!(got[0].conversation_group, group);
+    tx.rollback();
+    // And by the group it was moved into.
+    let mut tx = broker.begin();
+    tx.move_conversation(target, group).unwrap();
+    let got = tx
+        .receive("OrderQueue", Receive::top(10).group(group))
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        1,
+        "the moved conversation's message, by its new group"
+    );
     assert_eq!(got[0].conversation_group, group);
     tx.commit().unwrap();
     let mut tx = broker.begin();
