@@ -270,10 +270,10 @@ impl BrokerCore {
             // would change nothing): a peer repeating its Error costs no log write and no sync
             // (each one did, on the thread every peer's arrivals wait on).
             handle.filter(|handle| {
-                state.endpoints.get(handle).is_some_and(|endpoint| {
-                    endpoint.state == crate::EndpointState::DisconnectedOutbound
-                        || endpoint.state.accepts_messages()
-                })
+                state
+                    .endpoints
+                    .get(handle)
+                    .is_some_and(|endpoint| endpoint.takes_far_error())
             })
         };
         let Some(handle) = handle else {

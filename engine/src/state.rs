@@ -153,6 +153,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Whether a far broker's Error (`Op::Fail`) still changes this side: it fails one that
+    /// takes messages, and lets go of one that ended and waits for the far side; anything else
+    /// is past it.
+    pub fn takes_far_error(&self) -> bool {
+        self.state == EndpointState::DisconnectedOutbound || self.state.accepts_messages()
+    }
+
     /// Where routing stands for this side's messages (see `established`).
     pub fn stage(&self) -> crate::catalog::ConversationStage {
         if self.established {
@@ -1193,12 +1200,12 @@ impl State {
                 let Some(endpoint) = self.endpoints.get_mut(handle) else {
                     return Ok(());
                 };
+                if !endpoint.takes_far_error() {
+                    return Ok(());
+                }
                 if endpoint.state == EndpointState::DisconnectedOutbound {
                     // This side ended; the far side refuses it: nothing is left to tell anyone.
                     self.remove_endpoint(*handle);
-                    return Ok(());
-                }
-                if !endpoint.state.accepts_messages() {
                     return Ok(());
                 }
                 endpoint.state = EndpointState::Error;

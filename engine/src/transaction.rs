@@ -700,11 +700,10 @@ impl<'b> Transaction<'b> {
             });
         }
         // Checks first, locks last: a refused MOVE leaves no lock behind.
-        let held_before = self.locked_groups.clone();
-        let from = self.lock_endpoint_group(handle)?;
+        let (from, newly) = self.lock_endpoint_group_newly(handle)?;
         let service = self.endpoints[&handle].service.to_string();
         if let Err(e) = self.lock_group_on_queue(to, &queue, &service) {
-            if !held_before.contains(&from) {
+            if newly {
                 self.release_group(from);
             }
             return Err(e);
@@ -1161,11 +1160,10 @@ impl<'b> Transaction<'b> {
         queue: &str,
         service: &str,
     ) -> Result<()> {
-        let held_before = self.locked_groups.contains(&group);
-        self.lock_group(group)?;
+        let newly = self.lock_group(group)?;
         match self.group_queue(group) {
             Some(actual) if actual != queue => {
-                if !held_before {
+                if newly {
                     self.release_group(group);
                 }
                 Err(Error::GroupOnOtherQueue {
@@ -1192,11 +1190,21 @@ impl<'b> Transaction<'b> {
     /// transaction may change the group until its lock is held (taking it re-reads the endpoint),
     /// so this retries until the group it locked is the endpoint's group.
     fn lock_endpoint_group(&mut self, handle: ConversationHandle) -> Result<ConversationGroupId> {
+        self.lock_endpoint_group_newly(handle)
+            .map(|(group, _)| group)
+    }
+
+    /// [`lock_endpoint_group`](Transaction::lock_endpoint_group), and whether this call took
+    /// the lock (it was not held already).
+    fn lock_endpoint_group_newly(
+        &mut self,
+        handle: ConversationHandle,
+    ) -> Result<(ConversationGroupId, bool)> {
         loop {
             let group = self.loaded_endpoint(handle)?.group;
-            self.lock_group(group)?;
+            let newly = self.lock_group(group)?;
             if self.loaded_endpoint(handle)?.group == group {
-                return Ok(group);
+                return Ok((group, newly));
             }
         }
     }
@@ -1209,14 +1217,17 @@ impl<'b> Transaction<'b> {
             .ok_or(Error::UnknownConversation(handle))
     }
 
-    fn lock_group(&mut self, group: ConversationGroupId) -> Result<()> {
+    /// Locks `group` until this transaction ends; returns whether this call took the lock (it
+    /// was not held already).
+    fn lock_group(&mut self, group: ConversationGroupId) -> Result<bool> {
         self.broker
             .locks
             .lock(group, self.id, self.lock_timeout(), self.broker.clock())?;
-        if self.locked_groups.insert(group) {
+        let newly = self.locked_groups.insert(group);
+        if newly {
             self.refresh_endpoints(group);
         }
-        Ok(())
+        Ok(newly)
     }
 
     /// Re-reads the committed endpoints of `group` that this transaction loaded before it held

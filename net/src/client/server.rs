@@ -194,7 +194,7 @@ impl ClientService {
             ended = read_requests(recv, request_sender, &greeted) => ended,
             ended = write_responses(send, responses) => ended,
             error = connection.closed() => Ended::Lost(error.to_string()),
-            ended = hello_deadline(hello_timeout, &greeted) => ended,
+            reason = crate::quic::hello_deadline(hello_timeout, &greeted) => Ended::Violation(reason),
         };
         // Whatever ended it, the session's wait (if any) must end too, and its transaction with
         // it: the thread sees its request channel closed and drops the session.
@@ -284,16 +284,6 @@ impl Drop for Registered<'_> {
 enum Ended {
     Violation(String),
     Lost(String),
-}
-
-/// Ends the session as a violation if no request has come within `timeout`; never ends once
-/// one has.
-async fn hello_deadline(timeout: Duration, greeted: &AtomicBool) -> Ended {
-    tokio::time::sleep(timeout).await;
-    if greeted.load(Ordering::SeqCst) {
-        std::future::pending::<()>().await;
-    }
-    Ended::Violation(format!("no Hello within {timeout:?}"))
 }
 
 /// Decodes the client's requests and hands them to the session thread; sets `greeted` at the

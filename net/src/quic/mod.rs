@@ -1305,7 +1305,7 @@ async fn drive(
     let ended = tokio::select! {
         ended = read_loop(shared, peer, &connection, recv, fingerprint, &connected) => ended,
         ended = write_loop(shared, peer, send) => ended,
-        ended = hello_deadline(shared.hello_timeout, &connected) => ended,
+        reason = hello_deadline(shared.hello_timeout, &connected) => Ended::Violation(reason),
     };
     let reason = match ended {
         Ended::Violation(reason) => {
@@ -1344,14 +1344,15 @@ async fn drive(
     }
 }
 
-/// Ends the connection as a violation if the peer's Hello has not come within `timeout`;
-/// never ends once it has.
-async fn hello_deadline(timeout: Duration, connected: &AtomicBool) -> Ended {
+/// Completes, with the reason to close, if `greeted` is not set within `timeout` (the peer's
+/// or client's Hello has not come); never completes once it is. Raced against a connection's
+/// reading and writing.
+pub(crate) async fn hello_deadline(timeout: Duration, greeted: &AtomicBool) -> String {
     tokio::time::sleep(timeout).await;
-    if connected.load(Ordering::SeqCst) {
+    if greeted.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
-    Ended::Violation(format!("no Hello within {timeout:?}"))
+    format!("no Hello within {timeout:?}")
 }
 
 enum Ended {
